@@ -138,8 +138,10 @@ class Budget:
     ``tokens`` caps *completion* tokens (generated compute, what the cost model counts);
     ``requests`` caps HTTP requests; ``cost_units`` caps the paper's C(S, V) = S·(1+λV),
     i.e. solutions launched plus λ per verification launched, with λ as measured so far
-    (1.0 until both kinds have been seen). Caps are checked before work is launched, so a
-    cap is never exceeded by more than the work already in flight when it was reached.
+    (1.0 until both kinds have been seen). Caps are checked before work is launched:
+    requests and cost units are counted at launch, and for tokens every sample in flight
+    holds a reservation of what it may still generate (its ``max_tokens`` minus what it has
+    streamed), so no cap is ever exceeded; a sample that does not fit is not launched.
     """
 
     tokens: int | None = None

@@ -1,0 +1,158 @@
+"""Token ledger and the cost model C(S, V) = S·(1 + λV).
+
+One :class:`RequestRecord` per HTTP request, charged as its stream arrives. A request's
+completion tokens are the server's latest own count when it sent one (final usage chunk,
+or vLLM's continuous per-chunk usage), else the sum of per-delta counts (flagged
+``estimated`` when those were estimates). A record is closed exactly once, so a cancelled
+stream is charged what it generated up to the cut, never twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from orchestrator.types import Budget, RequestKind, Usage
+
+#: λ assumed before both a solution and a verification length have been measured
+DEFAULT_LAMBDA = 1.0
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: int
+    kind: RequestKind
+    n: int
+    counted_completion: int = 0
+    counted_estimated: bool = False
+    server_prompt: int | None = None
+    server_completion: int | None = None
+    server_final: bool = False
+    outcome: str | None = None  # None while open; "ok" | "cancelled" | "failed"
+
+    def add_delta(self, tokens: int, estimated: bool) -> None:
+        self.counted_completion += tokens
+        self.counted_estimated = self.counted_estimated or estimated
+
+    def add_usage(self, prompt: int, completion: int, final: bool) -> None:
+        self.server_prompt = prompt
+        # running counts only grow; a final report is authoritative
+        if final or self.server_completion is None or completion >= self.server_completion:
+            self.server_completion = completion
+        self.server_final = self.server_final or final
+
+    @property
+    def usage(self) -> Usage:
+        if self.server_completion is not None:
+            completion = self.server_completion
+            estimated = False
+        else:
+            completion = self.counted_completion
+            estimated = self.counted_estimated
+        # without any server report the prompt size is unknown: 0, flagged estimated
+        prompt = self.server_prompt if self.server_prompt is not None else 0
+        return Usage(prompt, completion, estimated or self.server_prompt is None)
+
+    def close(self, outcome: str) -> None:
+        if self.outcome is not None:
+            raise RuntimeError(f"request {self.request_id} closed twice")
+        self.outcome = outcome
+
+
+def measure_lambda(
+    solution_lengths: Iterable[int], verification_lengths: Iterable[int]
+) -> float | None:
+    """λ = mean verification completion tokens / mean solution completion tokens."""
+    sol = list(solution_lengths)
+    ver = list(verification_lengths)
+    if not sol or not ver:
+        return None
+    mean_sol = sum(sol) / len(sol)
+    if mean_sol <= 0:
+        return None
+    return (sum(ver) / len(ver)) / mean_sol
+
+
+def cost_units(solutions: int, verifications: int, lam: float | None) -> float:
+    """C = S + λ·(S·V) expressed with counts: solutions + λ × verifications."""
+    return solutions + (DEFAULT_LAMBDA if lam is None else lam) * verifications
+
+
+@dataclass(slots=True)
+class ProblemLedger:
+    """All requests of one problem."""
+
+    records: dict[int, RequestRecord] = field(default_factory=dict)
+    solutions_launched: int = 0
+    verifications_launched: int = 0
+    solution_lengths: list[int] = field(default_factory=list)
+    verification_lengths: list[int] = field(default_factory=list)
+
+    def open(self, request_id: int, kind: RequestKind, n: int) -> RequestRecord:
+        record = RequestRecord(request_id, kind, n)
+        self.records[request_id] = record
+        if kind == "solve":
+            self.solutions_launched += n
+        else:
+            self.verifications_launched += n
+        return record
+
+    @property
+    def usage(self) -> Usage:
+        total = Usage()
+        for record in self.records.values():
+            total = total + record.usage
+        return total
+
+    def usage_of(self, kind: RequestKind) -> Usage:
+        total = Usage()
+        for record in self.records.values():
+            if record.kind == kind:
+                total = total + record.usage
+        return total
+
+    @property
+    def requests(self) -> int:
+        return len(self.records)
+
+    @property
+    def open_requests(self) -> int:
+        return sum(1 for r in self.records.values() if r.outcome is None)
+
+    @property
+    def lam(self) -> float | None:
+        return measure_lambda(self.solution_lengths, self.verification_lengths)
+
+    @property
+    def cost_units(self) -> float:
+        return cost_units(self.solutions_launched, self.verifications_launched, self.lam)
+
+    def left(self, budget: Budget, reserved: int = 0
+             ) -> tuple[int | None, int | None, float | None]:
+        """Room left under each cap; ``reserved`` tokens are promised to work in flight."""
+        tokens = (None if budget.tokens is None
+                  else budget.tokens - self.usage.completion_tokens - reserved)
+        requests = None if budget.requests is None else budget.requests - self.requests
+        units = None if budget.cost_units is None else budget.cost_units - self.cost_units
+        return tokens, requests, units
+
+    def admits(self, budget: Budget, kind: RequestKind, n: int, max_tokens: int,
+               reserved: int) -> int:
+        """How many of ``n`` samples of ``kind`` (each up to ``max_tokens``) may launch now.
+
+        Tokens: the worst case of everything in flight (``reserved``: the ``max_tokens``
+        each unfinished sample may still generate) plus the new samples must fit under the
+        cap, so a token cap is never exceeded. Requests and cost units are counted at
+        launch, so those caps are never exceeded either.
+        """
+        tokens, requests, _ = self.left(budget, reserved)
+        if requests is not None and requests < 1:
+            return 0
+        if tokens is not None:
+            n = min(n, max(tokens, 0) // max_tokens)
+        if budget.cost_units is not None and n > 0:
+            lam = DEFAULT_LAMBDA if self.lam is None else self.lam
+            per = 1.0 if kind == "solve" else lam
+            room = budget.cost_units - self.cost_units + 1e-9
+            n = min(n, int(room // per)) if per > 0 else n
+        return max(n, 0)

@@ -1,0 +1,611 @@
+"""The scheduler: runs one problem (``solve``) or many (``run_batch``) under a policy.
+
+Structure (one ``asyncio.TaskGroup`` per problem)::
+
+    solve ──► _ProblemRun.run ──► TaskGroup ─┬─ request task ─► backend.stream(...)
+                 ▲  policy.decide(snapshot)   ├─ request task
+                 └── wake-up on every state change (sample/verification done or broken)
+
+On ``Stop`` every request still in flight is cancelled; leaving the TaskGroup waits for all
+of them, and each closes its stream in ``finally`` (the backend closes the HTTP
+connection, which makes vLLM abort the generation). When ``solve`` returns, no task it
+started is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import structlog
+from asyncio_throttle import Throttler
+
+from orchestrator.backends.base import Backend, GenerationRequest, TextDelta, UsageReport
+from orchestrator.decisions import Decision, Sample, Stop, Verify
+from orchestrator.errors import (
+    BackendError,
+    ConfigError,
+    EndpointUnreachable,
+    ModelNotFound,
+    PolicyError,
+    RequestRejected,
+    SolverifyError,
+)
+from orchestrator.events import (
+    DecisionMade,
+    Event,
+    ProblemDone,
+    ProblemStarted,
+    RequestFinished,
+    RequestStarted,
+    SampleCancelled,
+    SampleFailed,
+    SampleFinished,
+    Sink,
+    VerificationFinished,
+)
+from orchestrator.ledger import ProblemLedger, RequestRecord
+from orchestrator.snapshot import BudgetLeft, InFlight, ProblemSnapshot
+from orchestrator.types import (
+    UNLIMITED,
+    Budget,
+    FailedSample,
+    Problem,
+    RequestKind,
+    Solution,
+    TokenLogprob,
+    Usage,
+    Verification,
+)
+
+log = structlog.get_logger("solverify.runtime")
+
+#: errors after which a problem cannot make progress: it ends with the error recorded
+FATAL_ERRORS: tuple[type[BackendError], ...] = (EndpointUnreachable, ModelNotFound, RequestRejected)
+#: largest ``n`` put in one request; bigger ``Sample(k)`` are split
+DEFAULT_MAX_N = 16
+
+
+class Limiter:
+    """Run-wide limits shared by every problem: concurrent requests and requests/second."""
+
+    def __init__(self, concurrency: int | None = None, rate: float | None = None) -> None:
+        if concurrency is not None and concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1 or None, got {concurrency}")
+        if rate is not None and not (rate > 0 and math.isfinite(rate)):
+            raise ConfigError(f"rate must be a positive number of requests/second, got {rate}")
+        self.concurrency = concurrency
+        self.rate = rate
+        self._sem = asyncio.Semaphore(concurrency) if concurrency else None
+        if rate is None:
+            self._throttler = None
+        elif rate >= 1:
+            self._throttler = Throttler(rate_limit=int(rate), period=int(rate) / rate)
+        else:
+            self._throttler = Throttler(rate_limit=1, period=1.0 / rate)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._sem is not None:
+            await self._sem.acquire()
+        try:
+            if self._throttler is not None:
+                await self._throttler.acquire()
+            yield
+        finally:
+            if self._sem is not None:
+                self._sem.release()
+
+
+@dataclass(frozen=True, slots=True)
+class SolveResult:
+    """The outcome of one problem. ``error`` is set when it ended on a fatal error."""
+
+    problem: Problem
+    answer: str | None
+    key: str | None
+    reason: str
+    correct: bool | None
+    usage: Usage
+    requests: int
+    solutions: tuple[Solution, ...]
+    verifications: tuple[Verification, ...]
+    failed: tuple[FailedSample, ...]
+    elapsed: float
+    lam: float | None
+    cost_units: float
+    solution_tokens: int
+    verification_tokens: int
+    policy: str = ""
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self, *, texts: bool = False) -> dict:
+        """A JSON-ready summary (solution texts only when ``texts``)."""
+        return {
+            "id": self.problem.id,
+            "policy": self.policy,
+            "answer": self.answer,
+            "key": self.key,
+            "ground_truth": self.problem.answer,
+            "correct": self.correct,
+            "reason": self.reason,
+            "error": self.error,
+            "prompt_tokens": self.usage.prompt_tokens,
+            "completion_tokens": self.usage.completion_tokens,
+            "tokens_estimated": self.usage.estimated,
+            "solution_tokens": self.solution_tokens,
+            "verification_tokens": self.verification_tokens,
+            "requests": self.requests,
+            "cost_units": round(self.cost_units, 4),
+            "lambda": self.lam,
+            "elapsed_s": round(self.elapsed, 4),
+            "solutions": [
+                {
+                    "id": s.id,
+                    "answer": s.answer,
+                    "key": s.key,
+                    "finish_reason": s.finish_reason,
+                    "completion_tokens": s.completion_tokens,
+                    **({"text": s.text} if texts else {}),
+                }
+                for s in self.solutions
+            ],
+            "verifications": [
+                {"solution_id": v.solution_id, "p_yes": v.p_yes, "verdict": v.verdict,
+                 "source": v.source, "completion_tokens": v.completion_tokens}
+                for v in self.verifications
+            ],
+            "failed": [
+                {"kind": f.kind, "reason": f.reason, "error": f.error,
+                 "completion_tokens": f.completion_tokens}
+                for f in self.failed
+            ],
+        }
+
+
+@dataclass(slots=True)
+class _Choice:
+    sample_id: int
+    parts: list[str] = field(default_factory=list)
+    tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: int
+    kind: RequestKind
+    request: GenerationRequest
+    record: RequestRecord
+    choices: list[_Choice]
+    started_at: float
+    solution: Solution | None = None
+    task: asyncio.Task | None = None
+
+
+def policy_name(policy: object) -> str:
+    spec = getattr(policy, "spec", None)
+    return spec if isinstance(spec, str) else type(policy).__name__
+
+
+class _ProblemRun:
+    """Mutable state of one problem while it runs; only the runtime touches it."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        policy,
+        budget: Budget,
+        backend: Backend,
+        task,
+        limiter: Limiter,
+        sinks: Sequence[Sink],
+        max_n: int,
+    ) -> None:
+        self.problem = problem
+        self.policy = policy
+        self.budget = budget
+        self.backend = backend
+        self.task = task
+        self.limiter = limiter
+        self.sinks = tuple(sinks)
+        self.max_n = max_n
+        self.ledger = ProblemLedger()
+        self.solutions: list[Solution] = []
+        self.verifications: list[Verification] = []
+        self.failed: list[FailedSample] = []
+        self.open: dict[int, _Request] = {}
+        self._next_request = 0
+        self._next_sample = 0
+        self._changed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._t0 = self._loop.time()
+        self.fatal: BackendError | None = None
+        self._sample_max_tokens = task.solve_request(problem, 1).max_tokens
+
+    # ---- clock & events --------------------------------------------------------------
+    def now(self) -> float:
+        return self._loop.time() - self._t0
+
+    def emit(self, event: Event) -> None:
+        for sink in self.sinks:
+            sink(event)
+
+    # ---- snapshot --------------------------------------------------------------------
+    def snapshot(self) -> ProblemSnapshot:
+        in_flight_samples = 0
+        sample_tokens: list[int] = []
+        verifying: dict[int, int] = {}
+        for req in self.open.values():
+            pending = [c for c in req.choices if not c.done]
+            if req.kind == "solve":
+                in_flight_samples += len(pending)
+                sample_tokens.extend(c.tokens for c in pending)
+            elif req.solution is not None and pending:
+                sid = req.solution.id
+                verifying[sid] = verifying.get(sid, 0) + len(pending)
+        tokens, requests, units = self.ledger.left(self.budget, self._reserved())
+        return ProblemSnapshot(
+            problem=self.problem,
+            solutions=tuple(self.solutions),
+            verifications=tuple(self.verifications),
+            failed=tuple(self.failed),
+            in_flight=InFlight(
+                samples=in_flight_samples,
+                verifications=tuple(sorted(verifying.items())),
+                sample_tokens=tuple(sample_tokens),
+            ),
+            samples_launched=self.ledger.solutions_launched,
+            verifications_launched=self.ledger.verifications_launched,
+            requests_launched=self.ledger.requests,
+            usage=self.ledger.usage,
+            budget=self.budget,
+            budget_left=BudgetLeft(tokens, requests, units, self._sample_max_tokens),
+            elapsed=self.now(),
+            lam=self.ledger.lam,
+        )
+
+    # ---- launching -------------------------------------------------------------------
+    def _reserved(self) -> int:
+        """Tokens promised to work in flight: what each unfinished sample may still generate."""
+        return sum(
+            max(req.request.max_tokens - c.tokens, 0)
+            for req in self.open.values()
+            for c in req.choices
+            if not c.done
+        )
+
+    def _launch(self, tg: asyncio.TaskGroup, kind: RequestKind, n: int,
+                solution: Solution | None) -> int:
+        """Launch up to ``n`` samples in one request; returns how many the budget admitted."""
+        if kind == "solve":
+            request = self.task.solve_request(self.problem, n)
+        else:
+            assert solution is not None
+            request = self.task.verify_request(self.problem, solution, n)
+        fits = self.ledger.admits(self.budget, kind, n, request.max_tokens, self._reserved())
+        if fits < 1:
+            return 0
+        if fits < n:
+            n = fits
+            request = dataclasses.replace(request, n=n)
+        rid = self._next_request
+        self._next_request += 1
+        choices = []
+        for _ in range(n):
+            choices.append(_Choice(self._next_sample))
+            self._next_sample += 1
+        record = self.ledger.open(rid, kind, n)
+        req = _Request(rid, kind, request, record, choices, self.now(), solution)
+        self.open[rid] = req
+        self.emit(RequestStarted(self.problem.id, req.started_at, rid, kind, n,
+                                 solution.id if solution else None))
+        req.task = tg.create_task(self._run_request(req), name=f"{self.problem.id}/req{rid}")
+        return n
+
+    def _carry_out(self, tg: asyncio.TaskGroup, decisions: Sequence[Decision]) -> tuple[
+            Stop | None, bool, bool]:
+        """Launch what the decisions ask for. Returns (stop, launched_any, blocked_by_budget)."""
+        launched = blocked = False
+        for d in decisions:
+            if isinstance(d, Stop):
+                return d, launched, blocked
+            if isinstance(d, Sample):
+                kind, remaining, solution = "solve", d.k, None
+            elif isinstance(d, Verify):
+                if d.solution.id not in {s.id for s in self.solutions}:
+                    raise PolicyError(f"Verify of unknown solution id {d.solution.id}")
+                kind, remaining, solution = "verify", d.times, d.solution
+            else:
+                raise PolicyError(f"policy returned {d!r}, not a Sample, Verify or Stop")
+            while remaining > 0:
+                started = self._launch(tg, kind, min(remaining, self.max_n), solution)
+                if started == 0:
+                    blocked = True
+                    break
+                launched = True
+                remaining -= started
+        return None, launched, blocked
+
+    # ---- one request -----------------------------------------------------------------
+    async def _run_request(self, req: _Request) -> None:
+        outcome = "failed"
+        error: BackendError | None = None
+        try:
+            async with self.limiter.slot(), self.backend.stream(req.request) as stream:
+                async for event in stream:
+                    if isinstance(event, TextDelta):
+                        self._on_delta(req, event)
+                    elif isinstance(event, UsageReport):
+                        req.record.add_usage(event.prompt_tokens, event.completion_tokens,
+                                             event.final)
+            outcome = "ok"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except BackendError as exc:
+            error = exc
+        finally:
+            self._close_request(req, outcome, error)
+
+    def _on_delta(self, req: _Request, delta: TextDelta) -> None:
+        if not 0 <= delta.choice < len(req.choices):
+            raise BackendError(f"backend sent choice {delta.choice} for a request of n={len(req.choices)}")
+        choice = req.choices[delta.choice]
+        if choice.done:
+            return
+        if delta.text:
+            choice.parts.append(delta.text)
+        choice.tokens += delta.tokens
+        choice.logprobs.extend(delta.logprobs)
+        req.record.add_delta(delta.tokens, delta.estimated)
+        if delta.finish_reason is not None:
+            choice.done = True
+            self._finish_choice(req, choice, delta.finish_reason)
+
+    def _finish_choice(self, req: _Request, choice: _Choice, finish_reason: str) -> None:
+        now = self.now()
+        text = choice.text
+        if req.kind == "solve":
+            grader = self.task.grader
+            answer = grader.extract(text)
+            key = grader.key(answer) if answer is not None else None
+            if key is None:
+                answer = None
+            lps = [lp.logprob for lp in choice.logprobs if math.isfinite(lp.logprob)]
+            solution = Solution(
+                id=choice.sample_id, index=len(self.solutions), text=text, answer=answer,
+                key=key, finish_reason=finish_reason, completion_tokens=choice.tokens,
+                started_at=req.started_at, finished_at=now, request_id=req.request_id,
+                mean_logprob=(sum(lps) / len(lps)) if lps else None,
+            )
+            self.solutions.append(solution)
+            self.ledger.solution_lengths.append(choice.tokens)
+            self.emit(SampleFinished(self.problem.id, now, solution))
+        else:
+            assert req.solution is not None
+            verdict, p_yes, source = self.task.parse_verdict(text, tuple(choice.logprobs))
+            verification = Verification(
+                id=choice.sample_id, solution_id=req.solution.id, text=text, verdict=verdict,
+                p_yes=p_yes, source=source, completion_tokens=choice.tokens,
+                started_at=req.started_at, finished_at=now, request_id=req.request_id,
+            )
+            self.verifications.append(verification)
+            self.ledger.verification_lengths.append(choice.tokens)
+            self.emit(VerificationFinished(self.problem.id, now, verification))
+        self._changed.set()
+
+    def _close_request(self, req: _Request, outcome: str, error: BackendError | None) -> None:
+        """Synchronous cleanup: record unfinished choices, close the ledger entry."""
+        now = self.now()
+        if outcome == "ok" and any(not c.done for c in req.choices):
+            outcome = "failed"
+            error = BackendError("stream ended without a finish_reason for every choice")
+        reason = "cancelled" if outcome == "cancelled" else "failed"
+        for choice in req.choices:
+            if choice.done:
+                continue
+            choice.done = True
+            sample = FailedSample(
+                id=choice.sample_id, request_id=req.request_id, kind=req.kind, reason=reason,
+                error=None if error is None else f"{type(error).__name__}: {error}",
+                partial_text=choice.text, completion_tokens=choice.tokens,
+                solution_id=req.solution.id if req.solution else None,
+            )
+            self.failed.append(sample)
+            cls = SampleCancelled if reason == "cancelled" else SampleFailed
+            self.emit(cls(self.problem.id, now, sample))
+        req.record.close(outcome)
+        self.open.pop(req.request_id, None)
+        self.emit(RequestFinished(
+            self.problem.id, now, req.request_id, req.kind, outcome, req.record.usage,
+            error=None if error is None else f"{type(error).__name__}: {error}",
+        ))
+        if error is not None and isinstance(error, FATAL_ERRORS) and self.fatal is None:
+            self.fatal = error
+        self._changed.set()
+
+    # ---- the loop --------------------------------------------------------------------
+    async def run(self) -> SolveResult:
+        name = policy_name(self.policy)
+        self.emit(ProblemStarted(self.problem.id, 0.0, name))
+        failure: Exception | None = None
+        async with asyncio.TaskGroup() as tg:
+            try:
+                stop, error = await self._loop_until_stop(tg)
+            except Exception as exc:  # re-raised below, unwrapped, once the group is closed
+                failure = exc
+            finally:
+                for req in list(self.open.values()):
+                    if req.task is not None:
+                        req.task.cancel()
+        if failure is not None:
+            raise failure
+        return self._result(stop, error, name)
+
+    async def _loop_until_stop(self, tg: asyncio.TaskGroup) -> tuple[Stop, str | None]:
+        while True:
+            self._changed.clear()
+            if self.fatal is not None:
+                fallback = _majority_stop(self.solutions, "ended on a backend error")
+                return fallback, f"{type(self.fatal).__name__}: {self.fatal}"
+            snap = self.snapshot()
+            decisions = tuple(self.policy.decide(snap))
+            stop, launched, blocked = self._carry_out(tg, decisions)
+            if decisions:
+                self.emit(DecisionMade(self.problem.id, self.now(), decisions,
+                                       len(self.solutions), len(self.open)))
+            if stop is not None:
+                return stop, None
+            if not self.open:
+                if blocked or snap.budget_left.exhausted:
+                    return _majority_stop(self.solutions, "budget exhausted"), None
+                if not launched:
+                    raise PolicyError(
+                        f"policy {policy_name(self.policy)} returned no work and no Stop "
+                        "with nothing in flight"
+                    )
+                continue
+            await self._changed.wait()
+
+    def _result(self, stop: Stop, error: str | None, name: str) -> SolveResult:
+        correct = None
+        if self.problem.answer is not None or self.problem.aliases:
+            correct = (
+                False if stop.answer is None else self.task.grader.is_correct(stop.answer,
+                                                                               self.problem)
+            )
+        usage = self.ledger.usage
+        result = SolveResult(
+            problem=self.problem, answer=stop.answer, key=stop.key, reason=stop.reason,
+            correct=correct, usage=usage, requests=self.ledger.requests,
+            solutions=tuple(self.solutions), verifications=tuple(self.verifications),
+            failed=tuple(self.failed), elapsed=self.now(), lam=self.ledger.lam,
+            cost_units=self.ledger.cost_units,
+            solution_tokens=self.ledger.usage_of("solve").completion_tokens,
+            verification_tokens=self.ledger.usage_of("verify").completion_tokens,
+            policy=name, error=error,
+        )
+        self.emit(ProblemDone(
+            self.problem.id, result.elapsed, result.answer, result.reason, result.correct,
+            usage, result.requests, len(self.solutions), len(self.verifications), error,
+        ))
+        return result
+
+
+def _majority_stop(solutions: Iterable[Solution], why: str) -> Stop:
+    """Fallback answer when the runtime (not the policy) ends a problem."""
+    counts: dict[str, list] = {}
+    for s in solutions:
+        if s.key is not None:
+            counts.setdefault(s.key, [s.answer, 0, s.index])[1] += 1
+    if not counts:
+        return Stop(None, f"{why}; no answer")
+    key, (answer, votes, _) = min(counts.items(), key=lambda kv: (-kv[1][1], kv[1][2]))
+    return Stop(answer, f"{why}; majority of {votes} vote(s)", key)
+
+
+def as_problem(problem: Problem | str) -> Problem:
+    if isinstance(problem, Problem):
+        return problem
+    if isinstance(problem, str):
+        if not problem.strip():
+            raise ConfigError("problem text is empty")
+        return Problem(id="problem", problem=problem)
+    raise ConfigError(f"problem must be a Problem or a str, got {type(problem).__name__}")
+
+
+async def solve(
+    problem: Problem | str,
+    policy,
+    budget: Budget | None = None,
+    backend: Backend | None = None,
+    *,
+    task=None,
+    limiter: Limiter | None = None,
+    sinks: Sequence[Sink] = (),
+    max_n: int = DEFAULT_MAX_N,
+) -> SolveResult:
+    """Answer one problem under ``policy`` within ``budget`` using ``backend``.
+
+    ``task`` (prompts, grader, verifier) defaults to :func:`orchestrator.tasks.task_for`
+    on this problem. A fatal backend error (unreachable endpoint, unknown model, rejected
+    request) ends the problem with ``result.error`` set rather than raising, so batch runs
+    keep every result; a policy bug raises :class:`PolicyError`.
+    """
+    if backend is None:
+        raise ConfigError("solve() needs a backend (e.g. OpenAIBackend(base_url=..., model=...))")
+    if not callable(getattr(policy, "decide", None)):
+        raise ConfigError(f"policy {policy!r} has no decide(snapshot) method")
+    if max_n < 1:
+        raise ConfigError(f"max_n must be >= 1, got {max_n}")
+    prob = as_problem(problem)
+    if task is None:
+        from orchestrator.tasks import task_for
+
+        task = task_for([prob])
+    run = _ProblemRun(prob, policy, budget or UNLIMITED, backend, task,
+                      limiter or Limiter(), sinks, max_n)
+    return await run.run()
+
+
+async def run_batch(
+    problems: Sequence[Problem],
+    policy,
+    budget: Budget | None = None,
+    backend: Backend | None = None,
+    *,
+    task=None,
+    concurrency: int | None = 32,
+    rate: float | None = None,
+    problems_in_flight: int | None = None,
+    sinks: Sequence[Sink] = (),
+    on_result: Callable[[SolveResult], None] | None = None,
+    max_n: int = DEFAULT_MAX_N,
+) -> list[SolveResult]:
+    """Run many problems concurrently; results come back in input order.
+
+    ``concurrency`` caps requests in flight across the whole batch, ``rate`` caps
+    requests/second, ``problems_in_flight`` caps problems started at once (default: as many
+    as ``concurrency``). ``on_result`` is called as each problem finishes (write results as
+    they come, so none are lost if the run is interrupted). A problem that ends on a
+    fatal backend error is returned with ``error`` set; it does not stop the others.
+    """
+    if not problems:
+        raise ConfigError("run_batch() got no problems")
+    if task is None:
+        from orchestrator.tasks import task_for
+
+        task = task_for(problems)
+    limiter = Limiter(concurrency, rate)
+    gate = asyncio.Semaphore(problems_in_flight or concurrency or len(problems))
+    results: list[SolveResult | None] = [None] * len(problems)
+
+    async def one(i: int, prob: Problem) -> None:
+        async with gate:
+            result = await solve(prob, policy, budget, backend, task=task, limiter=limiter,
+                                 sinks=sinks, max_n=max_n)
+        results[i] = result
+        if on_result is not None:
+            on_result(result)
+
+    async with asyncio.TaskGroup() as tg:
+        for i, prob in enumerate(problems):
+            tg.create_task(one(i, prob), name=f"problem:{prob.id}")
+    return [r for r in results if r is not None]
+
+
+__all__ = ["Limiter", "SolveResult", "SolverifyError", "run_batch", "solve"]

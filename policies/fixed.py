@@ -1,0 +1,122 @@
+"""Fixed-budget baselines: Self-Consistency and GenRM Best-of-N."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from orchestrator.decisions import Decision, Sample, Stop, Verify
+from orchestrator.errors import ConfigError
+from orchestrator.snapshot import ProblemSnapshot
+from policies.votes import majority_stop
+
+
+def _check_count(name: str, value: int, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _top_up_samples(s: ProblemSnapshot, target: int, max_failures: int) -> list[Decision]:
+    """Ask for enough samples to reach ``target`` finished ones, replacing broken ones
+    while no more than ``max_failures`` have broken."""
+    if s.failed_samples > max_failures:
+        return []
+    missing = target - len(s.solutions) - s.in_flight.samples
+    return [Sample(missing)] if missing > 0 else []
+
+
+@dataclass(frozen=True, slots=True)
+class SelfConsistency:
+    """Majority vote over ``n`` sampled solutions (Wang et al. 2023).
+
+    All ``n`` samples are requested at once. Samples whose stream broke are replaced, up to
+    ``max_failures`` (default ``n``) breaks; after that the vote is taken over what came
+    back. Ties: see :mod:`policies.votes`.
+    """
+
+    n: int
+    max_failures: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_count("sc: n", self.n)
+        if self.max_failures is not None:
+            _check_count("sc: max_failures", self.max_failures, 0)
+
+    @property
+    def spec(self) -> str:
+        return f"sc:n={self.n}"
+
+    def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
+        if len(s.solutions) >= self.n:
+            return [majority_stop(s, f"self-consistency over {len(s.solutions)} samples")]
+        max_failures = self.n if self.max_failures is None else self.max_failures
+        more = [] if s.budget_left.exhausted else _top_up_samples(s, self.n, max_failures)
+        if more or s.in_flight.samples:
+            return more
+        why = "budget exhausted" if s.budget_left.exhausted else "too many failed samples"
+        return [majority_stop(s, f"{why} after {len(s.solutions)} of {self.n} samples")]
+
+
+@dataclass(frozen=True, slots=True)
+class GenRM:
+    """Best-of-N with a generative verifier (Singhi et al. 2025): ``solutions`` samples,
+    each answered one verified ``verifications`` times; a solution's score is the mean
+    P(Yes) of its verifications; the best-scored solution's answer wins.
+
+    Solutions are verified as soon as they finish (the verifications of early solutions
+    overlap with later samples). Solutions without an extracted answer are never sent to
+    the verifier. Broken verifications are not replaced; the score is the mean over those
+    that returned a verdict. Ties on score go to the answer with more votes, then to the
+    earliest solution. If no solution got a score (every verdict unparsable), the answer
+    falls back to the majority vote and the reason says so.
+    """
+
+    solutions: int
+    verifications: int
+    max_failures: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_count("genrm: s", self.solutions)
+        _check_count("genrm: v", self.verifications)
+        if self.max_failures is not None:
+            _check_count("genrm: max_failures", self.max_failures, 0)
+
+    @property
+    def spec(self) -> str:
+        return f"genrm:s={self.solutions},v={self.verifications}"
+
+    def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
+        exhausted = s.budget_left.exhausted
+        max_failures = self.solutions if self.max_failures is None else self.max_failures
+        wanted: list[Decision] = []
+        if not exhausted:
+            wanted.extend(_top_up_samples(s, self.solutions, max_failures))
+            for sol in s.answered:
+                missing = self.verifications - s.verifications_requested(sol.id)
+                if missing > 0:
+                    wanted.append(Verify(sol, missing))
+        if wanted or s.in_flight.samples or s.in_flight.verification_total:
+            return wanted
+        if exhausted:
+            why = "budget exhausted"
+        elif len(s.solutions) < self.solutions:
+            why = "too many failed samples"
+        else:
+            why = "best-of-n"
+        return [self._best(s, why)]
+
+    @staticmethod
+    def _best(s: ProblemSnapshot, why: str) -> Stop:
+        votes = {v.key: v.votes for v in s.votes()}
+        best = None
+        best_rank = None
+        for sol in s.answered:
+            score = s.score(sol.id)
+            if score is None:
+                continue
+            rank = (-score, -votes.get(sol.key, 0), sol.index)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = sol, rank
+        if best is None or best_rank is None:
+            return majority_stop(s, f"genrm {why}, no verification scores; fell back to vote")
+        return Stop(best.answer, f"genrm {why}: score {-best_rank[0]:.3f}", best.key)

@@ -1,0 +1,123 @@
+"""Policy spec strings: ``name`` or ``name:key=value,key=value``.
+
+Examples: ``sc:n=16``, ``genrm:s=8,v=4``. Values are integers, floats, or the word ``all``
+where a policy accepts it. Every policy registers its name, its parameters (with the
+constructor argument each maps to, its type and default) and a one-line help; ``solverify
+policies`` prints the table, and an unknown name or parameter is a ``ConfigError`` that
+lists what is valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    key: str  # as written in the spec
+    arg: str  # constructor argument
+    type: type
+    required: bool = False
+    default: Any = None
+    help: str = ""
+    allow_all: bool = False  # accepts the word "all" (passed as None)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyEntry:
+    name: str
+    factory: Callable[..., Any]
+    params: tuple[Param, ...]
+    help: str
+
+
+_REGISTRY: dict[str, PolicyEntry] = {}
+
+
+def register(name: str, factory: Callable[..., Any], params: tuple[Param, ...], help: str
+             ) -> None:
+    _REGISTRY[name] = PolicyEntry(name, factory, params, help)
+
+
+def registered() -> tuple[PolicyEntry, ...]:
+    _ensure_builtins()
+    return tuple(_REGISTRY[k] for k in sorted(_REGISTRY))
+
+
+def _convert(entry: PolicyEntry, param: Param, raw: str) -> Any:
+    if param.allow_all and raw == "all":
+        return None
+    try:
+        if param.type is int:
+            return int(raw)
+        if param.type is float:
+            return float(raw)
+        if param.type is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return param.type(raw)
+    except ValueError:
+        kind = param.type.__name__ + (" or 'all'" if param.allow_all else "")
+        raise ConfigError(
+            f"policy '{entry.name}': {param.key}={raw!r} is not a valid {kind}"
+        ) from None
+
+
+def parse_policy(spec: str) -> Any:
+    """Build a policy from its spec string; raises ``ConfigError`` with what is valid."""
+    _ensure_builtins()
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError("empty policy spec; try e.g. 'sc:n=16' (see `solverify policies`)")
+    text = spec.strip()
+    name, _, rest = text.partition(":")
+    name = name.strip().lower()
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        names = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(f"unknown policy '{name}' in spec {spec!r}; known policies: {names}")
+    by_key = {p.key: p for p in entry.params}
+    kwargs: dict[str, Any] = {}
+    if rest.strip():
+        for item in rest.split(","):
+            key, eq, raw = item.partition("=")
+            key = key.strip().lower()
+            if not eq or not key or not raw.strip():
+                raise ConfigError(f"policy '{name}': expected key=value, got {item.strip()!r}")
+            param = by_key.get(key)
+            if param is None:
+                valid = ", ".join(p.key for p in entry.params) or "none"
+                raise ConfigError(f"policy '{name}' has no parameter '{key}'; valid: {valid}")
+            if param.arg in kwargs:
+                raise ConfigError(f"policy '{name}': parameter '{key}' given twice")
+            kwargs[param.arg] = _convert(entry, param, raw.strip())
+    for p in entry.params:
+        if p.required and p.arg not in kwargs:
+            raise ConfigError(f"policy '{name}' needs {p.key}=... ({p.help})")
+    return entry.factory(**kwargs)
+
+
+def _ensure_builtins() -> None:
+    if _REGISTRY:
+        return
+    from policies import fixed
+
+    register(
+        "sc", fixed.SelfConsistency,
+        (Param("n", "n", int, required=True, help="number of samples"),
+         Param("max_failures", "max_failures", int, help="broken samples replaced (default n)")),
+        "Self-Consistency: majority vote over n samples",
+    )
+    register(
+        "genrm", fixed.GenRM,
+        (Param("s", "solutions", int, required=True, help="solutions sampled"),
+         Param("v", "verifications", int, required=True, help="verifications per solution"),
+         Param("max_failures", "max_failures", int, help="broken samples replaced (default s)")),
+        "GenRM Best-of-N: s solutions x v verifications, score = mean P(Yes)",
+    )

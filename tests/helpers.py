@@ -1,0 +1,47 @@
+"""A minimal task for runtime tests: answers are the last word; verdicts are Yes/No text.
+
+Runtime tests use it so they exercise the scheduler, not the math grader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.backends.base import GenerationRequest
+from orchestrator.types import Problem, Solution, TokenLogprob
+
+
+class WordGrader:
+    def extract(self, text: str) -> str | None:
+        words = text.split()
+        return words[-1] if words and words[-1] != "?" else None
+
+    def key(self, answer: str) -> str | None:
+        return answer.strip().lower() or None
+
+    def is_correct(self, answer: str | None, problem: Problem) -> bool | None:
+        if problem.answer is None:
+            return None
+        return answer is not None and self.key(answer) == self.key(problem.answer)
+
+
+@dataclass(frozen=True)
+class WordTask:
+    max_tokens: int = 64
+    grader: WordGrader = WordGrader()
+
+    def solve_request(self, problem: Problem, n: int) -> GenerationRequest:
+        return GenerationRequest(kind="solve", prompt=problem.problem, n=n,
+                                 max_tokens=self.max_tokens)
+
+    def verify_request(self, problem: Problem, solution: Solution, n: int) -> GenerationRequest:
+        return GenerationRequest(kind="verify", prompt=f"{problem.problem}|{solution.answer}",
+                                 n=n, max_tokens=4, top_logprobs=5)
+
+    def parse_verdict(self, text: str, logprobs: tuple[TokenLogprob, ...]):
+        word = text.strip().lower()
+        if word == "yes":
+            return True, 1.0, "text"
+        if word == "no":
+            return False, 0.0, "text"
+        return None, None, "none"

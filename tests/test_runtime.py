@@ -1,0 +1,296 @@
+"""The scheduler on the in-memory fake backend, with deterministic gates."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from orchestrator.backends.fake import FakeBackend, FakeReply, scripted
+from orchestrator.decisions import Sample, Stop
+from orchestrator.errors import ConfigError, ModelNotFound, PolicyError, StreamBroken
+from orchestrator.events import (
+    RequestFinished,
+    RequestStarted,
+    SampleCancelled,
+    SampleFailed,
+    SampleFinished,
+)
+from orchestrator.runtime import run_batch, solve
+from orchestrator.types import Budget, Problem
+from policies import GenRM, SelfConsistency
+from tests.helpers import WordTask
+
+PROBLEM = Problem(id="p1", problem="q", answer="seven")
+TASK = WordTask()
+
+
+def collect():
+    events = []
+    return events, events.append
+
+
+def other_tasks() -> set[asyncio.Task]:
+    return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+
+@dataclass(frozen=True)
+class StopAtFirst:
+    """Asks for k samples, stops at the first solution."""
+
+    k: int
+    spec: str = "stop-at-first"
+
+    def decide(self, s):
+        if s.solutions:
+            return [Stop(s.solutions[0].answer, "first", s.solutions[0].key)]
+        if s.samples_launched == 0:
+            return [Sample(self.k)]
+        return []
+
+
+async def test_self_consistency_majority_and_accounting():
+    answers = ["so seven", "so seven", "so eight", "so seven", "no answer ?"]
+    backend = FakeBackend(scripted(lambda req, i: FakeReply.text(*answers)))
+    result = await solve(PROBLEM, SelfConsistency(5), backend=backend, task=TASK)
+    assert result.answer == "seven" and result.correct is True
+    assert [s.answer for s in result.solutions].count(None) == 1
+    # one request with n=5; every generated token charged once
+    assert len(backend.requests) == 1 and backend.requests[0].n == 5
+    assert result.usage.completion_tokens == backend.generated_tokens == 11
+    assert result.usage.prompt_tokens == 10 and not result.usage.estimated
+    assert result.requests == 1
+
+
+async def test_sample_k_is_split_by_max_n():
+    backend = FakeBackend(scripted([FakeReply.text("a x")]))
+    result = await solve(PROBLEM, SelfConsistency(7), backend=backend, task=TASK, max_n=3)
+    assert [r.n for r in backend.requests] == [3, 3, 1]
+    assert len(result.solutions) == 7
+
+
+async def test_stop_cancels_in_flight_and_charges_partial_tokens_once():
+    hold = asyncio.Event()  # never set: the other streams stay mid-generation
+    replies = [
+        FakeReply.text("one two three"),
+        FakeReply.text("a b c d e f g h", hold=hold, hold_after=2),
+        FakeReply.text("a b c d e f g h", hold=hold, hold_after=3),
+    ]
+    backend = FakeBackend(scripted(replies))
+    events, sink = collect()
+    result = await solve(PROBLEM, StopAtFirst(3), backend=backend, task=TASK, max_n=1,
+                         sinks=[sink])
+    assert result.answer == "three" and result.reason == "first"
+    cancelled = [e for e in events if isinstance(e, SampleCancelled)]
+    assert sorted(e.sample.completion_tokens for e in cancelled) == [2, 3]
+    finished = [e for e in events if isinstance(e, RequestFinished)]
+    assert sorted(e.outcome for e in finished) == ["cancelled", "cancelled", "ok"]
+    # charged exactly what the "server" generated: 3 + 2 + 3, not more, not less
+    assert backend.generated_tokens == 8
+    assert result.usage.completion_tokens == 8
+    assert sum(e.usage.completion_tokens for e in finished) == 8
+    # streams were closed (aborted), nothing left open, no task outlives solve
+    assert backend.aborted_streams == 2 and backend.open_streams == 0
+    assert other_tasks() == set()
+
+
+async def test_cancelled_stream_without_server_usage_is_charged_counted_tokens():
+    hold = asyncio.Event()
+    replies = [FakeReply.text("w x y z"), FakeReply.text("a b c d", hold=hold, hold_after=3)]
+    backend = FakeBackend(scripted(replies), usage="none")
+    result = await solve(PROBLEM, StopAtFirst(2), backend=backend, task=TASK, max_n=1)
+    assert backend.generated_tokens == 7
+    assert result.usage.completion_tokens == 7
+    assert result.usage.estimated  # no server count: flagged
+
+
+async def test_mid_stream_failure_is_a_visible_event_and_is_replaced():
+    replies = [
+        FakeReply.text("a b c d", fail_after=2),  # breaks after 2 tokens
+        FakeReply.text("x seven"),
+    ]
+    backend = FakeBackend(scripted(replies))
+    events, sink = collect()
+    seen_failures = []
+
+    @dataclass(frozen=True)
+    class Spy:
+        inner: SelfConsistency
+        spec: str = "spy"
+
+        def decide(self, s):
+            seen_failures.append(len(s.failed))
+            return self.inner.decide(s)
+
+    result = await solve(PROBLEM, Spy(SelfConsistency(1)), backend=backend, task=TASK,
+                         sinks=[sink])
+    failed = [e for e in events if isinstance(e, SampleFailed)]
+    assert len(failed) == 1
+    assert failed[0].sample.completion_tokens == 2
+    assert "StreamBroken" in failed[0].sample.error
+    assert failed[0].sample.partial_text == "a b"
+    assert max(seen_failures) == 1  # the policy saw it
+    assert result.answer == "seven" and len(result.failed) == 1
+    assert result.usage.completion_tokens == 4 == backend.generated_tokens
+    assert len(backend.requests) == 2  # replaced once by the policy, not retried silently
+
+
+async def test_token_cap_is_never_exceeded_even_with_work_in_flight():
+    task = WordTask(max_tokens=5)
+    backend = FakeBackend(scripted([FakeReply.text("w w w w seven")]))  # 5 tokens each
+    result = await solve(PROBLEM, SelfConsistency(50), Budget(tokens=23), backend, task=task,
+                         max_n=1)
+    # 4 samples of up to 5 tokens fit in 23; a 5th could overrun the cap, so it never starts
+    assert len(backend.requests) == 4
+    assert result.usage.completion_tokens == 20 <= 23
+    assert result.answer == "seven" and "budget exhausted" in result.reason
+
+
+async def test_token_cap_splits_a_request_to_what_fits():
+    task = WordTask(max_tokens=5)
+    backend = FakeBackend(scripted([FakeReply.text("w w seven")]))  # 3 tokens each
+    result = await solve(PROBLEM, SelfConsistency(8), Budget(tokens=17), backend, task=task)
+    # first request n=3 (15 of 17 reserved); then 9 charged leaves room for 1 more, ...
+    assert backend.requests[0].n == 3
+    assert result.usage.completion_tokens <= 17
+    assert all(r.n >= 1 for r in backend.requests)
+
+
+async def test_one_sample_at_a_time_uses_the_cap_fully():
+    backend = FakeBackend(scripted([FakeReply.text("w w w w seven")]))
+
+    @dataclass(frozen=True)
+    class OneByOne:
+        spec: str = "one-by-one"
+
+        def decide(self, s):
+            if s.in_flight.samples:
+                return []
+            if s.budget_left.exhausted:
+                return [Stop(None, "budget")]
+            return [Sample(1)]
+
+    result = await solve(PROBLEM, OneByOne(), Budget(tokens=23), backend,
+                         task=WordTask(max_tokens=5))
+    assert len(backend.requests) == 4
+    assert result.usage.completion_tokens == 20 and result.reason == "budget"
+
+
+async def test_request_cap_is_never_exceeded():
+    backend = FakeBackend(scripted([FakeReply.text("seven")]))
+    result = await solve(PROBLEM, SelfConsistency(10), Budget(requests=3), backend,
+                         task=TASK, max_n=1)
+    assert len(backend.requests) == 3 == result.requests
+    assert "budget exhausted" in result.reason
+
+
+async def test_cost_unit_cap_counts_verifications_with_lambda():
+    backend = FakeBackend(scripted(lambda req, i: FakeReply.text(
+        "yes" if req.kind == "verify" else "a b c seven")))
+    result = await solve(PROBLEM, GenRM(4, 4), Budget(cost_units=3.0), backend, task=TASK,
+                         max_n=1)
+    assert result.cost_units <= 3.0 + 1e-9
+    assert result.answer == "seven"
+
+
+async def test_genrm_end_to_end_scores_and_measures_lambda():
+    def respond(req, i):
+        if req.kind == "verify":
+            return FakeReply.text("yes" if req.prompt.endswith("|eight") else "no")
+        return FakeReply.text("so seven", "so seven", "a b c d eight")
+
+    backend = FakeBackend(respond)
+    result = await solve(PROBLEM, GenRM(3, 2), backend=backend, task=TASK)
+    assert result.answer == "eight"  # verifier prefers it despite fewer votes
+    assert len(result.verifications) == 6
+    sol_mean = (2 + 2 + 5) / 3
+    assert result.lam == pytest.approx(1 / sol_mean)
+    assert result.verification_tokens == 6 and result.solution_tokens == 9
+
+
+async def test_no_task_outlives_solve_when_policy_raises():
+    hold = asyncio.Event()
+    backend = FakeBackend(scripted([FakeReply.text("a b c", hold=hold, hold_after=1)]))
+
+    @dataclass(frozen=True)
+    class Broken:
+        spec: str = "broken"
+
+        def decide(self, s):
+            if s.samples_launched == 0:
+                return [Sample(2)]
+            return ["not a decision"]
+
+    async def release():
+        await asyncio.sleep(0.01)
+        hold.set()
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(release())
+        with pytest.raises(PolicyError, match="not a Sample, Verify or Stop"):
+            await solve(PROBLEM, Broken(), backend=backend, task=TASK, max_n=1)
+    assert backend.open_streams == 0
+    assert other_tasks() == set()
+
+
+async def test_policy_that_stalls_is_an_error_not_a_hang():
+    @dataclass(frozen=True)
+    class Idle:
+        spec: str = "idle"
+
+        def decide(self, s):
+            return []
+
+    backend = FakeBackend(scripted([FakeReply.text("x")]))
+    with pytest.raises(PolicyError, match="no work and no Stop"):
+        await solve(PROBLEM, Idle(), backend=backend, task=TASK)
+
+
+async def test_fatal_backend_error_ends_problem_with_error_recorded():
+    backend = FakeBackend(scripted([FakeReply.text(
+        "x", fail_after=0, error=ModelNotFound("model 'nope' not served"))]))
+    result = await solve(PROBLEM, SelfConsistency(4), backend=backend, task=TASK)
+    assert result.error is not None and "ModelNotFound" in result.error
+    assert result.answer is None and result.correct is False
+
+
+async def test_retryable_failures_exhaust_max_failures_visibly():
+    backend = FakeBackend(scripted([FakeReply.text("x", fail_after=0,
+                                                   error=StreamBroken("boom"))]))
+    result = await solve(PROBLEM, SelfConsistency(2, max_failures=3), backend=backend,
+                         task=TASK, max_n=1)
+    assert result.answer is None
+    assert len(result.failed) == 4  # 2 + 2 replacements, then it gave up
+    assert "too many failed samples" in result.reason
+
+
+async def test_run_batch_shares_concurrency_and_keeps_order():
+    backend = FakeBackend(scripted(lambda req, i: FakeReply.text("x " + req.prompt,
+                                                                 delay=0.001)))
+    problems = [Problem(id=f"p{i}", problem=f"a{i}", answer=f"a{i}") for i in range(6)]
+    seen = []
+    results = await run_batch(problems, SelfConsistency(3), backend=backend, task=TASK,
+                              concurrency=2, on_result=seen.append, max_n=1)
+    assert [r.problem.id for r in results] == [p.id for p in problems]
+    assert all(r.correct for r in results)
+    assert backend.max_open_streams <= 2
+    assert sorted(r.problem.id for r in seen) == sorted(p.id for p in problems)
+
+
+async def test_run_batch_rejects_empty_input():
+    with pytest.raises(ConfigError, match="no problems"):
+        await run_batch([], SelfConsistency(1), backend=FakeBackend(scripted(
+            [FakeReply.text("x")])), task=TASK)
+
+
+async def test_events_cover_every_sample_exactly_once():
+    hold = asyncio.Event()
+    replies = [FakeReply.text("a seven"), FakeReply.text("b c d", hold=hold, hold_after=1)]
+    backend = FakeBackend(scripted(replies))
+    events, sink = collect()
+    await solve(PROBLEM, StopAtFirst(4), backend=backend, task=TASK, max_n=2, sinks=[sink])
+    outcomes = [e for e in events if isinstance(e, SampleFinished | SampleCancelled
+                                                 | SampleFailed)]
+    started = sum(e.n for e in events if isinstance(e, RequestStarted))
+    assert started == 4 and len(outcomes) == 4
