@@ -1,0 +1,53 @@
+"""solverify's runtime: ``await solve(problem, policy, budget, backend)``.
+
+Public names are re-exported here; the async API is the only API.
+"""
+
+from orchestrator.decisions import Decision, Sample, Stop, Verify
+from orchestrator.errors import (
+    BackendError,
+    ConfigError,
+    DataError,
+    EndpointUnreachable,
+    ModelNotFound,
+    PolicyError,
+    RequestRejected,
+    RetriesExhausted,
+    SolverifyError,
+    StreamBroken,
+)
+from orchestrator.events import JsonlTraceSink, StructlogSink
+from orchestrator.problems import load_problems
+from orchestrator.runtime import Limiter, SolveResult, run_batch, solve
+from orchestrator.snapshot import ProblemSnapshot
+from orchestrator.types import Budget, Problem, Solution, Usage, Verification
+
+__all__ = [
+    "BackendError",
+    "Budget",
+    "ConfigError",
+    "DataError",
+    "Decision",
+    "EndpointUnreachable",
+    "JsonlTraceSink",
+    "Limiter",
+    "ModelNotFound",
+    "PolicyError",
+    "Problem",
+    "ProblemSnapshot",
+    "RequestRejected",
+    "RetriesExhausted",
+    "Sample",
+    "Solution",
+    "SolveResult",
+    "SolverifyError",
+    "Stop",
+    "StreamBroken",
+    "StructlogSink",
+    "Usage",
+    "Verification",
+    "Verify",
+    "load_problems",
+    "run_batch",
+    "solve",
+]

@@ -1,0 +1,56 @@
+"""Events reach sinks; the JSONL trace and the structlog bridge record them faithfully."""
+
+import io
+import json
+
+import structlog
+from structlog.testing import capture_logs
+
+from orchestrator.backends.fake import FakeBackend, FakeReply, scripted
+from orchestrator.events import JsonlTraceSink, StructlogSink
+from orchestrator.runtime import solve
+from orchestrator.types import Problem
+from policies import SelfConsistency
+from tests.helpers import WordTask
+
+PROBLEM = Problem(id="p", problem="q", answer="b")
+
+
+async def test_jsonl_trace_has_every_step(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    backend = FakeBackend(scripted([FakeReply.text("a b", "x b", "a c")]))
+    with JsonlTraceSink(path) as sink:
+        result = await solve(PROBLEM, SelfConsistency(3), backend=backend, task=WordTask(),
+                             sinks=[sink])
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    names = [r["event"] for r in rows]
+    assert names[0] == "ProblemStarted" and names[-1] == "ProblemDone"
+    assert names.count("SampleFinished") == 3
+    assert names.count("RequestStarted") == names.count("RequestFinished") == 1
+    done = rows[-1]
+    assert done["answer"] == "b" and done["correct"] is True
+    assert done["usage"]["completion_tokens"] == result.usage.completion_tokens
+    decision = next(r for r in rows if r["event"] == "DecisionMade")
+    assert decision["decisions"] == [{"type": "Sample", "k": 3}]
+
+
+async def test_trace_sink_accepts_an_open_stream():
+    buf = io.StringIO()
+    sink = JsonlTraceSink(buf)
+    backend = FakeBackend(scripted([FakeReply.text("b")]))
+    await solve(PROBLEM, SelfConsistency(1), backend=backend, task=WordTask(), sinks=[sink])
+    sink.close()  # not ours to close
+    assert not buf.closed and buf.getvalue().count("\n") >= 5
+
+
+async def test_structlog_bridge_never_configures_and_logs_outcomes():
+    before = structlog.get_config()
+    backend = FakeBackend(scripted([FakeReply.text("b")]))
+    with capture_logs() as logs:
+        await solve(PROBLEM, SelfConsistency(1), backend=backend, task=WordTask(),
+                    sinks=[StructlogSink()])
+    events = [e["event"] for e in logs]
+    assert "ProblemDone" in events and "SampleFinished" in events
+    done = next(e for e in logs if e["event"] == "ProblemDone")
+    assert done["log_level"] == "info" and done["answer"] == "b"
+    assert structlog.get_config() == before
