@@ -152,7 +152,7 @@ class JsonlTraceSink:
 
     def __init__(self, path: str | Path | IO[str]) -> None:
         if isinstance(path, str | Path):
-            self._fh: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            self._fh: IO[str] = open(path, "a", encoding="utf-8")
             self._owned = True
         else:
             self._fh = path

@@ -363,7 +363,9 @@ class _ProblemRun:
 
     def _on_delta(self, req: _Request, delta: TextDelta) -> None:
         if not 0 <= delta.choice < len(req.choices):
-            raise BackendError(f"backend sent choice {delta.choice} for a request of n={len(req.choices)}")
+            raise BackendError(
+                f"backend sent choice {delta.choice} for a request of n={len(req.choices)}"
+            )
         choice = req.choices[delta.choice]
         if choice.done:
             return

@@ -5,7 +5,7 @@ Runtime tests use it so they exercise the scheduler, not the math grader.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from orchestrator.backends.base import GenerationRequest
 from orchestrator.types import Problem, Solution, TokenLogprob
@@ -28,7 +28,7 @@ class WordGrader:
 @dataclass(frozen=True)
 class WordTask:
     max_tokens: int = 64
-    grader: WordGrader = WordGrader()
+    grader: WordGrader = field(default_factory=WordGrader)
 
     def solve_request(self, problem: Problem, n: int) -> GenerationRequest:
         return GenerationRequest(kind="solve", prompt=problem.problem, n=n,

@@ -1,0 +1,516 @@
+"""OpenAIBackend against a real local HTTP server speaking the OpenAI protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from orchestrator import retry
+from orchestrator.backends.base import (
+    Backend,
+    Capabilities,
+    GenerationRequest,
+    StreamEvent,
+    TextDelta,
+    UsageReport,
+)
+from orchestrator.backends.openai_compat import OpenAIBackend
+from orchestrator.errors import (
+    BackendError,
+    EndpointUnreachable,
+    ModelNotFound,
+    RequestRejected,
+    RetriesExhausted,
+    StreamBroken,
+)
+from tests.openai_server import MathResponder, OpenAIServer, Tok
+
+ANSWER = " The final answer is \\boxed{42}."
+MakeBackend = Callable[..., OpenAIBackend]
+
+
+def chat(**kw: Any) -> GenerationRequest:
+    kw.setdefault("max_tokens", 64)
+    kw.setdefault("kind", "solve")
+    return GenerationRequest(messages=({"role": "user", "content": "2*21?"},), **kw)
+
+
+def completion(**kw: Any) -> GenerationRequest:
+    kw.setdefault("max_tokens", 64)
+    kw.setdefault("kind", "solve")
+    return GenerationRequest(prompt="Q: 2*21?\nA:", **kw)
+
+
+async def collect(backend: OpenAIBackend, request: GenerationRequest) -> list[StreamEvent]:
+    async with backend.stream(request) as events:
+        return [event async for event in events]
+
+
+def deltas(events: list[StreamEvent]) -> list[TextDelta]:
+    return [e for e in events if isinstance(e, TextDelta)]
+
+
+def usages(events: list[StreamEvent]) -> list[UsageReport]:
+    return [e for e in events if isinstance(e, UsageReport)]
+
+
+def texts(events: list[StreamEvent]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for d in deltas(events):
+        out[d.choice] = out.get(d.choice, "") + d.text
+    return out
+
+
+def per_choice_answers(body: Mapping[str, Any]) -> list[list[str | Tok]]:
+    n = int(body.get("n") or 1)
+    return [[" choice", f" {i}", " says", f" {i * 10}"] for i in range(n)]
+
+
+def long_answer(body: Mapping[str, Any]) -> list[list[str | Tok]]:
+    return [[f" t{i}" for i in range(500)]]
+
+
+@pytest.fixture
+async def make_backend(openai_server: OpenAIServer) -> AsyncIterator[MakeBackend]:
+    made: list[OpenAIBackend] = []
+
+    def make(**kw: Any) -> OpenAIBackend:
+        kw.setdefault("capabilities", Capabilities())
+        kw.setdefault("backoff_base", 0.001)
+        kw.setdefault("backoff_cap", 0.01)
+        base_url = kw.pop("base_url", openai_server.url)
+        model = kw.pop("model", "test-model")
+        backend = OpenAIBackend(base_url, model, **kw)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        await backend.aclose()
+
+
+# ---------------------------------------------------------------------- streaming basics
+async def test_is_a_backend(make_backend: MakeBackend) -> None:
+    assert isinstance(make_backend(), Backend)
+
+
+async def test_chat_stream_text_usage_and_exact_tokens(
+    openai_server: OpenAIServer, make_backend: MakeBackend
+) -> None:
+    events = await collect(make_backend(), chat(temperature=0.7, top_p=0.9, seed=3, stop=("##",)))
+
+    assert texts(events) == {0: ANSWER}
+    ds = deltas(events)
+    assert ds[-1].finish_reason == "stop"
+    assert all(not d.estimated for d in ds)  # n == 1 with continuous usage: exact
+    assert sum(d.tokens for d in ds) == 7 == openai_server.generation_tokens_total
+    final = usages(events)[-1]
+    assert final == UsageReport(final.prompt_tokens, 7, final=True)
+    assert events[-1] is final
+    body = openai_server.generation_requests()[0].body
+    assert body is not None
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert (body["temperature"], body["top_p"], body["seed"], body["stop"]) == (0.7, 0.9, 3, ["##"])
+    assert "n" not in body and "logprobs" not in body
+
+
+async def test_completions_stream(openai_server: OpenAIServer, make_backend: MakeBackend) -> None:
+    events = await collect(make_backend(), completion(max_tokens=4))
+
+    assert texts(events) == {0: " The final answer is"}
+    assert deltas(events)[-1].finish_reason == "length"
+    assert sum(d.tokens for d in deltas(events)) == 4 == openai_server.generation_tokens_total
+    assert usages(events)[-1].completion_tokens == 4 and usages(events)[-1].final
+    assert openai_server.generation_requests()[0].path == "/v1/completions"
+
+
+async def test_continuous_usage_reports_are_running_counts(make_backend: MakeBackend) -> None:
+    events = await collect(make_backend(), chat())
+
+    reports = usages(events)
+    running = [r.completion_tokens for r in reports if not r.final]
+    assert running == sorted(running) and running[-1] == 7
+    assert [r.final for r in reports].count(True) == 1 and reports[-1].final
+    # usage rides on content chunks: a running report follows each token's delta
+    assert len(running) >= 7
+
+
+async def test_n3_chat(openai_server: OpenAIServer, make_backend: MakeBackend) -> None:
+    openai_server.responder = per_choice_answers
+    events = await collect(make_backend(), chat(n=3))
+
+    assert texts(events) == {i: f" choice {i} says {i * 10}" for i in range(3)}
+    ds = deltas(events)
+    assert {d.choice for d in ds if d.finish_reason == "stop"} == {0, 1, 2}
+    # n > 1 without logprobs: vLLM-style per-choice running usage makes counts exact
+    assert not any(d.estimated for d in ds)
+    assert sum(d.tokens for d in ds) == 12 == openai_server.generation_tokens_total
+    reports = usages(events)
+    assert reports[-1] == UsageReport(reports[-1].prompt_tokens, 12, final=True)
+    # vLLM's per-choice running counts are summed into a request-level running count
+    assert max(r.completion_tokens for r in reports if not r.final) == 12
+    assert openai_server.generation_requests()[0].body["n"] == 3  # type: ignore[index]
+
+
+async def test_chat_logprobs(openai_server: OpenAIServer, make_backend: MakeBackend) -> None:
+    top = ((" Yes", -0.1), (" No", -2.4), (" Maybe", -5.0))
+    openai_server.responder = lambda body: [[Tok(" Yes", -0.1, top)]]
+    events = await collect(make_backend(), chat(kind="verify", top_logprobs=2))
+
+    (delta,) = deltas(events)
+    assert delta.tokens == 1 and not delta.estimated
+    assert delta.logprobs[0].token == " Yes"
+    assert delta.logprobs[0].logprob == pytest.approx(-0.1)
+    assert delta.logprobs[0].top == ((" Yes", -0.1), (" No", -2.4))
+    body = openai_server.generation_requests()[0].body
+    assert body is not None and body["logprobs"] is True and body["top_logprobs"] == 2
+
+
+async def test_completions_logprobs_n2_are_exact(
+    openai_server: OpenAIServer, make_backend: MakeBackend
+) -> None:
+    openai_server.responder = per_choice_answers
+    events = await collect(make_backend(), completion(n=2, top_logprobs=3))
+
+    ds = deltas(events)
+    assert all(not d.estimated and d.tokens == len(d.logprobs) == 1 for d in ds)
+    first = ds[0].logprobs[0]
+    assert first.token == " choice" and len(first.top) == 3
+    assert [lp for _, lp in first.top] == sorted((lp for _, lp in first.top), reverse=True)
+    assert sum(d.tokens for d in ds) == 8 == openai_server.generation_tokens_total
+    body = openai_server.generation_requests()[0].body
+    assert body is not None and body["logprobs"] == 3 and "top_logprobs" not in body
+
+
+async def test_top_logprobs_clamped_to_capability(
+    openai_server: OpenAIServer, make_backend: MakeBackend
+) -> None:
+    backend = make_backend(capabilities=Capabilities(max_top_logprobs=5))
+    await collect(backend, chat(top_logprobs=50))
+    assert openai_server.generation_requests()[0].body["top_logprobs"] == 5  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------- cancellation
+async def test_leaving_the_stream_aborts_it_on_the_server(
+    openai_server: OpenAIServer, make_backend: MakeBackend
+) -> None:
+    openai_server.responder = long_answer
+    openai_server.token_delay = 0.005
+    backend = make_backend()
+    received = 0
+    async with backend.stream(chat(max_tokens=500)) as events:
+        async for event in events:
+            if isinstance(event, TextDelta):
+                received += event.tokens
+            if received >= 3:
+                break
+
+    assert await openai_server.wait_until(lambda: openai_server.requests_aborted == 1)
+    assert openai_server.requests_running == 0
+    generated = openai_server.generation_tokens_total
+    await asyncio.sleep(0.05)
+    assert openai_server.generation_tokens_total == generated < 20
+
+
+async def test_cancelling_the_consumer_aborts_and_propagates(
+    openai_server: OpenAIServer, make_backend: MakeBackend
+) -> None:
+    openai_server.responder = long_answer
+    openai_server.token_delay = 0.005
+    backend = make_backend()
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async with backend.stream(chat(max_tokens=500)) as events:
+            async for _ in events:
+                started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert await openai_server.wait_until(lambda: openai_server.requests_aborted == 1)
+    generated = openai_server.generation_tokens_total
+    await asyncio.sleep(0.05)
+    assert openai_server.generation_tokens_total == generated < 50
+
+
+# ---------------------------------------------------------------------- retries and errors
+async def test_retries_429_honouring_retry_after(
+    openai_server: OpenAIServer, make_backend: MakeBackend
+) -> None:
+    openai_server.fail_next(1, 429, retry_after="0.3")
+    start = time.monotonic()
+    with capture_logs() as logs:
+        events = await collect(make_backend(max_attempts=3), chat())
+
+    assert time.monotonic() - start >= 0.3
+    assert texts(events) == {0: ANSWER}
+    assert len(openai_server.generation_requests()) == 2
+    assert [e["event"] for e in logs].count("backend.retry") == 1
+
+
+async def test_retries_503_then_succeeds(
+    openai_server: OpenAIServer, make_backend: MakeBackend
+) -> None:
+    openai_server.fail_next(2, 503)
+    events = await collect(make_backend(max_attempts=3), completion())
+
+    assert texts(events) == {0: ANSWER}
+    assert len(openai_server.generation_requests()) == 3
+    assert openai_server.generation_tokens_total == 7
+
+
+async def test_persistent_503_exhausts_retries(
+    openai_server: OpenAIServer, make_backend: MakeBackend
+) -> None:
+    openai_server.fail_next(10, 503)
+    with pytest.raises(RetriesExhausted, match=r"3 attempt\(s\).*503") as caught:
+        await collect(make_backend(max_attempts=3), chat())
+
+    assert caught.value.__cause__ is not None
+    assert len(openai_server.generation_requests()) == 3
+
+
+async def test_mid_stream_drop_is_stream_broken_and_not_retried(
+    openai_server: OpenAIServer, make_backend: MakeBackend
+) -> None:
+    openai_server.drop_after(3)
+    seen: list[StreamEvent] = []
+    with pytest.raises(StreamBroken):
+        async with make_backend(max_attempts=5).stream(chat()) as events:
+            async for event in events:
+                seen.append(event)
+
+    assert texts(seen) == {0: " The final answer"}
+    assert len(openai_server.generation_requests()) == 1
+
+
+async def test_drop_before_the_first_event_is_retried(
+    openai_server: OpenAIServer, make_backend: MakeBackend
+) -> None:
+    openai_server.drop_after(0)  # after the role chunk, which gives no event without usage
+    backend = make_backend(capabilities=Capabilities(stream_usage=False, continuous_usage=False))
+    events = await collect(backend, chat())
+
+    assert texts(events) == {0: ANSWER}
+    assert len(openai_server.generation_requests()) == 2
+
+
+async def test_connection_refused_is_endpoint_unreachable(make_backend: MakeBackend) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = make_backend(base_url=f"http://127.0.0.1:{port}/v1", max_attempts=2)
+    with pytest.raises(EndpointUnreachable, match="2 attempt"):
+        await collect(backend, chat())
+
+
+async def test_unknown_model_is_model_not_found(
+    openai_server: OpenAIServer, make_backend: MakeBackend
+) -> None:
+    with pytest.raises(ModelNotFound, match=r"'nope'.*serves: test-model"):
+        await collect(make_backend(model="nope"), chat())
+    assert len(openai_server.generation_requests()) == 1
+
+
+async def test_400_is_rejected_without_retry(
+    openai_server: OpenAIServer, make_backend: MakeBackend
+) -> None:
+    openai_server.fail_next(1, 400, message="prompt is too long")
+    with pytest.raises(RequestRejected, match="prompt is too long") as caught:
+        await collect(make_backend(), chat())
+    assert caught.value.status_code == 400
+    assert len(openai_server.generation_requests()) == 1
+
+
+# ---------------------------------------------------------------------- fallbacks and probe
+async def test_continuous_usage_rejected_falls_back(make_backend: MakeBackend) -> None:
+    async with OpenAIServer(reject_continuous_usage=True) as server:
+        backend = make_backend(base_url=server.url)
+        with capture_logs() as logs:
+            events = await collect(backend, chat())
+            again = await collect(backend, chat())
+
+        assert texts(events) == texts(again) == {0: ANSWER}
+        assert usages(events) == [UsageReport(usages(events)[0].prompt_tokens, 7, final=True)]
+        assert all(d.estimated for d in deltas(events))
+        assert sum(d.tokens for d in deltas(events)) == 7
+        assert backend.capabilities is not None
+        assert not backend.capabilities.continuous_usage and backend.capabilities.stream_usage
+        bodies = [r.body for r in server.generation_requests()]
+        assert len(bodies) == 3  # rejected, re-issued, then remembered
+        assert [b["stream_options"] for b in bodies[1:]] == [{"include_usage": True}] * 2  # type: ignore[index]
+        assert [e["event"] for e in logs].count("backend.downgrade") == 1
+
+
+async def test_top_logprobs_rejected_steps_down(make_backend: MakeBackend) -> None:
+    async with OpenAIServer(max_logprobs=5) as server:
+        backend = make_backend(base_url=server.url)
+        events = await collect(backend, completion(top_logprobs=10))
+
+        assert len(deltas(events)[0].logprobs[0].top) == 5
+        assert [(r.body or {})["logprobs"] for r in server.generation_requests()] == [10, 5]
+        assert backend.capabilities is not None and backend.capabilities.max_top_logprobs == 5
+
+
+async def test_stream_options_rejected_falls_back(make_backend: MakeBackend) -> None:
+    async with OpenAIServer(reject_stream_options=True) as server:
+        backend = make_backend(base_url=server.url)
+        events = await collect(backend, completion())
+
+        assert texts(events) == {0: ANSWER} and usages(events) == []
+        assert all(d.estimated for d in deltas(events))
+        assert backend.capabilities == Capabilities(stream_usage=False, continuous_usage=False)
+        assert "stream_options" not in (server.generation_requests()[-1].body or {})
+
+
+async def test_probe_normal_server(openai_server: OpenAIServer) -> None:
+    async with OpenAIBackend(openai_server.url, "test-model") as backend:
+        with capture_logs() as logs:
+            caps = await backend.probe()
+            assert await backend.probe("completions") is caps  # cached
+    assert caps == Capabilities(
+        n=True, stream_usage=True, continuous_usage=True, logprobs=True, max_top_logprobs=20
+    )
+    assert [e["event"] for e in logs] == ["backend.capabilities"]
+    bodies = [r.body or {} for r in openai_server.generation_requests()]
+    assert all(b["max_tokens"] == 1 for b in bodies)
+
+
+async def test_probe_limited_server() -> None:
+    async with (
+        OpenAIServer(ignore_n=True, reject_stream_options=True, max_logprobs=5) as server,
+        OpenAIBackend(server.url, "test-model") as backend,
+    ):
+        caps = await backend.probe("completions")
+    assert caps == Capabilities(
+        n=False, stream_usage=False, continuous_usage=False, logprobs=True, max_top_logprobs=5
+    )
+
+
+async def test_probe_without_logprobs() -> None:
+    async with (
+        OpenAIServer(max_logprobs=None, reject_continuous_usage=True) as server,
+        OpenAIBackend(server.url, "test-model") as backend,
+    ):
+        caps = await backend.probe()
+    assert caps == Capabilities(continuous_usage=False, logprobs=False, max_top_logprobs=None)
+
+
+async def test_lazy_probe_on_first_stream() -> None:
+    async with (
+        OpenAIServer(ignore_n=True) as server,
+        OpenAIBackend(server.url, "test-model", backoff_base=0.001) as backend,
+    ):
+        assert backend.capabilities is None
+        await asyncio.gather(collect(backend, chat()), collect(backend, chat()))
+        assert backend.capabilities is not None and not backend.capabilities.n
+        probes = [r for r in server.generation_requests() if (r.body or {}).get("max_tokens") == 1]
+        assert len(probes) == 2  # one n/usage probe + one logprobs probe, run once
+
+
+async def test_n_emulated_when_server_ignores_n(make_backend: MakeBackend) -> None:
+    counter = iter(range(100))
+
+    def numbered(body: Mapping[str, Any]) -> list[list[str | Tok]]:
+        return [[" answer", f" {next(counter)}"]]
+
+    async with OpenAIServer(numbered, ignore_n=True, token_delay=0.001) as server:
+        backend = make_backend(base_url=server.url, capabilities=Capabilities(n=False))
+        events = await collect(backend, chat(n=3, top_logprobs=1, seed=7))
+
+        assert sorted(texts(events).values()) == [" answer 0", " answer 1", " answer 2"]
+        assert set(texts(events)) == {0, 1, 2}
+        assert [d.choice for d in deltas(events) if d.finish_reason] != []
+        bodies = [r.body or {} for r in server.generation_requests()]
+        assert len(bodies) == 3 and all("n" not in b for b in bodies)
+        assert sorted(b["seed"] for b in bodies) == [7, 8, 9]  # seeded choices must differ
+        final = usages(events)[-1]
+        assert final.final and final.completion_tokens == 6 == server.generation_tokens_total
+        assert sum(d.tokens for d in deltas(events)) == 6
+        assert [u.final for u in usages(events)].count(True) == 1
+
+
+async def test_n_emulation_closes_every_stream_when_left(make_backend: MakeBackend) -> None:
+    async with OpenAIServer(long_answer, ignore_n=True, token_delay=0.005) as server:
+        backend = make_backend(base_url=server.url, capabilities=Capabilities(n=False))
+        async with backend.stream(chat(n=3, max_tokens=500)) as events:
+            async for event in events:
+                if isinstance(event, TextDelta) and event.choice == 2:
+                    break
+        assert await server.wait_until(lambda: server.requests_aborted == 3)
+        assert server.requests_running == 0
+        generated = server.generation_tokens_total
+        await asyncio.sleep(0.05)
+        assert server.generation_tokens_total == generated
+
+
+async def test_n_emulation_propagates_consumer_errors_unwrapped(make_backend: MakeBackend) -> None:
+    async with OpenAIServer(long_answer, ignore_n=True, token_delay=0.005) as server:
+        backend = make_backend(base_url=server.url, capabilities=Capabilities(n=False))
+        with pytest.raises(KeyError):
+            async with backend.stream(chat(n=2, max_tokens=500)) as events:
+                async for _ in events:
+                    raise KeyError("consumer bug")
+        assert await server.wait_until(lambda: server.requests_running == 0)
+        assert server.requests_aborted == len(server.generation_requests())
+
+
+# ---------------------------------------------------------------------- misc API
+async def test_list_models_and_idempotent_aclose(openai_server: OpenAIServer) -> None:
+    backend = OpenAIBackend(openai_server.url, "test-model")
+    assert await backend.list_models() == ["test-model"]
+    await backend.aclose()
+    await backend.aclose()
+    with pytest.raises(BackendError, match="closed"):
+        await collect(backend, chat())
+
+
+async def test_math_responder_for_smoke_runs(make_backend: MakeBackend) -> None:
+    async with OpenAIServer(MathResponder(), models=None) as server:
+        backend = make_backend(base_url=server.url, model="any-model")
+        solved = await collect(backend, chat(n=4))
+        assert all("\\boxed{" in t for t in texts(solved).values())
+        verify = GenerationRequest(
+            kind="verify",
+            prompt="Solution: ... Is the answer correct (Yes/No)?",
+            max_tokens=1,
+            top_logprobs=2,
+        )
+        (delta,) = deltas(await collect(backend, verify))
+        assert delta.text in (" Yes", " No")
+        assert {t for t, _ in delta.logprobs[0].top} == {" Yes", " No"}
+
+
+# ---------------------------------------------------------------------- retry decisions
+def test_retry_decisions() -> None:
+    assert retry.parse_retry_after("120") == 120.0
+    assert retry.parse_retry_after("soon") is None and retry.parse_retry_after(None) is None
+    now = time.time()
+    date = email.utils.formatdate(now + 30, usegmt=True)
+    assert retry.parse_retry_after(date, now=now) == pytest.approx(30, abs=1)
+    assert retry.parse_retry_after(email.utils.formatdate(now - 30, usegmt=True)) == 0.0
+    assert retry.retry_after_from_headers({"Retry-After-Ms": "250", "Retry-After": "9"}) == 0.25
+    assert retry.backoff_delay(1, base=0.5, cap=8, rng=lambda: 1.0) == 0.5
+    assert retry.backoff_delay(10, base=0.5, cap=8, rng=lambda: 1.0) == 8
+    assert retry.backoff_delay(3, base=0.5, cap=8, rng=lambda: 0.0) == 0.0
+    for code in (408, 429, 500, 502, 503, 504):
+        assert retry.is_retryable_status(code)
+    for code in (400, 401, 403, 404, 422):
+        assert not retry.is_retryable_status(code)
+    assert retry.is_retryable(ConnectionRefusedError())
+    assert not retry.is_retryable(asyncio.CancelledError())
+    assert not retry.is_retryable(ValueError())
+    with pytest.raises(ValueError):
+        retry.build_retrying(0)
