@@ -208,8 +208,8 @@ async def _run(args) -> int:
         sinks.append(trace)
     progress = None
     try:
-        await backend.check_model()
-        caps = await backend.probe()
+        await backend.list_models()  # reachability: EndpointUnreachable after retries
+        caps = await backend.probe(task.endpoint)  # a real tiny request: ModelNotFound etc.
         print(f"endpoint {args.base_url} model {args.model}: " + ", ".join(caps.describe()),
               file=sys.stderr)
         if not args.no_progress:
@@ -267,8 +267,29 @@ def _print_policies() -> int:
     return 0
 
 
+def _configure_logging() -> None:
+    """The CLI is an application, so it (unlike the library) sets up structlog: plain
+    lines on stderr at the level in $SOLVERIFY_LOG (default: warning)."""
+    import logging
+
+    import structlog
+
+    name = os.environ.get("SOLVERIFY_LOG", "warning").upper()
+    level = getattr(logging, name, None)
+    if not isinstance(level, int):
+        raise ConfigError(f"SOLVERIFY_LOG={name.lower()!r} is not a log level "
+                          "(debug, info, warning, error)")
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    rc = _guard(_configure_logging)
+    if rc:
+        return rc
     if argv and argv[0] == "serve":
         from orchestrator import serve
 
@@ -292,6 +313,9 @@ def _guard(fn) -> int:
     try:
         return fn()
     except SolverifyError as exc:
+        print(f"solverify: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # e.g. --out in a folder we cannot write
         print(f"solverify: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
