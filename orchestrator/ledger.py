@@ -9,7 +9,7 @@ stream is charged what it generated up to the cut, never twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from orchestrator.types import Budget, RequestKind, Usage
@@ -156,3 +156,50 @@ class ProblemLedger:
             room = budget.cost_units - self.cost_units + 1e-9
             n = min(n, int(room // per)) if per > 0 else n
         return max(n, 0)
+
+
+class RunBudget:
+    """A completion-token cap shared by every problem of one run.
+
+    Problems that settle early stop spending, which leaves the rest of the pool to the
+    problems still contested. The same reservation rule as per problem applies: a sample
+    launches only if the worst case of everything in flight, across all problems, plus the
+    new sample fits, so the run-level cap is never exceeded.
+    """
+
+    def __init__(self, tokens: int) -> None:
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+            raise ValueError(f"RunBudget tokens must be a positive integer, got {tokens!r}")
+        self.tokens = tokens
+        self._closed = 0
+        self._active: dict[int, tuple[ProblemLedger, Callable[[], int], Callable[[], None]]] = {}
+
+    def join(self, key: int, ledger: ProblemLedger, reserved: Callable[[], int],
+             wake: Callable[[], None]) -> None:
+        """Register a running problem: its ledger, its reservations, and how to wake it
+        when room may have been freed elsewhere."""
+        self._active[key] = (ledger, reserved, wake)
+
+    def leave(self, key: int) -> None:
+        entry = self._active.pop(key, None)
+        if entry is not None:
+            self._closed += entry[0].usage.completion_tokens
+        self.notify()
+
+    def notify(self) -> None:
+        """A request finished somewhere: reservations shrank, so room may have grown."""
+        for _, _, wake in self._active.values():
+            wake()
+
+    def others_in_flight(self, key: int) -> bool:
+        """Could room still grow for ``key``: does another problem hold reservations?"""
+        return any(res() > 0 for k, (_, res, _) in self._active.items() if k != key)
+
+    @property
+    def spent(self) -> int:
+        active = sum(led.usage.completion_tokens for led, _, _ in self._active.values())
+        return self._closed + active
+
+    def room(self) -> int:
+        """Tokens neither charged nor promised to work in flight."""
+        return self.tokens - self.spent - sum(res() for _, res, _ in self._active.values())

@@ -48,7 +48,7 @@ from orchestrator.events import (
     Sink,
     VerificationFinished,
 )
-from orchestrator.ledger import ProblemLedger, RequestRecord
+from orchestrator.ledger import ProblemLedger, RequestRecord, RunBudget
 from orchestrator.snapshot import BudgetLeft, InFlight, ProblemSnapshot
 from orchestrator.types import (
     UNLIMITED,
@@ -214,6 +214,7 @@ class _ProblemRun:
         limiter: Limiter,
         sinks: Sequence[Sink],
         max_n: int,
+        run_budget: RunBudget | None = None,
     ) -> None:
         self.problem = problem
         self.policy = policy
@@ -235,6 +236,7 @@ class _ProblemRun:
         self._t0 = self._loop.time()
         self.fatal: BackendError | None = None
         self._sample_max_tokens = task.solve_request(problem, 1).max_tokens
+        self.run_budget = run_budget
 
     # ---- clock & events --------------------------------------------------------------
     def now(self) -> float:
@@ -258,6 +260,9 @@ class _ProblemRun:
                 sid = req.solution.id
                 verifying[sid] = verifying.get(sid, 0) + len(pending)
         tokens, requests, units = self.ledger.left(self.budget, self._reserved())
+        if self.run_budget is not None:
+            room = self.run_budget.room()
+            tokens = room if tokens is None else min(tokens, room)
         return ProblemSnapshot(
             problem=self.problem,
             solutions=tuple(self.solutions),
@@ -279,6 +284,14 @@ class _ProblemRun:
         )
 
     # ---- launching -------------------------------------------------------------------
+    def _run_room_may_grow(self) -> bool:
+        """Blocked only by the run-level budget while other problems still hold
+        reservations that may come back unspent?"""
+        if self.run_budget is None or self.ledger.admits(
+                self.budget, "solve", 1, self._sample_max_tokens, 0) < 1:
+            return False
+        return self.run_budget.others_in_flight(id(self))
+
     def _reserved(self) -> int:
         """Tokens promised to work in flight: what each unfinished sample may still generate."""
         return sum(
@@ -297,6 +310,8 @@ class _ProblemRun:
             assert solution is not None
             request = self.task.verify_request(self.problem, solution, n)
         fits = self.ledger.admits(self.budget, kind, n, request.max_tokens, self._reserved())
+        if self.run_budget is not None:
+            fits = min(fits, max(self.run_budget.room(), 0) // request.max_tokens)
         if fits < 1:
             return 0
         if fits < n:
@@ -439,11 +454,23 @@ class _ProblemRun:
         if error is not None and isinstance(error, FATAL_ERRORS) and self.fatal is None:
             self.fatal = error
         self._changed.set()
+        if self.run_budget is not None:
+            self.run_budget.notify()
 
     # ---- the loop --------------------------------------------------------------------
     async def run(self) -> SolveResult:
         name = policy_name(self.policy)
         self.emit(ProblemStarted(self.problem.id, 0.0, name))
+        if self.run_budget is not None:
+            self.run_budget.join(id(self), self.ledger, self._reserved, self._changed.set)
+        try:
+            stop, error = await self._run_group()
+        finally:
+            if self.run_budget is not None:
+                self.run_budget.leave(id(self))
+        return self._result(stop, error, name)
+
+    async def _run_group(self) -> tuple[Stop, str | None]:
         failure: Exception | None = None
         async with asyncio.TaskGroup() as tg:
             try:
@@ -456,7 +483,7 @@ class _ProblemRun:
                         req.task.cancel()
         if failure is not None:
             raise failure
-        return self._result(stop, error, name)
+        return stop, error
 
     async def _loop_until_stop(self, tg: asyncio.TaskGroup) -> tuple[Stop, str | None]:
         while True:
@@ -473,6 +500,9 @@ class _ProblemRun:
             if stop is not None:
                 return stop, None
             if not self.open:
+                if (blocked or snap.budget_left.exhausted) and self._run_room_may_grow():
+                    await self._changed.wait()  # another problem may free shared budget
+                    continue
                 if blocked or snap.budget_left.exhausted:
                     return _majority_stop(self.solutions, "budget exhausted"), None
                 if not launched:
@@ -540,6 +570,7 @@ async def solve(
     limiter: Limiter | None = None,
     sinks: Sequence[Sink] = (),
     max_n: int = DEFAULT_MAX_N,
+    run_budget: RunBudget | None = None,
 ) -> SolveResult:
     """Answer one problem under ``policy`` within ``budget`` using ``backend``.
 
@@ -560,7 +591,7 @@ async def solve(
 
         task = task_for([prob])
     run = _ProblemRun(prob, policy, budget or UNLIMITED, backend, task,
-                      limiter or Limiter(), sinks, max_n)
+                      limiter or Limiter(), sinks, max_n, run_budget)
     return await run.run()
 
 
@@ -577,6 +608,7 @@ async def run_batch(
     sinks: Sequence[Sink] = (),
     on_result: Callable[[SolveResult], None] | None = None,
     max_n: int = DEFAULT_MAX_N,
+    run_tokens: int | None = None,
 ) -> list[SolveResult]:
     """Run many problems concurrently; results come back in input order.
 
@@ -593,13 +625,14 @@ async def run_batch(
 
         task = task_for(problems)
     limiter = Limiter(concurrency, rate)
+    shared = RunBudget(run_tokens) if run_tokens is not None else None
     gate = asyncio.Semaphore(problems_in_flight or concurrency or len(problems))
     results: list[SolveResult | None] = [None] * len(problems)
 
     async def one(i: int, prob: Problem) -> None:
         async with gate:
             result = await solve(prob, policy, budget, backend, task=task, limiter=limiter,
-                                 sinks=sinks, max_n=max_n)
+                                 sinks=sinks, max_n=max_n, run_budget=shared)
         results[i] = result
         if on_result is not None:
             on_result(result)

@@ -11,6 +11,7 @@ from orchestrator.backends.fake import FakeBackend, FakeReply, scripted
 from orchestrator.decisions import Sample, Stop
 from orchestrator.errors import ConfigError, ModelNotFound, PolicyError, StreamBroken
 from orchestrator.events import (
+    ProblemDone,
     RequestFinished,
     RequestStarted,
     SampleCancelled,
@@ -294,3 +295,56 @@ async def test_events_cover_every_sample_exactly_once():
                                                  | SampleFailed)]
     started = sum(e.n for e in events if isinstance(e, RequestStarted))
     assert started == 4 and len(outcomes) == 4
+
+
+async def test_run_level_token_budget_is_shared_and_never_exceeded():
+    task = WordTask(max_tokens=5)
+    backend = FakeBackend(scripted(lambda req, i: FakeReply.text("w w w w " + req.prompt,
+                                                                 delay=0.001)))
+    problems = [Problem(id=f"p{i}", problem=f"a{i}", answer=f"a{i}") for i in range(4)]
+    results = await run_batch(problems, SelfConsistency(4), backend=backend, task=task,
+                              concurrency=2, max_n=1, run_tokens=50)
+    total = sum(r.usage.completion_tokens for r in results)
+    assert total <= 50 and backend.generated_tokens == total
+    assert len(results) == 4
+    assert any("budget exhausted" in r.reason for r in results)
+
+
+async def test_problems_that_settle_early_leave_budget_to_the_others():
+    task = WordTask(max_tokens=5)
+    hold = asyncio.Event()  # never set: easy's extra samples stall after one token
+    easy_done = asyncio.Event()
+
+    def release_hard(event):
+        if isinstance(event, ProblemDone) and event.problem_id == "easy":
+            easy_done.set()
+
+    def respond(req, i):
+        if req.prompt == "e" and i > 0:
+            return FakeReply.text("w w w w e", hold=hold, hold_after=1)
+        if req.prompt == "h":  # the hard problem's samples wait until easy is done
+            return FakeReply.text("w w w w h", hold=easy_done, hold_after=4)
+        return FakeReply.text("w w w w e")
+
+    @dataclass(frozen=True)
+    class EasyOrHard:
+        spec: str = "easy-or-hard"
+
+        def decide(self, s):
+            easy = s.problem.id == "easy"
+            if s.solutions and (easy or len(s.solutions) >= 8):
+                return [Stop(s.solutions[0].answer, "done")]
+            if s.budget_left.exhausted:
+                return [] if s.in_flight.samples else [Stop(None, "budget")]
+            missing = (4 if easy else 8) - len(s.solutions) - s.in_flight.samples
+            return [Sample(missing)] if missing > 0 else []
+
+    problems = [Problem(id="easy", problem="e"), Problem(id="hard", problem="h")]
+    results = await run_batch(problems, EasyOrHard(), backend=FakeBackend(respond), task=task,
+                              max_n=1, run_tokens=48, sinks=[release_hard])
+    easy, hard = results
+    # easy reserved 4 x 5 tokens, settled on its first sample and cancelled the rest
+    assert easy.usage.completion_tokens == 5 + 3 * 1
+    # what it did not spend went to the hard problem, which got all 8 samples
+    assert hard.reason == "done" and hard.usage.completion_tokens == 40
+    assert easy.usage.completion_tokens + hard.usage.completion_tokens <= 48
