@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cap on completion tokens per problem (never exceeded)")
     run.add_argument("--budget-requests", type=_positive_int, default=None,
                      help="cap on requests per problem")
+    run.add_argument("--run-budget-tokens", type=_positive_int, default=None,
+                     help="cap on completion tokens over the whole run, shared by all "
+                          "problems (never exceeded)")
     run.add_argument("--trace", type=Path, default=None,
                      help="also write every event as JSONL to this file")
     run.add_argument("--texts", action="store_true", help="include solution texts in --out")
@@ -237,7 +240,8 @@ async def _run(args) -> int:
 
             results = await run_batch(problems, policy, budget, backend, task=task,
                                       concurrency=args.concurrency, rate=args.rate,
-                                      sinks=sinks, on_result=on_result)
+                                      sinks=sinks, on_result=on_result,
+                                      run_tokens=args.run_budget_tokens)
         if progress is not None:
             progress.close()
             progress = None
