@@ -1,0 +1,177 @@
+"""orchestrator.serve: fast tests of its pure parts, and live tests against the real server.
+
+The ``live`` tests provision (idempotent: seconds once done, ~3 min from scratch) and start
+the bundled CPU vLLM once for this module (~45 s on the 2-core dev machine).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from orchestrator import serve
+from orchestrator.serve import ServeError, ServerPaths, VLLMServer, parse_prometheus
+
+FEW_SHOT = (
+    "Q: What is the capital of Belgium?\nA: Brussels\n\nQ: What is the capital of Peru?\n"
+    "A: Lima\n\nQ: What is the capital of Kenya?\nA: Nairobi\n\nQ: What is the capital of "
+    "France?\nA:"
+)
+RAMBLE = "Write a very long story about a dragon who travels the world. Once upon a time,"
+STREAM_USAGE = {"include_usage": True, "continuous_usage_stats": True}
+GEN = "vllm:generation_tokens_total"
+RUNNING = "vllm:num_requests_running"
+
+
+# --- fast: no server --------------------------------------------------------------------
+
+
+def test_parse_prometheus_sums_series_across_labels() -> None:
+    text = """# HELP vllm:generation_tokens_total Number of generation tokens processed.
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{engine="0",model_name="m"} 12.0
+vllm:generation_tokens_total{engine="1",model_name="m"} 30.0
+vllm:num_requests_running{engine="0",model_name="a,b {x}"} 2.0
+vllm:kv_cache_usage_perc 0.5
+process_start_time_seconds 1.7e9
+weird_metric{le="+Inf"} NaN
+"""
+    got = parse_prometheus(text)
+    assert got["vllm:generation_tokens_total"] == 42.0
+    assert got["vllm:num_requests_running"] == 2.0
+    assert got["vllm:kv_cache_usage_perc"] == 0.5
+    assert got["process_start_time_seconds"] == 1.7e9
+    assert "weird_metric" in got
+    assert not any(k.startswith("#") for k in got)
+
+
+def test_paths_default_to_solverify_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SOLVERIFY_CACHE", str(tmp_path))
+    paths = ServerPaths.at()
+    assert paths.venv_dir == tmp_path / "vllm-venv"
+    assert paths.model_dir == tmp_path / "models" / "gemma-3-270m"
+    assert not paths.provisioned
+
+
+def _fake_provisioned(root: Path) -> ServerPaths:
+    paths = ServerPaths.at(root)
+    paths.python.parent.mkdir(parents=True)
+    paths.python.touch()
+    paths.marker_dir.mkdir(parents=True)
+    for step in ("venv", "model", "verify"):
+        paths.marker(step).write_text(json.dumps({"fingerprint": serve._fingerprint(step)}))
+    return paths
+
+
+def test_start_refuses_when_not_provisioned(tmp_path: Path) -> None:
+    with pytest.raises(ServeError, match="not provisioned") as info:
+        VLLMServer(ServerPaths.at(tmp_path)).start()
+    assert "provision" in info.value.hint
+
+
+def test_stale_marker_means_not_provisioned(tmp_path: Path) -> None:
+    paths = _fake_provisioned(tmp_path)
+    assert paths.provisioned
+    paths.marker("model").write_text(json.dumps({"fingerprint": "from-older-pins"}))
+    assert not paths.provisioned
+
+
+def test_start_refuses_a_busy_port(tmp_path: Path) -> None:
+    paths = _fake_provisioned(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(ServeError, match="already in use"):
+            VLLMServer(paths, port=port).start()
+
+
+def test_start_refuses_when_memory_is_short(tmp_path: Path) -> None:
+    paths = _fake_provisioned(tmp_path)
+    if serve.available_memory_gb() is None:
+        pytest.skip("no /proc/meminfo here")
+    with pytest.raises(ServeError, match="memory available"):
+        VLLMServer(paths, min_available_memory_gb=1e6).start()
+
+
+def test_stop_is_idempotent_without_start(tmp_path: Path) -> None:
+    server = VLLMServer(ServerPaths.at(tmp_path))
+    server.stop()
+    server.stop()
+    assert not server.running
+
+
+# --- live: the real server ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[VLLMServer]:
+    paths = serve.provision(progress=lambda line: print(line, flush=True))
+    with VLLMServer(paths) as srv:
+        yield srv
+
+
+def _settle(server: VLLMServer, limit: float = 1.0) -> float:
+    """Seconds until no request is running (fails after ``limit``)."""
+    t0 = time.monotonic()
+    while server.metrics()[RUNNING] > 0:
+        assert time.monotonic() - t0 < limit, "requests still running after the cut"
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+@pytest.mark.live
+def test_server_answers_the_few_shot_prompt(server: VLLMServer) -> None:
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    before = server.metrics()[GEN]
+    out = client.completions.create(
+        model=server.model_name, prompt=FEW_SHOT, max_tokens=12, temperature=0, stop="\n"
+    )
+    assert out.choices[0].text.strip() == "Paris"
+    assert out.usage is not None
+    assert server.metrics()[GEN] - before == out.usage.completion_tokens
+
+
+@pytest.mark.live
+def test_tokenizer_adds_bos_and_chat_template_renders(server: VLLMServer) -> None:
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    out = client.chat.completions.create(
+        model=server.model_name,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        temperature=0,
+    )
+    # <bos> <start_of_turn> user \n Hi <end_of_turn> \n <start_of_turn> model \n
+    assert out.usage is not None and out.usage.prompt_tokens == 10
+
+
+@pytest.mark.live
+def test_cancelled_stream_is_charged_exactly_and_stops(server: VLLMServer) -> None:
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    before = server.metrics()[GEN]
+    charged = 0
+    stream = client.completions.create(
+        model=server.model_name,
+        prompt=RAMBLE,
+        max_tokens=400,
+        temperature=1,
+        stream=True,
+        extra_body={"stream_options": STREAM_USAGE, "ignore_eos": True},
+    )
+    with stream:
+        for chunk in stream:
+            assert chunk.usage is not None
+            charged = chunk.usage.completion_tokens
+            if charged >= 20:
+                break
+    assert _settle(server) < 1.0
+    after_cut = server.metrics()[GEN]
+    time.sleep(0.5)
+    assert server.metrics()[GEN] == after_cut, "tokens generated after the cut"
+    assert after_cut - before == charged
