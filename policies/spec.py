@@ -121,3 +121,26 @@ def _ensure_builtins() -> None:
          Param("max_failures", "max_failures", int, help="broken samples replaced (default s)")),
         "GenRM Best-of-N: s solutions x v verifications, score = mean P(Yes)",
     )
+    from policies import literature
+
+    register(
+        "ac", literature.AdaptiveConsistency,
+        (Param("threshold", "threshold", float, default=0.95,
+               help="stop when P(leader is the mode) >= threshold"),
+         Param("max", "max", int, default=64, allow_all=True,
+               help="most samples ('all': no cap)"),
+         Param("criterion", "criterion", str, default="beta",
+               help="beta (top two votes) or dirichlet (all votes)"),
+         Param("max_failures", "max_failures", int,
+               help="broken samples replaced (default max, or 8)")),
+        "Adaptive-Consistency (Aggarwal et al. 2023): sample until the vote is settled",
+    )
+    register(
+        "esc", literature.EarlyStoppingSC,
+        (Param("window", "window", int, default=5, help="samples per window"),
+         Param("max", "max", int, default=64, allow_all=True,
+               help="most samples ('all': no cap)"),
+         Param("max_failures", "max_failures", int,
+               help="broken samples replaced (default max, or 8)")),
+        "Early-Stopping SC (Li et al. 2024): stop when a window of samples is unanimous",
+    )

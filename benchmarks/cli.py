@@ -1,0 +1,356 @@
+"""``solverify bench``: record pools, replay policies on them, and the compute-matched analysis.
+
+    solverify bench replay --pool POOL.jsonl [--pool ...] --policy SPEC [--policy ...]
+        [--orders R] [--seed S] [--concurrency C] [--json OUT] [--plot OUT.png]
+        [--markdown OUT.md]
+    solverify bench compute-matched --pool POOL.jsonl [--simulated-verifier] [--lam X]
+        [--json OUT] [--plot OUT.png] [--markdown OUT.md]
+    solverify bench record --base-url URL --model NAME --problems FILE --out POOL.jsonl
+        --samples N [--verifications V]
+
+``sc:n=all`` (and ``genrm:s=all,v=V``) mean every sample in the pool. Errors a user can fix
+raise :class:`~orchestrator.errors.SolverifyError` (the top-level CLI prints one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import ConfigError
+
+__all__ = ["build_parser", "main"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _beta(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        a, b = (float(x) for x in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A,B (two positive numbers), got {text!r}"
+                                         ) from None
+    if not (a > 0 and b > 0):
+        raise argparse.ArgumentTypeError(f"Beta parameters must be > 0, got {text!r}")
+    return a, b
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
+                                         ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+def _add_pool_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pool", action="append", required=True, type=Path, metavar="FILE",
+                   help="pool JSONL (repeatable)")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="only the first N problems of each pool")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--simulated-verifier", action="store_true",
+                   help="draw verifier readings from Beta distributions conditioned on each "
+                        "sample's label (clearly labelled as simulated in every output)")
+    p.add_argument("--sim-correct", type=_beta, default=(3.0, 2.0), metavar="A,B",
+                   help="simulated P(Yes) of correct samples ~ Beta(A,B) (default 3,2)")
+    p.add_argument("--sim-wrong", type=_beta, default=(2.0, 3.0), metavar="A,B",
+                   help="simulated P(Yes) of wrong samples ~ Beta(A,B) (default 2,3)")
+    p.add_argument("--sim-lambda", type=_positive_float, default=1.0, metavar="X",
+                   help="simulated verification length / solution length (default 1)")
+    p.add_argument("--sim-vmax", type=_positive_int, default=32, metavar="V",
+                   help="simulated readings per sample (default 32)")
+    p.add_argument("--verify-tokens", type=_positive_int, default=1, metavar="T",
+                   help="length of a recorded verification without a token count (default 1)")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write JSON here")
+    p.add_argument("--plot", type=Path, default=None, metavar="OUT.png", help="write a figure")
+    p.add_argument("--markdown", type=Path, default=None, metavar="OUT.md",
+                   help="write Markdown tables")
+    p.add_argument("--quiet", action="store_true", help="no table or progress on the terminal")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="solverify bench",
+        description="Record pools, replay policies on them, compute-matched analysis.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rp = sub.add_parser("replay", help="replay policies on recorded pools (simulated clock)")
+    _add_pool_args(rp)
+    rp.add_argument("--policy", action="append", required=True, metavar="SPEC",
+                    help="policy spec (repeatable); sc:n=all = SC over the whole pool")
+    rp.add_argument("--orders", type=_positive_int, default=10,
+                    help="random sample orders per problem (default 10)")
+    rp.add_argument("--concurrency", type=_positive_int, default=None,
+                    help="samples in flight per problem (default: no cap)")
+    rp.add_argument("--decode-rate", type=_positive_float, default=50.0,
+                    help="simulated tokens per second per sample (default 50)")
+    rp.add_argument("--ttft", type=_non_negative_float, default=0.0,
+                    help="simulated seconds to the first token (default 0)")
+    rp.add_argument("--engine", choices=("auto", "runtime"), default="auto",
+                    help="auto: numpy for fixed policies; runtime: every policy through the "
+                         "runtime (slower; for cross-checks)")
+    rp.add_argument("--workers", type=_positive_int, default=None,
+                    help="processes for the runtime engine (default: one per CPU)")
+    rp.add_argument("--bootstrap", type=_positive_int, default=2000,
+                    help="bootstrap resamples (default 2000)")
+
+    cm = sub.add_parser("compute-matched",
+                        help="SC vs GenRM at equal compute C(S,V) = S(1 + lambda V)")
+    _add_pool_args(cm)
+    cm.add_argument("--lam", type=_positive_float, default=None,
+                    help="lambda (default: measured from the pool, or --sim-lambda)")
+    cm.add_argument("--sizes", type=_int_list, default=None, metavar="S1,S2,...",
+                    help="solution counts S (default: powers of two up to the pool size)")
+    cm.add_argument("--verifications", type=_int_list, default=None, metavar="V1,V2,...",
+                    help="verifications per solution V (default: powers of two)")
+    cm.add_argument("--v-draws", type=_positive_int, default=8,
+                    help="Monte Carlo draws of V-subsets of the readings (default 8)")
+    cm.add_argument("--bootstrap", type=_positive_int, default=1000,
+                    help="bootstrap resamples for the exponent CIs (default 1000)")
+
+    rec = sub.add_parser("record", help="record a pool from a live endpoint (resumable)")
+    rec.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint")
+    rec.add_argument("--model", required=True, help="model name as the server knows it")
+    rec.add_argument("--api-key-env", default=None, metavar="VAR",
+                     help="environment variable holding the API key")
+    rec.add_argument("--timeout", type=_positive_float, default=600.0,
+                     help="seconds per request (default 600)")
+    rec.add_argument("--problems", required=True, type=Path, help="problem JSONL")
+    rec.add_argument("--out", required=True, type=Path, help="pool JSONL (appended; resumable)")
+    rec.add_argument("--samples", type=_positive_int, required=True, help="solutions per problem")
+    rec.add_argument("--verifications", type=_non_negative_int, default=0,
+                     help="verifications per answered solution (default 0)")
+    rec.add_argument("--limit", type=_positive_int, default=None, help="first N problems")
+    rec.add_argument("--concurrency", type=_positive_int, default=16,
+                     help="requests in flight (default 16)")
+    rec.add_argument("--rate", type=_positive_float, default=None, help="requests per second")
+    rec.add_argument("--no-texts", action="store_true", help="do not store texts")
+    rec.add_argument("--endpoint", choices=("chat", "completions"), default=None,
+                     help="API for math problems (default chat)")
+    rec.add_argument("--max-tokens", type=_positive_int, default=None,
+                     help="max completion tokens per solution")
+    rec.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    return parser
+
+
+# ---- shared helpers ---------------------------------------------------------------------------
+def _sources(args: argparse.Namespace) -> list[Any]:
+    from benchmarks.pools import load_pool
+    from benchmarks.source import ReplaySource, SimulatedVerifier
+
+    verifier: Any = "auto"
+    if args.simulated_verifier:
+        verifier = SimulatedVerifier(correct=args.sim_correct, wrong=args.sim_wrong,
+                                     lam=args.sim_lambda, vmax=args.sim_vmax, seed=args.seed)
+    return [ReplaySource(load_pool(p, limit=args.limit), seed=args.seed, verifier=verifier,
+                         verify_tokens=args.verify_tokens) for p in args.pool]
+
+
+def _command_line(argv: Sequence[str]) -> str:
+    return "solverify bench " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _print_replay_table(report: dict[str, Any], file: Any = None) -> None:
+    file = file or sys.stdout
+    head = (f"{'pool':28s} {'policy':24s} {'accuracy':>8s} {'95% CI':>15s} "
+            f"{'tokens/prob':>12s} {'samples':>8s} {'latency s':>10s} engine")
+    print(head, file=file)
+    for r in report["runs"]:
+        lo, hi = r["accuracy_ci95"]
+        print(f"{r['pool'][:28]:28s} {r['policy'][:24]:24s} {r['accuracy']:8.3f} "
+              f"[{lo:.3f},{hi:.3f}] {r['tokens_per_problem']:12,.0f} "
+              f"{r['samples_per_problem']:8.2f} {r['latency_per_problem']:10,.1f} "
+              f"{r.get('engine', '')}", file=file)
+    print(f"wall time {report['wall_s']:.1f} s", file=file)
+
+
+# ---- commands -----------------------------------------------------------------------------------
+def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from benchmarks.plots import plot_replay, replay_markdown
+    from benchmarks.replay import ReplayConfig, sweep
+
+    cfg = ReplayConfig(orders=args.orders, seed=args.seed, concurrency=args.concurrency,
+                       decode_rate=args.decode_rate, ttft=args.ttft, workers=args.workers,
+                       engine=args.engine, bootstrap=args.bootstrap)
+    sources = _sources(args)
+    progress = None
+    if not args.quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        total = len(sources) * len(args.policy) * args.orders
+        progress = tqdm(total=total, unit="order", desc="replay", file=sys.stderr,
+                        dynamic_ncols=True)
+    try:
+        report = sweep(sources, args.policy, cfg,
+                       progress=None if progress is None else progress.update)
+    finally:
+        if progress is not None:
+            progress.close()
+    report["command"] = _command_line(argv)
+    if args.json:
+        _write_json(args.json, report)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(replay_markdown(report, report["command"]), encoding="utf-8")
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_replay(report, args.plot)
+    if not args.quiet:
+        _print_replay_table(report)
+    return 0
+
+
+def _compute_matched(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from benchmarks.compute_matched import CompareConfig, compute_matched
+    from benchmarks.plots import compute_matched_markdown, plot_compute_matched
+
+    cfg = CompareConfig(sizes=args.sizes, verifications=args.verifications, lam=args.lam,
+                        v_draws=args.v_draws, bootstrap=args.bootstrap, seed=args.seed)
+    t0 = time.perf_counter()
+    results = []
+    for src in _sources(args):
+        res = compute_matched(src, cfg)
+        results.append(res)
+        if not args.quiet:
+            sc = res["scaling"]
+
+            def exp(key: str, sc: dict[str, Any] = sc) -> str:
+                value, ci = sc[f"{key}_exponent"], sc[f"{key}_exponent_ci95"]
+                text = "n/a" if value is None else f"{value:.2f}"
+                return text + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+            print(f"{res['pool']}: {res['verifier']}; lambda={res['lambda']:.3g} "
+                  f"({res['lambda_source']}); crossover C={res['crossover_budget']}; "
+                  f"S_opt ~ C^{exp('S')}, V_opt ~ C^{exp('V')}")
+    report = {"results": results, "command": _command_line(argv),
+              "wall_s": round(time.perf_counter() - t0, 3)}
+    if args.json:
+        _write_json(args.json, report)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(compute_matched_markdown(results, report["command"]),
+                                 encoding="utf-8")
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_compute_matched(results, args.plot)
+    return 0
+
+
+def _record(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from benchmarks.record import record
+    from orchestrator.backends.openai_compat import OpenAIBackend
+    from orchestrator.problems import load_problems
+    from orchestrator.tasks import Task, task_for
+
+    problems = load_problems(args.problems, limit=args.limit)
+    task = task_for(problems)
+    if args.endpoint is not None and task.endpoint != args.endpoint:
+        task = Task.math(endpoint=args.endpoint)
+    overrides: dict[str, Any] = {}
+    if args.max_tokens is not None:
+        overrides["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        overrides["temperature"] = args.temperature
+    if overrides:
+        import dataclasses
+
+        task = dataclasses.replace(task, **overrides)
+    api_key = "EMPTY"
+    if args.api_key_env is not None:
+        api_key = os.environ.get(args.api_key_env, "")
+        if not api_key:
+            raise ConfigError(f"--api-key-env {args.api_key_env}: not set or empty")
+
+    async def go() -> int:
+        backend = OpenAIBackend(base_url=args.base_url, model=args.model, api_key=api_key,
+                                timeout=args.timeout)
+        try:
+            summary = await record(problems, backend, task, args.out, samples=args.samples,
+                                   verifications=args.verifications,
+                                   concurrency=args.concurrency, rate=args.rate,
+                                   model=args.model, texts=not args.no_texts)
+        finally:
+            await backend.aclose()
+        print(f"recorded {summary.recorded} problems ({summary.skipped} already in "
+              f"{summary.path}); {summary.samples} samples, {summary.verifications} "
+              f"verifications, {summary.failed_samples} failed samples, "
+              f"{summary.errors} problems ended on an error (not written; rerun to retry)")
+        return 0 if summary.errors == 0 else 1
+
+    return asyncio.run(go())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``solverify bench``; returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    if args.command == "replay":
+        return _replay(args, args_list)
+    if args.command == "compute-matched":
+        return _compute_matched(args, args_list)
+    if args.command == "record":
+        return _record(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

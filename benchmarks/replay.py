@@ -1,0 +1,566 @@
+"""Replay policies on recorded pools: ``solverify bench replay``.
+
+Two engines give the same numbers for the same seed:
+
+* **runtime** (every policy, and the only one for adaptive policies): each problem runs
+  through :func:`orchestrator.runtime.solve` on a :class:`~orchestrator.backends.replay.
+  ReplayBackend`, on a simulated clock (:mod:`orchestrator.simclock`). ``concurrency``
+  caps samples in flight *per problem*: one request per sample (``max_n=1``) behind one
+  limiter per problem with the runtime ``Limiter``'s FIFO ``slot()`` contract
+  (:class:`ProblemLimiter`). The policy is not told the cap; queued samples count as in
+  flight and cost nothing if cancelled before they start. Without a cap, requests carry up
+  to 16 samples (the runtime's default ``max_n``); each sample still has its own timing.
+  Orders are spread over worker processes (``fork``; one process otherwise).
+* **vectorised** (``sc:n=K``, ``sc:n=all``, and ``genrm:s=S,v=V`` without a concurrency
+  cap): numpy over (orders × problems × samples). It reproduces the runtime's tokens,
+  samples and simulated latency exactly (a fixed policy launches everything at once; with
+  a cap, samples start in served order as slots free up). Vote ties: the answer that
+  occurs first in the pool wins (key ids are numbered by first occurrence), which is the
+  data README's maj@N rule, so ``sc:n=all`` reproduces maj@N exactly and does not depend
+  on the order. The runtime's SC breaks ties by completion order instead; the two can
+  differ only on exact vote ties.
+
+Statistics: a problem's accuracy is its mean over orders; ``accuracy_ci95`` is a
+percentile bootstrap over problems, with the same resampled problems for every policy of
+a pool (paired), which also gives the paired difference to the first policy (``vs``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import math
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from benchmarks.source import ReplaySource
+from orchestrator.backends.replay import PoolExhausted, ReplayBackend
+from orchestrator.errors import ConfigError
+from orchestrator.runtime import SolveResult, solve
+from orchestrator.simclock import SimulatedClockLoop
+from policies import parse_policy
+
+__all__ = [
+    "FixedPlan",
+    "PolicyOutcome",
+    "ProblemLimiter",
+    "ReplayConfig",
+    "fixed_plan",
+    "replay_policy",
+    "replay_pool",
+    "run_runtime_order",
+    "summarise",
+    "sweep",
+]
+
+METRICS = ("correct", "tokens", "samples", "latency", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    """How to replay. ``decode_rate`` (tokens/s per sample) and ``ttft`` (s) set the
+    simulated clock; ``workers`` processes run the runtime engine (``None``: one per CPU);
+    ``engine``: ``"auto"`` (vectorised where possible) or ``"runtime"`` (always)."""
+
+    orders: int = 10
+    seed: int = 0
+    concurrency: int | None = None
+    decode_rate: float = 50.0
+    ttft: float = 0.0
+    chunks: int = 1
+    workers: int | None = None
+    engine: str = "auto"
+    bootstrap: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.orders < 1:
+            raise ConfigError(f"orders must be >= 1, got {self.orders}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1 or None, got {self.concurrency}")
+        if not (self.decode_rate > 0 and math.isfinite(self.decode_rate)):
+            raise ConfigError(f"decode_rate must be > 0, got {self.decode_rate}")
+        if not (self.ttft >= 0 and math.isfinite(self.ttft)):
+            raise ConfigError(f"ttft must be >= 0, got {self.ttft}")
+        if self.engine not in ("auto", "runtime"):
+            raise ConfigError(f"engine must be 'auto' or 'runtime', got {self.engine!r}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.bootstrap < 1:
+            raise ConfigError(f"bootstrap must be >= 1, got {self.bootstrap}")
+
+
+@dataclass(frozen=True, slots=True)
+class FixedPlan:
+    """A fixed policy the vectorised engine can replay (``None`` = every pool sample)."""
+
+    kind: str  # "sc" | "genrm"
+    solutions: int | None
+    verifications: int = 0
+
+
+_PARAM_RE = re.compile(r"^\s*([a-z_]+)\s*=\s*([^,\s]+)\s*$")
+
+
+def fixed_plan(spec: str) -> FixedPlan | None:
+    """``sc:n=K|all`` and ``genrm:s=S|all,v=V`` (no other parameters) as a plan, else None."""
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip().lower()
+    if name not in ("sc", "genrm"):
+        return None
+    params: dict[str, str] = {}
+    for item in rest.split(",") if rest.strip() else []:
+        m = _PARAM_RE.match(item)
+        if m is None:
+            return None
+        params[m.group(1)] = m.group(2)
+
+    def count(raw: str | None) -> int | None:
+        if raw is None:
+            raise ConfigError(f"policy spec {spec!r}: missing a count")
+        if raw == "all":
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"policy spec {spec!r}: {raw!r} is not an integer or 'all'"
+                              ) from None
+        if value < 1:
+            raise ConfigError(f"policy spec {spec!r}: counts must be >= 1")
+        return value
+
+    if name == "sc" and set(params) == {"n"}:
+        return FixedPlan("sc", count(params["n"]))
+    if name == "genrm" and set(params) == {"s", "v"}:
+        v = count(params["v"])
+        if v is None:
+            raise ConfigError(f"policy spec {spec!r}: v=all is not supported")
+        return FixedPlan("genrm", count(params["s"]), v)
+    return None
+
+
+def policy_for(spec: str, pool_size: int | None = None) -> Any:
+    """A policy object for the runtime engine; ``n=all`` / ``s=all`` become the pool size."""
+    plan = fixed_plan(spec)
+    if plan is not None and plan.solutions is None:
+        if pool_size is None:
+            raise ConfigError(f"{spec!r} needs the pool size")
+        spec = (f"sc:n={pool_size}" if plan.kind == "sc"
+                else f"genrm:s={pool_size},v={plan.verifications}")
+    return parse_policy(spec)
+
+
+@dataclass
+class PolicyOutcome:
+    """Per (order, problem) results of one policy on one pool; arrays of shape (R, P).
+
+    ``correct`` is 1.0/0.0 (NaN when ungraded); ``tokens`` are completion tokens charged;
+    ``samples`` finished solutions; ``latency`` simulated seconds; ``cancelled`` samples cut
+    by a stop.
+    """
+
+    pool: str
+    policy: str
+    engine: str
+    correct: np.ndarray
+    tokens: np.ndarray
+    samples: np.ndarray
+    latency: np.ndarray
+    cancelled: np.ndarray
+    errors: int = 0
+    wall_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- the vectorised engine ---------------------------------------------------------------
+def _served(src: ReplaySource, orders: int) -> np.ndarray:
+    return np.stack([src.orders(r) for r in range(orders)])  # (R, P, N)
+
+
+def _take(values: np.ndarray, served: np.ndarray, fill: float) -> np.ndarray:
+    """values[i, served[r, i, j]] with padding (-1) filled."""
+    R = served.shape[0]
+    idx = np.where(served < 0, 0, served)
+    out = np.take_along_axis(np.broadcast_to(values, (R, *values.shape)), idx, axis=2)
+    return np.where(served < 0, fill, out)
+
+
+def _schedule(durations: np.ndarray, active: np.ndarray, cap: int | None) -> np.ndarray:
+    """Makespan of jobs run in order j = 0, 1, ... on ``cap`` slots (all start at 0 when
+    ``cap`` is None); inactive jobs take no slot. Returns (R, P) and per-job ends."""
+    if cap is None:
+        return np.where(active, durations, 0.0).max(axis=-1)
+    R, P, N = durations.shape
+    slots = np.zeros((R, P, cap))
+    makespan = np.zeros((R, P))
+    for j in range(N):
+        act = active[..., j]
+        if not act.any():
+            break
+        k = slots.argmin(axis=-1)
+        start = np.take_along_axis(slots, k[..., None], axis=-1)[..., 0]
+        end = start + durations[..., j]
+        np.put_along_axis(slots, k[..., None], np.where(act, end, start)[..., None], axis=-1)
+        makespan = np.where(act, np.maximum(makespan, end), makespan)
+    return makespan
+
+
+def _votes(keys: np.ndarray, active: np.ndarray, n_keys: int) -> np.ndarray:
+    """Vote counts (R, P, K) of the active samples' keys (key >= 0)."""
+    R, P, _ = keys.shape
+    K = max(n_keys, 1)
+    ok = active & (keys >= 0)
+    base = (np.arange(R)[:, None, None] * P + np.arange(P)[None, :, None]) * K
+    flat = (base + np.where(ok, keys, 0))[ok]
+    return np.bincount(flat, minlength=R * P * K).reshape(R, P, K)
+
+
+def _majority(src: ReplaySource, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(winner key id, has-answer) with ties to the lowest key id (first in the pool)."""
+    winner = counts.argmax(axis=-1)
+    has = counts.max(axis=-1) > 0
+    return winner, has
+
+
+def _key_correct(src: ReplaySource, winner: np.ndarray, has: np.ndarray) -> np.ndarray:
+    kc = src.pool.arrays.key_correct  # (P, K)
+    R = winner.shape[0]
+    got = np.take_along_axis(np.broadcast_to(kc, (R, *kc.shape)), winner[..., None], axis=2)
+    return (got[..., 0] & has).astype(float)
+
+
+def _vector_sc(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig) -> dict[str, np.ndarray]:
+    a = src.pool.arrays
+    served = _served(src, cfg.orders)
+    R, P, N = served.shape
+    k = a.n if plan.solutions is None else np.minimum(a.n, plan.solutions)
+    active = (np.arange(N)[None, None, :] < k[None, :, None]) & (served >= 0)
+    keys = _take(a.key, served, -2)
+    toks = _take(a.tokens, served, 0.0)
+    counts = _votes(keys, active, a.key_correct.shape[1])
+    winner, has = _majority(src, counts)
+    durations = cfg.ttft + toks / cfg.decode_rate
+    return {
+        "correct": _key_correct(src, winner, has),
+        "tokens": np.where(active, toks, 0.0).sum(-1),
+        "samples": active.sum(-1).astype(float),
+        "latency": _schedule(durations, active, cfg.concurrency),
+        "cancelled": np.zeros((R, P)),
+    }
+
+
+def _vector_genrm(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig
+                  ) -> dict[str, np.ndarray]:
+    a = src.pool.arrays
+    served = _served(src, cfg.orders)
+    R, P, N = served.shape
+    k = a.n if plan.solutions is None else np.minimum(a.n, plan.solutions)
+    active = (np.arange(N)[None, None, :] < k[None, :, None]) & (served >= 0)
+    keys = _take(a.key, served, -2)
+    toks = _take(a.tokens, served, 0.0)
+    answered = active & (keys >= 0)
+    va = src.verifier_arrays(plan.verifications)
+    idx = np.where(served < 0, 0, served)
+    sel = (np.arange(P)[None, :, None], idx)
+    p = va.p[sel]  # (R, P, N, V)
+    ok = va.ok[sel] & answered[..., None]
+    vt = va.tokens[sel]
+    parsed = ok & ~np.isnan(p)
+    n_parsed = parsed.sum(-1)
+    score = np.where(n_parsed > 0, np.where(parsed, p, 0.0).sum(-1) / np.maximum(n_parsed, 1),
+                     -np.inf)
+    finish = cfg.ttft + toks / cfg.decode_rate
+    vdur = np.where(ok, cfg.ttft + vt / cfg.decode_rate, 0.0).max(-1)
+    latency = np.where(active, finish + np.where(ok.any(-1), vdur, 0.0), 0.0).max(-1)
+    counts = _votes(keys, active, a.key_correct.shape[1])
+    votes = np.take_along_axis(counts, np.where(keys >= 0, keys, 0), axis=2)
+    candidate = answered & (n_parsed > 0)
+    pos = np.broadcast_to(np.arange(N), (R, P, N))
+    order = np.lexsort((pos, np.where(candidate, finish, np.inf),
+                        -np.where(candidate, votes, -1), -np.where(candidate, score, -np.inf)),
+                       axis=-1)
+    best = order[..., 0]
+    best_key = np.take_along_axis(keys, best[..., None], axis=2)[..., 0]
+    any_scored = candidate.any(-1)
+    maj, has = _majority(src, counts)
+    winner = np.where(any_scored, np.maximum(best_key, 0), maj)
+    has = np.where(any_scored, True, has)
+    tokens = np.where(active, toks, 0.0).sum(-1) + np.where(ok, vt, 0.0).sum((-1, -2))
+    return {
+        "correct": _key_correct(src, winner, has),
+        "tokens": tokens,
+        "samples": active.sum(-1).astype(float),
+        "latency": latency,
+        "cancelled": np.zeros((R, P)),
+    }
+
+
+# ---- the runtime engine ------------------------------------------------------------------
+class _NoSlot:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class _SemSlot:
+    __slots__ = ("_sem",)
+
+    def __init__(self, sem: asyncio.Semaphore) -> None:
+        self._sem = sem
+
+    async def __aenter__(self) -> None:
+        await self._sem.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._sem.release()
+
+
+_NO_SLOT = _NoSlot()
+
+
+class ProblemLimiter:
+    """Per-problem cap on samples in flight; the runtime's :class:`Limiter` contract
+    (``slot()``, FIFO), without its request-rate machinery, which a replay never uses."""
+
+    def __init__(self, concurrency: int | None) -> None:
+        self._sem = asyncio.Semaphore(concurrency) if concurrency else None
+
+    def slot(self) -> _NoSlot | _SemSlot:
+        return _NO_SLOT if self._sem is None else _SemSlot(self._sem)
+
+
+async def _run_problems(src: ReplaySource, policy: Any, order: int, cfg: ReplayConfig
+                        ) -> list[SolveResult]:
+    backend = ReplayBackend(src, order=order, decode_rate=cfg.decode_rate, ttft=cfg.ttft,
+                            chunks=cfg.chunks, verify_tokens=src.verify_tokens)
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(solve(p, policy, backend=backend, task=src.task,
+                                      limiter=ProblemLimiter(cfg.concurrency),
+                                      max_n=1 if cfg.concurrency else 16))
+                 for p in src.problems]
+    return [t.result() for t in tasks]
+
+
+def _row(results: Sequence[SolveResult]) -> tuple[np.ndarray, int]:
+    out = np.zeros((len(METRICS), len(results)))
+    errors = 0
+    for i, r in enumerate(results):
+        out[0, i] = math.nan if r.correct is None else float(r.correct)
+        out[1, i] = r.usage.completion_tokens
+        out[2, i] = len(r.solutions)
+        out[3, i] = r.elapsed
+        out[4, i] = sum(1 for f in r.failed if f.reason == "cancelled" and f.kind == "solve")
+        if r.error is not None and PoolExhausted.__name__ not in r.error:
+            errors += 1
+    return out, errors
+
+
+def run_runtime_order(src: ReplaySource, spec: str, order: int, cfg: ReplayConfig
+                      ) -> tuple[np.ndarray, int]:
+    """One order of one policy through the runtime: (metrics × problems array, errors).
+
+    Each call gets a fresh simulated clock starting at 0, so results do not depend on
+    what ran before (floating-point time stays small and identical).
+    """
+    policy = policy_for(spec, int(src.pool.arrays.n.max()))
+    with asyncio.Runner(loop_factory=SimulatedClockLoop) as runner:
+        results = runner.run(_run_problems(src, policy, order, cfg))
+    return _row(results)
+
+
+_SOURCES: dict[int, ReplaySource] = {}
+
+
+def _worker(job: tuple[int, str, int, ReplayConfig]) -> tuple[np.ndarray, int]:
+    key, spec, order, cfg = job
+    return run_runtime_order(_SOURCES[key], spec, order, cfg)
+
+
+def _workers(cfg: ReplayConfig, jobs: int) -> int:
+    n = cfg.workers if cfg.workers is not None else (os.cpu_count() or 1)
+    return max(1, min(n, jobs))
+
+
+def _runtime_outcomes(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig,
+                      progress: Callable[[int], None] | None = None
+                      ) -> dict[str, tuple[np.ndarray, int]]:
+    """Every (spec, order) through the runtime; returns spec -> ((metrics, R, P), errors)."""
+    P = len(src.problems)
+    out = {s: (np.zeros((len(METRICS), cfg.orders, P)), 0) for s in specs}
+    jobs = [(id(src), s, r, cfg) for s in specs for r in range(cfg.orders)]
+    if not jobs:
+        return out
+    _SOURCES[id(src)] = src
+    errors = dict.fromkeys(specs, 0)
+    try:
+        n = _workers(cfg, len(jobs))
+        if n > 1 and "fork" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("fork")
+            with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as ex:
+                results = ex.map(_worker, jobs, chunksize=max(1, len(jobs) // (4 * n)))
+                for (_, s, r, _), (row, err) in zip(jobs, results, strict=True):
+                    out[s][0][:, r, :] = row
+                    errors[s] += err
+                    if progress:
+                        progress(1)
+        else:
+            for job in jobs:
+                row, err = _worker(job)
+                out[job[1]][0][:, job[2], :] = row
+                errors[job[1]] += err
+                if progress:
+                    progress(1)
+    finally:
+        _SOURCES.pop(id(src), None)
+    return {s: (out[s][0], errors[s]) for s in specs}
+
+
+# ---- one pool, many policies ---------------------------------------------------------------
+def _engine_for(spec: str, src: ReplaySource, cfg: ReplayConfig) -> str:
+    plan = fixed_plan(spec)
+    if cfg.engine == "runtime" or plan is None:
+        return "runtime"
+    if plan.kind == "genrm" and cfg.concurrency is not None:
+        return "runtime"
+    return "vectorised"
+
+
+def _check_spec(spec: str, src: ReplaySource) -> None:
+    plan = fixed_plan(spec)
+    if plan is None:
+        parse_policy(spec)  # raises ConfigError with what is valid
+    elif plan.kind == "genrm" and not src.can_verify:
+        raise ConfigError(f"{spec!r} needs verifications, and pool {src.name} has none; "
+                          "use a pool with verifications or the simulated verifier")
+
+
+def replay_pool(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig,
+                progress: Callable[[int], None] | None = None) -> list[PolicyOutcome]:
+    """Replay every spec on one pool; outcomes in the order of ``specs``."""
+    for spec in specs:
+        _check_spec(spec, src)
+    outcomes: dict[str, PolicyOutcome] = {}
+    runtime_specs = [s for s in specs if _engine_for(s, src, cfg) == "runtime"]
+    for spec in specs:
+        if spec in runtime_specs:
+            continue
+        t0 = time.perf_counter()
+        plan = fixed_plan(spec)
+        assert plan is not None
+        m = _vector_sc(src, plan, cfg) if plan.kind == "sc" else _vector_genrm(src, plan, cfg)
+        outcomes[spec] = PolicyOutcome(src.name, spec, "vectorised", m["correct"], m["tokens"],
+                                       m["samples"], m["latency"], m["cancelled"],
+                                       wall_s=time.perf_counter() - t0)
+        if progress:
+            progress(cfg.orders)
+    if runtime_specs:
+        t0 = time.perf_counter()
+        got = _runtime_outcomes(src, runtime_specs, cfg, progress)
+        wall = (time.perf_counter() - t0) / len(runtime_specs)
+        for spec, (arr, errors) in got.items():
+            outcomes[spec] = PolicyOutcome(src.name, spec, "runtime", *arr, errors=errors,
+                                           wall_s=wall)
+    return [outcomes[s] for s in specs]
+
+
+def replay_policy(src: ReplaySource, spec: str, cfg: ReplayConfig) -> PolicyOutcome:
+    """Replay one spec on one pool."""
+    return replay_pool(src, [spec], cfg)[0]
+
+
+# ---- statistics ----------------------------------------------------------------------------
+def _ci(values: np.ndarray) -> list[float]:
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def _median_saving(tokens: np.ndarray, base: np.ndarray) -> float | None:
+    """Median over problems of 1 - tokens / base tokens (problems with base > 0)."""
+    ok = base > 0
+    return float(np.median(1 - tokens[ok] / base[ok])) if ok.any() else None
+
+
+def summarise(outcomes: Sequence[PolicyOutcome], cfg: ReplayConfig, *, extra: dict | None = None
+              ) -> list[dict[str, Any]]:
+    """The JSON ``runs`` entries for the outcomes of one pool (paired bootstrap)."""
+    if not outcomes:
+        return []
+    P = outcomes[0].correct.shape[1]
+    rng = np.random.default_rng([cfg.seed, 0xB007])
+    idx = rng.integers(0, P, size=(cfg.bootstrap, P))
+    base = outcomes[0]
+    base_acc = np.nanmean(base.correct, axis=0)
+    base_tok = base.tokens.mean(axis=0)
+    runs = []
+    for o in outcomes:
+        acc_p = np.nanmean(o.correct, axis=0)  # per problem, over orders
+        graded = ~np.isnan(acc_p)
+        acc_p0 = np.where(graded, acc_p, 0.0)
+        boot_n = graded[idx].sum(1)
+        boot = acc_p0[idx].sum(1) / np.maximum(boot_n, 1)
+        tok_p = o.tokens.mean(axis=0)
+        lat_p = o.latency.mean(axis=0)
+        run: dict[str, Any] = {
+            "pool": o.pool,
+            "policy": o.policy,
+            "problems": int(P),
+            "orders": int(o.correct.shape[0]),
+            "accuracy": float(acc_p0.sum() / max(graded.sum(), 1)),
+            "accuracy_ci95": _ci(boot),
+            "tokens_per_problem": float(tok_p.mean()),
+            "samples_per_problem": float(o.samples.mean()),
+            "latency_per_problem": float(lat_p.mean()),
+            "tokens_ci95": _ci(tok_p[idx].mean(1)),
+            "latency_ci95": _ci(lat_p[idx].mean(1)),
+            "cancelled_per_problem": float(o.cancelled.mean()),
+            "engine": o.engine,
+            "concurrency": cfg.concurrency,
+        }
+        if o.errors:
+            run["errors"] = int(o.errors)
+        if o is not base:
+            diff = np.where(graded, acc_p0 - np.nan_to_num(base_acc), 0.0)
+            boot_d = diff[idx].sum(1) / np.maximum(boot_n, 1)
+            run["vs"] = {
+                "policy": base.policy,
+                "accuracy_delta": float(diff.sum() / max(graded.sum(), 1)),
+                "accuracy_delta_ci95": _ci(boot_d),
+                "tokens_ratio": float(tok_p.mean() / base_tok.mean()) if base_tok.mean() else None,
+                "median_token_saving": _median_saving(tok_p, base_tok),
+            }
+        if extra:
+            run.update(extra)
+        runs.append(run)
+    return runs
+
+
+def sweep(sources: Sequence[ReplaySource], specs: Sequence[str], cfg: ReplayConfig,
+          progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Replay every spec on every pool; the JSON report (``{"runs": [...], ...}``)."""
+    if not specs:
+        raise ConfigError("no policies to replay")
+    t0 = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    for src in sources:
+        outcomes = replay_pool(src, specs, cfg, progress)
+        runs.extend(summarise(outcomes, cfg, extra={"verifier": src.verifier_label}))
+        src.forget_orders()
+    return {
+        "runs": runs,
+        "config": {
+            "orders": cfg.orders, "seed": cfg.seed, "concurrency": cfg.concurrency,
+            "decode_rate": cfg.decode_rate, "ttft": cfg.ttft, "engine": cfg.engine,
+            "bootstrap": cfg.bootstrap,
+            "tie_rule": "vectorised SC: the answer first in the pool wins a tie; runtime: "
+                        "the answer whose first vote finished first",
+        },
+        "wall_s": round(time.perf_counter() - t0, 3),
+    }

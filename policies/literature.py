@@ -1,0 +1,251 @@
+"""Early-stopping baselines from the literature, as concurrency-aware pure policies.
+
+* :class:`AdaptiveConsistency` (Aggarwal et al. 2023, "Let's Sample Step by Step"): stop
+  when the leading answer is the mode with posterior probability >= ``threshold``. The
+  ``beta`` criterion uses the top-two vote counts a >= b: I_{1/2}(b+1, a+1), i.e. P(p_a >
+  p_b) under a uniform Beta prior. The ``dirichlet`` criterion uses every answer's count:
+  P(the leader's probability is the largest) under Dirichlet(counts + 1), computed as a
+  one-dimensional integral over independent Gamma variables by Gauss-Legendre quadrature
+  (with only one answer seen a zero-count second category is added, so two categories
+  reproduce the Beta criterion).
+* :class:`EarlyStoppingSC` (ESC, Li et al. 2024): sample in windows of ``window``; stop
+  when every answer of a complete window agrees.
+
+Concurrency. Both see what is in flight and never ask for work that cannot matter:
+
+* AC keeps in flight exactly the *optimistic need*: the fewest further votes that could
+  make the criterion hold (all going to the leader). With a per-problem concurrency cap of
+  1 (the runtime's limiter) this is the sequential algorithm of the paper; without a cap,
+  samples that are needed in every case run in parallel.
+* ESC windows are blocks of consecutive *finished* samples (completion order). A window
+  is launched when nothing is in flight, or as soon as the window being filled already
+  holds two different answers (it cannot be unanimous, so the next window is certainly
+  needed). Run sequentially this is exactly ESC.
+
+When they stop sampling (``max`` reached, the budget exhausted, or more than
+``max_failures`` samples broke, e.g. a replayed pool that ran out), they wait for what is
+in flight and return the majority vote (ties: :mod:`policies.votes`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from scipy import special
+
+from orchestrator.decisions import Decision, Sample
+from orchestrator.errors import ConfigError
+from orchestrator.snapshot import ProblemSnapshot
+from policies.votes import majority_stop
+
+__all__ = [
+    "AdaptiveConsistency",
+    "EarlyStoppingSC",
+    "beta_confidence",
+    "dirichlet_confidence",
+]
+
+#: replacements for broken samples when a policy has no ``max`` to derive them from
+DEFAULT_MAX_FAILURES = 8
+CRITERIA = ("beta", "dirichlet")
+
+
+@lru_cache(maxsize=65536)
+def beta_confidence(a: int, b: int) -> float:
+    """I_{1/2}(b+1, a+1): posterior P(the answer with ``a`` votes beats the one with ``b``)."""
+    return float(special.betainc(b + 1, a + 1, 0.5))
+
+
+_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(96)
+
+
+def _dirichlet(counts: tuple[int, ...]) -> float:
+    """P(G_0 > max_j G_j) for independent G_j ~ Gamma(counts_j + 1): the integral over x of
+    the leader's Gamma density times every other Gamma's CDF, by 96-point Gauss-Legendre
+    quadrature over the leader's mean ± 12 standard deviations (+12)."""
+    alphas = np.asarray(counts, dtype=np.float64) + 1.0
+    lead, rest = float(alphas[0]), alphas[1:]
+    sd = math.sqrt(lead)
+    lo, hi = max(0.0, lead - 12.0 * sd - 12.0), lead + 12.0 * sd + 12.0
+    x = 0.5 * (hi - lo) * _NODES + 0.5 * (hi + lo)
+    log_pdf = (lead - 1.0) * np.log(x) - x - math.lgamma(lead)
+    cdf = special.gammainc(rest[:, None], x[None, :])
+    log_cdf = np.log(np.maximum(cdf, 1e-300)).sum(axis=0)
+    value = float(np.sum(_WEIGHTS * np.exp(log_pdf + log_cdf)) * 0.5 * (hi - lo))
+    return min(max(value, 0.0), 1.0)
+
+
+@lru_cache(maxsize=65536)
+def _dirichlet_cached(counts: tuple[int, ...]) -> float:
+    return _dirichlet(counts)
+
+
+def dirichlet_confidence(counts: Sequence[int]) -> float:
+    """P(the first count's category has the largest probability) under Dirichlet(counts + 1).
+
+    ``counts[0]`` must be a largest count. With fewer than two categories a zero-count one
+    is added.
+    """
+    cs = tuple(int(c) for c in counts)
+    if not cs:
+        return 0.0
+    if any(c > cs[0] for c in cs[1:]):
+        raise ValueError("dirichlet_confidence: counts[0] must be a largest count")
+    if len(cs) == 1:
+        cs = (cs[0], 0)
+    return _dirichlet_cached((cs[0], *sorted(cs[1:], reverse=True)))
+
+
+def _check_max(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or value < 1):
+        raise ConfigError(f"{name} must be an integer >= 1 or 'all', got {value!r}")
+
+
+def _check_failures(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or value < 0):
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def _sampling_closed(s: ProblemSnapshot, max_samples: int | None, max_failures: int) -> str | None:
+    """Why no more samples may be launched, or ``None``."""
+    if s.failed_samples > max_failures:
+        return f"{s.failed_samples} failed samples"
+    if s.budget_left.exhausted:
+        return "budget exhausted"
+    if max_samples is not None and len(s.solutions) + s.in_flight.samples >= max_samples:
+        return f"max {max_samples} samples"
+    return None
+
+
+def _room(s: ProblemSnapshot, max_samples: int | None, wanted: int) -> int:
+    if max_samples is None:
+        return wanted
+    return max(0, min(wanted, max_samples - len(s.solutions) - s.in_flight.samples))
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveConsistency:
+    """Adaptive-Consistency: sample until the leader is the mode with confidence >= threshold.
+
+    ``max`` caps the samples (``None``: no cap; sampling then ends only on the budget or on
+    broken samples). ``max_failures`` broken samples are replaced (default: ``max``, or
+    8 without a cap).
+    """
+
+    threshold: float = 0.95
+    max: int | None = 64
+    criterion: str = "beta"
+    max_failures: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.threshold, int | float) and 0.5 < self.threshold < 1):
+            raise ConfigError(f"ac: threshold must lie strictly between 0.5 and 1, got "
+                              f"{self.threshold!r}")
+        _check_max("ac: max", self.max)
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"ac: criterion must be one of {', '.join(CRITERIA)}, got "
+                              f"{self.criterion!r}")
+        _check_failures("ac: max_failures", self.max_failures)
+
+    @property
+    def spec(self) -> str:
+        parts = [f"threshold={self.threshold:g}",
+                 f"max={'all' if self.max is None else self.max}"]
+        if self.criterion != "beta":
+            parts.append(f"criterion={self.criterion}")
+        return "ac:" + ",".join(parts)
+
+    def confidence(self, counts: Sequence[int]) -> float:
+        """Stopping confidence for vote counts sorted in decreasing order."""
+        if not counts or counts[0] == 0:
+            return 0.0
+        if self.criterion == "beta":
+            return beta_confidence(counts[0], counts[1] if len(counts) > 1 else 0)
+        return dirichlet_confidence(counts)
+
+    def optimistic_need(self, counts: Sequence[int]) -> int:
+        """Fewest further votes (all for the leader) after which the criterion holds."""
+        cs = list(counts) or [0]
+        extra = 0
+        while self.confidence([cs[0] + extra, *cs[1:]]) < self.threshold:
+            extra += 1
+        return extra
+
+    def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
+        counts = [v.votes for v in s.votes()]
+        conf = self.confidence(counts)
+        if conf >= self.threshold:
+            return [majority_stop(s, f"adaptive-consistency: confidence {conf:.3f} >= "
+                                     f"{self.threshold:g} after {len(s.solutions)} samples")]
+        max_failures = self.max_failures if self.max_failures is not None else (
+            self.max if self.max is not None else DEFAULT_MAX_FAILURES)
+        closed = _sampling_closed(s, self.max, max_failures)
+        if closed is None:
+            need = self.optimistic_need(counts) - s.in_flight.samples
+            k = _room(s, self.max, need)
+            if k > 0:
+                return [Sample(k)]
+        if s.in_flight.samples:
+            return []
+        return [majority_stop(s, f"adaptive-consistency stopped ({closed or 'no room'}), "
+                                 f"confidence {conf:.3f}")]
+
+
+@dataclass(frozen=True, slots=True)
+class EarlyStoppingSC:
+    """ESC: windows of ``window`` samples; stop when a complete window is unanimous."""
+
+    window: int = 5
+    max: int | None = 64
+    max_failures: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
+            raise ConfigError(f"esc: window must be an integer >= 2, got {self.window!r}")
+        _check_max("esc: max", self.max)
+        _check_failures("esc: max_failures", self.max_failures)
+
+    @property
+    def spec(self) -> str:
+        return f"esc:window={self.window},max={'all' if self.max is None else self.max}"
+
+    def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
+        w = self.window
+        sols = s.solutions
+        done_windows = len(sols) // w
+        for b in range(done_windows):
+            keys = {x.key for x in sols[b * w:(b + 1) * w]}
+            if len(keys) == 1 and None not in keys:
+                return [majority_stop(s, f"esc: window {b + 1} unanimous after "
+                                         f"{len(sols)} samples")]
+        max_failures = self.max_failures if self.max_failures is not None else (
+            self.max if self.max is not None else DEFAULT_MAX_FAILURES)
+        closed = _sampling_closed(s, self.max, max_failures)
+        flying = s.in_flight.samples
+        if closed is None:
+            filling = sols[done_windows * w:]
+            free = w - len(filling)
+            wanted = 0
+            if flying == 0:
+                wanted = free
+            elif flying <= free and _doomed(filling):
+                wanted = free + w - flying  # the window being filled cannot be unanimous
+            k = _room(s, self.max, wanted)
+            if k > 0:
+                return [Sample(k)]
+        if flying:
+            return []
+        why = closed or "no room"
+        return [majority_stop(s, f"esc stopped ({why}) after {len(sols)} samples")]
+
+
+def _doomed(window: Sequence) -> bool:
+    """True when a (partly filled) window can no longer be unanimous."""
+    keys = {x.key for x in window}
+    return None in keys or len(keys) > 1

@@ -1,0 +1,204 @@
+"""``solverify bench``: replay, compute-matched and record, end to end on small pools."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.cli import main
+from benchmarks.pools import load_pool
+from benchmarks.record import record
+from orchestrator.backends.fake import FakeBackend, FakeReply
+from orchestrator.errors import ConfigError, DataError
+from orchestrator.types import Problem
+from tests.helpers import WordTask
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_KEYS = {"pool", "policy", "problems", "orders", "accuracy", "accuracy_ci95",
+            "tokens_per_problem", "samples_per_problem", "latency_per_problem"}
+
+
+def write_pool(path: Path, with_p_yes: bool = False) -> Path:
+    rows = []
+    for i in range(6):
+        samples = []
+        for j in range(7):
+            pred = "a" if (i + j) % 3 else "b"
+            s = {"pred": pred, "correct": pred == "a", "tokens": 5 + 3 * j}
+            if with_p_yes:
+                s["p_yes"] = 0.7 if pred == "a" else 0.4
+            samples.append(s)
+        rows.append({"id": f"p{i}", "problem": f"q{i}", "answer": "a", "samples": samples})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_replay_writes_the_json_schema_markdown_and_plot(tmp_path, capsys):
+    pool = write_pool(tmp_path / "toy.jsonl", with_p_yes=True)
+    out, md, png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
+    rc = main(["replay", "--pool", str(pool), "--policy", "sc:n=all", "--policy", "sc:n=3",
+               "--policy", "ac:threshold=0.9", "--policy", "esc:window=3",
+               "--policy", "genrm:s=3,v=1", "--orders", "3", "--seed", "1", "--workers", "1",
+               "--json", str(out), "--markdown", str(md), "--plot", str(png)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert [r["policy"] for r in report["runs"]] == ["sc:n=all", "sc:n=3", "ac:threshold=0.9",
+                                                     "esc:window=3", "genrm:s=3,v=1"]
+    for r in report["runs"]:
+        assert RUN_KEYS <= set(r)
+        assert r["pool"] == "toy" and r["problems"] == 6 and r["orders"] == 3
+        lo, hi = r["accuracy_ci95"]
+        assert 0 <= lo <= r["accuracy"] <= hi <= 1
+    assert report["runs"][0]["samples_per_problem"] == 7
+    assert report["command"].startswith("solverify bench replay")
+    assert "| `ac:threshold=0.9` |" in md.read_text()
+    assert png.stat().st_size > 1000
+    assert "sc:n=all" in capsys.readouterr().out
+
+
+def test_replay_with_a_concurrency_cap_and_several_pools(tmp_path):
+    a = write_pool(tmp_path / "one.jsonl")
+    b = write_pool(tmp_path / "two.jsonl")
+    out = tmp_path / "r.json"
+    rc = main(["replay", "--pool", str(a), "--pool", str(b), "--policy", "sc:n=4",
+               "--policy", "ac", "--orders", "2", "--concurrency", "1", "--workers", "1",
+               "--json", str(out), "--quiet"])
+    assert rc == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["pool"], r["policy"]) for r in runs] == [
+        ("one", "sc:n=4"), ("one", "ac"), ("two", "sc:n=4"), ("two", "ac")]
+    assert all(r["concurrency"] == 1 for r in runs)
+
+
+def test_replay_errors_are_config_or_data_errors(tmp_path):
+    pool = write_pool(tmp_path / "toy.jsonl")
+    with pytest.raises(ConfigError, match="unknown policy"):
+        main(["replay", "--pool", str(pool), "--policy", "magic", "--quiet"])
+    with pytest.raises(ConfigError, match="needs verifications"):
+        main(["replay", "--pool", str(pool), "--policy", "genrm:s=2,v=1", "--quiet"])
+    with pytest.raises(DataError, match="not found"):
+        main(["replay", "--pool", str(tmp_path / "nope.jsonl"), "--policy", "sc:n=1"])
+    with pytest.raises(SystemExit):
+        main(["replay", "--pool", str(pool), "--policy", "sc:n=1", "--orders", "0"])
+
+
+def test_compute_matched_cli(tmp_path, capsys):
+    pool = write_pool(tmp_path / "toy.jsonl")
+    out, md, png = tmp_path / "c.json", tmp_path / "c.md", tmp_path / "c.png"
+    rc = main(["compute-matched", "--pool", str(pool), "--simulated-verifier",
+               "--sim-vmax", "4", "--bootstrap", "20", "--json", str(out),
+               "--markdown", str(md), "--plot", str(png)])
+    assert rc == 0
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["simulated_verifier"] and res["grid"] == {"S": [1, 2, 4, 7], "V": [1, 2, 4]}
+    assert "simulated" in md.read_text() and png.stat().st_size > 1000
+    assert "crossover" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="no verifications"):
+        main(["compute-matched", "--pool", str(pool), "--quiet"])
+
+
+async def test_record_writes_a_replayable_pool_and_resumes(tmp_path):
+    def respond(req, i):
+        if req.kind == "verify":
+            return FakeReply.text("yes" if req.prompt.endswith("|seven") else "no")
+        return FakeReply.text("so seven", "so seven", "a b eight")
+
+    problems = [Problem(id=f"p{i}", problem=f"q{i}", answer="seven") for i in range(3)]
+    out = tmp_path / "rec.jsonl"
+    first = await record(problems[:2], FakeBackend(respond), WordTask(), out, samples=3,
+                         verifications=2, model="fake")
+    assert (first.recorded, first.skipped, first.samples, first.verifications) == (2, 0, 6, 12)
+    again = await record(problems, FakeBackend(respond), WordTask(), out, samples=3,
+                         verifications=2, model="fake")
+    assert (again.recorded, again.skipped) == (1, 2)
+    pool = load_pool(out)
+    assert [p.id for p in pool.problems] == ["p0", "p1", "p2"]
+    s = pool.problems[0].samples
+    assert sorted(x.pred for x in s) == ["eight", "seven", "seven"]
+    assert all(x.correct == (x.pred == "seven") for x in s)
+    assert all(len(x.verifications) == 2 for x in s)
+    assert {v.p_yes for x in s for v in x.verifications} == {0.0, 1.0}
+    assert pool.problems[0].problem.meta["model"] == "fake"
+    # and it replays: the verifier prefers "seven"
+    rc = main(["replay", "--pool", str(out), "--policy", "genrm:s=all,v=2", "--policy",
+               "sc:n=1", "--orders", "2", "--workers", "1", "--quiet",
+               "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert runs[0]["accuracy"] == 1.0
+
+
+# ---- record against a real local OpenAI-compatible server, through `solverify bench` --------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.openai_server", "--port", str(port), "--model",
+         "test-model"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("test server did not start")
+    yield f"http://127.0.0.1:{port}/v1"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def solverify(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SOLVERIFY_LOG": "warning"}
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_bench_record_then_replay_from_the_command_line(server_url, tmp_path):
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"What is {i} plus {i}?",
+                                            "answer": str(2 * i)}) + "\n" for i in range(3)))
+    pool = tmp_path / "pool.jsonl"
+    args = ("bench", "record", "--base-url", server_url, "--model", "test-model",
+            "--problems", str(problems), "--out", str(pool), "--samples", "4",
+            "--verifications", "2")
+    r = solverify(*args)
+    assert r.returncode == 0, r.stderr
+    assert "recorded 3 problems" in r.stdout
+    loaded = load_pool(pool)
+    assert len(loaded) == 3
+    for p in loaded.problems:
+        assert len(p.samples) == 4
+        for s in p.samples:
+            assert s.tokens and s.tokens > 0 and s.correct is not None
+            if s.key is not None:
+                assert len(s.verifications) == 2
+                assert all(v.p_yes is not None and v.tokens for v in s.verifications)
+    again = solverify(*args)
+    assert again.returncode == 0 and "recorded 0 problems (3 already" in again.stdout
+    out = tmp_path / "r.json"
+    r = solverify("bench", "replay", "--pool", str(pool), "--policy", "sc:n=all",
+                  "--policy", "genrm:s=all,v=2", "--policy", "ac", "--orders", "2",
+                  "--workers", "1", "--json", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert [x["policy"] for x in json.loads(out.read_text())["runs"]] == [
+        "sc:n=all", "genrm:s=all,v=2", "ac"]
+    bad = solverify("bench", "replay", "--pool", str(pool), "--policy", "nope")
+    assert bad.returncode == 2 and "unknown policy" in bad.stderr

@@ -1,0 +1,298 @@
+"""The replay backend on a simulated clock, through the real runtime, and the sweep engines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from benchmarks.pools import Pool, PoolProblem, PoolSample, PoolVerification, load_pool
+from benchmarks.replay import ReplayConfig, fixed_plan, replay_pool, summarise, sweep
+from benchmarks.source import ReplaySource, SimulatedVerifier
+from orchestrator.backends.replay import PoolExhausted, ReplayBackend
+from orchestrator.decisions import Sample, Stop
+from orchestrator.errors import ConfigError
+from orchestrator.events import SampleCancelled
+from orchestrator.runtime import solve
+from orchestrator.simclock import SimulatedClockLoop, simulated_runner
+from orchestrator.types import Problem
+from policies import GenRM, SelfConsistency
+from tests.conftest_data import DATA, needs_data
+
+
+def make_pool(problems: list[list[tuple[str | None, bool, int]]], name: str = "toy",
+              **sample_kw) -> Pool:
+    out = []
+    for i, samples in enumerate(problems):
+        prob = Problem(id=f"p{i}", problem=f"q{i}", answer="ok")
+        out.append(PoolProblem(prob, tuple(
+            PoolSample(pred=p, correct=c, tokens=t, **sample_kw) for p, c, t in samples)))
+    return Pool(name, tuple(out))
+
+
+def run_sim(coro):
+    with simulated_runner() as runner:
+        return runner.run(coro)
+
+
+@dataclass(frozen=True)
+class StopAtFirst:
+    k: int
+    spec: str = "stop-at-first"
+
+    def decide(self, s):
+        if s.solutions:
+            return [Stop(s.solutions[0].answer, "first", s.solutions[0].key)]
+        return [Sample(self.k)] if s.samples_launched == 0 else []
+
+
+# ---- the simulated clock --------------------------------------------------------------------
+
+
+def test_simulated_clock_jumps_to_the_next_timer():
+    async def main():
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, SimulatedClockLoop)
+        t0 = loop.time()
+        async with asyncio.TaskGroup() as tg:
+            a = tg.create_task(asyncio.sleep(3600, "a"))
+            b = tg.create_task(asyncio.sleep(5, "b"))
+        assert (a.result(), b.result()) == ("a", "b")
+        return loop.time() - t0
+
+    started = time.perf_counter()
+    assert run_sim(main()) == pytest.approx(3600)
+    assert time.perf_counter() - started < 2
+
+
+# ---- the backend through the runtime -----------------------------------------------------------
+
+
+def test_a_sample_finishes_ttft_plus_tokens_over_rate_after_it_starts():
+    src = ReplaySource(make_pool([[("4", True, 100)]]))
+    backend = ReplayBackend(src, decode_rate=50, ttft=0.5)
+    result = run_sim(solve(src.problems[0], SelfConsistency(1), backend=backend, task=src.task))
+    assert result.elapsed == pytest.approx(2.5)
+    assert result.answer == "4" and result.correct is True
+    assert result.usage.completion_tokens == 100 and not result.usage.estimated
+
+
+def test_samples_are_served_without_replacement_in_the_seeded_order():
+    pool = make_pool([[(str(j), j == 3, 1 + j) for j in range(10)]])
+    src = ReplaySource(pool, seed=7)
+    order = src.served_order("p0", 0)
+    assert sorted(order) == list(range(10)) and order != list(range(10))
+    assert ReplaySource(pool, seed=7).served_order("p0", 0) == order
+    assert src.served_order("p0", 1) != order
+    backend = ReplayBackend(src, order=0)
+    result = run_sim(solve(src.problems[0], SelfConsistency(10), backend=backend,
+                           task=src.task, max_n=1))
+    assert sorted(s.answer for s in result.solutions) == sorted(str(j) for j in range(10))
+    assert backend.served("p0") == 10
+
+
+def test_an_exhausted_pool_is_a_visible_failure_not_a_resample():
+    src = ReplaySource(make_pool([[("4", True, 5), ("4", True, 6), ("5", False, 7)]]))
+    backend = ReplayBackend(src)
+    result = run_sim(solve(src.problems[0], SelfConsistency(5, max_failures=2),
+                           backend=backend, task=src.task, max_n=1))
+    assert len(result.solutions) == 3
+    failed = [f for f in result.failed if f.reason == "failed"]
+    assert len(failed) == 4 and all(PoolExhausted.__name__ in f.error for f in failed)
+    assert result.answer == "4" and "too many failed samples" in result.reason
+
+
+def test_a_cancelled_sample_is_charged_the_tokens_generated_until_the_cut():
+    src = ReplaySource(make_pool([[("4", True, 10), ("5", False, 100), ("6", False, 40)]]))
+    backend = ReplayBackend(src, decode_rate=10, ttft=0.5)
+    events = []
+    result = run_sim(solve(src.problems[0], StopAtFirst(3), backend=backend, task=src.task,
+                           max_n=1, sinks=[events.append]))
+    # the 10-token sample ends at 0.5 + 1.0 s; the others are cut then, 10 tokens each
+    assert result.answer == "4" and result.elapsed == pytest.approx(1.5)
+    cut = sorted(e.sample.completion_tokens for e in events if isinstance(e, SampleCancelled))
+    assert cut == [10, 10]
+    assert result.usage.completion_tokens == 30 == backend.generated_tokens
+    assert backend.aborted_streams == 2 and backend.open_streams == 0
+
+
+def test_cancellation_charge_is_proportional_to_elapsed_time():
+    src = ReplaySource(make_pool([[("4", True, 7), ("5", False, 1000)]]))
+    backend = ReplayBackend(src, decode_rate=3.0)
+    result = run_sim(solve(src.problems[0], StopAtFirst(2), backend=backend, task=src.task,
+                           max_n=1))
+    # cut at 7/3 s: floor(7/3 * 3) = 7 tokens of the long sample
+    assert result.usage.completion_tokens == 14 == backend.generated_tokens
+
+
+def test_the_policy_sees_in_flight_progress_at_every_decision():
+    src = ReplaySource(make_pool([[("4", True, 10), ("4", True, 30), ("4", True, 50)]]))
+    seen = []
+
+    @dataclass(frozen=True)
+    class Spy:
+        spec: str = "spy"
+
+        def decide(self, s):
+            seen.append((len(s.solutions), sorted(s.in_flight.sample_tokens),
+                         s.usage.completion_tokens))
+            return SelfConsistency(3).decide(s)
+
+    run_sim(solve(src.problems[0], Spy(), backend=ReplayBackend(src, decode_rate=10),
+                  task=src.task, max_n=1))
+    assert seen == [(0, [], 0), (1, [10, 10], 30), (2, [30], 70), (3, [], 90)]
+
+
+def test_verifications_return_the_recorded_p_yes_and_run_out_visibly():
+    ver = (PoolVerification(0.9, 4), PoolVerification(0.7, 6))
+    pool = make_pool([[("4", True, 10), ("5", False, 10)]], verifications=ver)
+    src = ReplaySource(pool)
+    result = run_sim(solve(src.problems[0], GenRM(2, 3), backend=ReplayBackend(src),
+                           task=src.task, max_n=1))
+    ps = sorted(v.p_yes for v in result.verifications)
+    assert ps == pytest.approx([0.7, 0.7, 0.9, 0.9])
+    assert all(v.source == "logprobs" for v in result.verifications)
+    assert result.verification_tokens == 20 and result.lam == pytest.approx(0.5)
+    exhausted = [f for f in result.failed if f.kind == "verify"]
+    assert len(exhausted) == 2 and all(PoolExhausted.__name__ in f.error for f in exhausted)
+
+
+def test_a_single_p_yes_reading_is_a_deterministic_verifier():
+    pool = Pool("cap", (PoolProblem(Problem("p0", "q", "Paris"), (
+        PoolSample("Paris", True, 2, p_yes=0.2), PoolSample("Lyon", False, 2, p_yes=0.8))),))
+    src = ReplaySource(pool, verify_tokens=1)
+    result = run_sim(solve(src.problems[0], GenRM(2, 2), backend=ReplayBackend(src),
+                           task=src.task, max_n=1))
+    assert result.answer == "Lyon" and result.correct is False  # a bad verifier, trusted
+    assert result.verification_tokens == 4
+
+
+# ---- the engines ---------------------------------------------------------------------------------
+
+
+def random_pool(seed: int, problems: int = 12, n: int = 9, keys: str = "ab") -> Pool:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(problems):
+        rows.append([(str(rng.choice(list(keys))), False, int(rng.integers(1, 60)))
+                     for _ in range(n)])
+    pool = make_pool(rows)
+    # label "a" correct
+    return Pool(pool.name, tuple(PoolProblem(p.problem, tuple(
+        PoolSample(s.pred, s.pred == "a", s.tokens) for s in p.samples)) for p in pool.problems))
+
+
+@pytest.mark.parametrize("concurrency", [None, 2])
+def test_vectorised_engine_matches_the_runtime_exactly(concurrency):
+    # two answers and odd sample counts: no vote can tie, so even the tie rules agree
+    src = ReplaySource(random_pool(1), seed=3)
+    specs = ["sc:n=1", "sc:n=3", "sc:n=all"]
+    cfg = ReplayConfig(orders=3, workers=1, concurrency=concurrency, ttft=0.25, decode_rate=7)
+    fast = replay_pool(src, specs, cfg)
+    slow = replay_pool(src, specs, ReplayConfig(orders=3, workers=1, concurrency=concurrency,
+                                                ttft=0.25, decode_rate=7, engine="runtime"))
+    for f, s in zip(fast, slow, strict=True):
+        assert (f.engine, s.engine) == ("vectorised", "runtime")
+        for metric in ("correct", "tokens", "samples", "latency", "cancelled"):
+            np.testing.assert_allclose(getattr(f, metric), getattr(s, metric), err_msg=metric)
+
+
+def test_vectorised_genrm_matches_the_runtime_with_a_simulated_verifier():
+    src = ReplaySource(random_pool(2, keys="abc"), seed=1,
+                       verifier=SimulatedVerifier(lam=0.5, vmax=3))
+    specs = ["genrm:s=3,v=2", "genrm:s=all,v=4"]  # v=4 > vmax: one verification runs out
+    fast = replay_pool(src, specs, ReplayConfig(orders=2, workers=1, ttft=0.1))
+    slow = replay_pool(src, specs, ReplayConfig(orders=2, workers=1, ttft=0.1, engine="runtime"))
+    for f, s in zip(fast, slow, strict=True):
+        for metric in ("correct", "tokens", "samples", "latency"):
+            np.testing.assert_allclose(getattr(f, metric), getattr(s, metric), err_msg=metric)
+
+
+def test_worker_processes_give_the_same_numbers():
+    src = ReplaySource(random_pool(4), seed=2)
+    one = replay_pool(src, ["ac:threshold=0.9", "esc:window=3"], ReplayConfig(orders=4, workers=1))
+    two = replay_pool(src, ["ac:threshold=0.9", "esc:window=3"], ReplayConfig(orders=4, workers=2))
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.correct, b.correct)
+
+
+def test_replay_is_deterministic_under_a_seed():
+    pool = random_pool(5, keys="abc")
+
+    def runs(seed):
+        rep = sweep([ReplaySource(pool, seed=seed)], ["sc:n=3", "ac:threshold=0.9,max=9"],
+                    ReplayConfig(orders=3, seed=seed, workers=1, bootstrap=200))
+        return rep["runs"]
+
+    assert runs(11) == runs(11)
+    assert [r["tokens_per_problem"] for r in runs(11)] != [r["tokens_per_problem"]
+                                                          for r in runs(12)]
+
+
+def test_summary_schema_and_paired_comparison():
+    src = ReplaySource(random_pool(6), seed=0)
+    cfg = ReplayConfig(orders=2, workers=1, bootstrap=300)
+    runs = summarise(replay_pool(src, ["sc:n=1", "sc:n=all"], cfg), cfg)
+    for r in runs:
+        assert {"pool", "policy", "problems", "orders", "accuracy", "accuracy_ci95",
+                "tokens_per_problem", "samples_per_problem", "latency_per_problem"} <= set(r)
+        assert r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1]
+        assert r["problems"] == 12 and r["orders"] == 2 and r["pool"] == "toy"
+    assert "vs" not in runs[0] and runs[1]["vs"]["policy"] == "sc:n=1"
+    assert runs[1]["vs"]["tokens_ratio"] == pytest.approx(
+        runs[1]["tokens_per_problem"] / runs[0]["tokens_per_problem"])
+
+
+def test_fixed_plans_and_spec_errors():
+    assert fixed_plan("sc:n=all").solutions is None
+    assert fixed_plan("sc:n=8").solutions == 8
+    assert fixed_plan("genrm:s=all,v=2").verifications == 2
+    assert fixed_plan("sc:n=8,max_failures=2") is None  # runtime engine
+    assert fixed_plan("ac") is None
+    src = ReplaySource(random_pool(7))
+    with pytest.raises(ConfigError, match="needs verifications"):
+        replay_pool(src, ["genrm:s=2,v=1"], ReplayConfig(orders=1, workers=1))
+    with pytest.raises(ConfigError, match="unknown policy"):
+        replay_pool(src, ["nope"], ReplayConfig(orders=1, workers=1))
+
+
+# ---- the shipped pools -----------------------------------------------------------------
+
+#: maj@N from the data README (most frequent whitespace-stripped pred over all samples)
+README_MAJ = {
+    "AM-Thinking-v1": 0.900, "Datarus-R1-14B-preview": 0.733, "EXAONE-Deep-32B": 0.867,
+    "LIMO-v2": 0.800, "MetaStone-S1-32B": 0.867, "NVIDIA-Nemotron-Nano-9B-v2": 0.867,
+    "Phi-4-reasoning": 0.867, "Qwen3-14B": 0.867, "Qwen3-30B-A3B-Thinking-2507": 0.933,
+    "Qwen3-4B": 0.800, "gpt-oss-20b": 0.900,
+}
+
+
+@needs_data
+def test_sc_all_reproduces_each_aime_pool_majority_vote_exactly():
+    cfg = ReplayConfig(orders=3, workers=1, bootstrap=100)
+    for model, maj in README_MAJ.items():
+        src = ReplaySource(load_pool(DATA / "pools" / f"boinf_aime2024_{model}.jsonl"))
+        (out,) = replay_pool(src, ["sc:n=all"], cfg)
+        # the same answer in every order (ties go to the answer first in the pool)
+        assert np.all(out.correct == out.correct[0])
+        assert round(float(out.correct.mean()), 3) == maj, model
+        assert np.all(out.samples == src.pool.arrays.n)
+
+
+@needs_data
+@pytest.mark.parametrize("concurrency", [1, 16])
+def test_ac_and_esc_run_on_an_aime_pool(concurrency):
+    src = ReplaySource(load_pool(DATA / "pools" / "boinf_aime2024_Qwen3-4B.jsonl"))
+    cfg = ReplayConfig(orders=2, workers=1, concurrency=concurrency, bootstrap=100)
+    runs = summarise(replay_pool(src, ["sc:n=all", "ac:threshold=0.95", "esc:window=5"], cfg),
+                     cfg)
+    sc, ac, esc = runs
+    for r in (ac, esc):
+        assert r["engine"] == "runtime" and "errors" not in r
+        assert 4 <= r["samples_per_problem"] < sc["samples_per_problem"]
+        assert r["tokens_per_problem"] < 0.5 * sc["tokens_per_problem"]
+        assert r["accuracy"] >= sc["accuracy"] - 0.1
