@@ -91,6 +91,17 @@ def _int_list(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}"
+                                         ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
 def _add_pool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", action="append", required=True, type=Path, metavar="FILE",
                    help="pool JSONL (repeatable)")
@@ -156,6 +167,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Monte Carlo draws of V-subsets of the readings (default 8)")
     cm.add_argument("--bootstrap", type=_positive_int, default=1000,
                     help="bootstrap resamples for the exponent CIs (default 1000)")
+
+    ca = sub.add_parser("calibrate", help="pick a policy threshold on --fit pools for a "
+                        "target agreement with sc:n=all; report it on --holdout pools")
+    ca.add_argument("--fit", action="append", required=True, type=Path, metavar="FILE",
+                    help="pool the threshold is chosen on (repeatable)")
+    ca.add_argument("--holdout", action="append", default=[], type=Path, metavar="FILE",
+                    help="pool the choice is checked on (repeatable)")
+    ca.add_argument("--policy", default="adaptive:max=all,confidence={}",
+                    help="policy template with {} for the value "
+                         "(default adaptive:max=all,confidence={})")
+    ca.add_argument("--grid", type=_float_list,
+                    default=(0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98),
+                    metavar="X1,X2,...", help="values, cheapest first")
+    ca.add_argument("--target-agreement", type=_positive_float, default=0.97,
+                    help="required mean agreement with sc:n=all on --fit (default 0.97)")
+    ca.add_argument("--orders", type=_positive_int, default=20,
+                    help="random sample orders per problem (default 20)")
+    ca.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ca.add_argument("--concurrency", type=_positive_int, default=None,
+                    help="samples in flight per problem (default: no cap)")
+    ca.add_argument("--decode-rate", type=_positive_float, default=50.0,
+                    help="simulated tokens per second per sample (default 50)")
+    ca.add_argument("--workers", type=_positive_int, default=None,
+                    help="processes for the runtime engine (default: one per CPU)")
+    ca.add_argument("--json", type=Path, default=None, metavar="OUT", help="write JSON here")
+    ca.add_argument("--markdown", type=Path, default=None, metavar="OUT.md",
+                    help="write the Markdown report")
 
     rec = sub.add_parser("record", help="record a pool from a live endpoint (resumable)")
     rec.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint")
@@ -337,6 +375,31 @@ def _record(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def _calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from benchmarks.calibrate import calibrate, markdown
+    from benchmarks.pools import load_pool
+    from benchmarks.replay import ReplayConfig
+    from benchmarks.source import ReplaySource
+
+    cfg = ReplayConfig(orders=args.orders, seed=args.seed, concurrency=args.concurrency,
+                       decode_rate=args.decode_rate, workers=args.workers)
+
+    def sources(paths: Sequence[Path]) -> list[Any]:
+        return [ReplaySource(load_pool(p), seed=args.seed) for p in paths]
+
+    result = calibrate(sources(args.fit), sources(args.holdout), args.policy, args.grid,
+                       args.target_agreement, cfg)
+    result["command"] = _command_line(argv)
+    text = markdown(result)
+    if args.json:
+        _write_json(args.json, result)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(f"```\n{result['command']}\n```\n\n{text}", encoding="utf-8")
+    print(text, end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``solverify bench``; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -348,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _compute_matched(args, args_list)
     if args.command == "record":
         return _record(args)
+    if args.command == "calibrate":
+        return _calibrate(args, args_list)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -60,7 +60,7 @@ __all__ = [
     "sweep",
 ]
 
-METRICS = ("correct", "tokens", "samples", "latency", "cancelled")
+METRICS = ("correct", "tokens", "samples", "latency", "cancelled", "agree")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,13 +146,12 @@ def fixed_plan(spec: str) -> FixedPlan | None:
 
 
 def policy_for(spec: str, pool_size: int | None = None) -> Any:
-    """A policy object for the runtime engine; ``n=all`` / ``s=all`` become the pool size."""
-    plan = fixed_plan(spec)
-    if plan is not None and plan.solutions is None:
+    """A policy object for the runtime engine. In a replay every ``=all`` parameter means
+    the pool size (``sc:n=all``, ``genrm:s=all``, ``ac:max=all``, ``adaptive:max=all``)."""
+    if "=all" in spec.replace(" ", ""):
         if pool_size is None:
             raise ConfigError(f"{spec!r} needs the pool size")
-        spec = (f"sc:n={pool_size}" if plan.kind == "sc"
-                else f"genrm:s={pool_size},v={plan.verifications}")
+        spec = re.sub(r"=\s*all\b", f"={pool_size}", spec)
     return parse_policy(spec)
 
 
@@ -162,7 +161,8 @@ class PolicyOutcome:
 
     ``correct`` is 1.0/0.0 (NaN when ungraded); ``tokens`` are completion tokens charged;
     ``samples`` finished solutions; ``latency`` simulated seconds; ``cancelled`` samples cut
-    by a stop.
+    by a stop; ``agree`` 1.0 when the answer is the one ``sc:n=all`` gives on the whole
+    pool (see :func:`full_majority`).
     """
 
     pool: str
@@ -173,6 +173,7 @@ class PolicyOutcome:
     samples: np.ndarray
     latency: np.ndarray
     cancelled: np.ndarray
+    agree: np.ndarray
     errors: int = 0
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -228,6 +229,18 @@ def _majority(src: ReplaySource, counts: np.ndarray) -> tuple[np.ndarray, np.nda
     return winner, has
 
 
+def full_majority(src: ReplaySource) -> np.ndarray:
+    """Per problem, the key id ``sc:n=all`` answers on the whole pool (-1: no answer);
+    ties go to the key that occurs first in the pool."""
+    a = src.pool.arrays
+    counts = _votes(a.key[None], a.valid[None], a.key_correct.shape[1])[0]
+    return np.where(counts.max(-1) > 0, counts.argmax(-1), -1)
+
+
+def _agree(src: ReplaySource, winner: np.ndarray, has: np.ndarray) -> np.ndarray:
+    return (np.where(has, winner, -1) == full_majority(src)[None, :]).astype(float)
+
+
 def _key_correct(src: ReplaySource, winner: np.ndarray, has: np.ndarray) -> np.ndarray:
     kc = src.pool.arrays.key_correct  # (P, K)
     R = winner.shape[0]
@@ -252,6 +265,7 @@ def _vector_sc(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig) -> dict[st
         "samples": active.sum(-1).astype(float),
         "latency": _schedule(durations, active, cfg.concurrency),
         "cancelled": np.zeros((R, P)),
+        "agree": _agree(src, winner, has),
     }
 
 
@@ -298,6 +312,7 @@ def _vector_genrm(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig
         "samples": active.sum(-1).astype(float),
         "latency": latency,
         "cancelled": np.zeros((R, P)),
+        "agree": _agree(src, winner, has),
     }
 
 
@@ -349,10 +364,13 @@ async def _run_problems(src: ReplaySource, policy: Any, order: int, cfg: ReplayC
     return [t.result() for t in tasks]
 
 
-def _row(results: Sequence[SolveResult]) -> tuple[np.ndarray, int]:
+def _row(src: ReplaySource, results: Sequence[SolveResult]) -> tuple[np.ndarray, int]:
     out = np.zeros((len(METRICS), len(results)))
     errors = 0
+    full = full_majority(src)
+    keys = src.pool.arrays.keys
     for i, r in enumerate(results):
+        out[5, i] = float(r.key == keys[i][full[i]] if full[i] >= 0 else r.key is None)
         out[0, i] = math.nan if r.correct is None else float(r.correct)
         out[1, i] = r.usage.completion_tokens
         out[2, i] = len(r.solutions)
@@ -373,7 +391,7 @@ def run_runtime_order(src: ReplaySource, spec: str, order: int, cfg: ReplayConfi
     policy = policy_for(spec, int(src.pool.arrays.n.max()))
     with asyncio.Runner(loop_factory=SimulatedClockLoop) as runner:
         results = runner.run(_run_problems(src, policy, order, cfg))
-    return _row(results)
+    return _row(src, results)
 
 
 _SOURCES: dict[int, ReplaySource] = {}
@@ -436,7 +454,7 @@ def _engine_for(spec: str, src: ReplaySource, cfg: ReplayConfig) -> str:
 def _check_spec(spec: str, src: ReplaySource) -> None:
     plan = fixed_plan(spec)
     if plan is None:
-        parse_policy(spec)  # raises ConfigError with what is valid
+        policy_for(spec, int(src.pool.arrays.n.max()))  # ConfigError says what is valid
     elif plan.kind == "genrm" and not src.can_verify:
         raise ConfigError(f"{spec!r} needs verifications, and pool {src.name} has none; "
                           "use a pool with verifications or the simulated verifier")
@@ -458,7 +476,7 @@ def replay_pool(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig,
         m = _vector_sc(src, plan, cfg) if plan.kind == "sc" else _vector_genrm(src, plan, cfg)
         outcomes[spec] = PolicyOutcome(src.name, spec, "vectorised", m["correct"], m["tokens"],
                                        m["samples"], m["latency"], m["cancelled"],
-                                       wall_s=time.perf_counter() - t0)
+                                       m["agree"], wall_s=time.perf_counter() - t0)
         if progress:
             progress(cfg.orders)
     if runtime_specs:
@@ -521,6 +539,7 @@ def summarise(outcomes: Sequence[PolicyOutcome], cfg: ReplayConfig, *, extra: di
             "tokens_ci95": _ci(tok_p[idx].mean(1)),
             "latency_ci95": _ci(lat_p[idx].mean(1)),
             "cancelled_per_problem": float(o.cancelled.mean()),
+            "agreement_with_full_sc": float(o.agree.mean()),
             "engine": o.engine,
             "concurrency": cfg.concurrency,
         }

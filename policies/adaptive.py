@@ -82,20 +82,22 @@ class Adaptive:
     Parameters (spec keys in brackets):
       * ``width`` [width]: samples kept in flight (default 8).
       * ``confidence`` [confidence]: stop when P(the leader is still ``sc:n=max``'s answer)
-        ≥ confidence (default 0.85, calibrated with ``solverify bench calibrate`` on the
-        AIME 2024 pools; see README).
+        ≥ confidence (default 0.9: the cheapest value reaching 97.5% agreement with
+        ``sc:n=all`` on half of the AIME 2024 pools with ``solverify bench calibrate``;
+        README "Benchmarks" shows how it holds on the other pools).
       * ``max`` [max]: the horizon — the ``sc:n=max`` this policy approximates, and the most
         samples it will take (default 64).
       * ``min_votes`` [min_votes]: never stop (except exactly) before the leader has this
-        many votes (default 2).
+        many votes (default 3: two agreeing samples out of a long horizon are too often a
+        coincidence of two quick, wrong traces).
       * ``prior`` [prior]: Dirichlet pseudo-count (default 1.0).
       * ``max_failures`` [max_failures]: broken samples replaced (default ``max``).
     """
 
     width: int = 8
-    confidence: float = 0.85
+    confidence: float = 0.9
     max: int = 64
-    min_votes: int = 2
+    min_votes: int = 3
     prior: float = 1.0
     max_failures: int | None = None
 

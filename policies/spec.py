@@ -144,3 +144,19 @@ def _ensure_builtins() -> None:
                help="broken samples replaced (default max, or 8)")),
         "Early-Stopping SC (Li et al. 2024): stop when a window of samples is unanimous",
     )
+    from policies import adaptive
+
+    register(
+        "adaptive", adaptive.Adaptive,
+        (Param("width", "width", int, default=8, help="samples kept in flight"),
+         Param("confidence", "confidence", float, default=0.9,
+               help="stop when P(leader is still sc:n=max's answer) >= confidence"),
+         Param("max", "max", int, default=64,
+               help="horizon: the sc:n=max approximated, and the sample cap "
+                    "(in replays 'all' = the pool size)"),
+         Param("min_votes", "min_votes", int, default=3,
+               help="votes the leader needs before a probabilistic stop"),
+         Param("prior", "prior", float, default=1.0, help="Dirichlet pseudo-count"),
+         Param("max_failures", "max_failures", int, help="broken samples replaced (default max)")),
+        "Adaptive: finite-horizon posterior stop, width samples in flight, stragglers cancelled",
+    )

@@ -1,0 +1,51 @@
+"""Calibration: the choice rule, the split scores, and a small real run."""
+
+import pytest
+
+from benchmarks.calibrate import calibrate, markdown, score_split, spec_for
+from benchmarks.replay import ReplayConfig
+from orchestrator.errors import ConfigError
+from tests.conftest_data import DATA, needs_data
+
+
+def run(pool, policy, acc, tokens, latency, agree):
+    return {"pool": pool, "policy": policy, "accuracy": acc, "tokens_per_problem": tokens,
+            "latency_per_problem": latency, "agreement_with_full_sc": agree}
+
+
+def test_score_split_medians_and_means():
+    report = {"runs": [
+        run("a", "sc:n=all", 0.8, 1000, 10, 1.0), run("a", "p", 0.7, 100, 5, 0.9),
+        run("b", "sc:n=all", 0.6, 1000, 10, 1.0), run("b", "p", 0.6, 500, 20, 0.96),
+        run("c", "sc:n=all", 0.5, 1000, 10, 1.0), run("c", "p", 0.5, 250, 10, 1.0),
+    ]}
+    (s,) = score_split(report, ["p"])
+    assert s.median_saving == pytest.approx(4.0)  # 10x, 2x, 4x
+    assert s.median_latency_ratio == pytest.approx(1.0)  # 0.5, 2, 1
+    assert s.accuracy_delta == pytest.approx(-0.1 / 3)
+    assert s.agreement == pytest.approx((0.9 + 0.96 + 1.0) / 3)
+
+
+def test_template_needs_a_slot():
+    assert spec_for("adaptive:confidence={}", 0.9) == "adaptive:confidence=0.9"
+    with pytest.raises(ConfigError, match=r"needs a '\{\}'"):
+        spec_for("adaptive", 0.9)
+
+
+@needs_data
+def test_calibrate_picks_cheapest_value_meeting_the_target():
+    from benchmarks.pools import load_pool
+    from benchmarks.source import ReplaySource
+
+    pool = DATA / "pools" / "live_capitals_gemma3-270m.jsonl"
+    fit = [ReplaySource(load_pool(pool, limit=12), seed=0)]
+    cfg = ReplayConfig(orders=2, workers=1, bootstrap=50)
+    result = calibrate(fit, fit, "adaptive:max=all,confidence={}", (0.5, 0.99), 1e-6, cfg)
+    assert result["chosen"] == "adaptive:max=all,confidence=0.5"  # the cheapest qualifies
+    assert result["target_met"] and "holdout" in result
+    strict = calibrate(fit, [], "adaptive:max=all,confidence={}", (0.5, 0.99), 1.0, cfg)
+    scores = {s["policy"]: s for s in strict["fit"]["scores"]}
+    careful = scores["adaptive:max=all,confidence=0.99"]
+    cheap = scores["adaptive:max=all,confidence=0.5"]
+    assert careful["median_token_saving_x"] <= cheap["median_token_saving_x"]
+    assert "Calibration of" in markdown(strict)
