@@ -154,6 +154,7 @@ def summarise(results, wall: float) -> dict:
         "errors": sum(1 for r in results if r.error),
         "no_answer": sum(1 for r in results if r.answer is None),
         "prompt_tokens": sum(r.usage.prompt_tokens for r in results),
+        "cached_prompt_tokens": _sum_known(r.usage.cached_prompt_tokens for r in results),
         "completion_tokens": sum(r.usage.completion_tokens for r in results),
         "tokens_estimated": any(r.usage.estimated for r in results),
         "solution_tokens": sum(r.solution_tokens for r in results),
@@ -168,9 +169,16 @@ def summarise(results, wall: float) -> dict:
     }
 
 
+def _sum_known(values) -> int | None:
+    """Sum of the values that are not None; None when all are."""
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
 def print_summary(summary: dict, policy: str, out: Path, file=sys.stdout) -> None:
     acc = summary["accuracy"]
     lam = summary["lambda"]
+    cached = summary.get("cached_prompt_tokens")
     lines = [
         f"policy            {policy}",
         f"problems          {summary['problems']}"
@@ -182,7 +190,8 @@ def print_summary(summary: dict, policy: str, out: Path, file=sys.stdout) -> Non
         f"  (solutions {summary['solution_tokens']}, verifications "
         f"{summary['verification_tokens']})"
         + ("  [partly estimated]" if summary["tokens_estimated"] else ""),
-        f"prompt tokens     {summary['prompt_tokens']}",
+        f"prompt tokens     {summary['prompt_tokens']}"
+        + (f"  ({cached} served from the prefix cache)" if cached is not None else ""),
         f"requests          {summary['requests']}"
         f"  (cancelled samples {summary['cancelled_samples']}, failed {summary['failed_samples']})",
         "lambda (measured) " + (f"{lam:.3f}" if lam is not None else "n/a (no verifications)"),

@@ -4,7 +4,9 @@ One :class:`RequestRecord` per HTTP request, charged as its stream arrives. A re
 completion tokens are the server's latest own count when it sent one (final usage chunk,
 or vLLM's continuous per-chunk usage), else the sum of per-delta counts (flagged
 ``estimated`` when those were estimates). A record is closed exactly once, so a cancelled
-stream is charged what it generated up to the cut, never twice.
+stream is charged what it generated up to the cut, never twice. Prompt tokens served from
+the server's prefix cache are recorded when the server reports them
+(``Usage.cached_prompt_tokens``).
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ class RequestRecord:
     server_prompt: int | None = None
     server_completion: int | None = None
     server_final: bool = False
+    server_cached: int | None = None
     outcome: str | None = None  # None while open; "ok" | "cancelled" | "failed"
 
     def add_delta(self, tokens: int, estimated: bool) -> None:
         self.counted_completion += tokens
         self.counted_estimated = self.counted_estimated or estimated
 
-    def add_usage(self, prompt: int, completion: int, final: bool) -> None:
+    def add_usage(self, prompt: int, completion: int, final: bool,
+                  cached_prompt: int | None = None) -> None:
         self.server_prompt = prompt
+        if cached_prompt is not None:
+            self.server_cached = cached_prompt
         # running counts only grow; a final report is authoritative
         if final or self.server_completion is None or completion >= self.server_completion:
             self.server_completion = completion
@@ -51,7 +57,8 @@ class RequestRecord:
             estimated = self.counted_estimated
         # without any server report the prompt size is unknown: 0, flagged estimated
         prompt = self.server_prompt if self.server_prompt is not None else 0
-        return Usage(prompt, completion, estimated or self.server_prompt is None)
+        return Usage(prompt, completion, estimated or self.server_prompt is None,
+                     self.server_cached)
 
     def close(self, outcome: str) -> None:
         if self.outcome is not None:

@@ -6,10 +6,39 @@ Structure (one ``asyncio.TaskGroup`` per problem)::
                  ▲  policy.decide(snapshot)   ├─ request task
                  └── wake-up on every state change (sample/verification done or broken)
 
-On ``Stop`` every request still in flight is cancelled; leaving the TaskGroup waits for all
-of them, and each closes its stream in ``finally`` (the backend closes the HTTP
-connection, which makes vLLM abort the generation). When ``solve`` returns, no task it
-started is still running.
+On ``Stop`` every request still in flight is cut; leaving the TaskGroup waits for all of
+them, and each closes its stream in ``finally`` (the backend closes the HTTP connection,
+which makes vLLM abort the generation). When ``solve`` returns, no task it started is
+still running.
+
+Cutting a stream exactly
+------------------------
+A server counts a token when it generates it, not when the client reads it. vLLM steps
+every running request together, so when one stream's last token arrives, the other
+streams' tokens of that same step are usually still on their way: closing them at once
+leaves those tokens counted by the server and missing from the ledger. A backend whose
+``cut_grace`` attribute is > 0 (the OpenAI-compatible one) therefore gets a *settled cut*
+on ``Stop``:
+
+* a request not yet sent (waiting for a concurrency slot) is dropped at once;
+* a sent request is read to the end of its next burst (one burst: the chunks of one
+  engine step; waiting at most ``cut_grace`` s for it, else it is cancelled outright) and
+  closed, unless more data had already arrived behind that burst (it comes within
+  :data:`CUT_DRAIN_S`): then the reader was behind, and it reads on through the backlog
+  and one burst that arrives live after it, and closes then. With ``n > 1`` vLLM writes
+  one chunk per choice, in index order: a burst ends with the usage of a chunk of the last
+  running choice (for ``n = 1``: every chunk is a burst), or when nothing more arrives
+  within :data:`CUT_QUIET_S`.
+
+The close then comes right after a step's last chunk was delivered, before the next
+step's tokens exist, so the ledger ends equal to the server's count. A reader that keeps
+up lets each cut stream run at most one engine step past the ``Stop`` (charged), and the
+``Stop`` takes at most a step longer. What remains assumed: the abort reaches the server
+before its next step is done (the bundled CPU server steps every 40 ms or more).
+Tokens read while settling are charged; a choice that finishes while settling is not a
+solution (the policy has stopped), it is recorded as cancelled with all its tokens.
+Backends without ``cut_grace`` (fake, replay: they count only what they hand over) are
+cancelled at once.
 """
 
 from __future__ import annotations
@@ -24,7 +53,13 @@ from dataclasses import dataclass, field
 import structlog
 from asyncio_throttle import Throttler
 
-from orchestrator.backends.base import Backend, GenerationRequest, TextDelta, UsageReport
+from orchestrator.backends.base import (
+    Backend,
+    GenerationRequest,
+    StreamEvent,
+    TextDelta,
+    UsageReport,
+)
 from orchestrator.decisions import Decision, Sample, Stop, Verify
 from orchestrator.errors import (
     BackendError,
@@ -68,6 +103,11 @@ log = structlog.get_logger("solverify.runtime")
 FATAL_ERRORS: tuple[type[BackendError], ...] = (EndpointUnreachable, ModelNotFound, RequestRejected)
 #: largest ``n`` put in one request; bigger ``Sample(k)`` are split
 DEFAULT_MAX_N = 16
+#: settling a cut stream (see "Cutting a stream exactly"): a pause this long (s) ends a
+#: burst of chunks ...
+CUT_QUIET_S = 0.01
+#: ... and data that comes sooner than this after a burst had already arrived
+CUT_DRAIN_S = 0.002
 
 
 class Limiter:
@@ -139,6 +179,7 @@ class SolveResult:
             "reason": self.reason,
             "error": self.error,
             "prompt_tokens": self.usage.prompt_tokens,
+            "cached_prompt_tokens": self.usage.cached_prompt_tokens,
             "completion_tokens": self.usage.completion_tokens,
             "tokens_estimated": self.usage.estimated,
             "solution_tokens": self.solution_tokens,
@@ -194,6 +235,8 @@ class _Request:
     started_at: float
     solution: Solution | None = None
     task: asyncio.Task | None = None
+    sent: bool = False  # holds a concurrency slot: the request may be on the server
+    cut: bool = False  # the problem stopped: read to the end of the next burst, then close
 
 
 def policy_name(policy: object) -> str:
@@ -360,14 +403,16 @@ class _ProblemRun:
         outcome = "failed"
         error: BackendError | None = None
         try:
-            async with self.limiter.slot(), self.backend.stream(req.request) as stream:
-                async for event in stream:
-                    if isinstance(event, TextDelta):
-                        self._on_delta(req, event)
-                    elif isinstance(event, UsageReport):
-                        req.record.add_usage(event.prompt_tokens, event.completion_tokens,
-                                             event.final)
-            outcome = "ok"
+            async with self.limiter.slot():
+                req.sent = True
+                async with self.backend.stream(req.request) as stream:
+                    events = aiter(stream)
+                    async for event in events:
+                        if req.cut:
+                            await self._settle(req, events, event)
+                            break
+                        self._on_event(req, event)
+            outcome = "cancelled" if req.cut else "ok"
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -375,6 +420,61 @@ class _ProblemRun:
             error = exc
         finally:
             self._close_request(req, outcome, error)
+
+    def _on_event(self, req: _Request, event: StreamEvent) -> None:
+        if isinstance(event, TextDelta):
+            self._on_delta(req, event)
+        elif isinstance(event, UsageReport):
+            req.record.add_usage(event.prompt_tokens, event.completion_tokens, event.final,
+                                 event.cached_prompt_tokens)
+
+    async def _settle(self, req: _Request, events: AsyncIterator[StreamEvent],
+                      event: StreamEvent) -> None:
+        """The settled cut of one stream, from ``event``, the first one after the cut
+        (see the module docstring)."""
+        behind = False  # data was waiting behind a burst: the reader had fallen behind
+        while await self._read_burst(req, events, event):
+            probe = asyncio.create_task(_next_event(events))
+            try:
+                received, _ = await asyncio.wait({probe}, timeout=CUT_DRAIN_S)
+                if not received and not behind:
+                    return  # nothing more had arrived: close right after the latest chunk
+                nxt = await probe
+                if nxt is None:
+                    return
+                if not received:  # arrived live after draining a backlog: read it, close
+                    await self._read_burst(req, events, nxt)
+                    return
+                behind, event = True, nxt
+            finally:
+                if not probe.done():  # the stream's iterator must be idle before it is closed
+                    probe.cancel()
+                    await _wait_out(probe)
+
+    async def _read_burst(self, req: _Request, events: AsyncIterator[StreamEvent],
+                          event: StreamEvent) -> bool:
+        """Charge ``event`` and the rest of its step's burst. True when the burst ended on
+        its last running choice's usage (by index: vLLM writes a step's choices in index
+        order), so the stream may be read on; False when the stream ended or went quiet
+        for :data:`CUT_QUIET_S` (which ends the stream's iterator). Only chunks that
+        carried tokens count: a chat stream's role chunk comes just before the first
+        token's."""
+        last_choice: int | None = None  # choice of the latest delta that carried tokens
+        while True:
+            self._on_event(req, event)
+            if isinstance(event, TextDelta) and event.tokens > 0:
+                last_choice = event.choice
+            elif isinstance(event, UsageReport):
+                if event.final:
+                    return False
+                running = [i for i, c in enumerate(req.choices) if not c.done]
+                if last_choice is not None and last_choice == max(running, default=-1):
+                    return True
+            try:
+                async with asyncio.timeout(CUT_QUIET_S):
+                    event = await anext(events)
+            except (TimeoutError, StopAsyncIteration):
+                return False
 
     def _on_delta(self, req: _Request, delta: TextDelta) -> None:
         if not 0 <= delta.choice < len(req.choices):
@@ -389,7 +489,7 @@ class _ProblemRun:
         choice.tokens += delta.tokens
         choice.logprobs.extend(delta.logprobs)
         req.record.add_delta(delta.tokens, delta.estimated)
-        if delta.finish_reason is not None:
+        if delta.finish_reason is not None and not req.cut:
             choice.done = True
             self._finish_choice(req, choice, delta.finish_reason)
 
@@ -475,6 +575,7 @@ class _ProblemRun:
         async with asyncio.TaskGroup() as tg:
             try:
                 stop, error = await self._loop_until_stop(tg)
+                await self._cut_in_flight()
             except Exception as exc:  # re-raised below, unwrapped, once the group is closed
                 failure = exc
             finally:
@@ -484,6 +585,24 @@ class _ProblemRun:
         if failure is not None:
             raise failure
         return stop, error
+
+    async def _cut_in_flight(self) -> None:
+        """The settled cut of everything in flight (module docstring); what is left after
+        the backend's ``cut_grace`` is cancelled by the caller."""
+        grace = getattr(self.backend, "cut_grace", 0.0) or 0.0
+        if grace <= 0 or not self.open:
+            return
+        waiting = []
+        for req in list(self.open.values()):
+            req.cut = True
+            if req.task is None:
+                continue
+            if req.sent:
+                waiting.append(req.task)
+            else:
+                req.task.cancel()  # never reached the server: nothing to settle
+        if waiting:
+            await asyncio.wait(waiting, timeout=grace)
 
     async def _loop_until_stop(self, tg: asyncio.TaskGroup) -> tuple[Stop, str | None]:
         while True:
@@ -536,6 +655,27 @@ class _ProblemRun:
             usage, result.requests, len(self.solutions), len(self.verifications), error,
         ))
         return result
+
+
+async def _next_event(events: AsyncIterator[StreamEvent]) -> StreamEvent | None:
+    try:
+        return await anext(events)
+    except StopAsyncIteration:
+        return None
+
+
+async def _wait_out(task: asyncio.Task) -> None:
+    """Wait until ``task`` (already cancelled) is done, even if this task is cancelled
+    meanwhile (a TaskGroup cancels its children again when it aborts); a cancellation
+    received while waiting is raised afterwards."""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _majority_stop(solutions: Iterable[Solution], why: str) -> Stop:

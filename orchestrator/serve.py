@@ -599,7 +599,7 @@ class VLLMServer:
             raise ServeError(
                 f"the vLLM server is not provisioned under {self.paths.cache_dir}",
                 "run `python -m orchestrator.serve provision` (or `solverify serve "
-                "--provision`), or pass --base-url to use your own vLLM",
+                "provision`), or pass --base-url to use your own vLLM",
             )
         if _port_in_use(self.host, self.port):
             raise ServeError(

@@ -37,21 +37,28 @@ class Usage:
 
     ``estimated`` is true when some completion tokens were counted without the server's
     own usage report (e.g. one token per streamed chunk from a server that sends no usage).
+    ``cached_prompt_tokens`` is how many of the prompt tokens the server served from its
+    prefix cache (``usage.prompt_tokens_details.cached_tokens``); ``None`` when no server
+    said (vLLM reports it only with ``--enable-prompt-tokens-details``). A sum is ``None``
+    only when no part reported it.
     """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     estimated: bool = False
+    cached_prompt_tokens: int | None = None
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
     def __add__(self, other: Usage) -> Usage:
+        mine, theirs = self.cached_prompt_tokens, other.cached_prompt_tokens
         return Usage(
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
             self.estimated or other.estimated,
+            None if mine is None and theirs is None else (mine or 0) + (theirs or 0),
         )
 
 

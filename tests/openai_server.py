@@ -12,6 +12,10 @@ vLLM where that matters to solverify:
   above which the request is rejected with 400, as vLLM does).
 * A client that goes away aborts its request: generation stops, ``requests_aborted``
   counts it, and ``generation_tokens_total`` only counts tokens actually generated.
+* ``prefix_cache_block=B`` imitates vLLM's automatic prefix caching as reported with
+  ``--enable-prompt-tokens-details``: the closing usage (and a plain JSON body's usage)
+  carries ``prompt_tokens_details.cached_tokens``, the longest word prefix shared with an
+  earlier prompt, in whole blocks of ``B`` words, always leaving the last word uncached.
 
 What the server answers is scripted by a ``responder``: a callable from the request's
 JSON body to one list of tokens per choice (``str`` or :class:`Tok` with a logprob and
@@ -159,6 +163,7 @@ class OpenAIServer:
         ignore_n: bool = False,
         reject_continuous_usage: bool = False,
         reject_stream_options: bool = False,
+        prefix_cache_block: int | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -169,6 +174,8 @@ class OpenAIServer:
         self.ignore_n = ignore_n
         self.reject_continuous_usage = reject_continuous_usage
         self.reject_stream_options = reject_stream_options
+        self.prefix_cache_block = prefix_cache_block
+        self._seen_prompts: list[list[str]] = []
         self.host = host
         self._port = port
         self._failures: list[_Failure] = []
@@ -275,6 +282,23 @@ class OpenAIServer:
 
     def _touch(self) -> None:
         self._changed.set()
+
+    def _cached_tokens(self, body: Mapping[str, Any]) -> int | None:
+        """Prompt words served from the imitated prefix cache (None: caching not reported)."""
+        if self.prefix_cache_block is None:
+            return None
+        words = prompt_text(body).split()
+        shared = 0
+        for seen in self._seen_prompts:
+            common = 0
+            for a, b in zip(seen, words, strict=False):
+                if a != b:
+                    break
+                common += 1
+            shared = max(shared, common)
+        self._seen_prompts.append(words)
+        block = self.prefix_cache_block
+        return min(shared, max(len(words) - 1, 0)) // block * block
 
     # ------------------------------------------------------------------ handlers
     async def _models(self, request: web.Request) -> web.Response:
@@ -392,16 +416,23 @@ class OpenAIServer:
         n = 1 if self.ignore_n else int(body.get("n") or 1)
         script = self._script(body, n)
         prompt_tokens = _count_prompt_tokens(body)
+        cached = self._cached_tokens(body)
         self._stats.prompt_tokens_total += prompt_tokens
         if body.get("stream"):
-            return await self._stream(request, body, script, prompt_tokens, chat=chat)
-        return await self._full(body, script, prompt_tokens, chat=chat)
+            return await self._stream(request, body, script, prompt_tokens, cached, chat=chat)
+        return await self._full(body, script, prompt_tokens, cached, chat=chat)
 
     def _lp_k(self, body: Mapping[str, Any], chat: bool) -> int | None:
         return self._requested_logprobs(body, chat)
 
     async def _full(
-        self, body: Mapping[str, Any], script: list[list[Tok]], prompt_tokens: int, *, chat: bool
+        self,
+        body: Mapping[str, Any],
+        script: list[list[Tok]],
+        prompt_tokens: int,
+        cached: int | None,
+        *,
+        chat: bool,
     ) -> web.Response:
         self._stats.requests_running += 1
         try:
@@ -444,7 +475,7 @@ class OpenAIServer:
                 "created": int(time.time()),
                 "model": body.get("model"),
                 "choices": choices,
-                "usage": _usage(prompt_tokens, generated),
+                "usage": _usage(prompt_tokens, generated, cached),
             }
         )
 
@@ -454,6 +485,7 @@ class OpenAIServer:
         body: Mapping[str, Any],
         script: list[list[Tok]],
         prompt_tokens: int,
+        cached: int | None,
         *,
         chat: bool,
     ) -> web.StreamResponse:
@@ -553,7 +585,7 @@ class OpenAIServer:
                     if drop_at is not None and total >= drop_at:
                         raise _Drop
             if include_usage:
-                await send(chunk([], _usage(prompt_tokens, sum(produced))))
+                await send(chunk([], _usage(prompt_tokens, sum(produced), cached)))
             await send(b"data: [DONE]\n\n")
             await response.write_eof()
             self._stats.requests_finished += 1
@@ -573,12 +605,15 @@ class OpenAIServer:
         return response
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {
+def _usage(prompt: int, completion: int, cached: int | None = None) -> dict[str, Any]:
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
 
 
 def _alternatives(tok: Tok, k: int) -> list[tuple[str, float]]:
@@ -678,8 +713,17 @@ class MathResponder:
         return [Tok(word, top[0][1], top)]
 
 
-async def _serve(host: str, port: int, delay: float, models: Sequence[str] | None) -> None:
-    server = OpenAIServer(MathResponder(), models=models, token_delay=delay, host=host, port=port)
+async def _serve(
+    host: str, port: int, delay: float, models: Sequence[str] | None, block: int | None
+) -> None:
+    server = OpenAIServer(
+        MathResponder(),
+        models=models,
+        token_delay=delay,
+        prefix_cache_block=block,
+        host=host,
+        port=port,
+    )
     async with server:
         print(f"serving OpenAI-compatible test server at {server.url}", flush=True)
         await asyncio.Event().wait()
@@ -696,9 +740,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="serve only this model name (repeatable); default: accept any name",
     )
+    parser.add_argument(
+        "--prefix-cache-block",
+        type=int,
+        default=None,
+        metavar="B",
+        help="report prompt_tokens_details.cached_tokens, imitating a prefix cache with "
+        "blocks of B words (default: not reported)",
+    )
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.host, args.port, args.delay, args.model))
+        asyncio.run(
+            _serve(args.host, args.port, args.delay, args.model, args.prefix_cache_block)
+        )
 
 
 if __name__ == "__main__":

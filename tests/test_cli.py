@@ -28,7 +28,8 @@ def server_url():
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.openai_server", "--port", str(port), "--model",
-         "test-model"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+         "test-model", "--prefix-cache-block", "4"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:
@@ -80,6 +81,10 @@ def test_run_genrm_reports_measured_lambda(server_url, tmp_path):
     assert float(line.split()[-1]) > 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert all(len(row["verifications"]) == 6 for row in rows)
+    # verifications share the problem+solution prefix: the server reports cache hits
+    cached = sum(row["cached_prompt_tokens"] for row in rows)
+    assert all(row["cached_prompt_tokens"] <= row["prompt_tokens"] for row in rows)
+    assert cached > 0 and f"({cached} served from the prefix cache)" in r.stdout
 
 
 @pytest.mark.parametrize(

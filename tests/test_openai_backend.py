@@ -514,3 +514,99 @@ def test_retry_decisions() -> None:
     assert not retry.is_retryable(ValueError())
     with pytest.raises(ValueError):
         retry.build_retrying(0)
+
+
+# ---------------------------------------------------------------------- prefix-cache reports
+async def test_cached_prompt_tokens_come_from_the_final_usage_chunk() -> None:
+    async with (
+        OpenAIServer(prefix_cache_block=2) as server,
+        OpenAIBackend(server.url, "test-model", capabilities=Capabilities()) as backend,
+    ):
+        prompt = "one two three four five six seven"
+        first = usages(await collect(backend, GenerationRequest("solve", 8, prompt=prompt)))
+        second = usages(
+            await collect(backend, GenerationRequest("solve", 8, prompt=prompt + " eight"))
+        )
+        chat_events = await collect(backend, chat())
+    assert first[-1].final and first[-1].cached_prompt_tokens == 0
+    assert second[-1].final and second[-1].cached_prompt_tokens == 6  # 7 shared, whole blocks
+    assert all(u.cached_prompt_tokens is None for u in second[:-1])  # running reports: not sent
+    assert usages(chat_events)[-1].cached_prompt_tokens is not None
+
+
+async def test_cached_prompt_tokens_absent_when_the_server_does_not_say(
+    make_backend: MakeBackend,
+) -> None:
+    events = await collect(make_backend(), completion())
+    assert usages(events)[-1].final and usages(events)[-1].cached_prompt_tokens is None
+
+
+async def test_run_charges_cached_prompt_tokens_per_request() -> None:
+    from orchestrator.runtime import solve
+    from orchestrator.types import Problem
+    from policies import SelfConsistency
+    from tests.helpers import WordTask
+
+    async with (
+        OpenAIServer(prefix_cache_block=1) as server,
+        OpenAIBackend(server.url, "test-model", capabilities=Capabilities()) as backend,
+    ):
+        problem = Problem(id="p", problem="alpha beta gamma delta")
+        result = await solve(problem, SelfConsistency(3), backend=backend, task=WordTask(),
+                             max_n=1)
+    # 3 separate requests of one 4-word prompt: the 2nd and 3rd find 3 words cached
+    assert result.requests == 3
+    assert result.usage.cached_prompt_tokens == 6
+    assert result.to_dict()["cached_prompt_tokens"] == 6
+
+
+# ---------------------------------------------------------------------- runtime cuts over HTTP
+class _OneShortReply:
+    """The first n=1 request after ``short_left`` is set answers in 3 tokens; every other
+    choice streams 300."""
+
+    def __init__(self) -> None:
+        self.short_left = 0
+
+    def __call__(self, body: Mapping[str, Any]) -> list[list[str | Tok]]:
+        n = int(body.get("n") or 1)
+        if n == 1 and self.short_left:
+            self.short_left -= 1
+            return [[" one", " two", " three"]]
+        return [[f" w{i}" for i in range(300)]]
+
+
+@pytest.mark.parametrize("max_n", [1, 3])
+async def test_a_cut_run_is_charged_exactly_what_the_server_generated(max_n: int) -> None:
+    """Long streams are cut when a short one finishes. The server steps them together, so at
+    the cut their tokens of that same step are in transit (counted by the server, not yet
+    read); the settled cut reads them before closing, and the ledger equals the server's
+    count."""
+    from orchestrator.decisions import Sample, Stop
+    from orchestrator.runtime import solve
+    from orchestrator.types import Problem
+    from tests.helpers import WordTask
+
+    class StopAtFirst:
+        spec = "stop-at-first"
+
+        def decide(self, s):
+            if s.solutions:
+                return [Stop(s.solutions[0].answer, "first")]
+            return [] if s.samples_launched else [Sample(4)]
+
+    reply = _OneShortReply()
+    async with (
+        OpenAIServer(reply, token_delay=0.01) as server,
+        OpenAIBackend(server.url, "test-model", capabilities=Capabilities()) as backend,
+    ):
+        for round_ in range(4):
+            reply.short_left = 1
+            before = server.generation_tokens_total
+            result = await solve(Problem(id=f"r{round_}", problem="q"), StopAtFirst(),
+                                 backend=backend, task=WordTask(max_tokens=300), max_n=max_n)
+            assert [s.text for s in result.solutions] == [" one two three"]
+            assert len(result.failed) == 3
+            assert await server.wait_until(lambda: server.requests_running == 0)
+            await asyncio.sleep(0.03)
+            assert result.usage.completion_tokens == server.generation_tokens_total - before

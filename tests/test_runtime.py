@@ -11,6 +11,7 @@ from orchestrator.backends.fake import FakeBackend, FakeReply, scripted
 from orchestrator.decisions import Sample, Stop
 from orchestrator.errors import ConfigError, ModelNotFound, PolicyError, StreamBroken
 from orchestrator.events import (
+    DecisionMade,
     ProblemDone,
     RequestFinished,
     RequestStarted,
@@ -348,3 +349,156 @@ async def test_problems_that_settle_early_leave_budget_to_the_others():
     # what it did not spend went to the hard problem, which got all 8 samples
     assert hard.reason == "done" and hard.usage.completion_tokens == 40
     assert easy.usage.completion_tokens + hard.usage.completion_tokens <= 48
+
+
+# ---- settled cut: backends whose server may have tokens in transit (cut_grace > 0) ----
+
+
+@dataclass(frozen=True)
+class StopAtFirstRecording:
+    """StopAtFirst that also says, in its reason, what each cut sample had streamed."""
+
+    k: int
+    spec: str = "stop-at-first-recording"
+
+    def decide(self, s):
+        if s.solutions:
+            at_cut = ",".join(map(str, sorted(s.in_flight.sample_tokens)))
+            return [Stop(s.solutions[0].answer, at_cut, s.solutions[0].key)]
+        if s.samples_launched == 0:
+            return [Sample(self.k)]
+        return []
+
+
+async def test_settled_cut_reads_each_stream_to_its_next_chunk_then_closes():
+    replies = [FakeReply.text("one two three")] + [
+        FakeReply.text(" ".join(["w"] * 50), delay=0.005) for _ in range(3)
+    ]
+    backend = FakeBackend(scripted(replies))
+    backend.cut_grace = 1.0  # as a real HTTP backend does
+    events, sink = collect()
+    result = await solve(PROBLEM, StopAtFirstRecording(4), backend=backend, task=TASK,
+                         max_n=1, sinks=[sink])
+    at_cut = [int(x) for x in result.reason.split(",")]
+    cut = sorted(e.sample.completion_tokens for e in events if isinstance(e, SampleCancelled))
+    assert len(cut) == 3
+    assert cut == [t + 1 for t in at_cut]  # exactly one more chunk each, then closed
+    assert result.usage.completion_tokens == backend.generated_tokens
+    assert backend.aborted_streams == 3 and backend.open_streams == 0
+    finished = [e for e in events if isinstance(e, RequestFinished)]
+    assert sorted(e.outcome for e in finished) == ["cancelled"] * 3 + ["ok"]
+    assert other_tasks() == set()
+
+
+async def test_settled_cut_of_n_gt_1_reads_the_whole_burst():
+    short = FakeReply.text("one two three")
+    long = FakeReply.text(" ".join(["w"] * 50), delay=0.005)  # n=3 in lock-step
+    backend = FakeBackend(lambda req, i: short if req.n == 1 else long)
+    backend.cut_grace = 1.0
+    result = await solve(PROBLEM, StopAtFirstRecording(4), backend=backend, task=TASK,
+                         max_n=3)
+    assert [r.n for r in backend.requests] == [3, 1]
+    at_cut = [int(x) for x in result.reason.split(",")]
+    cut = sorted(f.completion_tokens for f in result.failed)
+    assert len(cut) == 3
+    assert cut == [t + 1 for t in at_cut]  # one whole burst (step) read, no more
+    assert result.usage.completion_tokens == backend.generated_tokens
+
+
+async def test_a_stream_silent_after_the_cut_is_cancelled_after_cut_grace():
+    hold = asyncio.Event()  # never set
+    replies = [FakeReply.text("one two three"),
+               FakeReply.text("a b c d e f", hold=hold, hold_after=2)]
+    backend = FakeBackend(scripted(replies))
+    backend.cut_grace = 0.2
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    result = await solve(PROBLEM, StopAtFirst(2), backend=backend, task=TASK, max_n=1)
+    took = loop.time() - t0
+    assert 0.2 <= took < 2.0
+    assert [f.completion_tokens for f in result.failed] == [2]
+    assert result.usage.completion_tokens == backend.generated_tokens == 5
+    assert backend.aborted_streams == 1 and other_tasks() == set()
+
+
+async def test_a_choice_finishing_while_settling_is_not_a_solution():
+    hold = asyncio.Event()  # released by the Stop: the held stream then finishes at once
+
+    def release_on_stop(event):
+        if isinstance(event, DecisionMade) and any(isinstance(d, Stop) for d in event.decisions):
+            hold.set()
+
+    replies = [FakeReply.text("one two three"),
+               FakeReply.text("four five six seven", hold=hold, hold_after=3)]
+    backend = FakeBackend(scripted(replies))
+    backend.cut_grace = 1.0
+    result = await solve(PROBLEM, StopAtFirst(2), backend=backend, task=TASK, max_n=1,
+                         sinks=[release_on_stop])
+    assert [s.answer for s in result.solutions] == ["three"]
+    assert [(f.reason, f.completion_tokens, f.partial_text) for f in result.failed] == [
+        ("cancelled", 4, "four five six seven")]
+    assert result.usage.completion_tokens == backend.generated_tokens == 7
+
+
+async def test_cancelling_solve_while_a_stream_settles_leaves_nothing_running():
+    """A stream that was behind at the cut is waited on for a live chunk; cancelling
+    ``solve`` then must end it cleanly (no ExceptionGroup, no task left)."""
+    from contextlib import asynccontextmanager
+
+    from orchestrator.backends.base import TextDelta, UsageReport
+
+    stopped = asyncio.Event()
+    waiting_live = asyncio.Event()
+
+    def on_stop(event):
+        if isinstance(event, DecisionMade) and any(isinstance(d, Stop) for d in event.decisions):
+            stopped.set()
+
+    class Backlogged:
+        cut_grace = 30.0
+
+        def __init__(self) -> None:
+            self.calls = 0
+            self.closed_streams = 0
+
+        @asynccontextmanager
+        async def stream(self, request):
+            self.calls += 1
+            first = self.calls == 1
+
+            async def events():
+                if first:  # the short answer that stops the problem
+                    for i, word in enumerate(["so", " seven"]):
+                        yield TextDelta(0, word, 1, finish_reason="stop" if i else None)
+                        yield UsageReport(3, i + 1, final=False)
+                    return
+                yield TextDelta(0, " w", 1)
+                yield UsageReport(3, 1, final=False)
+                await stopped.wait()
+                for i in range(1, 5):  # a backlog at the cut: all of it already received
+                    yield TextDelta(0, " w", 1)
+                    yield UsageReport(3, i + 1, final=False)
+                waiting_live.set()
+                await asyncio.sleep(3600)  # then silence: the settle waits for a live chunk
+
+            gen = events()
+            try:
+                yield gen
+            finally:
+                await gen.aclose()
+                self.closed_streams += 1
+
+        async def aclose(self) -> None:
+            pass
+
+    backend = Backlogged()
+    task = asyncio.create_task(solve(PROBLEM, StopAtFirst(2), backend=backend, task=TASK,
+                                     max_n=1, sinks=[on_stop]))
+    await asyncio.wait_for(waiting_live.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert not task.done()  # settling: the backlog read, waiting for a live chunk
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert backend.closed_streams == 2
+    assert other_tasks() == set()

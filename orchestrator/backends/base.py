@@ -17,6 +17,12 @@ Token accounting contract
   to the last chunk received.
 * Retries happen inside the backend only before the first event of a stream has been
   yielded; after that a failure raises :class:`~orchestrator.errors.StreamBroken`.
+* Optional ``cut_grace`` attribute (seconds): a backend whose server counts tokens that
+  may still be on their way when a stream is closed (a real HTTP server) sets it > 0, and
+  the runtime then settles each stream it stops before closing it (read to the end of the
+  next burst of chunks, waiting at most ``cut_grace``; see :mod:`orchestrator.runtime`).
+  Backends that count only what they hand over (fake, replay) leave it out: their streams
+  are cancelled at once.
 """
 
 from __future__ import annotations
@@ -74,11 +80,16 @@ class TextDelta:
 
 @dataclass(frozen=True, slots=True)
 class UsageReport:
-    """The server's own token count for the whole request so far (or at the end)."""
+    """The server's own token count for the whole request so far (or at the end).
+
+    ``cached_prompt_tokens``: prompt tokens served from the server's prefix cache, when the
+    server says (vLLM: in the final usage chunk only, with ``--enable-prompt-tokens-details``).
+    """
 
     prompt_tokens: int
     completion_tokens: int
     final: bool
+    cached_prompt_tokens: int | None = None
 
 
 StreamEvent = TextDelta | UsageReport

@@ -21,6 +21,12 @@ Token counts (see :mod:`orchestrator.backends.base` for the contract):
   (exact); else, with continuous usage on a one-choice chunk, the growth of that choice's
   running count (exact, also for ``n > 1``); else 1 per non-empty chunk
   (``estimated=True``).
+* Prompt tokens served from the prefix cache: ``usage.prompt_tokens_details.cached_tokens``
+  (vLLM sends it in the closing usage chunk when run with
+  ``--enable-prompt-tokens-details``) becomes ``UsageReport.cached_prompt_tokens``.
+* ``cut_grace`` (default :data:`DEFAULT_CUT_GRACE`) tells the runtime to settle a stream it
+  stops instead of closing it at once, because the server has counted tokens still on
+  their way (see :mod:`orchestrator.runtime`, "Cutting a stream exactly").
 
 Errors are translated at this boundary into :mod:`orchestrator.errors`, with ``from exc``.
 """
@@ -82,6 +88,9 @@ DEFAULT_TIMEOUT = 600.0
 CONNECT_TIMEOUT = 10.0
 """Seconds to establish a connection."""
 
+DEFAULT_CUT_GRACE = 1.0
+"""Seconds the runtime waits for a stopped stream's next chunk before cancelling it."""
+
 PROBE_TOP_LOGPROBS: tuple[int, ...] = (20, 5, 1)
 """``top_logprobs`` values the probe tries, largest first."""
 
@@ -101,6 +110,9 @@ class OpenAIBackend:
     ``capabilities=None`` makes the backend :meth:`probe` the endpoint on first use.
     ``rate_limit`` caps requests per second sent by this backend (retries and probes
     included); a global concurrency limit is the runtime's business, not this class's.
+    ``cut_grace``: how long the runtime may wait for a stopped stream's next chunk so that
+    it is charged exactly what the server generated (0: close at once, which may leave a
+    step's tokens, counted by the server, uncharged).
     """
 
     def __init__(
@@ -116,6 +128,7 @@ class OpenAIBackend:
         backoff_base: float = BACKOFF_BASE,
         backoff_cap: float = BACKOFF_CAP,
         retry_after_cap: float = RETRY_AFTER_CAP,
+        cut_grace: float = DEFAULT_CUT_GRACE,
     ) -> None:
         if not base_url:
             raise ConfigError("OpenAIBackend needs a base_url, e.g. http://127.0.0.1:8000/v1")
@@ -135,6 +148,7 @@ class OpenAIBackend:
             ("backoff_base", backoff_base),
             ("backoff_cap", backoff_cap),
             ("retry_after_cap", retry_after_cap),
+            ("cut_grace", cut_grace),
         ):
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a non-negative number of seconds, got {value!r}")
@@ -156,6 +170,7 @@ class OpenAIBackend:
         self._probe_lock = asyncio.Lock()
         self._throttler = _make_throttler(rate_limit)
         self._closed = False
+        self.cut_grace = cut_grace
 
     # ------------------------------------------------------------------ properties
     @property
@@ -654,7 +669,8 @@ class _ChunkDecoder:
         if usage is not None:
             prompt = _int(getattr(usage, "prompt_tokens", 0))
             if not choices:
-                events.append(UsageReport(prompt, completion, final=True))
+                events.append(UsageReport(prompt, completion, final=True,
+                                          cached_prompt_tokens=_cached_tokens(usage)))
             else:
                 if len(choices) == 1:
                     self._running[_int(getattr(choices[0], "index", 0))] = completion
@@ -663,6 +679,21 @@ class _ChunkDecoder:
                     total = completion
                 events.append(UsageReport(prompt, total, final=False))
         return events
+
+
+def _cached_tokens(usage: Any) -> int | None:
+    """``usage.prompt_tokens_details.cached_tokens``, or None when the server left it out."""
+    details = getattr(usage, "prompt_tokens_details", None)
+    if isinstance(details, Mapping):
+        cached = details.get("cached_tokens")
+    else:
+        cached = getattr(details, "cached_tokens", None)
+    if cached is None or isinstance(cached, bool):
+        return None
+    try:
+        return int(cached)
+    except (TypeError, ValueError):
+        return None
 
 
 def _int(value: Any) -> int:
@@ -741,10 +772,14 @@ async def _merge(
                 final=False,
             )
     if len(latest) == k and all(r.final for r in latest.values()):
+        cached = [r.cached_prompt_tokens for r in latest.values()]
         yield UsageReport(
             sum(r.prompt_tokens for r in latest.values()),
             sum(r.completion_tokens for r in latest.values()),
             final=True,
+            cached_prompt_tokens=None
+            if all(c is None for c in cached)
+            else sum(c or 0 for c in cached),
         )
 
 

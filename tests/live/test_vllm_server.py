@@ -1,7 +1,7 @@
 """orchestrator.serve: fast tests of its pure parts, and live tests against the real server.
 
-The ``live`` tests provision (idempotent: seconds once done, ~3 min from scratch) and start
-the bundled CPU vLLM once for this module (~45 s on the 2-core dev machine).
+The ``live`` tests use the live session's one server (``vllm_server`` in conftest.py:
+provisioned if needed, started once for the whole ``pytest -m live`` session).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -110,11 +109,9 @@ def test_stop_is_idempotent_without_start(tmp_path: Path) -> None:
 # --- live: the real server ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[VLLMServer]:
-    paths = serve.provision(progress=lambda line: print(line, flush=True))
-    with VLLMServer(paths) as srv:
-        yield srv
+@pytest.fixture
+def server(vllm_server: VLLMServer) -> VLLMServer:
+    return vllm_server
 
 
 def _settle(server: VLLMServer, limit: float = 1.0) -> float:
