@@ -1,6 +1,7 @@
 """The ``solverify`` command line.
 
     solverify run --base-url URL --model NAME --problems FILE.jsonl --policy SPEC --out OUT
+    solverify demo                # live: adaptive vs fixed policies on the bundled model
     solverify policies            # the policy-spec grammar and every policy
     solverify serve ...           # the bundled CPU vLLM (see DEVELOPERS.md)
     solverify bench ...           # record / replay / compute-matched benchmarks
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_task_args(run)
 
+    sub.add_parser("demo", help="live demo: adaptive vs fixed policies on the bundled CPU "
+                   "model (or --base-url/--model)", add_help=False)
     sub.add_parser("policies", help="list policies and the spec grammar")
     sub.add_parser("serve", help="provision / start / stop the bundled CPU vLLM server",
                    add_help=False)
@@ -307,6 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from orchestrator import serve
 
         return _guard(lambda: serve.main(argv[1:]))
+    if argv and argv[0] == "demo":
+        from orchestrator import demo
+
+        return _guard(lambda: demo.main(argv[1:]))
     if argv and argv[0] == "bench":
         from benchmarks import cli as bench_cli
 
