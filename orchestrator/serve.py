@@ -829,9 +829,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_status(paths)
         elif args.cmd == "stop":
             print("stopped" if stop_detached(paths) else "no server was running")
-    except ServeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except ServeError as exc:  # the message, then one "-> what to do" line
+        print(f"solverify: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
