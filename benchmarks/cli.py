@@ -23,103 +23,38 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import ConfigError
+from orchestrator.cli import add_endpoint_args, add_task_args
+from orchestrator.cliargs import (
+    beta_params,
+    float_list,
+    int_list,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 __all__ = ["build_parser", "main"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
-def _beta(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    try:
-        a, b = (float(x) for x in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected A,B (two positive numbers), got {text!r}"
-                                         ) from None
-    if not (a > 0 and b > 0):
-        raise argparse.ArgumentTypeError(f"Beta parameters must be > 0, got {text!r}")
-    return a, b
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
-                                         ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return tuple(sorted(set(values)))
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}"
-                                         ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
 
 
 def _add_pool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", action="append", required=True, type=Path, metavar="FILE",
                    help="pool JSONL (repeatable)")
-    p.add_argument("--limit", type=_positive_int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="only the first N problems of each pool")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--simulated-verifier", action="store_true",
                    help="draw verifier readings from Beta distributions conditioned on each "
                         "sample's label (clearly labelled as simulated in every output)")
-    p.add_argument("--sim-correct", type=_beta, default=(3.0, 2.0), metavar="A,B",
+    p.add_argument("--sim-correct", type=beta_params, default=(3.0, 2.0), metavar="A,B",
                    help="simulated P(Yes) of correct samples ~ Beta(A,B) (default 3,2)")
-    p.add_argument("--sim-wrong", type=_beta, default=(2.0, 3.0), metavar="A,B",
+    p.add_argument("--sim-wrong", type=beta_params, default=(2.0, 3.0), metavar="A,B",
                    help="simulated P(Yes) of wrong samples ~ Beta(A,B) (default 2,3)")
-    p.add_argument("--sim-lambda", type=_positive_float, default=1.0, metavar="X",
+    p.add_argument("--sim-lambda", type=positive_float, default=1.0, metavar="X",
                    help="simulated verification length / solution length (default 1)")
-    p.add_argument("--sim-vmax", type=_positive_int, default=32, metavar="V",
+    p.add_argument("--sim-vmax", type=positive_int, default=32, metavar="V",
                    help="simulated readings per sample (default 32)")
-    p.add_argument("--verify-tokens", type=_positive_int, default=1, metavar="T",
+    p.add_argument("--verify-tokens", type=positive_int, default=1, metavar="T",
                    help="length of a recorded verification without a token count (default 1)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write JSON here")
     p.add_argument("--plot", type=Path, default=None, metavar="OUT.png", help="write a figure")
@@ -138,34 +73,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pool_args(rp)
     rp.add_argument("--policy", action="append", required=True, metavar="SPEC",
                     help="policy spec (repeatable); sc:n=all = SC over the whole pool")
-    rp.add_argument("--orders", type=_positive_int, default=10,
+    rp.add_argument("--orders", type=positive_int, default=10,
                     help="random sample orders per problem (default 10)")
-    rp.add_argument("--concurrency", type=_positive_int, default=None,
+    rp.add_argument("--concurrency", type=positive_int, default=None,
                     help="samples in flight per problem (default: no cap)")
-    rp.add_argument("--decode-rate", type=_positive_float, default=50.0,
+    rp.add_argument("--decode-rate", type=positive_float, default=50.0,
                     help="simulated tokens per second per sample (default 50)")
-    rp.add_argument("--ttft", type=_non_negative_float, default=0.0,
+    rp.add_argument("--ttft", type=non_negative_float, default=0.0,
                     help="simulated seconds to the first token (default 0)")
     rp.add_argument("--engine", choices=("auto", "runtime"), default="auto",
                     help="auto: numpy for fixed policies; runtime: every policy through the "
                          "runtime (slower; for cross-checks)")
-    rp.add_argument("--workers", type=_positive_int, default=None,
+    rp.add_argument("--workers", type=positive_int, default=None,
                     help="processes for the runtime engine (default: one per CPU)")
-    rp.add_argument("--bootstrap", type=_positive_int, default=2000,
+    rp.add_argument("--bootstrap", type=positive_int, default=2000,
                     help="bootstrap resamples (default 2000)")
 
     cm = sub.add_parser("compute-matched",
                         help="SC vs GenRM at equal compute C(S,V) = S(1 + lambda V)")
     _add_pool_args(cm)
-    cm.add_argument("--lam", type=_positive_float, default=None,
+    cm.add_argument("--lam", type=positive_float, default=None,
                     help="lambda (default: measured from the pool, or --sim-lambda)")
-    cm.add_argument("--sizes", type=_int_list, default=None, metavar="S1,S2,...",
+    cm.add_argument("--sizes", type=int_list, default=None, metavar="S1,S2,...",
                     help="solution counts S (default: powers of two up to the pool size)")
-    cm.add_argument("--verifications", type=_int_list, default=None, metavar="V1,V2,...",
+    cm.add_argument("--verifications", type=int_list, default=None, metavar="V1,V2,...",
                     help="verifications per solution V (default: powers of two)")
-    cm.add_argument("--v-draws", type=_positive_int, default=8,
+    cm.add_argument("--v-draws", type=positive_int, default=8,
                     help="Monte Carlo draws of V-subsets of the readings (default 8)")
-    cm.add_argument("--bootstrap", type=_positive_int, default=1000,
+    cm.add_argument("--bootstrap", type=positive_int, default=1000,
                     help="bootstrap resamples for the exponent CIs (default 1000)")
 
     ca = sub.add_parser("calibrate", help="pick a policy threshold on --fit pools for a "
@@ -177,46 +112,37 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--policy", default="adaptive:max=all,confidence={}",
                     help="policy template with {} for the value "
                          "(default adaptive:max=all,confidence={})")
-    ca.add_argument("--grid", type=_float_list,
+    ca.add_argument("--grid", type=float_list,
                     default=(0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98),
                     metavar="X1,X2,...", help="values, cheapest first")
-    ca.add_argument("--target-agreement", type=_positive_float, default=0.97,
+    ca.add_argument("--target-agreement", type=positive_float, default=0.97,
                     help="required mean agreement with sc:n=all on --fit (default 0.97)")
-    ca.add_argument("--orders", type=_positive_int, default=20,
+    ca.add_argument("--orders", type=positive_int, default=20,
                     help="random sample orders per problem (default 20)")
     ca.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    ca.add_argument("--concurrency", type=_positive_int, default=None,
+    ca.add_argument("--concurrency", type=positive_int, default=None,
                     help="samples in flight per problem (default: no cap)")
-    ca.add_argument("--decode-rate", type=_positive_float, default=50.0,
+    ca.add_argument("--decode-rate", type=positive_float, default=50.0,
                     help="simulated tokens per second per sample (default 50)")
-    ca.add_argument("--workers", type=_positive_int, default=None,
+    ca.add_argument("--workers", type=positive_int, default=None,
                     help="processes for the runtime engine (default: one per CPU)")
     ca.add_argument("--json", type=Path, default=None, metavar="OUT", help="write JSON here")
     ca.add_argument("--markdown", type=Path, default=None, metavar="OUT.md",
                     help="write the Markdown report")
 
     rec = sub.add_parser("record", help="record a pool from a live endpoint (resumable)")
-    rec.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint")
-    rec.add_argument("--model", required=True, help="model name as the server knows it")
-    rec.add_argument("--api-key-env", default=None, metavar="VAR",
-                     help="environment variable holding the API key")
-    rec.add_argument("--timeout", type=_positive_float, default=600.0,
-                     help="seconds per request (default 600)")
+    add_endpoint_args(rec)
     rec.add_argument("--problems", required=True, type=Path, help="problem JSONL")
     rec.add_argument("--out", required=True, type=Path, help="pool JSONL (appended; resumable)")
-    rec.add_argument("--samples", type=_positive_int, required=True, help="solutions per problem")
-    rec.add_argument("--verifications", type=_non_negative_int, default=0,
+    rec.add_argument("--samples", type=positive_int, required=True, help="solutions per problem")
+    rec.add_argument("--verifications", type=non_negative_int, default=0,
                      help="verifications per answered solution (default 0)")
-    rec.add_argument("--limit", type=_positive_int, default=None, help="first N problems")
-    rec.add_argument("--concurrency", type=_positive_int, default=16,
+    rec.add_argument("--limit", type=positive_int, default=None, help="first N problems")
+    rec.add_argument("--concurrency", type=positive_int, default=16,
                      help="requests in flight (default 16)")
-    rec.add_argument("--rate", type=_positive_float, default=None, help="requests per second")
+    rec.add_argument("--rate", type=positive_float, default=None, help="requests per second")
     rec.add_argument("--no-texts", action="store_true", help="do not store texts")
-    rec.add_argument("--endpoint", choices=("chat", "completions"), default=None,
-                     help="API for math problems (default chat)")
-    rec.add_argument("--max-tokens", type=_positive_int, default=None,
-                     help="max completion tokens per solution")
-    rec.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    add_task_args(rec)
     return parser
 
 
@@ -330,31 +256,15 @@ def _compute_matched(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _record(args: argparse.Namespace) -> int:
     import asyncio
-    import os
 
     from benchmarks.record import record
     from orchestrator.backends.openai_compat import OpenAIBackend
+    from orchestrator.cli import api_key_from, make_task
     from orchestrator.problems import load_problems
-    from orchestrator.tasks import Task, task_for
 
     problems = load_problems(args.problems, limit=args.limit)
-    task = task_for(problems)
-    if args.endpoint is not None and task.endpoint != args.endpoint:
-        task = Task.math(endpoint=args.endpoint)
-    overrides: dict[str, Any] = {}
-    if args.max_tokens is not None:
-        overrides["max_tokens"] = args.max_tokens
-    if args.temperature is not None:
-        overrides["temperature"] = args.temperature
-    if overrides:
-        import dataclasses
-
-        task = dataclasses.replace(task, **overrides)
-    api_key = "EMPTY"
-    if args.api_key_env is not None:
-        api_key = os.environ.get(args.api_key_env, "")
-        if not api_key:
-            raise ConfigError(f"--api-key-env {args.api_key_env}: not set or empty")
+    task = make_task(problems, args)
+    api_key = api_key_from(args)
 
     async def go() -> int:
         backend = OpenAIBackend(base_url=args.base_url, model=args.model, api_key=api_key,

@@ -22,31 +22,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from orchestrator.cliargs import positive_float, positive_int
 from orchestrator.errors import ConfigError, SolverifyError
 from orchestrator.types import Budget
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 def add_endpoint_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +37,7 @@ def add_endpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-env", default=None, metavar="VAR",
                    help="environment variable holding the API key (default: none needed, "
                         "sends 'EMPTY')")
-    p.add_argument("--timeout", type=_positive_float, default=600.0,
+    p.add_argument("--timeout", type=positive_float, default=600.0,
                    help="seconds per request (default 600)")
 
 
@@ -64,7 +45,7 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", choices=("chat", "completions"), default=None,
                    help="API used for math problems (default chat; text-answer problem files "
                         "with 'aliases' always use few-shot completions)")
-    p.add_argument("--max-tokens", type=_positive_int, default=None,
+    p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="max completion tokens per solution (task default otherwise)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature for solutions (task default otherwise)")
@@ -83,17 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSONL with id, problem, optional answer/aliases")
     run.add_argument("--policy", required=True, help="policy spec, e.g. sc:n=16 or genrm:s=8,v=4")
     run.add_argument("--out", required=True, type=Path, help="results JSONL (appended)")
-    run.add_argument("--limit", type=_positive_int, default=None,
+    run.add_argument("--limit", type=positive_int, default=None,
                      help="only the first N problems")
-    run.add_argument("--concurrency", type=_positive_int, default=16,
+    run.add_argument("--concurrency", type=positive_int, default=16,
                      help="max requests in flight across the run (default 16)")
-    run.add_argument("--rate", type=_positive_float, default=None,
+    run.add_argument("--rate", type=positive_float, default=None,
                      help="max requests per second (default: no limit)")
-    run.add_argument("--budget-tokens", type=_positive_int, default=None,
+    run.add_argument("--budget-tokens", type=positive_int, default=None,
                      help="cap on completion tokens per problem (never exceeded)")
-    run.add_argument("--budget-requests", type=_positive_int, default=None,
+    run.add_argument("--budget-requests", type=positive_int, default=None,
                      help="cap on requests per problem")
-    run.add_argument("--run-budget-tokens", type=_positive_int, default=None,
+    run.add_argument("--run-budget-tokens", type=positive_int, default=None,
                      help="cap on completion tokens over the whole run, shared by all "
                           "problems (never exceeded)")
     run.add_argument("--trace", type=Path, default=None,
@@ -112,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _make_task(problems, args):
+def make_task(problems, args):
+    """The task for these problems, with the --endpoint/--max-tokens/--temperature overrides."""
+    from orchestrator.grading import MathGrader
     from orchestrator.tasks import Task, task_for
 
     task = task_for(problems)
@@ -122,7 +105,7 @@ def _make_task(problems, args):
     if args.temperature is not None:
         overrides["temperature"] = args.temperature
     if args.endpoint is not None and task.endpoint != args.endpoint:
-        if task.grader.__class__.__name__ != "MathGrader":
+        if not isinstance(task.grader, MathGrader):
             raise ConfigError("text-answer problems (with 'aliases') use the completions "
                               "endpoint; --endpoint chat is not available for them")
         task = Task.math(endpoint=args.endpoint)
@@ -133,7 +116,8 @@ def _make_task(problems, args):
     return task
 
 
-def _api_key(args) -> str:
+def api_key_from(args) -> str:
+    """The key named by --api-key-env (a clear error when unset), else 'EMPTY'."""
     if args.api_key_env is None:
         return "EMPTY"
     key = os.environ.get(args.api_key_env)
@@ -213,9 +197,9 @@ async def _run(args) -> int:
 
     policy = parse_policy(args.policy)
     problems = load_problems(args.problems, limit=args.limit)
-    task = _make_task(problems, args)
+    task = make_task(problems, args)
     budget = Budget(tokens=args.budget_tokens, requests=args.budget_requests)
-    backend = OpenAIBackend(base_url=args.base_url, model=args.model, api_key=_api_key(args),
+    backend = OpenAIBackend(base_url=args.base_url, model=args.model, api_key=api_key_from(args),
                             timeout=args.timeout)
     sinks = []
     trace = JsonlTraceSink(args.trace) if args.trace else None
