@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from orchestrator.backends.base import GenerationRequest
+from orchestrator.decisions import Sample, Stop
 from orchestrator.types import Problem, Solution, TokenLogprob
 
 
@@ -45,3 +46,16 @@ class WordTask:
         if word == "no":
             return False, 0.0, "text"
         return None, None, "none"
+
+
+@dataclass(frozen=True)
+class StopAtFirst:
+    """Asks for ``k`` samples at once and stops at the first solution that finishes."""
+
+    k: int
+    spec: str = "stop-at-first"
+
+    def decide(self, s):
+        if s.solutions:
+            return [Stop(s.solutions[0].answer, "first", s.solutions[0].key)]
+        return [] if s.samples_launched else [Sample(self.k)]

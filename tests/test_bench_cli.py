@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +13,9 @@ from benchmarks.record import record
 from orchestrator.backends.fake import FakeBackend, FakeReply
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.types import Problem
+from tests.conftest import run_solverify
 from tests.helpers import WordTask
 
-REPO = Path(__file__).resolve().parent.parent
 RUN_KEYS = {"pool", "policy", "problems", "orders", "accuracy", "accuracy_ci95",
             "tokens_per_problem", "samples_per_problem", "latency_per_problem"}
 
@@ -138,39 +133,6 @@ async def test_record_writes_a_replayable_pool_and_resumes(tmp_path):
 # ---- record against a real local OpenAI-compatible server, through `solverify bench` --------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server_url():
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.openai_server", "--port", str(port), "--model",
-         "test-model"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("test server did not start")
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-def solverify(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SOLVERIFY_LOG": "warning"}
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, env=env)
-
-
 def test_bench_record_then_replay_from_the_command_line(server_url, tmp_path):
     problems = tmp_path / "p.jsonl"
     problems.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"What is {i} plus {i}?",
@@ -179,7 +141,7 @@ def test_bench_record_then_replay_from_the_command_line(server_url, tmp_path):
     args = ("bench", "record", "--base-url", server_url, "--model", "test-model",
             "--problems", str(problems), "--out", str(pool), "--samples", "4",
             "--verifications", "2")
-    r = solverify(*args)
+    r = run_solverify(*args)
     assert r.returncode == 0, r.stderr
     assert "recorded 3 problems" in r.stdout
     loaded = load_pool(pool)
@@ -191,14 +153,14 @@ def test_bench_record_then_replay_from_the_command_line(server_url, tmp_path):
             if s.key is not None:
                 assert len(s.verifications) == 2
                 assert all(v.p_yes is not None and v.tokens for v in s.verifications)
-    again = solverify(*args)
+    again = run_solverify(*args)
     assert again.returncode == 0 and "recorded 0 problems (3 already" in again.stdout
     out = tmp_path / "r.json"
-    r = solverify("bench", "replay", "--pool", str(pool), "--policy", "sc:n=all",
+    r = run_solverify("bench", "replay", "--pool", str(pool), "--policy", "sc:n=all",
                   "--policy", "genrm:s=all,v=2", "--policy", "ac", "--orders", "2",
                   "--workers", "1", "--json", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert [x["policy"] for x in json.loads(out.read_text())["runs"]] == [
         "sc:n=all", "genrm:s=all,v=2", "ac"]
-    bad = solverify("bench", "replay", "--pool", str(pool), "--policy", "nope")
+    bad = run_solverify("bench", "replay", "--pool", str(pool), "--policy", "nope")
     assert bad.returncode == 2 and "unknown policy" in bad.stderr

@@ -3,52 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_solverify
 from tests.conftest_data import DATA, needs_data
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server_url():
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.openai_server", "--port", str(port), "--model",
-         "test-model", "--prefix-cache-block", "4"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("test server did not start")
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-def solverify(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SOLVERIFY_LOG": "warning"}
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def problems_file(tmp_path: Path, n: int = 3) -> Path:
@@ -61,7 +21,7 @@ def problems_file(tmp_path: Path, n: int = 3) -> Path:
 @needs_data
 def test_run_gsm8k_first_20_prints_summary(server_url, tmp_path):
     out = tmp_path / "results.jsonl"
-    r = solverify("run", "--base-url", server_url, "--model", "test-model",
+    r = run_solverify("run", "--base-url", server_url, "--model", "test-model",
                   "--problems", str(DATA / "gsm8k_test.jsonl"), "--limit", "20",
                   "--policy", "sc:n=4", "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
@@ -73,7 +33,7 @@ def test_run_gsm8k_first_20_prints_summary(server_url, tmp_path):
 
 def test_run_genrm_reports_measured_lambda(server_url, tmp_path):
     out = tmp_path / "r.jsonl"
-    r = solverify("run", "--base-url", server_url, "--model", "test-model",
+    r = run_solverify("run", "--base-url", server_url, "--model", "test-model",
                   "--problems", str(problems_file(tmp_path)), "--policy", "genrm:s=3,v=2",
                   "--out", str(out), "--no-progress", "--budget-tokens", "100000")
     assert r.returncode == 0, r.stderr
@@ -105,7 +65,7 @@ def test_bad_input_is_one_clear_line(server_url, tmp_path, args, message):
     for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     argv = ["run", "--no-progress"] + [x for kv in base.items() for x in kv]
-    r = solverify(*argv)
+    r = run_solverify(*argv)
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr
@@ -114,5 +74,5 @@ def test_bad_input_is_one_clear_line(server_url, tmp_path, args, message):
 
 
 def test_policies_lists_the_grammar():
-    r = solverify("policies")
+    r = run_solverify("policies")
     assert r.returncode == 0 and "sc:n=16" in r.stdout and "genrm" in r.stdout

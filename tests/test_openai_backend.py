@@ -582,18 +582,9 @@ async def test_a_cut_run_is_charged_exactly_what_the_server_generated(max_n: int
     the cut their tokens of that same step are in transit (counted by the server, not yet
     read); the settled cut reads them before closing, and the ledger equals the server's
     count."""
-    from orchestrator.decisions import Sample, Stop
     from orchestrator.runtime import solve
     from orchestrator.types import Problem
-    from tests.helpers import WordTask
-
-    class StopAtFirst:
-        spec = "stop-at-first"
-
-        def decide(self, s):
-            if s.solutions:
-                return [Stop(s.solutions[0].answer, "first")]
-            return [] if s.samples_launched else [Sample(4)]
+    from tests.helpers import StopAtFirst, WordTask
 
     reply = _OneShortReply()
     async with (
@@ -603,7 +594,7 @@ async def test_a_cut_run_is_charged_exactly_what_the_server_generated(max_n: int
         for round_ in range(4):
             reply.short_left = 1
             before = server.generation_tokens_total
-            result = await solve(Problem(id=f"r{round_}", problem="q"), StopAtFirst(),
+            result = await solve(Problem(id=f"r{round_}", problem="q"), StopAtFirst(4),
                                  backend=backend, task=WordTask(max_tokens=300), max_n=max_n)
             assert [s.text for s in result.solutions] == [" one two three"]
             assert len(result.failed) == 3

@@ -13,7 +13,6 @@ from benchmarks.pools import Pool, PoolProblem, PoolSample, PoolVerification, lo
 from benchmarks.replay import ReplayConfig, fixed_plan, replay_pool, summarise, sweep
 from benchmarks.source import ReplaySource, SimulatedVerifier
 from orchestrator.backends.replay import PoolExhausted, ReplayBackend
-from orchestrator.decisions import Sample, Stop
 from orchestrator.errors import ConfigError
 from orchestrator.events import SampleCancelled
 from orchestrator.runtime import solve
@@ -21,6 +20,7 @@ from orchestrator.simclock import SimulatedClockLoop, simulated_runner
 from orchestrator.types import Problem
 from policies import GenRM, SelfConsistency
 from tests.conftest_data import DATA, needs_data
+from tests.helpers import StopAtFirst
 
 
 def make_pool(problems: list[list[tuple[str | None, bool, int]]], name: str = "toy",
@@ -37,16 +37,6 @@ def run_sim(coro):
     with simulated_runner() as runner:
         return runner.run(coro)
 
-
-@dataclass(frozen=True)
-class StopAtFirst:
-    k: int
-    spec: str = "stop-at-first"
-
-    def decide(self, s):
-        if s.solutions:
-            return [Stop(s.solutions[0].answer, "first", s.solutions[0].key)]
-        return [Sample(self.k)] if s.samples_launched == 0 else []
 
 
 # ---- the simulated clock --------------------------------------------------------------------

@@ -22,7 +22,7 @@ from orchestrator.events import (
 from orchestrator.runtime import run_batch, solve
 from orchestrator.types import Budget, Problem
 from policies import GenRM, SelfConsistency
-from tests.helpers import WordTask
+from tests.helpers import StopAtFirst, WordTask
 
 PROBLEM = Problem(id="p1", problem="q", answer="seven")
 TASK = WordTask()
@@ -36,20 +36,6 @@ def collect():
 def other_tasks() -> set[asyncio.Task]:
     return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
 
-
-@dataclass(frozen=True)
-class StopAtFirst:
-    """Asks for k samples, stops at the first solution."""
-
-    k: int
-    spec: str = "stop-at-first"
-
-    def decide(self, s):
-        if s.solutions:
-            return [Stop(s.solutions[0].answer, "first", s.solutions[0].key)]
-        if s.samples_launched == 0:
-            return [Sample(self.k)]
-        return []
 
 
 async def test_self_consistency_majority_and_accounting():

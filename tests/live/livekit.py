@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from orchestrator.backends.base import GenerationRequest
-from orchestrator.decisions import Sample, Stop
+from orchestrator.decisions import Stop
 from orchestrator.events import DecisionMade, Event
 from orchestrator.grading import TextGrader
 from orchestrator.problems import load_problems
 from orchestrator.serve import VLLMServer
 from orchestrator.types import Problem, Solution, TokenLogprob
 from tests.conftest_data import DATA
+from tests.helpers import StopAtFirst
 
 GEN = "vllm:generation_tokens_total"
 RUNNING = "vllm:num_requests_running"
@@ -81,17 +82,7 @@ class StopWatch:
             self.cuts.append((time.monotonic(), self.server.metrics()[GEN]))
 
 
-@dataclass(frozen=True, slots=True)
-class FirstFinished:
-    """Asks for ``k`` samples at once and stops at the first one that finishes."""
-
-    k: int
-    spec: str = "first-finished"
-
-    def decide(self, s):
-        if s.solutions:
-            return [Stop(s.solutions[0].answer, "first finished", s.solutions[0].key)]
-        return [] if s.samples_launched else [Sample(self.k)]
+FirstFinished = StopAtFirst  # asks for k samples at once, stops at the first one
 
 
 @dataclass(frozen=True)
