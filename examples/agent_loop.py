@@ -76,6 +76,11 @@ async def plan_trip(backend: OpenAIBackend) -> int:
 
 
 async def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    import structlog  # an application may configure logging; the library never does
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-url", help="OpenAI-compatible endpoint (default: start the "
                                            "bundled CPU vLLM)")

@@ -126,6 +126,8 @@ class Adaptive:
         b = votes[1].votes if len(votes) > 1 else 0
         finished = len(s.solutions)
         remaining = max(self.max - finished, 0)
+        if remaining == 0:
+            return None  # not settled by the votes: decide() stops on reaching max
         if a - b > remaining:
             return f"lead {a}-{b} exceeds the {remaining} samples left of {self.max}"
         if a < self.min_votes:
