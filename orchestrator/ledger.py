@@ -48,6 +48,13 @@ class RequestRecord:
         self.server_final = self.server_final or final
 
     @property
+    def completion(self) -> int:
+        """Completion tokens charged: the server's latest count, else the counted deltas."""
+        if self.server_completion is not None:
+            return self.server_completion
+        return self.counted_completion
+
+    @property
     def usage(self) -> Usage:
         if self.server_completion is not None:
             completion = self.server_completion
@@ -64,6 +71,21 @@ class RequestRecord:
         if self.outcome is not None:
             raise RuntimeError(f"request {self.request_id} closed twice")
         self.outcome = outcome
+
+
+def _sum_usage(records: Iterable[RequestRecord]) -> Usage:
+    """Usage of several requests, summed field by field (same result as adding Usages)."""
+    prompt = completion = cached = 0
+    estimated = any_cached = False
+    for r in records:
+        u = r.usage
+        prompt += u.prompt_tokens
+        completion += u.completion_tokens
+        estimated = estimated or u.estimated
+        if u.cached_prompt_tokens is not None:
+            cached += u.cached_prompt_tokens
+            any_cached = True
+    return Usage(prompt, completion, estimated, cached if any_cached else None)
 
 
 def measure_lambda(
@@ -106,17 +128,15 @@ class ProblemLedger:
 
     @property
     def usage(self) -> Usage:
-        total = Usage()
-        for record in self.records.values():
-            total = total + record.usage
-        return total
+        return _sum_usage(self.records.values())
 
     def usage_of(self, kind: RequestKind) -> Usage:
-        total = Usage()
-        for record in self.records.values():
-            if record.kind == kind:
-                total = total + record.usage
-        return total
+        return _sum_usage(r for r in self.records.values() if r.kind == kind)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Completion tokens charged so far (the hot path of budget checks)."""
+        return sum(r.completion for r in self.records.values())
 
     @property
     def requests(self) -> int:
@@ -138,7 +158,7 @@ class ProblemLedger:
              ) -> tuple[int | None, int | None, float | None]:
         """Room left under each cap; ``reserved`` tokens are promised to work in flight."""
         tokens = (None if budget.tokens is None
-                  else budget.tokens - self.usage.completion_tokens - reserved)
+                  else budget.tokens - self.completion_tokens - reserved)
         requests = None if budget.requests is None else budget.requests - self.requests
         units = None if budget.cost_units is None else budget.cost_units - self.cost_units
         return tokens, requests, units
@@ -190,7 +210,7 @@ class RunBudget:
     def leave(self, key: int) -> None:
         entry = self._active.pop(key, None)
         if entry is not None:
-            self._closed += entry[0].usage.completion_tokens
+            self._closed += entry[0].completion_tokens
         self.notify()
 
     def notify(self) -> None:
@@ -204,7 +224,7 @@ class RunBudget:
 
     @property
     def spent(self) -> int:
-        active = sum(led.usage.completion_tokens for led, _, _ in self._active.values())
+        active = sum(led.completion_tokens for led, _, _ in self._active.values())
         return self._closed + active
 
     def room(self) -> int:
