@@ -1,7 +1,7 @@
 """Figures and Markdown tables for replay sweeps and the compute-matched analysis.
 
-matplotlib is an optional dependency (``pip install solverify[plot]``); it is imported only
-when a figure is asked for, with the Agg backend (no display needed).
+matplotlib is imported only when a figure is asked for (it is slow to import), with the
+Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ def family(spec: str) -> str:
     return spec.strip().partition(":")[0].strip().lower()
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend."""
     try:
         import matplotlib
     except ImportError:
-        raise ConfigError("plots need matplotlib: pip install 'solverify[plot]'") from None
+        raise ConfigError("plots need matplotlib, a dependency of solverify: reinstall it "
+                          "(pip install -e .)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -48,7 +50,7 @@ def _by_pool(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def plot_replay(report: dict[str, Any], path: str | Path) -> Path:
     """Accuracy vs tokens and accuracy vs simulated latency, one row per pool, one curve per
     policy family (points sorted by tokens), 95% CIs as error bars."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib import ticker
 
     pools = _by_pool(report["runs"])
@@ -127,7 +129,7 @@ def replay_markdown(report: dict[str, Any], command: str | None = None) -> str:
 
 def plot_compute_matched(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Success vs compute C (log2) per pool: SC, GenRM per V, and GenRM's frontier."""
-    plt = _pyplot()
+    plt = pyplot()
     if not results:
         raise ConfigError("nothing to plot")
     fig, axes = plt.subplots(len(results), 1, figsize=(7.5, 4.2 * len(results)), squeeze=False)
