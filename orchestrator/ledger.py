@@ -116,19 +116,31 @@ class ProblemLedger:
     verifications_launched: int = 0
     solution_lengths: list[int] = field(default_factory=list)
     verification_lengths: list[int] = field(default_factory=list)
+    # a closed record never changes: its usage is summed once, so totals cost O(open)
+    _open: dict[int, RequestRecord] = field(default_factory=dict)
+    _closed_usage: Usage = field(default_factory=Usage)
 
     def open(self, request_id: int, kind: RequestKind, n: int) -> RequestRecord:
         record = RequestRecord(request_id, kind, n)
         self.records[request_id] = record
+        self._open[request_id] = record
         if kind == "solve":
             self.solutions_launched += n
         else:
             self.verifications_launched += n
         return record
 
+    def close(self, record: RequestRecord, outcome: str) -> None:
+        """Close a request exactly once; its charge is final from here on."""
+        record.close(outcome)
+        del self._open[record.request_id]
+        self._closed_usage = self._closed_usage + record.usage
+
     @property
     def usage(self) -> Usage:
-        return _sum_usage(self.records.values())
+        if not self._open:
+            return self._closed_usage
+        return self._closed_usage + _sum_usage(self._open.values())
 
     def usage_of(self, kind: RequestKind) -> Usage:
         return _sum_usage(r for r in self.records.values() if r.kind == kind)
@@ -136,7 +148,8 @@ class ProblemLedger:
     @property
     def completion_tokens(self) -> int:
         """Completion tokens charged so far (the hot path of budget checks)."""
-        return sum(r.completion for r in self.records.values())
+        return self._closed_usage.completion_tokens + sum(r.completion
+                                                          for r in self._open.values())
 
     @property
     def requests(self) -> int:
@@ -144,7 +157,7 @@ class ProblemLedger:
 
     @property
     def open_requests(self) -> int:
-        return sum(1 for r in self.records.values() if r.outcome is None)
+        return len(self._open)
 
     @property
     def lam(self) -> float | None:

@@ -369,8 +369,9 @@ class _ProblemRun:
         record = self.ledger.open(rid, kind, n)
         req = _Request(rid, kind, request, record, choices, self.now(), solution)
         self.open[rid] = req
-        self.emit(RequestStarted(self.problem.id, req.started_at, rid, kind, n,
-                                 solution.id if solution else None))
+        if self.sinks:  # events are built only when someone listens (replays run many)
+            self.emit(RequestStarted(self.problem.id, req.started_at, rid, kind, n,
+                                     solution.id if solution else None))
         req.task = tg.create_task(self._run_request(req), name=f"{self.problem.id}/req{rid}")
         return n
 
@@ -511,7 +512,8 @@ class _ProblemRun:
             )
             self.solutions.append(solution)
             self.ledger.solution_lengths.append(choice.tokens)
-            self.emit(SampleFinished(self.problem.id, now, solution))
+            if self.sinks:
+                self.emit(SampleFinished(self.problem.id, now, solution))
         else:
             assert req.solution is not None
             verdict, p_yes, source = self.task.parse_verdict(text, tuple(choice.logprobs))
@@ -522,7 +524,8 @@ class _ProblemRun:
             )
             self.verifications.append(verification)
             self.ledger.verification_lengths.append(choice.tokens)
-            self.emit(VerificationFinished(self.problem.id, now, verification))
+            if self.sinks:
+                self.emit(VerificationFinished(self.problem.id, now, verification))
         self._changed.set()
 
     def _close_request(self, req: _Request, outcome: str, error: BackendError | None) -> None:
@@ -544,13 +547,15 @@ class _ProblemRun:
             )
             self.failed.append(sample)
             cls = SampleCancelled if reason == "cancelled" else SampleFailed
-            self.emit(cls(self.problem.id, now, sample))
-        req.record.close(outcome)
+            if self.sinks:
+                self.emit(cls(self.problem.id, now, sample))
+        self.ledger.close(req.record, outcome)
         self.open.pop(req.request_id, None)
-        self.emit(RequestFinished(
-            self.problem.id, now, req.request_id, req.kind, outcome, req.record.usage,
-            error=None if error is None else f"{type(error).__name__}: {error}",
-        ))
+        if self.sinks:
+            self.emit(RequestFinished(
+                self.problem.id, now, req.request_id, req.kind, outcome, req.record.usage,
+                error=None if error is None else f"{type(error).__name__}: {error}",
+            ))
         if error is not None and isinstance(error, FATAL_ERRORS) and self.fatal is None:
             self.fatal = error
         self._changed.set()
@@ -614,8 +619,9 @@ class _ProblemRun:
             decisions = tuple(self.policy.decide(snap))
             stop, launched, blocked = self._carry_out(tg, decisions)
             if decisions:
-                self.emit(DecisionMade(self.problem.id, self.now(), decisions,
-                                       len(self.solutions), len(self.open)))
+                if self.sinks:
+                    self.emit(DecisionMade(self.problem.id, self.now(), decisions,
+                                           len(self.solutions), len(self.open)))
             if stop is not None:
                 return stop, None
             if not self.open:

@@ -103,17 +103,20 @@ class ProblemSnapshot:
 
     def votes(self) -> tuple[VoteCount, ...]:
         """Vote counts per canonical key, most votes first; ties: earliest first vote first."""
-        counts: dict[str, list] = {}
+        counts: dict[str, int] = {}
+        first: dict[str, Solution] = {}
         for s in self.solutions:
-            if s.key is None:
+            key = s.key
+            if key is None:
                 continue
-            entry = counts.get(s.key)
-            if entry is None:
-                counts[s.key] = [s.answer, 1, s.index]
+            if key in counts:
+                counts[key] += 1
             else:
-                entry[1] += 1
-        ranked = sorted(counts.items(), key=lambda kv: (-kv[1][1], kv[1][2]))
-        return tuple(VoteCount(k, a, n, i) for k, (a, n, i) in ranked)
+                counts[key] = 1
+                first[key] = s
+        ranked = sorted(counts, key=lambda k: (-counts[k], first[k].index))
+        return tuple(VoteCount(k, first[k].answer, counts[k], first[k].index)
+                     for k in ranked)
 
     def verifications_of(self, solution_id: int) -> tuple[Verification, ...]:
         return tuple(v for v in self.verifications if v.solution_id == solution_id)
