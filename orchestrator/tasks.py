@@ -269,7 +269,10 @@ class Task:
             verify_max_tokens=verify_max_tokens,
             verify_top_logprobs=verify_top_logprobs,
             verify_temperature=verify_temperature,
-            verify_stop=("\n",),
+            # no stop string: the verdict is read from the first token's logprobs, and a
+            # sampled leading "\n" that matched a stop came back with no logprobs at all
+            # (1 in 320 live verifications); verify_max_tokens bounds the reply anyway
+            verify_stop=(),
             examples=tuple(examples),
             verify_examples=tuple(verify_examples),
             question_label="Q",
