@@ -248,14 +248,22 @@ def _key_correct(src: ReplaySource, winner: np.ndarray, has: np.ndarray) -> np.n
     return (got[..., 0] & has).astype(float)
 
 
-def _vector_sc(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig) -> dict[str, np.ndarray]:
+def _drawn(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The samples a fixed plan draws, per (order, problem, position): served pool index,
+    whether it is among the plan's first ``solutions``, its key id and its tokens."""
     a = src.pool.arrays
     served = _served(src, cfg.orders)
-    R, P, N = served.shape
+    N = served.shape[2]
     k = a.n if plan.solutions is None else np.minimum(a.n, plan.solutions)
     active = (np.arange(N)[None, None, :] < k[None, :, None]) & (served >= 0)
-    keys = _take(a.key, served, -2)
-    toks = _take(a.tokens, served, 0.0)
+    return served, active, _take(a.key, served, -2), _take(a.tokens, served, 0.0)
+
+
+def _vector_sc(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig) -> dict[str, np.ndarray]:
+    a = src.pool.arrays
+    served, active, keys, toks = _drawn(src, plan, cfg)
+    R, P, _ = served.shape
     counts = _votes(keys, active, a.key_correct.shape[1])
     winner, has = _majority(src, counts)
     durations = cfg.ttft + toks / cfg.decode_rate
@@ -272,12 +280,8 @@ def _vector_sc(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig) -> dict[st
 def _vector_genrm(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig
                   ) -> dict[str, np.ndarray]:
     a = src.pool.arrays
-    served = _served(src, cfg.orders)
+    served, active, keys, toks = _drawn(src, plan, cfg)
     R, P, N = served.shape
-    k = a.n if plan.solutions is None else np.minimum(a.n, plan.solutions)
-    active = (np.arange(N)[None, None, :] < k[None, :, None]) & (served >= 0)
-    keys = _take(a.key, served, -2)
-    toks = _take(a.tokens, served, 0.0)
     answered = active & (keys >= 0)
     va = src.verifier_arrays(plan.verifications)
     idx = np.where(served < 0, 0, served)
