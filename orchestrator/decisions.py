@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
+from orchestrator.errors import PolicyError
 from orchestrator.types import Solution
+
+#: why a problem stopped, as a code reports and tests read (``Stop.reason`` is the text):
+#: ``settled`` the policy's own criterion says the answer is decided; ``max`` it reached
+#: its planned size or cap (``sc:n=16`` after 16 samples, ``adaptive`` at ``max``);
+#: ``budget`` the budget cannot hold the work the policy wanted; ``failures`` too many
+#: samples broke; ``error`` a fatal backend error ended the problem.
+StopCode = Literal["settled", "max", "budget", "failures", "error"]
+STOP_CODES: tuple[str, ...] = get_args(StopCode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +25,7 @@ class Sample:
 
     def __post_init__(self) -> None:
         if self.k < 1:
-            raise ValueError(f"Sample.k must be >= 1, got {self.k}")
+            raise PolicyError(f"Sample.k must be >= 1, got {self.k}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,22 +37,29 @@ class Verify:
 
     def __post_init__(self) -> None:
         if self.times < 1:
-            raise ValueError(f"Verify.times must be >= 1, got {self.times}")
+            raise PolicyError(f"Verify.times must be >= 1, got {self.times}")
         if not self.solution.has_answer:
-            raise ValueError("Verify: a solution without an extracted answer cannot be verified")
+            raise PolicyError("Verify: a solution without an extracted answer cannot be verified")
 
 
 @dataclass(frozen=True, slots=True)
 class Stop:
     """Stop the problem with ``answer`` (``None`` = no answer) and say why.
 
-    ``key`` is the canonical answer key the answer was chosen by, when there is one.
+    ``key`` is the canonical answer key the answer was chosen by, when there is one;
+    ``code`` is the structured reason (:data:`StopCode`), ``reason`` the text for people.
     Everything still in flight is cancelled.
     """
 
     answer: str | None
     reason: str
     key: str | None = None
+    code: StopCode = "settled"
+
+    def __post_init__(self) -> None:
+        if self.code not in STOP_CODES:
+            raise PolicyError(f"Stop.code must be one of {', '.join(STOP_CODES)}; "
+                              f"got {self.code!r}")
 
 
 Decision = Sample | Verify | Stop

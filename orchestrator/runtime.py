@@ -60,7 +60,7 @@ from orchestrator.backends.base import (
     TextDelta,
     UsageReport,
 )
-from orchestrator.decisions import Decision, Sample, Stop, Verify
+from orchestrator.decisions import Decision, Sample, Stop, StopCode, Verify
 from orchestrator.errors import (
     BackendError,
     ConfigError,
@@ -162,6 +162,8 @@ class SolveResult:
     verification_tokens: int
     policy: str = ""
     error: str | None = None
+    #: the structured stop reason (``Stop.code``): settled, max, budget, failures, error
+    stop_code: StopCode = "settled"
 
     @property
     def ok(self) -> bool:
@@ -177,6 +179,7 @@ class SolveResult:
             "ground_truth": self.problem.answer,
             "correct": self.correct,
             "reason": self.reason,
+            "stop_code": self.stop_code,
             "error": self.error,
             "prompt_tokens": self.usage.prompt_tokens,
             "cached_prompt_tokens": self.usage.cached_prompt_tokens,
@@ -613,7 +616,7 @@ class _ProblemRun:
         while True:
             self._changed.clear()
             if self.fatal is not None:
-                fallback = _majority_stop(self.solutions, "ended on a backend error")
+                fallback = _majority_stop(self.solutions, "ended on a backend error", "error")
                 return fallback, f"{type(self.fatal).__name__}: {self.fatal}"
             snap = self.snapshot()
             decisions = tuple(self.policy.decide(snap))
@@ -629,7 +632,7 @@ class _ProblemRun:
                     await self._changed.wait()  # another problem may free shared budget
                     continue
                 if blocked or snap.budget_left.exhausted:
-                    return _majority_stop(self.solutions, "budget exhausted"), None
+                    return _majority_stop(self.solutions, "budget exhausted", "budget"), None
                 if not launched:
                     raise PolicyError(
                         f"policy {policy_name(self.policy)} returned no work and no Stop "
@@ -654,7 +657,7 @@ class _ProblemRun:
             cost_units=self.ledger.cost_units,
             solution_tokens=self.ledger.usage_of("solve").completion_tokens,
             verification_tokens=self.ledger.usage_of("verify").completion_tokens,
-            policy=name, error=error,
+            policy=name, error=error, stop_code=stop.code,
         )
         self.emit(ProblemDone(
             self.problem.id, result.elapsed, result.answer, result.reason, result.correct,
@@ -684,16 +687,16 @@ async def _wait_out(task: asyncio.Task) -> None:
         raise asyncio.CancelledError
 
 
-def _majority_stop(solutions: Iterable[Solution], why: str) -> Stop:
+def _majority_stop(solutions: Iterable[Solution], why: str, code: StopCode) -> Stop:
     """Fallback answer when the runtime (not the policy) ends a problem."""
     counts: dict[str, list] = {}
     for s in solutions:
         if s.key is not None:
             counts.setdefault(s.key, [s.answer, 0, s.index])[1] += 1
     if not counts:
-        return Stop(None, f"{why}; no answer")
+        return Stop(None, f"{why}; no answer", code=code)
     key, (answer, votes, _) = min(counts.items(), key=lambda kv: (-kv[1][1], kv[1][2]))
-    return Stop(answer, f"{why}; majority of {votes} vote(s)", key)
+    return Stop(answer, f"{why}; majority of {votes} vote(s)", key, code)
 
 
 def as_problem(problem: Problem | str) -> Problem:

@@ -143,7 +143,7 @@ class Adaptive:
             return [majority_stop(s, f"adaptive: {why}")]
         finished = len(s.solutions)
         if finished >= self.max:
-            return [majority_stop(s, f"adaptive: reached max={self.max}")]
+            return [majority_stop(s, f"adaptive: reached max={self.max}", "max")]
         max_failures = self.max if self.max_failures is None else self.max_failures
         can_launch = not s.budget_left.exhausted and s.failed_samples <= max_failures
         want = min(self.width, self.max - finished) - s.in_flight.samples
@@ -151,5 +151,8 @@ class Adaptive:
             return [Sample(want)]
         if s.in_flight.samples:
             return []
-        why_not = "budget exhausted" if s.budget_left.exhausted else "too many failed samples"
-        return [majority_stop(s, f"adaptive: {why_not} after {finished} samples")]
+        if s.budget_left.exhausted:
+            return [majority_stop(s, f"adaptive: budget exhausted after {finished} samples",
+                                  "budget")]
+        return [majority_stop(s, f"adaptive: too many failed samples after {finished} samples",
+                              "failures")]

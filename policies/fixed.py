@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from orchestrator.decisions import Decision, Sample, Stop, Verify
+from orchestrator.decisions import Decision, Sample, Stop, StopCode, Verify
 from orchestrator.errors import ConfigError
 from orchestrator.snapshot import ProblemSnapshot
 from policies.votes import majority_stop
@@ -48,13 +48,15 @@ class SelfConsistency:
 
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
         if len(s.solutions) >= self.n:
-            return [majority_stop(s, f"self-consistency over {len(s.solutions)} samples")]
+            return [majority_stop(s, f"self-consistency over {len(s.solutions)} samples", "max")]
         max_failures = self.n if self.max_failures is None else self.max_failures
         more = [] if s.budget_left.exhausted else _top_up_samples(s, self.n, max_failures)
         if more or s.in_flight.samples:
             return more
-        why = "budget exhausted" if s.budget_left.exhausted else "too many failed samples"
-        return [majority_stop(s, f"{why} after {len(s.solutions)} of {self.n} samples")]
+        exhausted = s.budget_left.exhausted
+        why = "budget exhausted" if exhausted else "too many failed samples"
+        return [majority_stop(s, f"{why} after {len(s.solutions)} of {self.n} samples",
+                              "budget" if exhausted else "failures")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,16 +99,17 @@ class GenRM:
                     wanted.append(Verify(sol, missing))
         if wanted or s.in_flight.samples or s.in_flight.verification_total:
             return wanted
+        code: StopCode
         if exhausted:
-            why = "budget exhausted"
+            why, code = "budget exhausted", "budget"
         elif len(s.solutions) < self.solutions:
-            why = "too many failed samples"
+            why, code = "too many failed samples", "failures"
         else:
-            why = "best-of-n"
-        return [self._best(s, why)]
+            why, code = "best-of-n", "max"
+        return [self._best(s, why, code)]
 
     @staticmethod
-    def _best(s: ProblemSnapshot, why: str) -> Stop:
+    def _best(s: ProblemSnapshot, why: str, code: StopCode) -> Stop:
         votes = {v.key: v.votes for v in s.votes()}
         best = None
         best_rank = None
@@ -118,5 +121,6 @@ class GenRM:
             if best_rank is None or rank < best_rank:
                 best, best_rank = sol, rank
         if best is None or best_rank is None:
-            return majority_stop(s, f"genrm {why}, no verification scores; fell back to vote")
-        return Stop(best.answer, f"genrm {why}: score {-best_rank[0]:.3f}", best.key)
+            return majority_stop(s, f"genrm {why}, no verification scores; fell back to vote",
+                                 code)
+        return Stop(best.answer, f"genrm {why}: score {-best_rank[0]:.3f}", best.key, code)

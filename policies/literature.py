@@ -37,7 +37,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import special
 
-from orchestrator.decisions import Decision, Sample
+from orchestrator.decisions import Decision, Sample, StopCode
 from orchestrator.errors import ConfigError
 from orchestrator.snapshot import ProblemSnapshot
 from policies.votes import majority_stop
@@ -110,6 +110,13 @@ def _check_failures(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                               or value < 0):
         raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def _closed_code(closed: str | None) -> StopCode:
+    """The stop code for a reason returned by :func:`_sampling_closed`."""
+    if closed is None or closed.startswith("max"):
+        return "max"
+    return "budget" if closed.startswith("budget") else "failures"
 
 
 def _sampling_closed(s: ProblemSnapshot, max_samples: int | None, max_failures: int) -> str | None:
@@ -194,7 +201,7 @@ class AdaptiveConsistency:
         if s.in_flight.samples:
             return []
         return [majority_stop(s, f"adaptive-consistency stopped ({closed or 'no room'}), "
-                                 f"confidence {conf:.3f}")]
+                                 f"confidence {conf:.3f}", _closed_code(closed))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +249,8 @@ class EarlyStoppingSC:
         if flying:
             return []
         why = closed or "no room"
-        return [majority_stop(s, f"esc stopped ({why}) after {len(sols)} samples")]
+        return [majority_stop(s, f"esc stopped ({why}) after {len(sols)} samples",
+                              _closed_code(closed))]
 
 
 def _doomed(window: Sequence) -> bool:

@@ -7,7 +7,7 @@ extracted answer never vote and never win.
 
 from __future__ import annotations
 
-from orchestrator.decisions import Stop
+from orchestrator.decisions import Stop, StopCode
 from orchestrator.snapshot import ProblemSnapshot, VoteCount
 
 
@@ -16,11 +16,11 @@ def leader(snapshot: ProblemSnapshot) -> VoteCount | None:
     return votes[0] if votes else None
 
 
-def majority_stop(snapshot: ProblemSnapshot, why: str) -> Stop:
+def majority_stop(snapshot: ProblemSnapshot, why: str, code: StopCode = "settled") -> Stop:
     """Stop with the majority answer; the reason says how many votes it had."""
     votes = snapshot.votes()
     if not votes:
-        return Stop(None, f"{why}: no solution had an answer")
+        return Stop(None, f"{why}: no solution had an answer", code=code)
     top = votes[0]
     total = sum(v.votes for v in votes)
-    return Stop(top.answer, f"{why}: majority {top.votes}/{total}", top.key)
+    return Stop(top.answer, f"{why}: majority {top.votes}/{total}", top.key, code)
