@@ -43,6 +43,7 @@ import numpy as np
 from benchmarks.source import ReplaySource
 from orchestrator.backends.replay import PoolExhausted, ReplayBackend
 from orchestrator.errors import ConfigError
+from orchestrator.history import RunHistory
 from orchestrator.runtime import SolveResult, solve
 from orchestrator.simclock import SimulatedClockLoop
 from policies import parse_policy
@@ -360,10 +361,11 @@ async def _run_problems(src: ReplaySource, policy: Any, order: int, cfg: ReplayC
                         ) -> list[SolveResult]:
     backend = ReplayBackend(src, order=order, decode_rate=cfg.decode_rate, ttft=cfg.ttft,
                             chunks=cfg.chunks, verify_tokens=src.verify_tokens)
+    history = RunHistory()  # one run per order: its problems share what they learn
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(solve(p, policy, backend=backend, task=src.task,
                                       limiter=ProblemLimiter(cfg.concurrency),
-                                      max_n=1 if cfg.concurrency else 16))
+                                      max_n=1 if cfg.concurrency else 16, history=history))
                  for p in src.problems]
     return [t.result() for t in tasks]
 

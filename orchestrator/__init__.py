@@ -17,6 +17,7 @@ from orchestrator.errors import (
     StreamBroken,
 )
 from orchestrator.events import JsonlTraceSink, StructlogSink
+from orchestrator.history import ProblemRecord, RunHistory
 from orchestrator.problems import load_problems
 from orchestrator.runtime import Limiter, SolveResult, run_batch, solve
 from orchestrator.snapshot import ProblemSnapshot
@@ -34,9 +35,11 @@ __all__ = [
     "ModelNotFound",
     "PolicyError",
     "Problem",
+    "ProblemRecord",
     "ProblemSnapshot",
     "RequestRejected",
     "RetriesExhausted",
+    "RunHistory",
     "Sample",
     "Solution",
     "SolveResult",

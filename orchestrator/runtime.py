@@ -83,6 +83,7 @@ from orchestrator.events import (
     Sink,
     VerificationFinished,
 )
+from orchestrator.history import ProblemRecord, RunHistory
 from orchestrator.ledger import ProblemLedger, RequestRecord, RunBudget
 from orchestrator.snapshot import BudgetLeft, InFlight, ProblemSnapshot
 from orchestrator.types import (
@@ -261,8 +262,10 @@ class _ProblemRun:
         sinks: Sequence[Sink],
         max_n: int,
         run_budget: RunBudget | None = None,
+        history: RunHistory | None = None,
     ) -> None:
         self.problem = problem
+        self.history = history
         self.policy = policy
         self.budget = budget
         self.backend = backend
@@ -327,6 +330,7 @@ class _ProblemRun:
             budget_left=BudgetLeft(tokens, requests, units, self._sample_max_tokens),
             elapsed=self.now(),
             lam=self.ledger.lam,
+            history=self.history.records if self.history is not None else (),
         )
 
     # ---- launching -------------------------------------------------------------------
@@ -659,6 +663,17 @@ class _ProblemRun:
             verification_tokens=self.ledger.usage_of("verify").completion_tokens,
             policy=name, error=error, stop_code=stop.code,
         )
+        if self.history is not None:
+            by_id = {s.id: s.key for s in self.solutions}
+            self.history.add(ProblemRecord(
+                problem_id=self.problem.id, stop_code=stop.code, answer_key=stop.key,
+                keys=tuple(s.key for s in self.solutions),
+                lengths=tuple(s.completion_tokens for s in self.solutions),
+                readings=tuple((by_id.get(v.solution_id), v.p_yes) for v in self.verifications
+                               if v.p_yes is not None),
+                solution_tokens=result.solution_tokens,
+                verification_tokens=result.verification_tokens,
+            ))
         self.emit(ProblemDone(
             self.problem.id, result.elapsed, result.answer, result.reason, result.correct,
             usage, result.requests, len(self.solutions), len(self.verifications), error,
@@ -720,13 +735,17 @@ async def solve(
     sinks: Sequence[Sink] = (),
     max_n: int = DEFAULT_MAX_N,
     run_budget: RunBudget | None = None,
+    history: RunHistory | None = None,
 ) -> SolveResult:
     """Answer one problem under ``policy`` within ``budget`` using ``backend``.
 
     ``task`` (prompts, grader, verifier) defaults to :func:`orchestrator.tasks.task_for`
     on this problem. A fatal backend error (unreachable endpoint, unknown model, rejected
     request) ends the problem with ``result.error`` set rather than raising, so batch runs
-    keep every result; a policy bug raises :class:`PolicyError`.
+    keep every result; a policy bug raises :class:`PolicyError`. ``history`` (a
+    :class:`~orchestrator.history.RunHistory`) is what earlier problems of the same run
+    looked like: the snapshot shows it to the policy, and this problem is added to it
+    when it finishes.
     """
     if backend is None:
         raise ConfigError("solve() needs a backend (e.g. OpenAIBackend(base_url=..., model=...))")
@@ -740,7 +759,7 @@ async def solve(
 
         task = task_for([prob])
     run = _ProblemRun(prob, policy, budget or UNLIMITED, backend, task,
-                      limiter or Limiter(), sinks, max_n, run_budget)
+                      limiter or Limiter(), sinks, max_n, run_budget, history)
     return await run.run()
 
 
@@ -766,6 +785,7 @@ async def run_batch(
     as ``concurrency``). ``on_result`` is called as each problem finishes (write results as
     they come, so none are lost if the run is interrupted). A problem that ends on a
     fatal backend error is returned with ``error`` set; it does not stop the others.
+    The problems share one :class:`~orchestrator.history.RunHistory` (``snapshot.history``).
     """
     if not problems:
         raise ConfigError("run_batch() got no problems")
@@ -775,13 +795,15 @@ async def run_batch(
         task = task_for(problems)
     limiter = Limiter(concurrency, rate)
     shared = RunBudget(run_tokens) if run_tokens is not None else None
+    history = RunHistory()
     gate = asyncio.Semaphore(problems_in_flight or concurrency or len(problems))
     results: list[SolveResult | None] = [None] * len(problems)
 
     async def one(i: int, prob: Problem) -> None:
         async with gate:
             result = await solve(prob, policy, budget, backend, task=task, limiter=limiter,
-                                 sinks=sinks, max_n=max_n, run_budget=shared)
+                                 sinks=sinks, max_n=max_n, run_budget=shared,
+                                 history=history)
         results[i] = result
         if on_result is not None:
             on_result(result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.history import ProblemRecord
 from orchestrator.types import (
     Budget,
     FailedSample,
@@ -91,6 +92,8 @@ class ProblemSnapshot:
     elapsed: float
     #: measured λ = mean verification length / mean solution length (None until both seen)
     lam: float | None = None
+    #: problems of this run already finished, in finishing order (orchestrator.history)
+    history: tuple[ProblemRecord, ...] = ()
 
     # ---- derived views (cheap; computed on demand) ----------------------------------
     @property
