@@ -367,6 +367,10 @@ class _ProblemRun:
         if fits < n:
             n = fits
             request = dataclasses.replace(request, n=n)
+        if request.affinity is None:  # all of a problem's requests belong on one replica
+            request = dataclasses.replace(
+                request, affinity=self.problem.id,
+                verifies=solution.id if solution is not None else None)
         rid = self._next_request
         self._next_request += 1
         choices = []

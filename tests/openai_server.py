@@ -65,6 +65,7 @@ class ReceivedRequest:
     path: str
     body: Mapping[str, Any] | None
     at: float
+    headers: Mapping[str, str] = field(default_factory=dict)  # names lower-cased
 
 
 @dataclass(slots=True)
@@ -407,7 +408,9 @@ class OpenAIServer:
             body = await request.json()
         except json.JSONDecodeError:
             return _error_response(400, "body is not valid JSON", "BadRequestError")
-        self._stats.received.append(ReceivedRequest("POST", request.path, body, time.time()))
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self._stats.received.append(ReceivedRequest("POST", request.path, body, time.time(),
+                                                    headers))
         self._touch()
         rejection = self._reject(body, chat)
         if rejection is not None:
