@@ -192,6 +192,7 @@ class OpenAIServer:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/health", self._health)  # as vLLM: 200, empty body
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self._port)
@@ -302,6 +303,9 @@ class OpenAIServer:
         return min(shared, max(len(words) - 1, 0)) // block * block
 
     # ------------------------------------------------------------------ handlers
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
     async def _models(self, request: web.Request) -> web.Response:
         self._stats.received.append(ReceivedRequest("GET", request.path, None, time.time()))
         names = self.models or ("test-model",)
