@@ -7,15 +7,6 @@ request of a problem on one replica under the router's ``consistent_hash`` polic
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import shutil
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from orchestrator.backends.base import Capabilities
@@ -23,48 +14,13 @@ from orchestrator.backends.openai_compat import AFFINITY_HEADER, OpenAIBackend
 from orchestrator.runtime import run_batch, solve
 from orchestrator.types import Problem
 from policies import SelfConsistency
-from tests.conftest import free_port
 from tests.helpers import StopAtFirst, WordTask
 from tests.openai_server import OpenAIServer
+from tests.routerkit import router_installed, vllm_router
 
 TASK = WordTask()
-ROUTER = shutil.which("vllm-router") or str(Path(sys.executable).with_name("vllm-router"))
-pytestmark = pytest.mark.skipif(not os.access(ROUTER, os.X_OK),
+pytestmark = pytest.mark.skipif(not router_installed(),
                                 reason="vllm-router is not installed (pip install -e '.[dev]')")
-#: how long the router may take to see both workers healthy (it polls their /health)
-READY_S = 60.0
-
-
-@contextlib.asynccontextmanager
-async def router(policy: str, *workers: OpenAIServer) -> AsyncIterator[str]:
-    """A vllm-router subprocess on a free port in front of ``workers``; yields its /v1 URL."""
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        ROUTER, "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
-        "--worker-urls", *[w.url.removesuffix("/v1") for w in workers],
-        "--log-level", "warning", "--disable-retries",
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + READY_S
-        while True:
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                await writer.wait_closed()
-                break
-            if proc.returncode is not None or loop.time() > deadline:
-                pytest.fail(f"vllm-router did not start (exit {proc.returncode})")
-            await asyncio.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
 
 
 def _answer(body):
@@ -83,7 +39,7 @@ def _replicas_of(servers: tuple[OpenAIServer, ...]) -> dict[str, set[int]]:
 
 async def _run_through(policy_name: str, problems: list[Problem]):
     async with OpenAIServer(_answer) as s1, OpenAIServer(_answer) as s2:
-        async with router(policy_name, s1, s2) as url:
+        async with vllm_router(policy_name, [s1.url, s2.url]) as url:
             backend = OpenAIBackend(url, "test-model", max_attempts=1)
             try:
                 caps = await backend.probe("completions")  # probing works through it
@@ -127,7 +83,7 @@ async def test_a_stop_through_the_router_aborts_the_requests_on_the_replica():
 
     async with OpenAIServer(slow_but_first, token_delay=0.005) as s1, \
             OpenAIServer(slow_but_first, token_delay=0.005) as s2:
-        async with router("consistent_hash", s1, s2) as url:
+        async with vllm_router("consistent_hash", [s1.url, s2.url]) as url:
             # no probe: the first request sent is the one that answers
             backend = OpenAIBackend(url, "test-model", max_attempts=1, cut_grace=0.0,
                                     capabilities=Capabilities())
