@@ -32,7 +32,6 @@ from orchestrator.tasks import task_for
 from orchestrator.types import Problem
 from policies import GenRM, SelfConsistency
 from tests.live.livekit import (
-    GEN,
     RAMBLE,
     FirstFinished,
     RambleTask,
