@@ -222,11 +222,14 @@ async def test_a_replica_whose_connection_drops_mid_stream_gets_no_new_work():
                    if rendezvous_order(f"p{i}", ["one", "two"])[0] == 0)
         s1.drop_after(1)  # its first stream is cut after one token
         try:
-            (r,) = await run_batch([Problem(id=key, problem="q")], SelfConsistency(2),
+            # one sample at a time: its stream is cut on "one", the replacement sample
+            # must go to "two" (a second stream opened on "one" would, rightly, show it up)
+            (r,) = await run_batch([Problem(id=key, problem="q")], SelfConsistency(1),
                                    backend=multi, task=TASK, max_n=1)
         finally:
             await multi.aclose()
-        assert r.ok and r.answer == "x" and len(r.solutions) == 2
+        assert r.ok and r.answer == "x" and len(r.solutions) == 1
+        assert len(s1.generation_requests()) == 1 and len(s2.generation_requests()) == 1
         assert [f.reason for f in r.failed] == ["failed"]  # the cut stream, replaced
         stats = {s["replica"]: s for s in multi.stats()}
         assert stats["one"]["broken"] == 1 and not stats["one"]["up"]
