@@ -328,3 +328,28 @@ async def test_history_records_which_solution_each_reading_is_of():
     assert sorted(rec.reading_solutions) == [0, 0, 1, 1]
     keys = [rec.keys[i] for i in rec.reading_solutions]
     assert keys == [k for k, _ in rec.readings]
+
+
+# ---- the replay path (simulated clock, real runtime) ------------------------------------------
+def test_replayed_with_a_simulated_verifier_it_verifies_and_a_useless_profile_is_adaptive(
+        tmp_path):
+    from benchmarks.replay import ReplayConfig, replay_pool
+    from benchmarks.source import ReplaySource, SimulatedVerifier
+    from tests.test_replay import random_pool
+
+    strong = VerifierProfile(BetaFit(8.0, 1.0), BetaFit(1.0, 8.0), auc=0.99, lam=0.5,
+                             repeat_icc=0.0, simulated=True)
+    good, useless = saved(tmp_path, strong, "g.json"), saved(tmp_path, USELESS, "u.json")
+    src = ReplaySource(random_pool(4, problems=16, keys="abc"), seed=2,
+                       verifier=SimulatedVerifier(correct=(8.0, 1.0), wrong=(1.0, 8.0),
+                                                  lam=0.5, vmax=4))
+    specs = [f"solverify:profile={good},width=3,max=9", "adaptive:width=3,max=9",
+             f"solverify:profile={useless},width=3,max=9",
+             f"verify-contested:profile={good},width=3,max=9"]
+    out = replay_pool(src, specs, ReplayConfig(orders=2, workers=1))
+    smart, adaptive, same, contested = out
+    for metric in ("correct", "tokens", "samples", "latency"):
+        np.testing.assert_array_equal(getattr(same, metric), getattr(adaptive, metric))
+    assert smart.correct.mean() > adaptive.correct.mean()
+    assert contested.correct.mean() > adaptive.correct.mean()
+    assert smart.errors == contested.errors == 0
