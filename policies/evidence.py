@@ -160,29 +160,39 @@ def _reading_grid(profile: VerifierProfile) -> tuple[np.ndarray, np.ndarray]:
     return good, bad
 
 
+@lru_cache(maxsize=256)
+def _grid_llr(profile: VerifierProfile) -> tuple[np.ndarray, np.ndarray]:
+    """``profile.log_lr`` at the nodes of :func:`_reading_grid`."""
+    good, bad = _reading_grid(profile)
+    return (np.array([profile.log_lr(float(r)) for r in good]),
+            np.array([profile.log_lr(float(r)) for r in bad]))
+
+
 def verify_gain(ev: Evidence, index: int, solution_id: int, profile: VerifierProfile
                 ) -> float:
     """Expected increase of P(the chosen answer is right) from one more reading of
-    solution ``solution_id`` of answer ``index`` (the vote prior does not change)."""
+    solution ``solution_id`` of answer ``index`` (the vote prior does not change).
+
+    The reading is drawn from the predictive mixture post_j·f_correct + (1 - post_j)·
+    f_wrong; after it, only answer j's factor changes, so the new posterior's maximum is
+    max(post_j·e, best other) / (1 - post_j + post_j·e) with e the factor's change."""
     if not ev.answers:
         return 0.0
     old = ev.answers[index].readings_of(solution_id)
+    k = len(old)
     before = solution_evidence(old, profile)
-    good, bad = _reading_grid(profile)
-    p_right = ev.post[index]
-    base = np.asarray(ev.post, dtype=np.float64)  # updated in closed form per reading
-    best_now = ev.value
+    old_sum = sum(profile.log_lr(p) for p in old)
+    per = profile.effective_readings(k + 1) / (k + 1)
+    p_j = ev.post[index]
+    others = max((p for i, p in enumerate(ev.post[:-1]) if i != index), default=0.0)
     total = 0.0
-    for nodes, weight in ((good, p_right / GRID), (bad, (1.0 - p_right) / GRID)):
+    for llr, weight in zip(_grid_llr(profile), (p_j, 1.0 - p_j), strict=True):
         if weight <= 0:
             continue
-        for r in nodes:
-            after = solution_evidence((*old, float(r)), profile)
-            scale = math.exp(min(after - before, 700.0))
-            new = base.copy()
-            new[index] *= scale
-            total += weight * float(new[:-1].max() / new.sum())
-    return max(total - best_now, 0.0)
+        e = np.exp(np.minimum(per * (old_sum + llr) - before, 700.0))
+        new_max = np.maximum(p_j * e, others) / (1.0 - p_j + p_j * e)
+        total += weight * float(new_max.mean())
+    return max(total - ev.value, 0.0)
 
 
 def sample_gain(ev: Evidence, prior: float = 1.0) -> float:
