@@ -308,5 +308,5 @@ def solverify_entries() -> None:
     register("solverify", Solverify,
              (*common, Param("min_gain", "min_gain", float, default=0.002,
                              help="least expected gain in P(right) a verification must add")),
-             "sample, verify or stop by expected gain in P(right) per token; "
-             "a useless verifier: exactly adaptive")
+             "sample, verify or stop by expected gain in P(right) per token; with a "
+             "useless verifier it is adaptive")
