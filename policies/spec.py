@@ -160,3 +160,6 @@ def _ensure_builtins() -> None:
          Param("max_failures", "max_failures", int, help="broken samples replaced (default max)")),
         "Adaptive: finite-horizon posterior stop, width samples in flight, stragglers cancelled",
     )
+    from policies.verifying import solverify_entries
+
+    solverify_entries()
