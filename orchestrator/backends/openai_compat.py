@@ -122,6 +122,7 @@ PROBE_TOP_LOGPROBS: tuple[int, ...] = (20, 5, 1)
 """``top_logprobs`` values the probe tries, largest first."""
 
 _PROBE_PROMPT = "Say OK."
+_DRAIN_S = 1.0  # the most a finished stream is read on after its [DONE]
 _MERGE_QUEUE_SIZE = 256
 _NEVER_CONNECTED = frozenset({"ConnectError", "ConnectTimeout", "gaierror"})
 _MODEL_MISSING = re.compile(
@@ -786,6 +787,16 @@ class _SSE:
     def __init__(self, raw: _RawResponse) -> None:
         self._lines = aiter(raw.response.iter_lines())
 
+    async def _drain(self) -> None:
+        """Read the body to its end after ``[DONE]`` (a moment at most), so the connection
+        can be reused and the reading generators finish instead of being left suspended."""
+        try:
+            async with asyncio.timeout(_DRAIN_S):
+                async for _ in self._lines:
+                    pass
+        except Exception as exc:  # a server that ends badly after [DONE]: nothing lost
+            _log.debug("backend.drain_failed", error=_describe(exc))
+
     async def next(self) -> tuple[str | None, str] | None:
         data: list[str] = []
         event: str | None = None
@@ -798,6 +809,7 @@ class _SSE:
                 if data:
                     payload = "\n".join(data)
                     if payload.strip() == "[DONE]":
+                        await self._drain()
                         return None
                     return event, payload
                 continue
