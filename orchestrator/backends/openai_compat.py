@@ -653,11 +653,16 @@ class OpenAIBackend:
     # ------------------------------------------------------------------ retries and errors
     async def _with_retries(self, fn: Callable[[], Awaitable[T]]) -> T:
         attempts = 0
+        last: BaseException | None = None
 
         async def attempt() -> T:
-            nonlocal attempts
+            nonlocal attempts, last
             attempts += 1
-            return await fn()
+            try:
+                return await fn()
+            except Exception as exc:
+                last = exc
+                raise
 
         base, cap, retry_after_cap = self._backoff
         retrying = build_retrying(
@@ -673,14 +678,15 @@ class OpenAIBackend:
         except BackendError:
             raise
         except TimeoutError as exc:
-            if attempts <= 1 and _never_connected(exc):
-                raise EndpointUnreachable(
-                    f"cannot reach {self._base_url}: no answer within {self._deadline:g} s"
-                ) from exc
-            raise RetriesExhausted(
-                f"{self._base_url} (model {self._model!r}): no answer within the "
-                f"{self._deadline:g} s request deadline (--timeout) after {attempts} "
-                "attempt(s)") from exc
+            within = f"within the {self._deadline:g} s request deadline (--timeout)"
+            if last is not None and _never_connected(last):
+                raise EndpointUnreachable(self._scrub(
+                    f"cannot reach {self._base_url} after {attempts} attempt(s) {within}: "
+                    f"{_describe(last)}")) from exc
+            tail = f"; last error: {_describe(last)}" if last is not None else ""
+            raise RetriesExhausted(self._scrub(
+                f"{self._base_url} (model {self._model!r}): no answer {within} after "
+                f"{attempts} attempt(s){tail}")) from exc
         except Exception as exc:
             error = await self._translate(exc, attempts)
             raise error from exc
