@@ -203,7 +203,7 @@ def print_summary(summary: dict, policy: str, out: Path, file=sys.stdout) -> Non
         f"completion tokens {summary['completion_tokens']}"
         f"  (solutions {summary['solution_tokens']}, verifications "
         f"{summary['verification_tokens']})"
-        + (f"  [partly estimated from: {', '.join(summary['tokens_estimated_from'])}]"
+        + (f"  [partly estimated from: {', '.join(summary.get('tokens_estimated_from', ()))}]"
            if summary["tokens_estimated"] else ""),
         f"prompt tokens     {summary['prompt_tokens']}"
         + (f"  ({cached} served from the prefix cache)" if cached is not None else ""),

@@ -581,6 +581,9 @@ class OpenAIBackend:
         usage_ok = any(_get(ch, "usage") is not None and not _get(ch, "choices") for ch in chunks)
         continuous_ok = any(_get(ch, "usage") is not None and _get(ch, "choices")
                             for ch in chunks)
+        # a server that counts on every chunk also closes with a count: a probe stream
+        # that lost its closing chunk (a flaky proxy) must not turn usage off for good
+        usage_ok = usage_ok or continuous_ok
 
         logprobs_ok, max_top = False, None
         for k in PROBE_TOP_LOGPROBS:
