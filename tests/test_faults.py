@@ -19,7 +19,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -31,7 +30,6 @@ import structlog
 
 from orchestrator import cli
 from orchestrator.cli import ended_on_error
-from tests.conftest import REPO
 from tests.fault_proxy import FAULT_KINDS, FaultProxy
 from tests.openai_server import MathResponder, OpenAIServer
 
@@ -95,10 +93,16 @@ def _reset_structlog() -> Iterator[None]:
     structlog.reset_defaults()  # cli.main configures structlog; leave other tests theirs
 
 
-def problems_file(path: Path, n: int = PROBLEMS) -> Path:
-    path.write_text("".join(
-        json.dumps({"id": f"q{i}", "problem": f"What is {i} plus {i} {'and more ' * (i % 5)}?",
-                    "answer": str(2 * i)}) + "\n" for i in range(n)))
+def problems_file(path: Path, n: int = PROBLEMS, *, text: bool = False) -> Path:
+    """``n`` maths problems, or (``text``) text-answer ones, which get the cheap grader."""
+    def one(i: int) -> dict:
+        if text:
+            return {"id": f"q{i}", "problem": f"Capital number {i}?", "answer": "Paris",
+                    "aliases": ["Paris"]}
+        return {"id": f"q{i}", "problem": f"What is {i} plus {i} {'and more ' * (i % 5)}?",
+                "answer": str(2 * i)}
+
+    path.write_text("".join(json.dumps(one(i)) + "\n" for i in range(n)))
     return path
 
 
@@ -282,10 +286,24 @@ def test_bad_input_exits_2(tmp_path, monkeypatch, capsys):
 
 
 # ---- crash and resume --------------------------------------------------------------------
-def _spawn(argv: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "SOLVERIFY_LOG": "error"}
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *argv], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def _cli_child(argv: list[str], log: str) -> None:
+    """Run the CLI as a separate process, its stderr to ``log`` (forkserver target)."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 2)
+    os.dup2(fd, 1)
+    os.environ["SOLVERIFY_LOG"] = "error"
+    sys.exit(cli.main(argv))
+
+
+def _spawner():
+    """Processes forked from one server that has the CLI imported: a kill lands in a real
+    separate process, without paying Python's start-up and imports for each of them."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["orchestrator.cli", "orchestrator.backends.openai_compat",
+                                "orchestrator.runtime", "policies", "tests.test_faults"])
+    return ctx
 
 
 def _lines(path: Path) -> int:
@@ -299,43 +317,47 @@ def test_killed_at_random_points_and_resumed_the_file_holds_every_id_once(
         tmp_path, bg, proxy_factory):
     slow = OpenAIServer(MathResponder(), models=None, token_delay=0.004)
     bg.call(slow.start())
+    ctx = _spawner()
     try:
         proxy = proxy_factory(rate=0.1, seed=11, upstream=root(slow),
                               kinds=("500", "429", "cut", "garbage", "truncated", "no_usage"))
         out = tmp_path / "out.jsonl"
-        problems = problems_file(tmp_path / "p.jsonl")
+        problems = problems_file(tmp_path / "p.jsonl", text=True)
         argv = ["run", "--base-url", proxy.url, "--model", "test-model", "--problems",
                 str(problems), "--policy", "sc:n=4", "--out", str(out), "--no-progress",
-                "--max-tokens", "64", "--concurrency", "6", "--resume"]
+                "--max-tokens", "16", "--concurrency", "6", "--resume"]
         rng = random.Random(7)
         points = sorted(rng.sample(range(4, PROBLEMS - 10), 5))
         kills: list[int] = []
-        errs: list[str] = []
+        logs: list[Path] = []
         for i, point in enumerate(points):
-            proc = _spawn(argv)
+            logs.append(tmp_path / f"run{i}.log")
+            proc = ctx.Process(target=_cli_child, args=(argv, str(logs[-1])))
+            proc.start()
             try:
                 reached = wait_for(lambda p=point, pr=proc: _lines(out) >= p or
-                                   pr.poll() is not None, within=120)
+                                   not pr.is_alive(), within=120)
                 time.sleep(rng.random() * 0.05)  # anywhere between two results
             finally:
-                proc.send_signal(signal.SIGKILL)
-                _, err = proc.communicate(timeout=30)
-            assert reached and proc.returncode == -signal.SIGKILL, err
-            errs.append(err)
+                proc.kill()
+                proc.join(30)
+            assert reached and proc.exitcode == -signal.SIGKILL, logs[-1].read_text()
             kills.append(_lines(out))
             if i == 2:  # as if killed in the middle of writing a line
                 with out.open("ab") as fh:
                     fh.write(b'{"id": "q1", "policy": "sc:n=4", "ans')
-        final = _spawn(argv)
-        _stdout, stderr = final.communicate(timeout=180)
+        logs.append(tmp_path / "final.log")
+        final = ctx.Process(target=_cli_child, args=(argv, str(logs[-1])))
+        final.start()
+        final.join(180)
     finally:
         bg.call(slow.stop())
-    assert final.returncode in (0, 1), stderr
-    assert any("dropped a torn last line" in e for e in [*errs, stderr])
+    assert final.exitcode in (0, 1), logs[-1].read_text()
+    assert any("dropped a torn last line" in log.read_text() for log in logs)
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)) == PROBLEMS
     assert set(ids) == {f"q{i}" for i in range(PROBLEMS)}
     assert kills == sorted(kills) and len(set(kills)) >= 3
     _report({"crash_resume": {"kill_points_lines": kills, "final_lines": len(rows),
-                              "unique_ids": len(set(ids)), "exit": final.returncode}})
+                              "unique_ids": len(set(ids)), "exit": final.exitcode}})
