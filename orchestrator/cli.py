@@ -336,6 +336,8 @@ async def _run(args) -> int:
         summary = summarise(results, time.monotonic() - started)
         summary["capabilities"] = list(caps.describe())
         print_summary(summary, policy.spec, args.out)
+        print(f"probe tokens      {backend.probe_completion_tokens}  (the capability check "
+              "at start-up; charged to no problem)")
         rc, lines = outcome_lines(rows, len(earlier))
         if lines:
             print(redact_text("\n".join(lines)))

@@ -261,3 +261,9 @@ def test_a_bad_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
     out.write_text('{"id": "a"}\n{"id": "a"}\n')
     with pytest.raises(DataError, match="appears twice"):
         read_results(out)
+
+
+async def test_the_probe_reports_the_tokens_it_cost() -> None:
+    async with OpenAIServer() as server, OpenAIBackend(server.url, "test-model") as backend:
+        await backend.probe("chat")
+        assert backend.probe_completion_tokens == server.generation_tokens_total > 0

@@ -201,6 +201,9 @@ class OpenAIBackend:
         self._caps = capabilities
         self._probed: Capabilities | None = None
         self._probe_lock = asyncio.Lock()
+        #: completion tokens the capability probe made the server generate (charged to no
+        #: problem; the CLI prints them so a server-side count can be reconciled)
+        self.probe_completion_tokens = 0
         self._throttler = _make_throttler(rate_limit)
         self._closed = False
         self.cut_grace = cut_grace
@@ -647,6 +650,7 @@ class OpenAIBackend:
                     except _Malformed as exc:
                         raise MalformedStream(f"probe stream sent malformed data: {exc}"
                                               ) from None
+                self.probe_completion_tokens += _probe_tokens(chunks, n, endpoint == "chat")
                 return chunks
             finally:
                 await _close_quietly(response)
@@ -856,6 +860,24 @@ def _carries_tokens(event: StreamEvent) -> bool:
     if isinstance(event, TextDelta):
         return event.tokens > 0
     return event.completion_tokens > 0
+
+
+def _probe_tokens(chunks: list[Any], n: int, chat: bool) -> int:
+    """Completion tokens of a probe stream: its closing usage, else its running counts,
+    else its per-delta counts."""
+    for chunk in reversed(chunks):
+        usage = _get(chunk, "usage")
+        if usage is not None and not _get(chunk, "choices"):
+            return _int(_get(usage, "completion_tokens", 0))
+    decoder = _ChunkDecoder(n=n, chat=chat)
+    running = counted = 0
+    for chunk in chunks:
+        for event in decoder.feed(chunk):
+            if isinstance(event, UsageReport):
+                running = max(running, event.completion_tokens)
+            else:
+                counted += event.tokens
+    return running or counted
 
 
 def _snippet(text: str, limit: int = 60) -> str:
