@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cli import add_endpoint_args, add_task_args
+from orchestrator.cli import add_endpoint_args, add_resume_args, add_task_args
 from orchestrator.cliargs import (
     beta_params,
     float_list,
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests in flight (default 16)")
     rec.add_argument("--rate", type=positive_float, default=None, help="requests per second")
     rec.add_argument("--no-texts", action="store_true", help="do not store texts")
+    add_resume_args(rec)
     add_task_args(rec)
     return parser
 
@@ -265,10 +266,11 @@ def _record(args: argparse.Namespace) -> int:
     problems = load_problems(args.problems, limit=args.limit)
     task = make_task(problems, args)
     api_key = api_key_from(args)
+    _check_record_out(args, task)
 
     async def go() -> int:
         backend = OpenAIBackend(base_url=args.base_url, model=args.model, api_key=api_key,
-                                timeout=args.timeout)
+                                timeout=args.timeout, idle_timeout=args.idle_timeout)
         try:
             summary = await record(problems, backend, task, args.out, samples=args.samples,
                                    verifications=args.verifications,
@@ -283,6 +285,21 @@ def _record(args: argparse.Namespace) -> int:
         return 0 if summary.errors == 0 else 1
 
     return asyncio.run(go())
+
+
+def _check_record_out(args: argparse.Namespace, task: Any) -> None:
+    """--resume/--overwrite for the pool file (orchestrator.results_io): refuse a non-empty
+    --out without one, a resume of a different recording, and drop a torn last line."""
+    from orchestrator.cli import _warn
+    from orchestrator.results_io import file_sha256, open_results
+
+    fingerprint = {"command": "bench record", "model": args.model, "samples": args.samples,
+                   "verifications": args.verifications, "problems": args.problems.name,
+                   "problems_sha256": file_sha256(args.problems), "endpoint": task.endpoint,
+                   "max_tokens": task.max_tokens, "temperature": task.temperature}
+    _, writer = open_results(args.out, fingerprint, resume=args.resume,
+                             overwrite=args.overwrite, warn=_warn)
+    writer.close()  # benchmarks.record appends, skipping ids already in the file
 
 
 def _calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:

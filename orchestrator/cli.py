@@ -6,16 +6,18 @@
     solverify serve ...           # the bundled CPU vLLM (see DEVELOPERS.md)
     solverify bench ...           # record / replay / compute-matched benchmarks
 
-Errors a user can fix (bad spec, bad file, unreachable endpoint, unknown model) print one
-line on stderr and exit with status 2; nothing is lost: results are appended to ``--out``
-as each problem finishes.
+Exit status (``run``; ``bench record`` alike): 0 every problem was answered or stopped
+normally; 1 some problems ended on an error (the summary says how many and the first
+error); 2 bad input or could not start (bad spec, bad file, unreachable endpoint, unknown
+model: one ``solverify: error:`` line on stderr); 130 interrupted. Nothing is lost: each
+result is written to ``--out`` as its problem finishes, and ``--resume`` continues a run
+that was stopped (see :mod:`orchestrator.results_io`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -26,6 +28,8 @@ from orchestrator.cliargs import non_negative_float, positive_float, positive_in
 from orchestrator.errors import ConfigError, SolverifyError
 from orchestrator.types import Budget
 
+EXIT_OK = 0
+EXIT_PROBLEM_ERRORS = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -37,8 +41,28 @@ def add_endpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-env", default=None, metavar="VAR",
                    help="environment variable holding the API key (default: none needed, "
                         "sends 'EMPTY')")
-    p.add_argument("--timeout", type=positive_float, default=600.0,
-                   help="seconds per request (default 600)")
+    add_timeout_args(p)
+
+
+def add_timeout_args(p: argparse.ArgumentParser) -> None:
+    """The request deadline and the idle-stream timeout (orchestrator.backends.openai_compat)."""
+    from orchestrator.backends.openai_compat import DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT
+
+    p.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help="request deadline: seconds to a stream's first token, retries "
+                        f"included (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--idle-timeout", type=positive_float, default=DEFAULT_IDLE_TIMEOUT,
+                   metavar="S", help="a stream that sends no bytes for S seconds is broken "
+                                     f"(default {DEFAULT_IDLE_TIMEOUT:g})")
+
+
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    """--resume / --overwrite for commands that write a results file (results_io)."""
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run that wrote --out: skip problems already in it "
+                        "(refused when model, policy or problem file differ)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out instead of refusing")
 
 
 def add_task_args(p: argparse.ArgumentParser) -> None:
@@ -82,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--problems", required=True, type=Path,
                      help="JSONL with id, problem, optional answer/aliases")
     run.add_argument("--policy", required=True, help="policy spec, e.g. sc:n=16 or genrm:s=8,v=4")
-    run.add_argument("--out", required=True, type=Path, help="results JSONL (appended)")
+    run.add_argument("--out", required=True, type=Path,
+                     help="results JSONL, one line per problem as it finishes")
+    add_resume_args(run)
     run.add_argument("--limit", type=positive_int, default=None,
                      help="only the first N problems")
     run.add_argument("--concurrency", type=positive_int, default=16,
@@ -168,7 +194,7 @@ def verifier_backend(args, api_key: str):
         api_key = key
     return OpenAIBackend(base_url=args.verifier_base_url or args.base_url,
                          model=args.verifier_model or args.model, api_key=api_key,
-                         timeout=args.timeout)
+                         timeout=args.timeout, idle_timeout=args.idle_timeout)
 
 
 def api_key_from(args) -> str:
@@ -194,6 +220,7 @@ def summarise(results, wall: float) -> dict:
         "graded": len(graded),
         "accuracy": (sum(1 for r in graded if r.correct) / len(graded)) if graded else None,
         "errors": sum(1 for r in results if r.error),
+        "tokens_estimated_from": sorted({s for r in results for s in r.usage.estimated_from}),
         "no_answer": sum(1 for r in results if r.answer is None),
         "prompt_tokens": sum(r.usage.prompt_tokens for r in results),
         "cached_prompt_tokens": _sum_known(r.usage.cached_prompt_tokens for r in results),
@@ -231,7 +258,8 @@ def print_summary(summary: dict, policy: str, out: Path, file=sys.stdout) -> Non
         f"completion tokens {summary['completion_tokens']}"
         f"  (solutions {summary['solution_tokens']}, verifications "
         f"{summary['verification_tokens']})"
-        + ("  [partly estimated]" if summary["tokens_estimated"] else ""),
+        + (f"  [partly estimated from: {', '.join(summary.get('tokens_estimated_from', ()))}]"
+           if summary["tokens_estimated"] else ""),
         f"prompt tokens     {summary['prompt_tokens']}"
         + (f"  ({cached} served from the prefix cache)" if cached is not None else ""),
         f"requests          {summary['requests']}"
@@ -244,10 +272,63 @@ def print_summary(summary: dict, policy: str, out: Path, file=sys.stdout) -> Non
     print("\n".join(lines), file=file)
 
 
+def ended_on_error(row: dict) -> bool:
+    """Did this result (a results-file row) end on an error rather than a normal stop?
+    A fatal backend error (``error``), or a policy that gave up because its samples kept
+    failing (``stop_code`` ``failures``)."""
+    return bool(row.get("error")) or row.get("stop_code") in ("error", "failures")
+
+
+def first_error(row: dict) -> str:
+    if row.get("error"):
+        return str(row["error"])
+    for failed in row.get("failed") or ():
+        if failed.get("reason") == "failed" and failed.get("error"):
+            return str(failed["error"])
+    return str(row.get("reason") or "error")
+
+
+def outcome_lines(rows: list[dict], earlier: int) -> tuple[int, list[str]]:
+    """The exit status for these rows (this run's and ``earlier`` resumed ones) and the
+    lines that explain it."""
+    bad = [r for r in rows if ended_on_error(r)]
+    lines = []
+    if earlier:
+        lines.append(f"resumed           {earlier} problem(s) were already done; "
+                     f"{len(rows) - earlier} run now")
+    if not bad:
+        return EXIT_OK, lines
+    lines.append(f"ended on an error {len(bad)} of {len(rows)} problem(s); first: "
+                 f"{bad[0].get('id')}: {first_error(bad[0])}")
+    return EXIT_PROBLEM_ERRORS, lines
+
+
+def run_fingerprint(args, policy, task, budget) -> dict:
+    """What must match for ``--resume`` to continue a results file (results_io)."""
+    from orchestrator.results_io import file_sha256
+
+    return {
+        "command": "run", "model": args.model, "policy": policy.spec,
+        "problems": str(args.problems.name), "problems_sha256": file_sha256(args.problems),
+        "endpoint": task.endpoint, "max_tokens": task.max_tokens,
+        "temperature": task.temperature, "texts": bool(args.texts),
+        "budget_tokens": budget.tokens, "budget_requests": budget.requests,
+        "run_budget_tokens": args.run_budget_tokens,
+    }
+
+
+def _warn(message: str) -> None:
+    from orchestrator.redact import redact_text
+
+    print(f"solverify: warning: {redact_text(message)}", file=sys.stderr)
+
+
 async def _run(args) -> int:
     from orchestrator.backends.openai_compat import OpenAIBackend
     from orchestrator.events import JsonlTraceSink
     from orchestrator.problems import load_problems
+    from orchestrator.redact import redact_text, redact_url
+    from orchestrator.results_io import open_results
     from orchestrator.runtime import run_batch
     from policies import parse_policy
 
@@ -258,52 +339,63 @@ async def _run(args) -> int:
     from orchestrator.runtime import check_budget_fits
 
     check_budget_fits(policy, budget, task, problems[0], args.run_budget_tokens)  # no request yet
+    done, writer = open_results(args.out, run_fingerprint(args, policy, task, budget),
+                                resume=args.resume, overwrite=args.overwrite, warn=_warn)
+    todo = [p for p in problems if p.id not in done.ids]
+    earlier = [r for r in done.rows if str(r.get("id")) in {p.id for p in problems}]
+    if not todo:
+        writer.close()
+        print(f"all {len(problems)} problem(s) already in {args.out}; nothing to run",
+              file=sys.stderr)
+        rc, lines = outcome_lines(earlier, len(earlier))
+        if lines:
+            print("\n".join(lines))
+        return rc
     api_key = api_key_from(args)
     verifier = verifier_backend(args, api_key)
     backend = OpenAIBackend(base_url=args.base_url, model=args.model, api_key=api_key,
-                            timeout=args.timeout)
+                            timeout=args.timeout, idle_timeout=args.idle_timeout)
     sinks = []
     trace = JsonlTraceSink(args.trace) if args.trace else None
     if trace is not None:
         sinks.append(trace)
     progress = None
+    rows: list[dict] = list(earlier)
     try:
         await backend.list_models()  # reachability: EndpointUnreachable after retries
         caps = await backend.probe(task.endpoint)  # a real tiny request: ModelNotFound etc.
-        print(f"endpoint {args.base_url} model {args.model}: " + ", ".join(caps.describe()),
-              file=sys.stderr)
+        print(f"endpoint {redact_url(args.base_url)} model {args.model}: "
+              + ", ".join(caps.describe()), file=sys.stderr)
         if verifier is not None:  # probed like the solver's: unreachable/unknown model fail here
             await verifier.list_models()
             vcaps = await verifier.probe(task.endpoint)
-            print(f"verifier {verifier.base_url} model {verifier.model}: "
+            print(f"verifier {redact_url(verifier.base_url)} model {verifier.model}: "
                   + ", ".join(vcaps.describe()), file=sys.stderr)
         if not args.no_progress:
             from tqdm import tqdm
 
-            progress = tqdm(total=len(problems), unit="problem", desc=policy.spec,
+            progress = tqdm(total=len(todo), unit="problem", desc=policy.spec,
                             file=sys.stderr, dynamic_ncols=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        with args.out.open("a", encoding="utf-8") as out:
-            correct = graded = 0
+        correct = graded = 0
 
-            def on_result(result) -> None:
-                nonlocal correct, graded
-                out.write(json.dumps(result.to_dict(texts=args.texts), ensure_ascii=False)
-                          + "\n")
-                out.flush()
-                if result.correct is not None:
-                    graded += 1
-                    correct += int(result.correct)
-                if progress is not None:
-                    progress.update(1)
-                    if graded:
-                        progress.set_postfix(acc=f"{correct / graded:.3f}", refresh=False)
+        def on_result(result) -> None:
+            nonlocal correct, graded
+            row = result.to_dict(texts=args.texts)
+            writer.write(row, redact=redact_text)
+            rows.append(row)
+            if result.correct is not None:
+                graded += 1
+                correct += int(result.correct)
+            if progress is not None:
+                progress.update(1)
+                if graded:
+                    progress.set_postfix(acc=f"{correct / graded:.3f}", refresh=False)
 
-            results = await run_batch(problems, policy, budget, backend, task=task,
-                                      concurrency=args.concurrency, rate=args.rate,
-                                      sinks=sinks, on_result=on_result,
-                                      run_tokens=args.run_budget_tokens, verifier=verifier)
+        results = await run_batch(todo, policy, budget, backend, task=task,
+                                  concurrency=args.concurrency, rate=args.rate,
+                                  sinks=sinks, on_result=on_result,
+                                  run_tokens=args.run_budget_tokens, verifier=verifier)
         if progress is not None:
             progress.close()
             progress = None
@@ -312,8 +404,14 @@ async def _run(args) -> int:
         if verifier is not None:
             summary["verifier"] = f"{verifier.model} at {verifier.base_url}"
         print_summary(summary, policy.spec, args.out)
-        return 0
+        print(f"probe tokens      {backend.probe_completion_tokens}  (the capability check "
+              "at start-up; charged to no problem)")
+        rc, lines = outcome_lines(rows, len(earlier))
+        if lines:
+            print(redact_text("\n".join(lines)))
+        return rc
     finally:
+        writer.close()
         if progress is not None:
             progress.close()
         if trace is not None:
@@ -349,14 +447,48 @@ def _configure_logging() -> None:
     if not isinstance(level, int):
         raise ConfigError(f"SOLVERIFY_LOG={name.lower()!r} is not a log level "
                           "(debug, info, warning, error)")
+    processors = [x for x in structlog.get_config()["processors"] if x is not _redact_event]
     structlog.configure(
+        processors=[*processors[:-1], _redact_event, processors[-1]],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
 
 
+def _redact_event(logger, method, event: dict) -> dict:
+    """structlog processor: no secret (URL userinfo, API key, credentials) in a log line."""
+    from orchestrator.redact import redact_text
+
+    out = {}
+    for key, value in event.items():
+        if isinstance(value, str):
+            value = redact_text(value)
+        elif isinstance(value, list | tuple | dict):
+            text = repr(value)
+            clean = redact_text(text)
+            value = value if clean == text else clean
+        out[key] = value
+    return out
+
+
+def register_secrets(argv: Sequence[str]) -> None:
+    """Tell :mod:`orchestrator.redact` the secrets this command line carries: the
+    userinfo of any URL in it and the API key named by ``--api-key-env``."""
+    from orchestrator.redact import register_secret, secrets_of_url
+
+    for i, arg in enumerate(argv):
+        for value in secrets_of_url(arg.split("=", 1)[-1]):
+            register_secret(value)
+        for flag in ("--api-key-env", "--verifier-api-key-env"):
+            if arg == flag and i + 1 < len(argv):
+                register_secret(os.environ.get(argv[i + 1]))
+            elif arg.startswith(flag + "="):
+                register_secret(os.environ.get(arg.split("=", 1)[1]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    register_secrets(argv)
     rc = _guard(_configure_logging)
     if rc:
         return rc
@@ -384,13 +516,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _guard(fn) -> int:
     """Run a command; turn expected errors into one line on stderr."""
+    from orchestrator.redact import redact_text
+
     try:
         return fn()
     except SolverifyError as exc:
-        print(f"solverify: error: {exc}", file=sys.stderr)
+        print(f"solverify: error: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:  # e.g. --out in a folder we cannot write
-        print(f"solverify: error: {exc}", file=sys.stderr)
+        print(f"solverify: error: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("solverify: interrupted; results written so far are kept", file=sys.stderr)

@@ -7,6 +7,10 @@ or vLLM's continuous per-chunk usage), else the sum of per-delta counts (flagged
 stream is charged what it generated up to the cut, never twice. Prompt tokens served from
 the server's prefix cache are recorded when the server reports them
 (``Usage.cached_prompt_tokens``).
+
+When a request's server usage is unavailable its count is flagged ``estimated`` and
+``Usage.estimated_from`` says from what (:data:`ESTIMATE_SOURCES`): the logprob entries
+received (one per token), one token per streamed chunk, or nothing at all received.
 """
 
 from __future__ import annotations
@@ -18,6 +22,14 @@ from orchestrator.types import Budget, RequestKind, Usage
 
 #: λ assumed before both a solution and a verification length have been measured
 DEFAULT_LAMBDA = 1.0
+
+#: what an estimated count came from (``Usage.estimated_from``)
+ESTIMATE_SOURCES = {
+    "logprobs": "logprob entries received, one per token; no server usage",
+    "chunks": "one token per streamed chunk; no server usage",
+    "prompt": "prompt size unknown: the server sent no usage",
+    "nothing": "no usage and no tokens received",
+}
 
 
 @dataclass(slots=True)
@@ -33,9 +45,21 @@ class RequestRecord:
     server_cached: int | None = None
     outcome: str | None = None  # None while open; "ok" | "cancelled" | "failed"
 
+    counted_deltas: int = 0
+
     def add_delta(self, tokens: int, estimated: bool) -> None:
         self.counted_completion += tokens
         self.counted_estimated = self.counted_estimated or estimated
+        self.counted_deltas += 1
+
+    @property
+    def estimated_from(self) -> tuple[str, ...]:
+        """Why this record's usage is an estimate (empty when it is the server's own)."""
+        if self.server_completion is not None:
+            return () if self.server_prompt is not None else ("prompt",)
+        if self.counted_estimated:
+            return ("chunks",)
+        return ("logprobs",) if self.counted_deltas else ("nothing",)
 
     def add_usage(self, prompt: int, completion: int, final: bool,
                   cached_prompt: int | None = None) -> None:
@@ -64,8 +88,9 @@ class RequestRecord:
             estimated = self.counted_estimated
         # without any server report the prompt size is unknown: 0, flagged estimated
         prompt = self.server_prompt if self.server_prompt is not None else 0
-        return Usage(prompt, completion, estimated or self.server_prompt is None,
-                     self.server_cached)
+        estimated = estimated or self.server_prompt is None
+        return Usage(prompt, completion, estimated, self.server_cached,
+                     self.estimated_from if estimated else ())
 
     def close(self, outcome: str) -> None:
         if self.outcome is not None:
@@ -77,15 +102,18 @@ def _sum_usage(records: Iterable[RequestRecord]) -> Usage:
     """Usage of several requests, summed field by field (same result as adding Usages)."""
     prompt = completion = cached = 0
     estimated = any_cached = False
+    sources: set[str] = set()
     for r in records:
         u = r.usage
         prompt += u.prompt_tokens
         completion += u.completion_tokens
         estimated = estimated or u.estimated
+        sources.update(u.estimated_from)
         if u.cached_prompt_tokens is not None:
             cached += u.cached_prompt_tokens
             any_cached = True
-    return Usage(prompt, completion, estimated, cached if any_cached else None)
+    return Usage(prompt, completion, estimated, cached if any_cached else None,
+                 tuple(sorted(sources)))
 
 
 def measure_lambda(

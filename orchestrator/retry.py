@@ -11,7 +11,9 @@ Every constant that shapes retrying lives here. The backend asks three questions
   stops after ``max_attempts`` attempts, re-raising the last failure unchanged.
 
 The backend retries only while opening a stream, i.e. before the first event has been
-handed to its consumer; a failure after that is never retried.
+handed to its consumer; a failure after that is never retried. A stream whose data was
+malformed before any token arrived (:class:`MalformedStream`) is retried like a stream
+cut before its first event.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ RETRY_AFTER_CAP = 60.0
 """Seconds; a longer ``Retry-After`` is shortened to this."""
 
 RandomFn = Callable[[], float]
+
+
+class MalformedStream(Exception):
+    """A stream sent data that is not a JSON chunk before its first token: retryable."""
+
 SleepFn = Callable[[float], Awaitable[None]]
 
 
@@ -73,6 +80,8 @@ def is_retryable(exc: BaseException) -> bool:
     """May sending the same request again succeed? Never true for cancellation."""
     if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
         return False
+    if isinstance(exc, MalformedStream):
+        return True
     code = status_code_of(exc)
     if code is not None:
         return is_retryable_status(code)

@@ -187,6 +187,7 @@ class SolveResult:
             "cached_prompt_tokens": self.usage.cached_prompt_tokens,
             "completion_tokens": self.usage.completion_tokens,
             "tokens_estimated": self.usage.estimated,
+            "tokens_estimated_from": list(self.usage.estimated_from),
             "solution_tokens": self.solution_tokens,
             "verification_tokens": self.verification_tokens,
             "requests": self.requests,

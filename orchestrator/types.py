@@ -47,6 +47,8 @@ class Usage:
     completion_tokens: int = 0
     estimated: bool = False
     cached_prompt_tokens: int | None = None
+    #: when ``estimated``: what the counts were estimated from (see ``orchestrator.ledger``)
+    estimated_from: tuple[str, ...] = ()
 
     @property
     def total_tokens(self) -> int:
@@ -54,11 +56,15 @@ class Usage:
 
     def __add__(self, other: Usage) -> Usage:
         mine, theirs = self.cached_prompt_tokens, other.cached_prompt_tokens
+        sources = self.estimated_from
+        if other.estimated_from and other.estimated_from != sources:
+            sources = tuple(sorted(set(sources) | set(other.estimated_from)))
         return Usage(
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
             self.estimated or other.estimated,
             None if mine is None and theirs is None else (mine or 0) + (theirs or 0),
+            sources,
         )
 
 

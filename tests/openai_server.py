@@ -21,7 +21,14 @@ What the server answers is scripted by a ``responder``: a callable from the requ
 JSON body to one list of tokens per choice (``str`` or :class:`Tok` with a logprob and
 alternatives). Faults are injected with :meth:`OpenAIServer.fail_next` (status, optional
 ``Retry-After``), :meth:`OpenAIServer.drop_after` (close the connection mid-stream) and the
-``reject_continuous_usage`` / ``reject_stream_options`` / ``ignore_n`` switches.
+``reject_continuous_usage`` / ``reject_stream_options`` / ``ignore_n`` switches;
+:meth:`OpenAIServer.garble_next` sends a malformed ``data:`` line (not JSON) at a chosen
+event of the next streams, the stream going on after it.
+
+``step_gate`` makes a test's timing explicit instead of wall-clock: an async callable given
+a :class:`Step` (stream number, step index, script length) that each stream awaits before
+generating each step (one token per running choice), so a test decides exactly which
+tokens exist when.
 
 Run standalone with a deterministic maths-and-verification responder::
 
@@ -66,6 +73,20 @@ class ReceivedRequest:
     body: Mapping[str, Any] | None
     at: float
     headers: Mapping[str, str] = field(default_factory=dict)  # names lower-cased
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What a stream is about to generate: step ``step`` (0-based) of stream ``stream``
+    (1-based, in arrival order), whose longest choice has ``length`` tokens."""
+
+    stream: int
+    step: int
+    length: int
+    n: int
+
+
+StepGate = Callable[[Step], Any]
 
 
 @dataclass(slots=True)
@@ -181,6 +202,9 @@ class OpenAIServer:
         self._port = port
         self._failures: list[_Failure] = []
         self._drops: list[int] = []
+        self._garbles: list[int] = []
+        self.step_gate: StepGate | None = None
+        self._streams = 0
         self._stats = _Stats()
         self._runner: web.AppRunner | None = None
         self._changed = asyncio.Event()
@@ -239,6 +263,13 @@ class OpenAIServer:
         """Close the connection of the next ``requests`` streams after ``tokens`` tokens
         (``0``: right after the chat role chunks, before any token)."""
         self._drops.extend(tokens for _ in range(requests))
+
+    def garble_next(self, at: int, *, requests: int = 1,
+                    line: str = "data: {\"id\": \"cmpl-x\", \"choi") -> None:
+        """The next ``requests`` streams send ``line`` (default: a truncated JSON event)
+        before their event number ``at`` (0: before the first), then go on normally."""
+        self._garbles.extend(at for _ in range(requests))
+        self._garble_line = line
 
     # ------------------------------------------------------------------ metrics
     @property
@@ -502,6 +533,10 @@ class OpenAIServer:
         k = self._lp_k(body, chat)
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         drop_at = self._drops.pop(0) if self._drops else None
+        garble_at = self._garbles.pop(0) if self._garbles else None
+        self._streams += 1
+        stream_no = self._streams
+        sent = [0]
         model = body.get("model")
         created = int(time.time())
         object_type = "chat.completion.chunk" if chat else "text_completion"
@@ -531,6 +566,9 @@ class OpenAIServer:
             transport = request.transport
             if transport is None or transport.is_closing():
                 raise _ClientGone
+            if garble_at is not None and sent[0] == garble_at:
+                data = (self._garble_line + "\n\n").encode() + data
+            sent[0] += 1
             try:
                 await response.write(data)
             except (ConnectionError, RuntimeError) as exc:
@@ -550,6 +588,10 @@ class OpenAIServer:
             for step in range(max(steps, 1)):
                 if drop_at is not None and total >= drop_at:
                     raise _Drop
+                if self.step_gate is not None:
+                    gate = self.step_gate(Step(stream_no, step, steps, len(script)))
+                    if gate is not None:
+                        await gate
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
                 transport = request.transport

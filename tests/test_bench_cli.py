@@ -153,7 +153,9 @@ def test_bench_record_then_replay_from_the_command_line(server_url, tmp_path):
             if s.key is not None:
                 assert len(s.verifications) == 2
                 assert all(v.p_yes is not None and v.tokens for v in s.verifications)
-    again = run_solverify(*args)
+    refused = run_solverify(*args)  # a non-empty --out needs --resume or --overwrite
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    again = run_solverify(*args, "--resume")
     assert again.returncode == 0 and "recorded 0 problems (3 already" in again.stdout
     out = tmp_path / "r.json"
     r = run_solverify("bench", "replay", "--pool", str(pool), "--policy", "sc:n=all",

@@ -576,28 +576,100 @@ class _OneShortReply:
         return [[f" w{i}" for i in range(300)]]
 
 
+class _Watching:
+    """Wraps a backend and records which (stream, choice) pairs the runtime has read a
+    token of: the test server's gates use it to know what the client has seen."""
+
+    def __init__(self, backend: OpenAIBackend) -> None:
+        self.backend = backend
+        self.cut_grace = 30.0  # no wall-clock window: the gates decide when data comes
+        self.read: set[tuple[int, int]] = set()
+        self.changed = asyncio.Event()
+        self._streams = 0
+
+    def stream(self, request: GenerationRequest):
+        from contextlib import asynccontextmanager
+
+        @asynccontextmanager
+        async def opened():
+            self._streams += 1
+            number = self._streams
+            async with self.backend.stream(request) as events:
+
+                async def watched():
+                    async for event in events:
+                        if isinstance(event, TextDelta) and event.tokens:
+                            self.read.add((number, event.choice))
+                            self.changed.set()
+                        yield event
+
+                gen = watched()
+                try:
+                    yield gen
+                finally:
+                    await gen.aclose()
+
+        return opened()
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+
 @pytest.mark.parametrize("max_n", [1, 3])
-async def test_a_cut_run_is_charged_exactly_what_the_server_generated(max_n: int) -> None:
-    """Long streams are cut when a short one finishes. The server steps them together, so at
-    the cut their tokens of that same step are in transit (counted by the server, not yet
-    read); the settled cut reads them before closing, and the ledger equals the server's
-    count."""
+async def test_a_cut_run_is_charged_exactly_what_the_server_generated(max_n: int,
+                                                                      monkeypatch) -> None:
+    """Long streams are cut when a short one finishes. The step the server generates
+    right after the ``Stop`` is in transit at the cut (counted by the server, not yet
+    read); the settled cut reads it before closing, and the ledger equals the server's
+    count. Explicit gates in the test server, not sleeps, decide which tokens exist when:
+    the short stream's last token waits until the client has read every long choice's
+    first token; the long streams' second step waits for the ``Stop``; their third never
+    comes (until the client closes)."""
+    from orchestrator import runtime
+    from orchestrator.decisions import Stop
+    from orchestrator.events import DecisionMade
     from orchestrator.runtime import solve
     from orchestrator.types import Problem
     from tests.helpers import StopAtFirst, WordTask
+    from tests.openai_server import Step
 
+    # a burst ends on the last running choice's usage, never on a quiet pause
+    monkeypatch.setattr(runtime, "CUT_QUIET_S", 30.0)
     reply = _OneShortReply()
+    stopped = asyncio.Event()
+    never = asyncio.Event()
+
+    def on_event(event: object) -> None:
+        if isinstance(event, DecisionMade) and any(isinstance(d, Stop) for d in event.decisions):
+            stopped.set()
+
     async with (
-        OpenAIServer(reply, token_delay=0.01) as server,
-        OpenAIBackend(server.url, "test-model", capabilities=Capabilities()) as backend,
+        OpenAIServer(reply) as server,
+        OpenAIBackend(server.url, "test-model", capabilities=Capabilities()) as http,
     ):
+        backend = _Watching(http)
+
+        async def gate(step: Step) -> None:
+            if step.length == 3:  # the short stream: its last token once all are read
+                while step.step == 2 and len(backend.read) < 4:
+                    backend.changed.clear()
+                    await backend.changed.wait()
+            elif step.step == 1:
+                await stopped.wait()  # generated after the Stop: in transit at the cut
+            elif step.step >= 2:
+                await never.wait()
+
+        server.step_gate = gate
         for round_ in range(4):
             reply.short_left = 1
+            stopped.clear()
+            backend.read.clear()
             before = server.generation_tokens_total
             result = await solve(Problem(id=f"r{round_}", problem="q"), StopAtFirst(4),
-                                 backend=backend, task=WordTask(max_tokens=300), max_n=max_n)
+                                 backend=backend, task=WordTask(max_tokens=300), max_n=max_n,
+                                 sinks=[on_event])
             assert [s.text for s in result.solutions] == [" one two three"]
-            assert len(result.failed) == 3
-            assert await server.wait_until(lambda: server.requests_running == 0)
-            await asyncio.sleep(0.03)
+            assert sorted(f.completion_tokens for f in result.failed) == [2, 2, 2]
+            assert await server.wait_until(lambda: server.requests_running == 0, within=30)
+            assert server.generation_tokens_total - before == 3 + 3 * 2
             assert result.usage.completion_tokens == server.generation_tokens_total - before

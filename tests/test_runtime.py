@@ -376,19 +376,81 @@ async def test_settled_cut_reads_each_stream_to_its_next_chunk_then_closes():
     assert other_tasks() == set()
 
 
-async def test_settled_cut_of_n_gt_1_reads_the_whole_burst():
-    short = FakeReply.text("one two three")
-    long = FakeReply.text(" ".join(["w"] * 50), delay=0.005)  # n=3 in lock-step
-    backend = FakeBackend(lambda req, i: short if req.n == 1 else long)
-    backend.cut_grace = 1.0
+class _GatedBackend:
+    """A backend with explicit gates instead of delays: an ``n = 1`` request streams
+    "one two three", its last token only once every long choice's first token has been
+    read; an ``n > 1`` request streams one token per choice per step (chunks in index order,
+    each followed by its running usage, as vLLM does), step 1 only after ``release`` is
+    set, and nothing after that until it is closed."""
+
+    def __init__(self) -> None:
+        self.cut_grace = 30.0  # settle cut streams; the gates, not a clock, end the wait
+        self.release = asyncio.Event()
+        self.long_read = asyncio.Event()
+        self.generated = 0
+        self.requests: list = []
+
+    def stream(self, request):
+        from contextlib import asynccontextmanager
+
+        from orchestrator.backends.base import TextDelta, UsageReport
+
+        @asynccontextmanager
+        async def opened():
+            self.requests.append(request)
+
+            async def short():
+                for i, word in enumerate([" one", " two", " three"]):
+                    if i == 2:
+                        await self.long_read.wait()
+                    self.generated += 1
+                    yield TextDelta(0, word, 1, finish_reason="stop" if i == 2 else None)
+                    yield UsageReport(1, i + 1, final=False)
+                yield UsageReport(1, 3, final=True)
+
+            async def long():
+                for step in range(3):
+                    if step == 1:
+                        self.long_read.set()  # the runtime asked past step 0: it read it
+                        await self.release.wait()
+                    elif step == 2:
+                        await asyncio.Event().wait()  # until closed
+                    for c in range(request.n):
+                        self.generated += 1
+                        yield TextDelta(c, " w", 1)
+                        yield UsageReport(1, step * request.n + c + 1, final=False)
+
+            gen = short() if request.n == 1 else long()
+            try:
+                yield gen
+            finally:
+                await gen.aclose()
+
+        return opened()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_settled_cut_of_n_gt_1_reads_the_whole_burst(monkeypatch):
+    from orchestrator import runtime
+
+    monkeypatch.setattr(runtime, "CUT_QUIET_S", 30.0)  # bursts end on usage, not a pause
+    backend = _GatedBackend()
+
+    def release_on_stop(event):
+        if isinstance(event, DecisionMade) and any(isinstance(d, Stop) for d in event.decisions):
+            backend.release.set()
+
     result = await solve(PROBLEM, StopAtFirstRecording(4), backend=backend, task=TASK,
-                         max_n=3)
+                         max_n=3, sinks=[release_on_stop])
     assert [r.n for r in backend.requests] == [3, 1]
     at_cut = [int(x) for x in result.reason.split(",")]
+    assert at_cut == [1, 1, 1]
     cut = sorted(f.completion_tokens for f in result.failed)
-    assert len(cut) == 3
     assert cut == [t + 1 for t in at_cut]  # one whole burst (step) read, no more
-    assert result.usage.completion_tokens == backend.generated_tokens
+    assert result.usage.completion_tokens == backend.generated == 3 + 3 * 2
+    assert other_tasks() == set()
 
 
 async def test_a_stream_silent_after_the_cut_is_cancelled_after_cut_grace():

@@ -28,6 +28,24 @@ Token counts (see :mod:`orchestrator.backends.base` for the contract):
   stops instead of closing it at once, because the server has counted tokens still on
   their way (see :mod:`orchestrator.runtime`, "Cutting a stream exactly").
 
+Streams are read as raw server-sent events (``with_streaming_response``), so that a
+malformed ``data:`` line (not JSON, truncated JSON) is a *broken stream* like a cut
+connection rather than an exception that ends the read: the stream is read on to its end so
+that every token the server streamed after the bad line is still charged (its text is
+dropped: the sample is broken and the runtime records it as failed, replaceable), and
+:class:`~orchestrator.errors.StreamBroken` is raised at the end. Malformed data before the
+stream's first event is retried like any failure before the first event, unless tokens
+followed it (those are charged; no retry after a first token).
+
+Time limits: ``timeout`` is the request deadline, time to the first event of a stream
+(retries included) or to the answer of a small call; ``idle_timeout`` is how long a stream
+(or a response) may send no bytes at all. A hung endpoint fails within ``timeout``.
+
+Every message and log line names the endpoint by its redacted URL (no ``user:password@``,
+see :mod:`orchestrator.redact`); each request carries ``X-Solverify-Request`` (one id per
+stream, the same on its retries) and ``X-Solverify-Attempt`` headers, so a proxy or server
+log can tell a retry from a new request.
+
 Errors are translated at this boundary into :mod:`orchestrator.errors`, with ``from exc``.
 """
 
@@ -35,8 +53,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+import json
 import math
 import re
+import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from fractions import Fraction
@@ -63,11 +85,13 @@ from orchestrator.errors import (
     RetriesExhausted,
     StreamBroken,
 )
+from orchestrator.redact import redact_text, redact_url, secrets_of_url
 from orchestrator.retry import (
     BACKOFF_BASE,
     BACKOFF_CAP,
     DEFAULT_MAX_ATTEMPTS,
     RETRY_AFTER_CAP,
+    MalformedStream,
     build_retrying,
     is_connection_error,
     is_retryable_status,
@@ -82,8 +106,11 @@ T = TypeVar("T")
 
 _log = structlog.get_logger(__name__)
 
-DEFAULT_TIMEOUT = 600.0
-"""Seconds for a whole request to make progress (read timeout)."""
+DEFAULT_TIMEOUT = 30.0
+"""Request deadline (s): a stream's first event, retries included, or a small call's answer."""
+
+DEFAULT_IDLE_TIMEOUT = 20.0
+"""Seconds a stream (or any response) may send no bytes before it counts as broken."""
 
 CONNECT_TIMEOUT = 10.0
 """Seconds to establish a connection."""
@@ -95,6 +122,7 @@ PROBE_TOP_LOGPROBS: tuple[int, ...] = (20, 5, 1)
 """``top_logprobs`` values the probe tries, largest first."""
 
 _PROBE_PROMPT = "Say OK."
+_DRAIN_S = 1.0  # the most a finished stream is read on after its [DONE]
 _MERGE_QUEUE_SIZE = 256
 _NEVER_CONNECTED = frozenset({"ConnectError", "ConnectTimeout", "gaierror"})
 _MODEL_MISSING = re.compile(
@@ -129,6 +157,7 @@ class OpenAIBackend:
         *,
         api_key: str = "EMPTY",
         timeout: float | None = DEFAULT_TIMEOUT,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         capabilities: Capabilities | None = None,
         rate_limit: float | None = None,
@@ -141,10 +170,11 @@ class OpenAIBackend:
             raise ConfigError("OpenAIBackend needs a base_url, e.g. http://127.0.0.1:8000/v1")
         if not model:
             raise ConfigError("OpenAIBackend needs a model name")
-        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-            raise ConfigError(
-                f"timeout must be a positive number of seconds or None, got {timeout!r}"
-            )
+        for name, limit in (("timeout", timeout), ("idle_timeout", idle_timeout)):
+            if limit is not None and not (math.isfinite(limit) and limit > 0):
+                raise ConfigError(
+                    f"{name} must be a positive number of seconds or None, got {limit!r}"
+                )
         if max_attempts < 1:
             raise ConfigError(f"max_attempts must be >= 1, got {max_attempts}")
         if rate_limit is not None and not (math.isfinite(rate_limit) and rate_limit > 0):
@@ -160,21 +190,27 @@ class OpenAIBackend:
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a non-negative number of seconds, got {value!r}")
 
-        self._base_url = base_url
+        self._raw_base_url = base_url
+        self._secrets = tuple(secrets_of_url(base_url)) + ((api_key,) if api_key else ())
+        self._base_url = redact_url(base_url)  # what messages and logs show
         self._model = model
         self._max_attempts = max_attempts
         self._backoff = (backoff_base, backoff_cap, retry_after_cap)
-        client_timeout = (
-            None
-            if timeout is None
-            else openai.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
-        )
+        self._deadline = timeout
+        self._idle = idle_timeout
+        connect = min(x for x in (timeout, idle_timeout, CONNECT_TIMEOUT) if x is not None)
+        client_timeout = openai.Timeout(idle_timeout, connect=connect)
+        self._tag = uuid.uuid4().hex[:8]
+        self._serial = itertools.count(1)
         self._client = openai.AsyncOpenAI(
             base_url=base_url, api_key=api_key, timeout=client_timeout, max_retries=0
         )
         self._caps = capabilities
         self._probed: Capabilities | None = None
         self._probe_lock = asyncio.Lock()
+        #: completion tokens the capability probe made the server generate (charged to no
+        #: problem; the CLI prints them so a server-side count can be reconciled)
+        self.probe_completion_tokens = 0
         self._throttler = _make_throttler(rate_limit)
         self._closed = False
         self.cut_grace = cut_grace
@@ -182,6 +218,7 @@ class OpenAIBackend:
     # ------------------------------------------------------------------ properties
     @property
     def base_url(self) -> str:
+        """The endpoint's URL as shown in messages: without any ``user:password@``."""
         return self._base_url
 
     @property
@@ -229,10 +266,44 @@ class OpenAIBackend:
 
         async def once() -> list[str]:
             await self._throttle()
-            page = await self._client.models.list()
-            return [m.id for m in page.data]
+            return await self._fetch_models()
 
         return await self._with_retries(once)
+
+    async def _fetch_models(self) -> list[str]:
+        """``GET /models``, read as JSON by hand: a reply that is not a model list (an
+        HTML page, an event stream: usually a URL that is not an OpenAI-compatible API)
+        is a clear :class:`RequestRejected`, not a parse error deep in the client."""
+        raw = await self._client.models.with_raw_response.list()
+        response = raw.http_response
+        kind = response.headers.get("content-type") or "no content type"
+        text = response.text
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            what = "JSON without a 'data' list" if body is not None else "not JSON"
+            raise RequestRejected(
+                f"GET {self._base_url}/models answered {response.status_code} with {kind}, "
+                f"{what} ({_snippet(text)}): this does not look like an OpenAI-compatible "
+                f"API{self._v1_hint()}",
+                status_code=response.status_code,
+            )
+        return [str(m.get("id")) for m in data if isinstance(m, dict) and m.get("id")]
+
+    def _v1_hint(self) -> str:
+        """A hint when the base URL's path does not end in ``/v1`` (empty otherwise)."""
+        try:
+            path = urllib.parse.urlsplit(self._raw_base_url).path.rstrip("/")
+        except ValueError:
+            return ""
+        if path.endswith("/v1"):
+            return ""
+        return (f"; the base URL does not end in /v1, where OpenAI-compatible servers "
+                f"(vLLM, llama.cpp, OpenAI) serve their API: try --base-url "
+                f"{self._base_url.rstrip('/')}/v1")
 
     async def probe(self, endpoint: Endpoint = "chat") -> Capabilities:
         """Learn with tiny requests (``max_tokens=1``) what the endpoint supports.
@@ -273,58 +344,100 @@ class OpenAIBackend:
             try:
                 await events.aclose()
             finally:
-                await _close_quietly(opened.raw)
+                await _close_quietly(opened.response)
 
     async def _open(self, request: GenerationRequest) -> _Opened:
         """Send the request and read up to its first event, retrying failures."""
-        return await self._with_retries(lambda: self._open_once(request))
+        rid = f"{self._tag}-{next(self._serial)}"
+        attempt = itertools.count(1)
+        return await self._with_retries(lambda: self._open_once(request, rid, next(attempt)))
 
-    async def _open_once(self, request: GenerationRequest) -> _Opened:
+    async def _open_once(self, request: GenerationRequest, rid: str, attempt: int) -> _Opened:
         while True:
             caps = self._caps or Capabilities()
             kwargs = self._request_kwargs(request, caps)
+            kwargs["extra_headers"] = {**kwargs.get("extra_headers", {}),
+                                       "X-Solverify-Request": rid,
+                                       "X-Solverify-Attempt": str(attempt)}
             await self._throttle()
             try:
-                raw = await self._create(request.endpoint, kwargs)
+                response = await self._create(request.endpoint, kwargs)
             except openai.BadRequestError as exc:
                 if not self._downgrade(exc, request, caps):
                     raise
                 continue
             break
+        sse = _SSE(response)
         decoder = _ChunkDecoder(n=request.n, chat=request.endpoint == "chat")
-        first: list[StreamEvent] = []
-        ended = False
+        opened = _Opened(response, sse, [], decoder)
         try:
-            while not first:
-                try:
-                    chunk = await raw.__anext__()
-                except StopAsyncIteration:
-                    ended = True
+            while not opened.first:
+                item = await sse.next()
+                if item is None:
+                    opened.ended = True
                     break
-                first = decoder.feed(chunk)
+                try:
+                    chunk = self._parse(item)
+                except _Malformed as exc:
+                    opened.malformed = opened.malformed or exc
+                    continue
+                events = opened.decoder.feed(chunk)
+                if opened.malformed is not None:
+                    events = [_blind(e) for e in events]
+                    if not any(_carries_tokens(e) for e in events):
+                        opened.held.extend(events)  # no token yet: a retry is still clean
+                        continue
+                opened.first = opened.held + events
+            if opened.malformed is not None and not opened.first:
+                raise MalformedStream(
+                    f"stream from {self._base_url} sent malformed data before its first "
+                    f"token: {opened.malformed}")
         except BaseException:
-            await _close_quietly(raw)
+            await _close_quietly(response)
             raise
-        return _Opened(raw, first, decoder, ended)
+        return opened
+
+    def _parse(self, item: tuple[str | None, str]) -> dict[str, Any]:
+        """One SSE event's data as a chunk; :class:`_Malformed` when it is not a JSON
+        object; an error the server sent in the stream raises :class:`_ServerSaid`."""
+        event, data = item
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            chunk = None
+        if not isinstance(chunk, dict):
+            raise _Malformed(f"unreadable data line ({_snippet(data)})")
+        error = chunk.get("error")
+        if error or event == "error":
+            message = error.get("message") if isinstance(error, dict) else error
+            raise _ServerSaid(self._scrub(str(message or _snippet(data))))
+        return chunk
 
     async def _events(self, opened: _Opened) -> AsyncIterator[StreamEvent]:
         for event in opened.first:
             yield event
-        if opened.ended:
-            return
+        malformed = opened.malformed
         count = len(opened.first)
-        while True:
+        while not opened.ended:
             try:
-                chunk = await opened.raw.__anext__()
-            except StopAsyncIteration:
-                return
+                item = await opened.sse.next()
+                if item is None:
+                    break
+                chunk = self._parse(item)
+            except _Malformed as exc:
+                malformed = malformed or exc  # read on: what follows is still charged
+                continue
             except Exception as exc:
-                raise StreamBroken(
-                    f"stream from {self._base_url} broke after {count} event(s): {_describe(exc)}"
-                ) from exc
+                raise StreamBroken(self._scrub(
+                    f"stream from {self._base_url} broke after {count} event(s): "
+                    f"{_describe(exc)}")) from exc
             for event in opened.decoder.feed(chunk):
                 count += 1
-                yield event
+                yield _blind(event) if malformed is not None else event
+        if malformed is not None:
+            raise StreamBroken(
+                f"stream from {self._base_url} carried malformed data: {malformed}; it was "
+                f"read to its end ({count} event(s)) so that every token it streamed is charged")
 
     def _request_kwargs(self, request: GenerationRequest, caps: Capabilities) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -371,9 +484,10 @@ class OpenAIBackend:
         return kwargs
 
     async def _create(self, endpoint: Endpoint, kwargs: dict[str, Any]) -> Any:
-        if endpoint == "chat":
-            return await self._client.chat.completions.create(**kwargs)
-        return await self._client.completions.create(**kwargs)
+        """Send a streaming request; returns the open raw response (status checked)."""
+        api = self._client.chat.completions if endpoint == "chat" else self._client.completions
+        manager = api.with_streaming_response.create(**kwargs)
+        return _RawResponse(manager, await manager.__aenter__())
 
     def _downgrade(
         self, exc: openai.BadRequestError, request: GenerationRequest, caps: Capabilities
@@ -478,10 +592,14 @@ class OpenAIBackend:
                     n = 1
                 else:
                     raise
-        indices = {int(getattr(c, "index", 0) or 0) for ch in chunks for c in ch.choices or []}
+        indices = {_int(_get(c, "index", 0)) for ch in chunks for c in _get(ch, "choices", [])}
         n_ok = n > 1 and len(indices) >= n
-        usage_ok = any(ch.usage is not None and not ch.choices for ch in chunks)
-        continuous_ok = any(ch.usage is not None and ch.choices for ch in chunks)
+        usage_ok = any(_get(ch, "usage") is not None and not _get(ch, "choices") for ch in chunks)
+        continuous_ok = any(_get(ch, "usage") is not None and _get(ch, "choices")
+                            for ch in chunks)
+        # a server that counts on every chunk also closes with a count: a probe stream
+        # that lost its closing chunk (a flaky proxy) must not turn usage off for good
+        usage_ok = usage_ok or continuous_ok
 
         logprobs_ok, max_top = False, None
         for k in PROBE_TOP_LOGPROBS:
@@ -535,22 +653,36 @@ class OpenAIBackend:
 
         async def once() -> list[Any]:
             await self._throttle()
-            raw = await self._create(endpoint, kwargs)
+            response = await self._create(endpoint, kwargs)
             try:
-                return [chunk async for chunk in raw]
+                sse = _SSE(response)
+                chunks = []
+                while (item := await sse.next()) is not None:
+                    try:
+                        chunks.append(self._parse(item))
+                    except _Malformed as exc:
+                        raise MalformedStream(f"probe stream sent malformed data: {exc}"
+                                              ) from None
+                self.probe_completion_tokens += _probe_tokens(chunks, n, endpoint == "chat")
+                return chunks
             finally:
-                await _close_quietly(raw)
+                await _close_quietly(response)
 
         return await self._with_retries(once)
 
     # ------------------------------------------------------------------ retries and errors
     async def _with_retries(self, fn: Callable[[], Awaitable[T]]) -> T:
         attempts = 0
+        last: BaseException | None = None
 
         async def attempt() -> T:
-            nonlocal attempts
+            nonlocal attempts, last
             attempts += 1
-            return await fn()
+            try:
+                return await fn()
+            except Exception as exc:
+                last = exc
+                raise
 
         base, cap, retry_after_cap = self._backoff
         retrying = build_retrying(
@@ -561,9 +693,20 @@ class OpenAIBackend:
             before_sleep=self._log_retry,
         )
         try:
-            return await retrying(attempt)
+            async with asyncio.timeout(self._deadline):
+                return await retrying(attempt)
         except BackendError:
             raise
+        except TimeoutError as exc:
+            within = f"within the {self._deadline:g} s request deadline (--timeout)"
+            if last is not None and _never_connected(last):
+                raise EndpointUnreachable(self._scrub(
+                    f"cannot reach {self._base_url} after {attempts} attempt(s) {within}: "
+                    f"{_describe(last)}")) from exc
+            tail = f"; last error: {_describe(last)}" if last is not None else ""
+            raise RetriesExhausted(self._scrub(
+                f"{self._base_url} (model {self._model!r}): no answer {within} after "
+                f"{attempts} attempt(s){tail}")) from exc
         except Exception as exc:
             error = await self._translate(exc, attempts)
             raise error from exc
@@ -576,10 +719,19 @@ class OpenAIBackend:
             attempt=state.attempt_number,
             of=self._max_attempts,
             sleep=round(state.upcoming_sleep, 3),
-            error=_describe(exc) if exc is not None else None,
+            error=self._scrub(_describe(exc)) if exc is not None else None,
         )
 
+    def _scrub(self, text: str) -> str:
+        """``text`` without this backend's secrets (URL userinfo, API key)."""
+        return redact_text(text, self._secrets)
+
     async def _translate(self, exc: Exception, attempts: int) -> BackendError:
+        error = await self._translated(exc, attempts)
+        error.args = tuple(self._scrub(str(a)) for a in error.args)
+        return error
+
+    async def _translated(self, exc: Exception, attempts: int) -> BackendError:
         status = status_code_of(exc)
         where = f"{self._base_url} (model {self._model!r})"
         message = _error_message(exc)
@@ -590,23 +742,26 @@ class OpenAIBackend:
                 return RetriesExhausted(
                     f"{where}: gave up after {attempts} attempt(s); last status {status}: {message}"
                 )
-            return RequestRejected(f"{where} answered {status}: {message}", status_code=status)
+            hint = self._v1_hint() if status == 404 else ""
+            return RequestRejected(f"{where} answered {status}: {message}{hint}",
+                                   status_code=status)
         if _never_connected(exc):
             return EndpointUnreachable(
                 f"cannot reach {self._base_url} after {attempts} attempt(s): {_describe(exc)}"
             )
-        if is_connection_error(exc):
+        if is_connection_error(exc) or isinstance(exc, MalformedStream):
             return RetriesExhausted(
                 f"{where}: gave up after {attempts} attempt(s); last error: {_describe(exc)}"
             )
+        if isinstance(exc, _ServerSaid):
+            return RequestRejected(f"{where} sent an error in its stream: {exc}")
         return RequestRejected(f"{where} failed: {_describe(exc)}")
 
     async def _model_not_found(self, message: str) -> ModelNotFound:
         available: list[str] | None = None
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                page = await self._client.models.list()
-                available = [m.id for m in page.data]
+                available = await self._fetch_models()
         except Exception as exc:  # a courtesy lookup: its failure must not hide the real one
             _log.debug("backend.list_models_failed", error=_describe(exc))
         served = f"; it serves: {', '.join(available)}" if available else ""
@@ -625,12 +780,122 @@ class OpenAIBackend:
 
 
 # ---------------------------------------------------------------------- stream decoding
+class _Malformed(Exception):
+    """A data line that is not a JSON object (garbage, truncated JSON)."""
+
+
+class _ServerSaid(Exception):
+    """An error object the server sent inside its stream."""
+
+
+class _RawResponse:
+    """An open streaming response and the context manager that closes it."""
+
+    __slots__ = ("_closed", "_manager", "response")
+
+    def __init__(self, manager: Any, response: Any) -> None:
+        self._manager = manager
+        self.response = response
+        self._closed = False
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._manager.__aexit__(None, None, None)
+
+
+class _SSE:
+    """Server-sent events of a response: ``(event, data)`` pairs; None at ``[DONE]`` or
+    at the end of the body. Transport failures (a cut, the idle timeout) propagate."""
+
+    __slots__ = ("_lines",)
+
+    def __init__(self, raw: _RawResponse) -> None:
+        self._lines = aiter(raw.response.iter_lines())
+
+    async def _drain(self) -> None:
+        """Read the body to its end after ``[DONE]`` (a moment at most), so the connection
+        can be reused and the reading generators finish instead of being left suspended."""
+        try:
+            async with asyncio.timeout(_DRAIN_S):
+                async for _ in self._lines:
+                    pass
+        except Exception as exc:  # a server that ends badly after [DONE]: nothing lost
+            _log.debug("backend.drain_failed", error=_describe(exc))
+
+    async def next(self) -> tuple[str | None, str] | None:
+        data: list[str] = []
+        event: str | None = None
+        while True:
+            try:
+                line = await anext(self._lines)
+            except StopAsyncIteration:
+                return (event, "\n".join(data)) if data else None
+            if not line:
+                if data:
+                    payload = "\n".join(data)
+                    if payload.strip() == "[DONE]":
+                        await self._drain()
+                        return None
+                    return event, payload
+                continue
+            if line.startswith(":"):
+                continue  # an SSE comment (keep-alive)
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "data":
+                data.append(value)
+            elif field == "event":
+                event = value
+
+
 @dataclasses.dataclass(slots=True)
 class _Opened:
-    raw: Any
+    response: _RawResponse
+    sse: _SSE
     first: list[StreamEvent]
     decoder: _ChunkDecoder
-    ended: bool
+    ended: bool = False
+    malformed: _Malformed | None = None  # bad data seen: read on, charge, then StreamBroken
+    held: list[StreamEvent] = dataclasses.field(default_factory=list)
+
+
+def _blind(event: StreamEvent) -> StreamEvent:
+    """After malformed data a stream's text cannot be trusted: keep a delta's token count
+    (it is charged), drop its text, logprobs and finish (the sample stays unfinished)."""
+    if isinstance(event, TextDelta):
+        return TextDelta(choice=event.choice, text="", tokens=event.tokens,
+                         estimated=event.estimated)
+    return event
+
+
+def _carries_tokens(event: StreamEvent) -> bool:
+    if isinstance(event, TextDelta):
+        return event.tokens > 0
+    return event.completion_tokens > 0
+
+
+def _probe_tokens(chunks: list[Any], n: int, chat: bool) -> int:
+    """Completion tokens of a probe stream: its closing usage, else its running counts,
+    else its per-delta counts."""
+    for chunk in reversed(chunks):
+        usage = _get(chunk, "usage")
+        if usage is not None and not _get(chunk, "choices"):
+            return _int(_get(usage, "completion_tokens", 0))
+    decoder = _ChunkDecoder(n=n, chat=chat)
+    running = counted = 0
+    for chunk in chunks:
+        for event in decoder.feed(chunk):
+            if isinstance(event, UsageReport):
+                running = max(running, event.completion_tokens)
+            else:
+                counted += event.tokens
+    return running or counted
+
+
+def _snippet(text: str, limit: int = 60) -> str:
+    text = " ".join(str(text).split())
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 class _ChunkDecoder:
@@ -645,19 +910,19 @@ class _ChunkDecoder:
 
     def feed(self, chunk: Any) -> list[StreamEvent]:
         events: list[StreamEvent] = []
-        choices = list(getattr(chunk, "choices", None) or [])
-        usage = getattr(chunk, "usage", None)
-        completion = _int(getattr(usage, "completion_tokens", 0)) if usage is not None else 0
+        choices = list(_get(chunk, "choices") or [])
+        usage = _get(chunk, "usage")
+        completion = _int(_get(usage, "completion_tokens", 0)) if usage is not None else 0
         for choice in choices:
-            index = _int(getattr(choice, "index", 0))
+            index = _int(_get(choice, "index", 0))
             if self._chat:
-                delta = getattr(choice, "delta", None)
-                text = (getattr(delta, "content", None) or "") if delta is not None else ""
-                logprobs = _chat_logprobs(getattr(choice, "logprobs", None))
+                delta = _get(choice, "delta")
+                text = (_get(delta, "content") or "") if delta is not None else ""
+                logprobs = _chat_logprobs(_get(choice, "logprobs"))
             else:
-                text = getattr(choice, "text", None) or ""
-                logprobs = _completion_logprobs(getattr(choice, "logprobs", None))
-            finish = getattr(choice, "finish_reason", None)
+                text = _get(choice, "text") or ""
+                logprobs = _completion_logprobs(_get(choice, "logprobs"))
+            finish = _get(choice, "finish_reason")
             estimated = False
             if logprobs:
                 tokens = len(logprobs)
@@ -679,13 +944,13 @@ class _ChunkDecoder:
                     )
                 )
         if usage is not None:
-            prompt = _int(getattr(usage, "prompt_tokens", 0))
+            prompt = _int(_get(usage, "prompt_tokens", 0))
             if not choices:
                 events.append(UsageReport(prompt, completion, final=True,
                                           cached_prompt_tokens=_cached_tokens(usage)))
             else:
                 if len(choices) == 1:
-                    self._running[_int(getattr(choices[0], "index", 0))] = completion
+                    self._running[_int(_get(choices[0], "index", 0))] = completion
                     total = sum(self._running.values())
                 else:  # several choices in one chunk: treat the count as request-level
                     total = completion
@@ -695,17 +960,28 @@ class _ChunkDecoder:
 
 def _cached_tokens(usage: Any) -> int | None:
     """``usage.prompt_tokens_details.cached_tokens``, or None when the server left it out."""
-    details = getattr(usage, "prompt_tokens_details", None)
+    details = _get(usage, "prompt_tokens_details")
     if isinstance(details, Mapping):
         cached = details.get("cached_tokens")
     else:
-        cached = getattr(details, "cached_tokens", None)
+        cached = _get(details, "cached_tokens")
     if cached is None or isinstance(cached, bool):
         return None
     try:
         return int(cached)
     except (TypeError, ValueError):
         return None
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    """``obj[key]`` of a JSON object (or ``obj.key`` of an object); ``default`` if absent."""
+    if obj is None:
+        return default
+    if isinstance(obj, Mapping):
+        value = obj.get(key, default)
+    else:
+        value = getattr(obj, key, default)
+    return default if value is None else value
 
 
 def _int(value: Any) -> int:
@@ -723,25 +999,25 @@ def _float(value: Any) -> float:
 
 
 def _chat_logprobs(logprobs: Any) -> tuple[TokenLogprob, ...]:
-    content = getattr(logprobs, "content", None) if logprobs is not None else None
+    content = _get(logprobs, "content") if logprobs is not None else None
     if not content:
         return ()
     out = []
     for entry in content:
         top = tuple(
-            (str(alt.token), _float(alt.logprob))
-            for alt in (getattr(entry, "top_logprobs", None) or [])
+            (str(_get(alt, "token")), _float(_get(alt, "logprob")))
+            for alt in (_get(entry, "top_logprobs") or [])
         )
-        out.append(TokenLogprob(str(entry.token), _float(entry.logprob), top))
+        out.append(TokenLogprob(str(_get(entry, "token")), _float(_get(entry, "logprob")), top))
     return tuple(out)
 
 
 def _completion_logprobs(logprobs: Any) -> tuple[TokenLogprob, ...]:
     if logprobs is None:
         return ()
-    tokens = getattr(logprobs, "tokens", None) or []
-    values = getattr(logprobs, "token_logprobs", None) or []
-    tops = getattr(logprobs, "top_logprobs", None) or []
+    tokens = _get(logprobs, "tokens") or []
+    values = _get(logprobs, "token_logprobs") or []
+    tops = _get(logprobs, "top_logprobs") or []
     out = []
     for i, token in enumerate(tokens):
         value = _float(values[i]) if i < len(values) else -math.inf

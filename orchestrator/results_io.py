@@ -1,0 +1,205 @@
+"""Results files that survive a crash, and resuming the run that wrote them.
+
+A results file is JSON Lines, one finished problem a line, with an ``id``. It is written
+so that a crash at any instant (``kill -9``, power loss aside) leaves a valid file:
+
+* each line goes out with one ``os.write`` of the whole encoded line on an ``O_APPEND``
+  descriptor (nothing is buffered in the process), so a killed run leaves whole lines;
+* a torn last line (no newline, or not JSON: a crash in the middle of a write, a full
+  disk) is detected when the file is resumed, dropped with a warning, and its problem is
+  run again;
+* a line in the *middle* that is not JSON is not a crash artefact: it is an error.
+
+Beside ``OUT`` the run writes ``OUT.run.json``, its fingerprint: the model, the policy
+spec, the SHA-256 of the problem file, and the settings that change what a result means
+(endpoint, max tokens, temperature, budgets). ``--resume`` compares it with the new run's
+and refuses, saying what differs, when they do not match; then it skips every id already
+in the file, so no id is ever written twice. Without ``--resume`` (or ``--overwrite``) an
+existing non-empty ``OUT`` is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import ConfigError, DataError
+
+__all__ = [
+    "ExistingResults",
+    "ResultsWriter",
+    "file_sha256",
+    "open_results",
+    "read_results",
+    "sidecar_path",
+]
+
+SIDECAR_SUFFIX = ".run.json"
+FORMAT = "solverify-results/1"
+
+
+def sidecar_path(out: Path) -> Path:
+    """Where the fingerprint of the run writing ``out`` lives: ``OUT.run.json``."""
+    return out.with_name(out.name + SIDECAR_SUFFIX)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class ExistingResults:
+    """What an existing results file holds: its rows (in file order) and their ids."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set)
+    good_bytes: int = 0  # length of the file up to its last whole line
+    torn: bytes = b""  # a torn last line that was (or will be) dropped
+
+
+def read_results(path: Path) -> ExistingResults:
+    """Parse a results file. A torn last line is reported in ``torn`` (not dropped here);
+    a bad line before the last, or an id twice, is a :class:`DataError`."""
+    found = ExistingResults()
+    if not path.exists():
+        return found
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # after the last newline: empty for a file of whole lines
+    offset = 0
+    for i, raw in enumerate(lines):
+        lineno = i + 1
+        last_whole = i == len(lines) - 1 and not tail
+        if not raw.strip():
+            offset += len(raw) + 1
+            continue
+        try:
+            row = json.loads(raw)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or "id" not in row:
+            if last_whole:  # a whole-looking last line that is not a row: torn too
+                found.torn = raw + b"\n"
+                break
+            raise DataError(f"{path}:{lineno}: not a results line (not a JSON object with an "
+                            "'id'); this file was not written by an interrupted run alone: "
+                            "fix it or pass --overwrite")
+        pid = str(row["id"])
+        if pid in found.ids:
+            raise DataError(f"{path}:{lineno}: id {pid!r} appears twice; fix the file or "
+                            "pass --overwrite")
+        found.ids.add(pid)
+        found.rows.append(row)
+        offset += len(raw) + 1
+    found.good_bytes = offset
+    if tail:
+        found.torn = found.torn + tail if found.torn else tail
+    return found
+
+
+class ResultsWriter:
+    """Appends one JSON line per result, each with a single unbuffered write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.written: set[str] = set()
+
+    def write(self, row: Mapping[str, Any], *, redact=None) -> None:
+        """Write ``row`` as one line; an id already written raises (never twice)."""
+        if self._fd is None:
+            raise ValueError(f"results file {self.path} is closed")
+        pid = str(row["id"])
+        if pid in self.written:
+            raise RuntimeError(f"result for id {pid!r} written twice to {self.path}")
+        text = json.dumps(row, ensure_ascii=False)
+        if redact is not None:
+            text = redact(text)
+        data = (text + "\n").encode("utf-8")
+        view = memoryview(data)
+        while view:
+            done = os.write(self._fd, view)
+            view = view[done:]
+        self.written.add(pid)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write_sidecar(out: Path, fingerprint: Mapping[str, Any]) -> None:
+    target = sidecar_path(out)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, **fingerprint}, indent=2, sort_keys=True)
+                   + "\n", encoding="utf-8")
+    os.replace(tmp, target)
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key == "format":
+            continue
+        if old.get(key) != new.get(key):
+            out.append(f"{key} was {old.get(key)!r}, now {new.get(key)!r}")
+    return out
+
+
+def open_results(out: Path, fingerprint: Mapping[str, Any], *, resume: bool,
+                 overwrite: bool, warn=None) -> tuple[ExistingResults, ResultsWriter]:
+    """Check ``out`` against the flags, repair a torn last line when resuming, write the
+    fingerprint, and return what is already done and a writer for the rest.
+
+    ``fingerprint`` must be JSON-ready. ``warn(message)`` is told about a dropped line.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues "
+                          f"{out}, --overwrite replaces it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    non_empty = out.exists() and out.stat().st_size > 0
+    done = ExistingResults()
+    if non_empty and not (resume or overwrite):
+        raise ConfigError(f"--out {out} already holds results: pass --resume to continue "
+                          "that run (problems already in it are skipped) or --overwrite "
+                          "to replace it")
+    if non_empty and resume:
+        side = sidecar_path(out)
+        try:
+            old = json.loads(side.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"cannot resume {out}: {side.name} (the fingerprint every run "
+                              "writes beside its results) is missing, so it is unknown "
+                              "which model, policy and problems it holds; pass --overwrite "
+                              "to start again") from None
+        except ValueError as exc:
+            raise DataError(f"cannot resume {out}: {side} is not JSON ({exc})") from None
+        diffs = _differences(old, fingerprint) if isinstance(old, dict) else ["unreadable"]
+        if diffs:
+            raise ConfigError(f"cannot resume {out}: it was written by a different run ("
+                              + "; ".join(diffs) + "); use another --out, or --overwrite")
+        done = read_results(out)
+        if done.torn:
+            os.truncate(out, done.good_bytes)
+            if warn is not None:
+                warn(f"{out}: dropped a torn last line ({len(done.torn)} bytes, from a run "
+                     "that stopped while writing it); that problem is run again")
+    elif non_empty and overwrite:
+        os.truncate(out, 0)
+    _write_sidecar(out, fingerprint)
+    return done, ResultsWriter(out)

@@ -1,0 +1,269 @@
+"""Malformed stream data, clear errors for wrong endpoints, secrets, and results files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from aiohttp import web
+
+from orchestrator import cli
+from orchestrator.backends.base import Capabilities, GenerationRequest, TextDelta
+from orchestrator.backends.openai_compat import OpenAIBackend
+from orchestrator.errors import ConfigError, DataError, RequestRejected, StreamBroken
+from orchestrator.redact import redact_text, redact_url
+from orchestrator.results_io import open_results, read_results, sidecar_path
+from tests.openai_server import OpenAIServer
+
+
+def chat(**kw: Any) -> GenerationRequest:
+    kw.setdefault("max_tokens", 64)
+    return GenerationRequest(kind="solve", messages=({"role": "user", "content": "q"},), **kw)
+
+
+def backend_for(server: OpenAIServer, **kw: Any) -> OpenAIBackend:
+    kw.setdefault("capabilities", Capabilities())
+    return OpenAIBackend(server.url, "test-model", backoff_base=0.001, backoff_cap=0.01, **kw)
+
+
+async def read_all(backend: OpenAIBackend, request: GenerationRequest):
+    events: list = []
+    error = None
+    try:
+        async with backend.stream(request) as stream:
+            async for event in stream:
+                events.append(event)
+    except StreamBroken as exc:
+        error = exc
+    return events, error
+
+
+# ---- malformed stream data ---------------------------------------------------------------
+@pytest.mark.parametrize("at", [0, 1, 4, 8])
+async def test_malformed_data_is_a_broken_stream_charged_to_the_end(at: int) -> None:
+    """A bad line anywhere (here: before event ``at``; chat's event 0 is the role chunk,
+    1-7 the tokens, 8 the usage): the stream is read on, every token the server streamed
+    is charged, the text is not trusted (no finish), and it is not retried once a token
+    had come."""
+    async with OpenAIServer() as server:
+        server.garble_next(at)
+        async with backend_for(server) as backend:
+            events, error = await read_all(backend, chat())
+        assert error is not None and "malformed data" in str(error)
+        assert len(server.generation_requests()) == 1  # tokens came: no retry
+        usage = [e for e in events if not isinstance(e, TextDelta)]
+        assert usage[-1].completion_tokens == 7 == server.generation_tokens_total
+        finished = any(e.finish_reason for e in events if isinstance(e, TextDelta))
+        assert finished == (at == 8)  # text after the bad line is not trusted
+
+
+async def test_malformed_data_before_any_token_is_retried() -> None:
+    async with OpenAIServer() as server:
+        server.garble_next(0)
+        server.drop_after(0)  # the same stream then ends before its first token
+        async with backend_for(server, capabilities=Capabilities(stream_usage=False,
+                                                                 continuous_usage=False)
+                               ) as backend:
+            events, error = await read_all(backend, chat())
+        assert error is None
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)).endswith("{42}.")
+        assert len(server.generation_requests()) == 2
+
+
+async def test_a_malformed_first_chunk_is_a_replaceable_sample() -> None:
+    from orchestrator.runtime import solve
+    from orchestrator.types import Problem
+    from policies import SelfConsistency
+    from tests.helpers import WordTask
+
+    async with OpenAIServer() as server:
+        server.garble_next(0)
+        async with backend_for(server) as backend:
+            result = await solve(Problem(id="p", problem="q"), SelfConsistency(2),
+                                 backend=backend, task=WordTask(), max_n=1)
+    assert result.error is None and len(result.solutions) == 2
+    assert [f.reason for f in result.failed] == ["failed"]
+    assert "malformed" in (result.failed[0].error or "")
+    assert result.usage.completion_tokens == server.generation_tokens_total == 3 * 7
+
+
+async def test_without_server_usage_the_count_says_it_is_estimated_and_from_what() -> None:
+    from orchestrator.runtime import solve
+    from orchestrator.types import Problem
+    from policies import SelfConsistency
+    from tests.helpers import WordTask
+
+    async with OpenAIServer(reject_stream_options=True) as server:
+        async with backend_for(server, capabilities=Capabilities(stream_usage=False,
+                                                                 continuous_usage=False)
+                               ) as backend:
+            result = await solve(Problem(id="p", problem="q"), SelfConsistency(1),
+                                 backend=backend, task=WordTask(), max_n=1)
+    assert result.usage.estimated and result.usage.completion_tokens == 7
+    assert result.to_dict()["tokens_estimated_from"] == ["chunks"]
+
+
+# ---- endpoints that are not what they seem -----------------------------------------------
+async def _serve(handler) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+@pytest.mark.parametrize(("body", "kind"), [
+    ("<html><body>Welcome to nginx</body></html>", "text/html"),
+    ('data: {"id": 1}\n\n', "text/event-stream"),
+])
+async def test_a_models_reply_that_is_not_json_is_a_clear_error(body: str, kind: str) -> None:
+    async def handler(request):
+        return web.Response(text=body, content_type=kind)
+
+    runner, root = await _serve(handler)
+    try:
+        async with OpenAIBackend(root + "/v1", "m") as backend:
+            with pytest.raises(RequestRejected, match=rf"answered 200 with {kind}.*not JSON.*"
+                                                      "does not look like an OpenAI"):
+                await backend.list_models()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_base_url_without_v1_gets_a_hint() -> None:
+    async with OpenAIServer() as server:
+        root = f"http://127.0.0.1:{server.port}"
+        async with OpenAIBackend(root, "test-model") as backend:
+            with pytest.raises(RequestRejected, match=r"404.*does not end in /v1.*"
+                                                      rf"try --base-url {root}/v1"):
+                await backend.list_models()
+
+
+# ---- secrets -----------------------------------------------------------------------------
+CANARY_USER = "canaryuser7"
+CANARY_PASS = "canary-pass-d41d8cd9"
+CANARY_KEY = "sk-canary-key-0f1e2d3c"
+
+
+def test_redaction_of_urls_headers_and_registered_values() -> None:
+    url = f"http://{CANARY_USER}:{CANARY_PASS}@127.0.0.1:8000/v1"
+    assert redact_url(url) == "http://***@127.0.0.1:8000/v1"
+    text = (f"GET {url} failed; headers {{'Authorization': 'Bearer {CANARY_KEY}'}} "
+            f"authorization: Basic dXNlcjpwYXNz and key={CANARY_KEY}")
+    clean = redact_text(text, [CANARY_KEY])
+    for secret in (CANARY_USER, CANARY_PASS, CANARY_KEY, "dXNlcjpwYXNz"):
+        assert secret not in clean
+    assert "127.0.0.1:8000/v1" in clean
+
+
+def test_no_secret_reaches_output_logs_trace_or_results(tmp_path, monkeypatch, capsys) -> None:
+    """Userinfo in the base URL and a key from --api-key-env, with debug logs, a trace,
+    retries (injected 503s) and a failing endpoint: the canaries appear nowhere."""
+    import asyncio
+    import threading
+
+    from tests.fault_proxy import FaultProxy
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def call(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+    server = OpenAIServer(models=None)
+    call(server.start())
+    proxy = FaultProxy(f"http://127.0.0.1:{server.port}", rate=0.5, seed=1,
+                       kinds=("503", "429", "cut"))
+    call(proxy.start())
+    try:
+        monkeypatch.setenv("SOLVERIFY_LOG", "debug")
+        monkeypatch.setenv("CANARY_KEY_ENV", CANARY_KEY)
+        problems = tmp_path / "p.jsonl"
+        problems.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"{i}?"}) + "\n"
+                                    for i in range(4)))
+        url = f"http://{CANARY_USER}:{CANARY_PASS}@127.0.0.1:{proxy.port}/v1"
+        out, trace = tmp_path / "o.jsonl", tmp_path / "t.jsonl"
+        rc = cli.main(["run", "--base-url", url, "--model", "test-model", "--problems",
+                       str(problems), "--policy", "sc:n=3", "--out", str(out), "--trace",
+                       str(trace), "--api-key-env", "CANARY_KEY_ENV", "--no-progress",
+                       "--max-tokens", "16"])
+        first = capsys.readouterr()
+        dead = f"http://{CANARY_USER}:{CANARY_PASS}@127.0.0.1:9/v1"
+        rc_dead = cli.main(["run", "--base-url", dead, "--model", "m", "--problems",
+                            str(problems), "--policy", "sc:n=1", "--out",
+                            str(tmp_path / "o2.jsonl"), "--no-progress", "--timeout", "2"])
+        second = capsys.readouterr()
+    finally:
+        structlog.reset_defaults()
+        call(proxy.stop())
+        call(server.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    assert rc in (0, 1) and rc_dead == 2
+    assert "backend.retry" in first.err  # the retry logs were printed, redacted
+    assert "cannot reach http://***@127.0.0.1:9/v1" in second.err
+    everything = "\n".join([first.out, first.err, second.out, second.err,
+                            out.read_text(), trace.read_text()])
+    for secret in (CANARY_USER, CANARY_PASS, CANARY_KEY):
+        assert secret not in everything
+
+
+# ---- results files -----------------------------------------------------------------------
+FP = {"model": "m", "policy": "sc:n=2", "problems_sha256": "abc"}
+
+
+def test_a_non_empty_out_needs_resume_or_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"id": "a"}\n')
+    with pytest.raises(ConfigError, match=r"pass --resume to continue .* or --overwrite"):
+        open_results(out, FP, resume=False, overwrite=False)
+    done, writer = open_results(out, FP, resume=False, overwrite=True)
+    writer.close()
+    assert done.ids == set() and out.read_text() == ""
+
+
+def test_resume_drops_a_torn_last_line_and_refuses_another_run(tmp_path: Path) -> None:
+    out = tmp_path / "o.jsonl"
+    _, writer = open_results(out, FP, resume=False, overwrite=False)
+    writer.write({"id": "a", "x": 1})
+    writer.write({"id": "b", "x": 2})
+    with pytest.raises(RuntimeError, match="twice"):
+        writer.write({"id": "a"})
+    writer.close()
+    with out.open("ab") as fh:
+        fh.write(b'{"id": "c", "x"')
+    warnings: list[str] = []
+    done, writer = open_results(out, FP, resume=True, overwrite=False, warn=warnings.append)
+    writer.write({"id": "c", "x": 3})
+    writer.close()
+    assert done.ids == {"a", "b"} and "torn last line" in warnings[0]
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["a", "b", "c"]
+    other = {**FP, "model": "other"}
+    with pytest.raises(ConfigError, match="model was 'm', now 'other'"):
+        open_results(out, other, resume=True, overwrite=False)
+    sidecar_path(out).unlink()
+    with pytest.raises(ConfigError, match="fingerprint"):
+        open_results(out, FP, resume=True, overwrite=False)
+
+
+def test_a_bad_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(DataError, match=r"o.jsonl:2: not a results line"):
+        read_results(out)
+    out.write_text('{"id": "a"}\n{"id": "a"}\n')
+    with pytest.raises(DataError, match="appears twice"):
+        read_results(out)
+
+
+async def test_the_probe_reports_the_tokens_it_cost() -> None:
+    async with OpenAIServer() as server, OpenAIBackend(server.url, "test-model") as backend:
+        await backend.probe("chat")
+        assert backend.probe_completion_tokens == server.generation_tokens_total > 0
