@@ -274,6 +274,7 @@ def cross_validate(sources: Sequence[Any], specs: Sequence[str], cfg: ReplayConf
         "fold_spread": spread,
         "chosen_on_all": final, "chosen_on_all_met": met,
         "in_sample": [aggregate(s, table[s]) for s in specs],
+        "per_pool": {s: [vars_of(x) for x in table[s]] for s in specs},
         "config": report["config"],
     }
 

@@ -123,7 +123,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         return ""
     first = next(iter(by_pool.values()))
     base = first[0]["policy"]
-    specs = [r["policy"] for r in first]
+    specs = list(dict.fromkeys(r["policy"] for runs in by_pool.values() for r in runs))
     lines = [f"Against `{base}` over {len(by_pool)} pools (saving, latency: median over pools; "
              "Δ accuracy, agreement: mean; worst: the pool with the largest accuracy loss):",
              "",
@@ -133,16 +133,21 @@ def summary_markdown(report: dict[str, Any]) -> str:
     for spec in specs:
         rows = []
         for runs in by_pool.values():
-            b = next(r for r in runs if r["policy"] == base)
-            r = next(r for r in runs if r["policy"] == spec)
+            b = next((r for r in runs if r["policy"] == base), None)
+            r = next((r for r in runs if r["policy"] == spec), None)
+            if b is None or r is None:
+                continue
             rows.append((b["tokens_per_problem"] / max(r["tokens_per_problem"], 1e-9),
                          r["accuracy"] - b["accuracy"],
                          r["latency_per_problem"] / max(b["latency_per_problem"], 1e-9),
                          r["agreement_with_full_sc"], r))
+        if not rows:
+            continue
         arr = np.array([x[:4] for x in rows])
         worst = min(rows, key=lambda x: x[1])
+        only = f" ({len(rows)} pools)" if len(rows) < len(by_pool) else ""
         lines.append(
-            f"| `{spec}` | {_horizons([x[4] for x in rows])} | {np.median(arr[:, 0]):.2f}x | "
+            f"| `{spec}`{only} | {_horizons([x[4] for x in rows])} | {np.median(arr[:, 0]):.2f}x | "
             f"{100 * arr[:, 1].mean():+.2f} | {np.median(arr[:, 2]):.2f} | "
             f"{arr[:, 3].mean():.3f} | {worst[0]:.2f}x / {100 * worst[1]:+.2f} |")
     return "\n".join(lines) + "\n"
