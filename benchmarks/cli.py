@@ -33,6 +33,7 @@ from orchestrator.cliargs import (
     positive_float,
     positive_int,
 )
+from orchestrator.errors import ConfigError
 
 __all__ = ["build_parser", "main"]
 
@@ -105,8 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     ca = sub.add_parser("calibrate", help="pick a policy threshold on --fit pools for a "
                         "target agreement with sc:n=all; report it on --holdout pools")
-    ca.add_argument("--fit", action="append", required=True, type=Path, metavar="FILE",
+    ca.add_argument("--fit", action="append", default=[], type=Path, metavar="FILE",
                     help="pool the threshold is chosen on (repeatable)")
+    ca.add_argument("--pool", action="append", default=[], type=Path, metavar="FILE",
+                    help="with --folds: a pool of the cross-validation (repeatable)")
+    ca.add_argument("--folds", choices=("model", "dataset"), default=None,
+                    help="leave-one-model-out (or -dataset-out) cross-validation over the "
+                         "--pool pools instead of one fit/holdout split")
+    ca.add_argument("--candidate", action="append", default=[], metavar="SPEC",
+                    help="a full policy spec to choose among (repeatable, cheapest first; "
+                         "replaces --policy/--grid)")
+    ca.add_argument("--select", choices=("agreement", "accuracy"), default="agreement",
+                    help="with --folds: agreement = cheapest reaching --target-agreement; "
+                         "accuracy = largest median saving with mean accuracy delta >= "
+                         "--min-delta and median latency ratio <= --max-latency")
+    ca.add_argument("--min-delta", type=float, default=-0.3, metavar="PP",
+                    help="with --select accuracy: mean accuracy delta floor in pp "
+                         "(default -0.3)")
+    ca.add_argument("--max-latency", type=positive_float, default=1.0,
+                    help="with --select accuracy: median latency ratio cap (default 1.0)")
     ca.add_argument("--holdout", action="append", default=[], type=Path, metavar="FILE",
                     help="pool the choice is checked on (repeatable)")
     ca.add_argument("--policy", default="adaptive:max=all,confidence={}",
@@ -314,10 +332,28 @@ def _calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     def sources(paths: Sequence[Path]) -> list[Any]:
         return [ReplaySource(load_pool(p), seed=args.seed) for p in paths]
 
-    result = calibrate(sources(args.fit), sources(args.holdout), args.policy, args.grid,
-                       args.target_agreement, cfg)
-    result["command"] = _command_line(argv)
-    text = markdown(result)
+    if args.folds is not None:
+        from benchmarks.calibrate import cross_validate, cv_markdown, spec_for
+
+        if args.fit or args.holdout:
+            raise ConfigError("--folds cross-validates over --pool pools; drop --fit/--holdout")
+        if not args.pool:
+            raise ConfigError("--folds needs --pool FILE (repeatable)")
+        specs = args.candidate or [spec_for(args.policy, v) for v in args.grid]
+        result = cross_validate(sources(args.pool), specs, cfg, folds=args.folds,
+                                select=args.select, target_agreement=args.target_agreement,
+                                min_delta=args.min_delta / 100, max_latency=args.max_latency)
+        result["command"] = _command_line(argv)
+        text = cv_markdown(result)
+    else:
+        if not args.fit:
+            raise ConfigError("calibrate needs --fit FILE (or --folds with --pool FILE)")
+        if args.candidate:
+            raise ConfigError("--candidate needs --folds; without it use --policy and --grid")
+        result = calibrate(sources(args.fit), sources(args.holdout), args.policy, args.grid,
+                           args.target_agreement, cfg)
+        result["command"] = _command_line(argv)
+        text = markdown(result)
     if args.json:
         _write_json(args.json, result)
     if args.markdown:

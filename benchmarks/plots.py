@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from orchestrator.errors import ConfigError
 
 __all__ = [
@@ -102,12 +104,62 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
+def _horizons(runs: Sequence[dict[str, Any]]) -> str:
+    """One horizon label for a policy over several pools: ``64``, or ``all (80-160)``."""
+    labels = sorted({r.get("horizon", "?") for r in runs})
+    if len(labels) > 1 and all(x.startswith("all (") for x in labels):
+        sizes = sorted(int(x[5:-1]) for x in labels)
+        return f"all ({sizes[0]}-{sizes[-1]})"
+    return ", ".join(labels)
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    """Every policy against the first one (the baseline) over all pools of a report: median
+    over pools of the token saving (baseline tokens / policy tokens) and of the latency
+    ratio, mean accuracy delta, mean agreement with ``sc:n=all``, the worst pool, and each
+    row's horizon (the most samples it may draw per problem)."""
+    by_pool = _by_pool(report["runs"])
+    if not by_pool:
+        return ""
+    first = next(iter(by_pool.values()))
+    base = first[0]["policy"]
+    specs = list(dict.fromkeys(r["policy"] for runs in by_pool.values() for r in runs))
+    lines = [f"Against `{base}` over {len(by_pool)} pools (saving, latency: median over pools; "
+             "Δ accuracy, agreement: mean; worst: the pool with the largest accuracy loss):",
+             "",
+             "| policy | horizon | token saving | Δ accuracy (pp) | latency ratio | agreement "
+             "| worst pool: saving / Δ (pp) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for spec in specs:
+        rows = []
+        for runs in by_pool.values():
+            b = next((r for r in runs if r["policy"] == base), None)
+            r = next((r for r in runs if r["policy"] == spec), None)
+            if b is None or r is None:
+                continue
+            rows.append((b["tokens_per_problem"] / max(r["tokens_per_problem"], 1e-9),
+                         r["accuracy"] - b["accuracy"],
+                         r["latency_per_problem"] / max(b["latency_per_problem"], 1e-9),
+                         r["agreement_with_full_sc"], r))
+        if not rows:
+            continue
+        arr = np.array([x[:4] for x in rows])
+        worst = min(rows, key=lambda x: x[1])
+        only = f" ({len(rows)} pools)" if len(rows) < len(by_pool) else ""
+        lines.append(
+            f"| `{spec}`{only} | {_horizons([x[4] for x in rows])} | {np.median(arr[:, 0]):.2f}x | "
+            f"{100 * arr[:, 1].mean():+.2f} | {np.median(arr[:, 2]):.2f} | "
+            f"{arr[:, 3].mean():.3f} | {worst[0]:.2f}x / {100 * worst[1]:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def replay_markdown(report: dict[str, Any], command: str | None = None) -> str:
-    """A Markdown table per pool (what ``--markdown`` writes)."""
+    """The summary table, then a Markdown table per pool (what ``--markdown`` writes)."""
     cfg = report.get("config", {})
     lines = []
     if command:
         lines += ["```", command, "```", ""]
+    lines += [summary_markdown(report)]
     lines.append(
         f"{cfg.get('orders')} orders per problem, seed {cfg.get('seed')}, concurrency per "
         f"problem {cfg.get('concurrency') or 'unlimited'}, decode rate "
@@ -115,13 +167,14 @@ def replay_markdown(report: dict[str, Any], command: str | None = None) -> str:
         "bootstrap over problems.")
     for pool, runs in _by_pool(report["runs"]).items():
         lines += ["", f"**{pool}** ({runs[0]['problems']} problems)", "",
-                  "| policy | accuracy | 95% CI | tokens/problem | samples/problem | "
+                  "| policy | horizon | accuracy | 95% CI | tokens/problem | samples/problem | "
                   "latency/problem (s) | engine |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in runs:
             lo, hi = r["accuracy_ci95"]
             lines.append(
-                f"| `{r['policy']}` | {r['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | "
+                f"| `{r['policy']}` | {r.get('horizon', '?')} | {r['accuracy']:.3f} | "
+                f"[{lo:.3f}, {hi:.3f}] | "
                 f"{r['tokens_per_problem']:,.0f} | {r['samples_per_problem']:.2f} | "
                 f"{r['latency_per_problem']:,.1f} | {r.get('engine', '')} |")
     return "\n".join(lines) + "\n"

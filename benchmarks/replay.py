@@ -54,6 +54,7 @@ __all__ = [
     "ProblemLimiter",
     "ReplayConfig",
     "fixed_plan",
+    "horizon",
     "replay_policy",
     "replay_pool",
     "run_runtime_order",
@@ -154,6 +155,24 @@ def policy_for(spec: str, pool_size: int | None = None) -> Any:
             raise ConfigError(f"{spec!r} needs the pool size")
         spec = re.sub(r"=\s*all\b", f"={pool_size}", spec)
     return parse_policy(spec)
+
+
+def horizon(spec: str, pool_size: int) -> str:
+    """The most samples a spec may draw per problem, as tables state it: ``"64"``, or
+    ``"all (80)"`` where the spec says ``all`` (the pool size), or ``"none"`` for a policy
+    without a cap (it ends on its rule, the budget or the pool running out)."""
+    plan = fixed_plan(spec)
+    if plan is not None:
+        cap = plan.solutions
+    else:
+        policy = policy_for(spec, pool_size)
+        cap = next((getattr(policy, a) for a in ("max", "n", "solutions")
+                    if hasattr(policy, a)), None)
+        if cap is None and not any(hasattr(policy, a) for a in ("max", "n", "solutions")):
+            return "none"
+    if cap is None or re.search(r"=\s*all\b", spec):
+        return f"all ({pool_size})"
+    return str(cap)
 
 
 @dataclass
@@ -576,7 +595,10 @@ def sweep(sources: Sequence[ReplaySource], specs: Sequence[str], cfg: ReplayConf
     runs: list[dict[str, Any]] = []
     for src in sources:
         outcomes = replay_pool(src, specs, cfg, progress)
-        runs.extend(summarise(outcomes, cfg, extra={"verifier": src.verifier_label}))
+        size = int(src.pool.arrays.n.max())
+        for run in summarise(outcomes, cfg, extra={"verifier": src.verifier_label}):
+            run["horizon"] = horizon(run["policy"], size)
+            runs.append(run)
         src.forget_orders()
     return {
         "runs": runs,

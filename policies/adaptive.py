@@ -6,25 +6,40 @@ Beta criterion I_{1/2}(b+1, a+1) ≥ C) — a question about infinitely many sam
 who would otherwise run ``sc:n=max`` wants a different, cheaper-to-satisfy guarantee: *the
 answer I stop with is the one ``sc:n=max`` would have given*. With k votes in hand only
 ``max - k`` samples remain to be drawn, and a lead that those few samples cannot plausibly
-overturn is settled long before the Beta criterion fires. So the policy computes, under a
-Dirichlet posterior over (leader, runner-up, everything else) with a symmetric
-pseudo-count ``prior``, the posterior-predictive probability that the ``max - k`` samples
-still to come give the runner-up at least as many votes as the leader, and stops once that
-probability is at most ``1 - confidence``. When the lead exceeds the number of samples
-still to come, the stop is exact (no sample can change the winner).
+overturn is settled long before the Beta criterion fires. So the policy computes the
+posterior-predictive probability that the ``max - k`` samples still to come give the
+runner-up at least as many votes as the leader, and stops once that probability is at most
+``1 - confidence``. When the lead exceeds the number of samples still to come, the stop is
+exact (no sample can change the winner).
 
-Sampling is concurrency-aware: ``width`` samples are kept in flight (topped up as each one
-finishes), so latency stays at about SC's (all samples run at once) while the tokens spent
-track the number of samples actually needed; on ``Stop`` the runtime cancels the
-stragglers, which in reasoning models are the long — and more often wrong — traces.
+The prior is learned from the run (empirical Bayes). A problem is summarised by the
+shares (u, v, 1-u-v) of its leading answer, its runner-up and everything else. The
+problems of one batch share a model and a task, so how concentrated their answers are is
+shared evidence: a batch where most answers are unanimous makes an early 3-0 lead strong
+evidence; a batch full of split votes makes it weak. The prior over (u, v) is a histogram
+on a grid of the simplex, fitted by EM (maximum marginal likelihood, the multinomial
+likelihood of each finished problem's votes — valid under optional stopping, since a
+stopping rule that depends only on the votes seen leaves the likelihood unchanged) to the
+problems already finished in the run (``snapshot.history``), shrunk towards the flat
+Dirichlet(``prior``) base measure with the weight of ``shrink`` problems. With no history
+the rule is the flat-prior one. The prior is symmetric in (u, v): the current leader may be
+the answer with the smaller share.
+
+Sampling follows the evidence: ``width`` samples are kept in flight (topped up as each one
+finishes); when the votes are contested — a proportional extrapolation of the current
+split needs more samples than that to settle — up to ``wide`` are kept in flight, so a
+hard problem does not take many waves; on ``Stop`` the runtime cancels the stragglers,
+which in reasoning models are the long — and more often wrong — traces.
 
 ``confidence`` is the knob: it is the target probability of agreeing with ``sc:n=max`` per
-decision, and ``solverify bench calibrate`` picks it on one set of pools for a target
-agreement rate and reports how it holds on another.
+decision; ``solverify bench calibrate --folds model`` chooses it by leave-one-model-out
+cross-validation over recorded pools.
 """
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,6 +49,7 @@ from scipy.special import gammaln
 
 from orchestrator.decisions import Decision, Sample
 from orchestrator.errors import ConfigError
+from orchestrator.history import ProblemRecord
 from orchestrator.snapshot import ProblemSnapshot
 from policies.votes import majority_stop
 
@@ -70,6 +86,177 @@ def overturn_probability(a: int, b: int, rest: int, remaining: int, prior: float
     return float(np.exp(log_p[valid]).sum()) if valid.any() else 0.0
 
 
+# ---- the grid prior ------------------------------------------------------------------------
+#: grid resolution: shares u, v in steps of 1/GRID with u + v <= 1
+GRID = 32
+
+
+@dataclass(frozen=True)
+class _Grid:
+    u: np.ndarray  # leader's share at each grid point
+    v: np.ndarray  # runner-up's share
+    log_u: np.ndarray  # logs, -inf at 0
+    log_v: np.ndarray
+    log_s: np.ndarray  # log of the rest's share
+    mirror: np.ndarray  # index of the point with u and v swapped
+
+
+@lru_cache(maxsize=1)
+def _grid() -> _Grid:
+    pts = [(i, j) for i in range(GRID + 1) for j in range(GRID + 1 - i)]
+    idx = {p: k for k, p in enumerate(pts)}
+    u = np.array([i / GRID for i, _ in pts])
+    v = np.array([j / GRID for _, j in pts])
+    s = np.clip(1.0 - u - v, 0.0, 1.0)
+    with np.errstate(divide="ignore"):
+        logs = [np.log(x) for x in (u, v, s)]
+    mirror = np.array([idx[(j, i)] for i, j in pts])
+    return _Grid(u, v, *logs, mirror)
+
+
+def _log_lik(g: _Grid, a: int, b: int, r: int) -> np.ndarray:
+    """log u^a v^b s^r at every grid point (0^0 = 1)."""
+    out = np.zeros_like(g.u)
+    with np.errstate(invalid="ignore"):
+        for n, lg in ((a, g.log_u), (b, g.log_v), (r, g.log_s)):
+            if n:
+                out = out + n * lg
+    return np.where(np.isnan(out), -np.inf, out)
+
+
+@lru_cache(maxsize=64)
+def _base_log_weights(prior: float) -> np.ndarray:
+    """The flat base measure: Dirichlet(prior, prior, prior) density on the grid,
+    normalised (``prior`` = 1: uniform)."""
+    g = _grid()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lw = (prior - 1.0) * (np.where(g.u > 0, g.log_u, -50.0)
+                              + np.where(g.v > 0, g.log_v, -50.0)
+                              + np.where(g.u + g.v < 1, g.log_s, -50.0))
+    lw = lw - lw.max()
+    w = np.exp(lw)
+    return np.log(w / w.sum())
+
+
+@lru_cache(maxsize=16)
+def _overturn_tables(horizon: int) -> tuple[np.ndarray, ...]:
+    """``tables[m][d]``: P(X_b - X_a >= d) at every grid point, (X_a, X_b, X_rest) ~
+    Multinomial(m; u, v, 1-u-v), for m <= horizon and 0 <= d <= m (a random walk that
+    steps +1 with prob. v, -1 with prob. u)."""
+    g = _grid()
+    G = len(g.u)
+    s = np.clip(1.0 - g.u - g.v, 0.0, 1.0)
+    dist = np.zeros((G, 2 * horizon + 1))  # offset horizon = difference 0
+    dist[:, horizon] = 1.0
+    tables: list[np.ndarray] = [np.ones((1, G))]  # m = 0: P(0 >= 0) = 1
+    for m in range(1, horizon + 1):
+        new = dist * s[:, None]
+        new[:, 1:] += dist[:, :-1] * g.v[:, None]
+        new[:, :-1] += dist[:, 1:] * g.u[:, None]
+        dist = new
+        tail = np.cumsum(dist[:, ::-1], axis=1)[:, ::-1]  # P(D >= k - horizon)
+        tables.append(np.ascontiguousarray(tail[:, horizon: horizon + m + 1].T))
+    return tuple(tables)
+
+
+def record_counts(record: ProblemRecord) -> tuple[int, int, int]:
+    """(leader votes, runner-up votes, everything else) of a finished problem."""
+    votes = sorted(record.votes.values(), reverse=True)
+    a = votes[0] if votes else 0
+    b = votes[1] if len(votes) > 1 else 0
+    return a, b, len(record.keys) - a - b
+
+
+def fit_prior(counts: Sequence[tuple[int, int, int]], prior: float = 1.0,
+              shrink: float = 4.0, iterations: int = 50) -> np.ndarray:
+    """Log weights of the grid prior fitted to finished problems' vote counts by EM.
+
+    MAP-EM for a histogram prior: each iteration replaces the weights by the mean
+    posterior over the problems, plus ``shrink`` pseudo-problems drawn from the base
+    measure, then symmetrises them in (u, v). With no counts it is the base measure.
+    """
+    base = np.exp(_base_log_weights(prior))
+    if not counts:
+        return np.log(base)
+    g = _grid()
+    distinct: dict[tuple[int, int, int], int] = {}
+    for c in counts:
+        distinct[c] = distinct.get(c, 0) + 1
+    keys = list(distinct)
+    mult = np.array([distinct[k] for k in keys], dtype=float)
+    loglik = np.stack([_log_lik(g, *k) for k in keys])  # (T, G)
+    loglik -= loglik.max(axis=1, keepdims=True)
+    lik = np.exp(loglik)
+    w = base.copy()
+    n = mult.sum()
+    for _ in range(iterations):
+        joint = lik * w[None, :]
+        post = joint / joint.sum(axis=1, keepdims=True)
+        w = (shrink * base + mult @ post) / (shrink + n)
+        w = 0.5 * (w + w[g.mirror])
+    with np.errstate(divide="ignore"):
+        return np.log(w)
+
+
+class _PriorCache:
+    """Fitted priors by (last record, number of records): a run's history only grows, so
+    a record object and a length identify its prefix; the entry holds the record so its
+    id cannot be reused while cached."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._entries: OrderedDict[tuple[int, int, float, float], tuple[object, np.ndarray]]
+        self._entries = OrderedDict()
+        self._size = size
+
+    def get(self, history: Sequence[ProblemRecord], n: int, prior: float, shrink: float
+            ) -> np.ndarray:
+        if n == 0:
+            return _base_log_weights(prior)
+        last = history[n - 1]
+        key = (id(last), n, prior, shrink)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is last:
+            self._entries.move_to_end(key)
+            return hit[1]
+        lw = fit_prior([record_counts(r) for r in history[:n]], prior, shrink)
+        self._entries[key] = (last, lw)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return lw
+
+
+_PRIORS = _PriorCache()
+
+
+def checkpoint(n: int) -> int:
+    """The prefix of the history the prior is fitted on: ``n`` rounded down to 1, 2, 3, 4,
+    6, 8, 12, 16, 24, ... (refitting on every finished problem buys little)."""
+    if n <= 4:
+        return n
+    p = 1 << (n.bit_length() - 1)
+    return p + p // 2 if n >= p + p // 2 else p
+
+
+def posterior_overturn(a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray,
+                       horizon: int) -> float:
+    """P(overturn within ``remaining`` samples) under the grid prior ``log_prior``: the
+    posterior over (u, v) given counts (a, b, rest), times each point's probability that
+    the runner-up ends level with or ahead of the leader."""
+    if remaining <= 0:
+        return 0.0 if a > b else 1.0
+    lead = a - b
+    if lead > remaining:
+        return 0.0
+    g = _grid()
+    lp = log_prior + _log_lik(g, a, b, rest)
+    top = lp.max()
+    if not math.isfinite(top):
+        return 1.0
+    post = np.exp(lp - top)
+    table = _overturn_tables(max(horizon, remaining))[remaining]
+    return float(post @ table[lead] / post.sum())
+
+
 def _check(name: str, ok: bool, value: object, what: str) -> None:
     if not ok:
         raise ConfigError(f"adaptive: {name} must be {what}, got {value!r}")
@@ -77,20 +264,26 @@ def _check(name: str, ok: bool, value: object, what: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Adaptive:
-    """Finite-horizon posterior stopping with ``width`` samples in flight.
+    """Finite-horizon posterior stopping with an empirical-Bayes prior learned from the run.
 
     Parameters (spec keys in brackets):
       * ``width`` [width]: samples kept in flight (default 8).
+      * ``wide`` [wide]: most samples kept in flight when the votes are contested
+        (default 32; = ``width`` turns widening off).
       * ``confidence`` [confidence]: stop when P(the leader is still ``sc:n=max``'s answer)
-        ≥ confidence (default 0.9: the cheapest value reaching 97.5% agreement with
-        ``sc:n=all`` on half of the AIME 2024 pools with ``solverify bench calibrate``;
-        README "Benchmarks" shows how it holds on the other pools).
+        ≥ confidence (default 0.9: the largest median token saving with no mean accuracy
+        loss against ``sc:n=all`` over the shared pools, among 0.8/0.85/0.9/0.95; its
+        leave-one-model-out figures are in README "Benchmarks").
       * ``max`` [max]: the horizon — the ``sc:n=max`` this policy approximates, and the most
         samples it will take (default 64).
       * ``min_votes`` [min_votes]: never stop (except exactly) before the leader has this
-        many votes (default 3: two agreeing samples out of a long horizon are too often a
-        coincidence of two quick, wrong traces).
-      * ``prior`` [prior]: Dirichlet pseudo-count (default 1.0).
+        many votes (default 3; 2 lost 0.3-0.6 pp more at every confidence in the
+        cross-validation sweep).
+      * ``prior`` [prior]: Dirichlet pseudo-count of the base measure (default 1.0: flat).
+      * ``shrink`` [shrink]: weight of the base measure against the run's finished
+        problems, in problems (default 4).
+      * ``learn`` [learn]: learn the prior from the run (default true; false = the flat
+        Dirichlet(``prior``) prior throughout).
       * ``max_failures`` [max_failures]: broken samples replaced (default ``max``).
     """
 
@@ -100,6 +293,9 @@ class Adaptive:
     min_votes: int = 3
     prior: float = 1.0
     max_failures: int | None = None
+    wide: int | None = 32
+    shrink: float = 4.0
+    learn: bool = True
 
     def __post_init__(self) -> None:
         _check("width", isinstance(self.width, int) and self.width >= 1, self.width,
@@ -109,21 +305,44 @@ class Adaptive:
         _check("min_votes", isinstance(self.min_votes, int) and self.min_votes >= 1,
                self.min_votes, "an integer >= 1")
         _check("prior", self.prior > 0, self.prior, "> 0")
+        if self.wide is not None:
+            _check("wide", isinstance(self.wide, int) and self.wide >= self.width, self.wide,
+                   f"an integer >= width ({self.width})")
+        _check("shrink", self.shrink > 0, self.shrink, "> 0")
         if self.max_failures is not None:
             _check("max_failures", self.max_failures >= 0, self.max_failures, ">= 0")
 
     @property
     def spec(self) -> str:
-        return (f"adaptive:width={self.width},confidence={self.confidence:g},max={self.max},"
-                f"min_votes={self.min_votes},prior={self.prior:g}")
+        return (f"adaptive:width={self.width},wide={self.widest},"
+                f"confidence={self.confidence:g},max={self.max},min_votes={self.min_votes},"
+                f"prior={self.prior:g},shrink={self.shrink:g},"
+                f"learn={'true' if self.learn else 'false'}")
 
-    def settled(self, s: ProblemSnapshot) -> str | None:
-        """Why the leading answer is settled, or None if it is not yet."""
+    @property
+    def widest(self) -> int:
+        return self.width if self.wide is None else self.wide
+
+    def log_prior(self, s: ProblemSnapshot) -> np.ndarray:
+        """The prior in force for this snapshot (grid log weights)."""
+        n = checkpoint(len(s.history)) if self.learn else 0
+        return _PRIORS.get(s.history, n, self.prior, self.shrink)
+
+    def overturn(self, a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray
+                 ) -> float:
+        return posterior_overturn(a, b, rest, remaining, log_prior, self.max)
+
+    def _counts(self, s: ProblemSnapshot) -> tuple[int, int, int]:
         votes = s.votes()
-        if not votes:
-            return None
-        a = votes[0].votes
+        a = votes[0].votes if votes else 0
         b = votes[1].votes if len(votes) > 1 else 0
+        return a, b, len(s.solutions) - a - b
+
+    def settled(self, s: ProblemSnapshot, log_prior: np.ndarray | None = None) -> str | None:
+        """Why the leading answer is settled, or None if it is not yet."""
+        a, b, rest = self._counts(s)
+        if a == 0:
+            return None
         finished = len(s.solutions)
         remaining = max(self.max - finished, 0)
         if remaining == 0:
@@ -132,13 +351,45 @@ class Adaptive:
             return f"lead {a}-{b} exceeds the {remaining} samples left of {self.max}"
         if a < self.min_votes:
             return None
-        p = overturn_probability(a, b, finished - a - b, remaining, self.prior)
+        lp = self.log_prior(s) if log_prior is None else log_prior
+        p = self.overturn(a, b, rest, remaining, lp)
         if p <= 1.0 - self.confidence:
             return f"P(overturn by {remaining} more) = {p:.3f} at {a}-{b}"
         return None
 
+    def need(self, a: int, b: int, rest: int, log_prior: np.ndarray) -> int:
+        """Further samples after which the rule would stop if they split like the votes so
+        far (the evidence-following width; ``max - finished`` when no split settles)."""
+        n = a + b + rest
+        left = self.max - n
+        if n == 0 or left <= 0:
+            return max(left, 0)
+
+        def stops(k: int) -> bool:
+            ka, kb = round(a + k * a / n), round(b + k * b / n)
+            kr = n + k - ka - kb
+            rem = self.max - n - k
+            if rem <= 0 or ka - kb > rem:
+                return True
+            return ka >= self.min_votes and self.overturn(ka, kb, kr, rem, log_prior) <= (
+                1.0 - self.confidence)
+
+        lo, hi = 0, 1
+        while hi < left and not stops(hi):
+            lo, hi = hi, min(2 * hi, left)
+        if hi >= left and not stops(hi):
+            return left
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if stops(mid):
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
-        why = self.settled(s)
+        lp = self.log_prior(s)
+        why = self.settled(s, lp)
         if why is not None:
             return [majority_stop(s, f"adaptive: {why}")]
         finished = len(s.solutions)
@@ -146,7 +397,10 @@ class Adaptive:
             return [majority_stop(s, f"adaptive: reached max={self.max}", "max")]
         max_failures = self.max if self.max_failures is None else self.max_failures
         can_launch = not s.budget_left.exhausted and s.failed_samples <= max_failures
-        want = min(self.width, self.max - finished) - s.in_flight.samples
+        target = self.width
+        if self.widest > self.width and finished >= 2:
+            target = min(max(self.width, self.need(*self._counts(s), lp)), self.widest)
+        want = min(target, self.max - finished) - s.in_flight.samples
         if can_launch and want > 0:
             return [Sample(want)]
         if s.in_flight.samples:

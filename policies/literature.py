@@ -10,6 +10,13 @@
   reproduce the Beta criterion).
 * :class:`EarlyStoppingSC` (ESC, Li et al. 2024): sample in windows of ``window``; stop
   when every answer of a complete window agrees.
+* :class:`BestOfInfinity` (the adaptive stopping rule of "Best-of-∞", Komiyama et al.
+  2025, arXiv 2509.21091): one sample at a time; the answer distribution has a Dirichlet
+  posterior with ``alpha`` pseudo-votes on every answer seen and an ``alpha``-weighted
+  bucket for all answers not seen yet; stop when the Bayes factor of "the leader has the
+  largest probability" against "some other answer, seen or not, has" reaches
+  ``bayes_factor``. The two hypotheses are symmetric under the prior (each answer is
+  equally likely a priori to be the mode), so the Bayes factor is the posterior odds.
 
 Concurrency. Both see what is in flight and never ask for work that cannot matter:
 
@@ -44,7 +51,9 @@ from policies.votes import majority_stop
 
 __all__ = [
     "AdaptiveConsistency",
+    "BestOfInfinity",
     "EarlyStoppingSC",
+    "bayes_factor",
     "beta_confidence",
     "dirichlet_confidence",
 ]
@@ -67,7 +76,11 @@ def _dirichlet(counts: tuple[int, ...]) -> float:
     """P(G_0 > max_j G_j) for independent G_j ~ Gamma(counts_j + 1): the integral over x of
     the leader's Gamma density times every other Gamma's CDF, by 96-point Gauss-Legendre
     quadrature over the leader's mean ± 12 standard deviations (+12)."""
-    alphas = np.asarray(counts, dtype=np.float64) + 1.0
+    return _gamma_max(np.asarray(counts, dtype=np.float64) + 1.0)
+
+
+def _gamma_max(alphas: np.ndarray) -> float:
+    """P(G_0 > max_j G_j) for independent G_j ~ Gamma(alphas_j), by the quadrature above."""
     lead, rest = float(alphas[0]), alphas[1:]
     sd = math.sqrt(lead)
     lo, hi = max(0.0, lead - 12.0 * sd - 12.0), lead + 12.0 * sd + 12.0
@@ -257,3 +270,69 @@ def _doomed(window: Sequence) -> bool:
     """True when a (partly filled) window can no longer be unanimous."""
     keys = {x.key for x in window}
     return None in keys or len(keys) > 1
+
+
+@lru_cache(maxsize=65536)
+def _bayes_factor_cached(counts: tuple[int, ...], alpha: float) -> float:
+    shapes = np.array([*counts, 0], dtype=np.float64) + alpha  # the last one: unseen answers
+    p = _gamma_max(shapes)
+    if p >= 1.0:
+        return math.inf
+    return p / (1.0 - p)
+
+
+def bayes_factor(counts: Sequence[int], alpha: float = 1.0) -> float:
+    """Posterior odds that the first (largest) count's answer has the largest probability,
+    under Dirichlet(counts + alpha, alpha) whose last category pools all unseen answers."""
+    cs = tuple(int(c) for c in counts)
+    if not cs or cs[0] == 0:
+        return 0.0
+    if any(c > cs[0] for c in cs[1:]):
+        raise ValueError("bayes_factor: counts[0] must be a largest count")
+    return _bayes_factor_cached((cs[0], *sorted(cs[1:], reverse=True)), float(alpha))
+
+
+@dataclass(frozen=True, slots=True)
+class BestOfInfinity:
+    """Best-of-∞'s adaptive majority vote: sample one at a time until the Bayes factor of
+    the leader is at least ``bayes_factor`` (or ``max`` samples, the budget, or broken
+    samples end it)."""
+
+    bayes_factor: float = 30.0
+    alpha: float = 1.0
+    max: int | None = 64
+    max_failures: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.bayes_factor, int | float) and self.bayes_factor > 1
+                and math.isfinite(self.bayes_factor)):
+            raise ConfigError(f"boinf: bayes_factor must be a number > 1, got "
+                              f"{self.bayes_factor!r}")
+        if not (isinstance(self.alpha, int | float) and self.alpha > 0):
+            raise ConfigError(f"boinf: alpha must be > 0, got {self.alpha!r}")
+        _check_max("boinf: max", self.max)
+        _check_failures("boinf: max_failures", self.max_failures)
+
+    @property
+    def spec(self) -> str:
+        parts = [f"bayes_factor={self.bayes_factor:g}",
+                 f"max={'all' if self.max is None else self.max}"]
+        if self.alpha != 1.0:
+            parts.append(f"alpha={self.alpha:g}")
+        return "boinf:" + ",".join(parts)
+
+    def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
+        counts = [v.votes for v in s.votes()]
+        bf = bayes_factor(counts, self.alpha)
+        if bf >= self.bayes_factor:
+            return [majority_stop(s, f"boinf: Bayes factor {bf:.3g} >= {self.bayes_factor:g} "
+                                     f"after {len(s.solutions)} samples")]
+        max_failures = self.max_failures if self.max_failures is not None else (
+            self.max if self.max is not None else DEFAULT_MAX_FAILURES)
+        closed = _sampling_closed(s, self.max, max_failures)
+        if closed is None and s.in_flight.samples == 0:
+            return [Sample(1)]
+        if s.in_flight.samples:
+            return []
+        return [majority_stop(s, f"boinf stopped ({closed}), Bayes factor {bf:.3g}",
+                              _closed_code(closed))]

@@ -144,6 +144,19 @@ def _ensure_builtins() -> None:
                help="broken samples replaced (default max, or 8)")),
         "Early-Stopping SC (Li et al. 2024): stop when a window of samples is unanimous",
     )
+    register(
+        "boinf", literature.BestOfInfinity,
+        (Param("bayes_factor", "bayes_factor", float, default=30.0,
+               help="stop when the leader's Bayes factor >= this"),
+         Param("alpha", "alpha", float, default=1.0,
+               help="Dirichlet pseudo-votes per answer and for the unseen-answer bucket"),
+         Param("max", "max", int, default=64, allow_all=True,
+               help="most samples ('all': no cap)"),
+         Param("max_failures", "max_failures", int,
+               help="broken samples replaced (default max, or 8)")),
+        "Best-of-infinity (Komiyama et al. 2025): one sample at a time until the Bayes factor "
+        "of the leader is large enough",
+    )
     from policies import adaptive
 
     register(
@@ -156,9 +169,17 @@ def _ensure_builtins() -> None:
                     "(in replays 'all' = the pool size)"),
          Param("min_votes", "min_votes", int, default=3,
                help="votes the leader needs before a probabilistic stop"),
-         Param("prior", "prior", float, default=1.0, help="Dirichlet pseudo-count"),
-         Param("max_failures", "max_failures", int, help="broken samples replaced (default max)")),
-        "Adaptive: finite-horizon posterior stop, width samples in flight, stragglers cancelled",
+         Param("prior", "prior", float, default=1.0,
+               help="Dirichlet pseudo-count of the base prior"),
+         Param("max_failures", "max_failures", int, help="broken samples replaced (default max)"),
+         Param("wide", "wide", int, default=32,
+               help="most samples in flight when the votes are contested (= width: off)"),
+         Param("shrink", "shrink", float, default=4.0,
+               help="weight of the base prior against the run's finished problems"),
+         Param("learn", "learn", bool, default=True,
+               help="learn the prior from the problems already finished in the run")),
+        "Adaptive: finite-horizon posterior stop with a prior learned from the run, "
+        "in-flight width following the evidence, stragglers cancelled",
     )
     from policies.verifying import solverify_entries
 

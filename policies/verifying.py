@@ -80,6 +80,9 @@ class _Verifying:
     min_votes: int = 3
     prior: float = 1.0
     max_failures: int | None = None
+    wide: int = 32
+    shrink: float = 4.0
+    learn: bool = True
     profile: str | None = None
     settle: float = 0.95
     max_reads: int = 4
@@ -105,7 +108,8 @@ class _Verifying:
         _check(name, "max_icc", 0.0 <= self.max_icc <= 1.0, self.max_icc, "in [0, 1]")
         inner = Adaptive(width=self.width, confidence=self.confidence, max=self.max,
                          min_votes=self.min_votes, prior=self.prior,
-                         max_failures=self.max_failures)
+                         max_failures=self.max_failures, wide=self.wide, shrink=self.shrink,
+                         learn=self.learn)
         object.__setattr__(self, "_adaptive", inner)
         loaded = None
         if self.profile:
@@ -116,6 +120,8 @@ class _Verifying:
     def _spec_parts(self) -> list[str]:
         parts = [f"width={self.width}", f"confidence={self.confidence:g}", f"max={self.max}",
                  f"min_votes={self.min_votes}", f"prior={self.prior:g}",
+                 f"wide={self.wide}", f"shrink={self.shrink:g}",
+                 f"learn={'true' if self.learn else 'false'}",
                  f"settle={self.settle:g}", f"max_reads={self.max_reads}"]
         if self.profile:
             parts.append(f"profile={self.profile}")
@@ -287,6 +293,10 @@ def solverify_entries() -> None:
         Param("min_votes", "min_votes", int, default=3, help="as adaptive"),
         Param("prior", "prior", float, default=1.0, help="Dirichlet pseudo-count"),
         Param("max_failures", "max_failures", int, help="broken samples replaced (default max)"),
+        Param("wide", "wide", int, default=32, help="as adaptive"),
+        Param("shrink", "shrink", float, default=4.0, help="as adaptive"),
+        Param("learn", "learn", bool, default=True,
+              help="as adaptive: the prior learned from the run's finished problems"),
         Param("profile", "profile", str,
               help="verifier profile JSON (solverify bench verifier); default: estimated "
                    "online from the run"),

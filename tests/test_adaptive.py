@@ -51,7 +51,7 @@ def test_starts_with_width_samples():
 
 def test_tops_up_as_samples_finish():
     snap = make_snapshot(["1", "2"], in_flight=5)
-    assert Adaptive(width=8).decide(snap) == [Sample(3)]
+    assert Adaptive(width=8, wide=8).decide(snap) == [Sample(3)]
 
 
 def test_never_asks_beyond_max():
@@ -68,7 +68,8 @@ def test_stops_on_a_settled_lead_and_says_why():
 
 def test_waits_when_votes_are_split():
     snap = make_snapshot(["7", "3", "7", "3", "5"], in_flight=8)
-    assert Adaptive(width=8, max=64).decide(snap) == []
+    assert Adaptive(width=8, wide=8, max=64).decide(snap) == []
+    assert Adaptive(width=8, wide=32, max=64).decide(snap) == [Sample(24)]
 
 
 def test_exact_stop_when_no_remaining_sample_can_change_the_winner():
@@ -110,3 +111,143 @@ def test_higher_confidence_needs_more_votes():
 def test_rejects_bad_parameters(kwargs, message):
     with pytest.raises(ConfigError, match=f"adaptive: {message}"):
         Adaptive(**kwargs)
+
+
+# ---- the grid prior and the empirical-Bayes posterior ---------------------------------------
+import itertools  # noqa: E402
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from orchestrator.backends.fake import FakeBackend, FakeReply, scripted  # noqa: E402
+from orchestrator.history import ProblemRecord, RunHistory  # noqa: E402
+from orchestrator.runtime import run_batch, solve  # noqa: E402
+from orchestrator.types import Problem  # noqa: E402
+from policies.adaptive import (  # noqa: E402
+    _base_log_weights,
+    _grid,
+    checkpoint,
+    fit_prior,
+    posterior_overturn,
+    record_counts,
+)
+from tests.helpers import WordTask  # noqa: E402
+
+
+def grid_overturn_brute_force(a, b, rest, remaining, log_prior):
+    """Exact for the discrete prior: posterior weight of each grid point times the
+    probability of every multinomial split of the remaining samples, enumerated."""
+    g = _grid()
+    total = 0.0
+    norm = 0.0
+    for k, (u, v) in enumerate(zip(g.u, g.v, strict=True)):
+        s = max(1.0 - u - v, 0.0)
+        lik = u ** a * v ** b * s ** rest
+        w = math.exp(log_prior[k]) * lik
+        if w == 0:
+            continue
+        p = 0.0
+        for xa, xb in itertools.product(range(remaining + 1), repeat=2):
+            xr = remaining - xa - xb
+            if xr < 0 or b + xb < a + xa:
+                continue
+            p += (math.factorial(remaining) / (math.factorial(xa) * math.factorial(xb)
+                                               * math.factorial(xr))
+                  * u ** xa * v ** xb * s ** xr)
+        total += w * p
+        norm += w
+    return total / norm
+
+
+@pytest.mark.parametrize(("a", "b", "rest", "remaining"),
+                         [(3, 0, 0, 5), (4, 2, 1, 6), (2, 2, 0, 4), (5, 1, 3, 8), (2, 0, 1, 7)])
+def test_posterior_overturn_matches_brute_force_on_the_grid(a, b, rest, remaining):
+    learned = fit_prior([(5, 0, 0)] * 6 + [(3, 2, 1)] * 3)
+    for lp in (_base_log_weights(1.0), learned):
+        assert posterior_overturn(a, b, rest, remaining, lp, 16) == pytest.approx(
+            grid_overturn_brute_force(a, b, rest, remaining, lp), abs=1e-10)
+
+
+@pytest.mark.parametrize(("a", "b", "rest", "remaining"),
+                         [(3, 0, 0, 61), (4, 1, 0, 59), (5, 2, 1, 56), (10, 4, 2, 48)])
+def test_flat_grid_prior_is_the_dirichlet_rule(a, b, rest, remaining):
+    """With no history the grid prior is a discretised Dirichlet(1, 1, 1): the overturn
+    probability is the exact Dirichlet-multinomial one to within the grid's resolution."""
+    got = posterior_overturn(a, b, rest, remaining, _base_log_weights(1.0), 64)
+    assert got == pytest.approx(overturn_probability(a, b, rest, remaining), abs=0.01)
+
+
+def test_fitted_prior_is_symmetric_and_follows_the_run():
+    g = _grid()
+    assert np.allclose(fit_prior([]), _base_log_weights(1.0))
+    easy = fit_prior([(6, 0, 0)] * 20)
+    hard = fit_prior([(3, 3, 2)] * 20)
+    assert np.allclose(easy, easy[g.mirror]) and np.allclose(hard, hard[g.mirror])
+    flat = _base_log_weights(1.0)
+    p = {name: posterior_overturn(3, 0, 0, 61, lp, 64)
+         for name, lp in (("easy", easy), ("flat", flat), ("hard", hard))}
+    assert p["easy"] < p["flat"] < p["hard"]
+    # more shrinkage: closer to the flat prior
+    strong = fit_prior([(6, 0, 0)] * 20, shrink=1000.0)
+    assert p["easy"] < posterior_overturn(3, 0, 0, 61, strong, 64) < p["flat"]
+
+
+def test_record_counts_and_checkpoints():
+    rec = ProblemRecord("p", "settled", "7", ("7", "3", None, "7", "5", "7"), (1,) * 6, (),
+                        6, 0)
+    assert record_counts(rec) == (3, 1, 2)
+    assert [checkpoint(n) for n in (0, 1, 4, 5, 6, 7, 8, 11, 12, 13, 16, 23, 24, 100)] == [
+        0, 1, 4, 4, 6, 6, 8, 8, 12, 12, 16, 16, 24, 96]
+
+
+def test_widens_when_contested_and_not_when_settling():
+    split = make_snapshot(["7", "3", "7", "3"], in_flight=4)
+    assert Adaptive(width=8, wide=32, max=64).decide(split) == [Sample(28)]
+    assert Adaptive(width=8, wide=8, max=64).decide(split) == [Sample(4)]
+    # one vote so far: no evidence yet, the plain width
+    assert Adaptive(width=8, wide=32).decide(make_snapshot(["7"], in_flight=8)) == []
+    # a clear lead that a few more votes settle: stays near width
+    lead = make_snapshot(["7", "7", "7", "3"], in_flight=4)
+    (more,) = Adaptive(width=8, wide=32, confidence=0.95, max=64).decide(lead)
+    assert isinstance(more, Sample) and more.k <= 4
+
+
+def test_learned_prior_changes_the_decision():
+    history = tuple(ProblemRecord(f"h{i}", "settled", "7", ("7",) * 6, (10,) * 6, (), 60, 0)
+                    for i in range(12))
+    snap = make_snapshot(["7", "7", "7"], in_flight=8)
+    snap = type(snap)(**{**{f: getattr(snap, f) for f in snap.__dataclass_fields__},
+                         "history": history})
+    policy = Adaptive(width=8, wide=8, confidence=0.97, max=64)
+    assert policy.decide(make_snapshot(["7", "7", "7"], in_flight=8)) == []  # flat: go on
+    (stop,) = policy.decide(snap)  # twelve unanimous problems: 3-0 is settled
+    assert isinstance(stop, Stop) and stop.answer == "7"
+    assert Adaptive(width=8, wide=8, confidence=0.97, max=64, learn=False).decide(snap) == []
+
+
+async def test_online_prior_on_a_deterministic_fake_run():
+    """Problems run one at a time; every sample says "seven". With learning, later
+    problems stop sooner than the first one, and sooner than without learning."""
+    backend = FakeBackend(scripted(lambda req, i: FakeReply.text(*["so seven"] * req.n)))
+    problems = [Problem(id=f"p{i}", problem="q", answer="seven") for i in range(10)]
+
+    async def samples(policy):
+        results = await run_batch(problems, policy, backend=backend, task=WordTask(),
+                                  problems_in_flight=1)
+        assert all(r.answer == "seven" for r in results)
+        return [len(r.solutions) for r in results]
+
+    learned = await samples(Adaptive(width=1, wide=1, confidence=0.98, max=64))
+    flat = await samples(Adaptive(width=1, wide=1, confidence=0.98, max=64, learn=False))
+    assert len(set(flat)) == 1  # no history: every problem the same
+    assert learned[0] == flat[0]
+    assert learned[-1] < flat[-1]
+    assert learned == sorted(learned, reverse=True)  # more evidence, never more samples
+    # solve() with a history shared by hand gives the same as the batch
+    history = RunHistory()
+    alone = []
+    for p in problems:
+        r = await solve(p, Adaptive(width=1, wide=1, confidence=0.98, max=64),
+                        backend=backend, task=WordTask(), history=history)
+        alone.append(len(r.solutions))
+    assert alone == learned

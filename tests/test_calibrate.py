@@ -49,3 +49,59 @@ def test_calibrate_picks_cheapest_value_meeting_the_target():
     cheap = scores["adaptive:max=all,confidence=0.5"]
     assert careful["median_token_saving_x"] <= cheap["median_token_saving_x"]
     assert "Calibration of" in markdown(strict)
+
+
+# ---- cross-validation ---------------------------------------------------------------------------
+from benchmarks.calibrate import (  # noqa: E402
+    PoolScore,
+    choose,
+    cross_validate,
+    cv_markdown,
+    pool_group,
+)
+
+
+def test_pool_groups_from_file_stems():
+    assert pool_group("boinf_aime2024_Qwen3-4B", "model") == "Qwen3-4B"
+    assert pool_group("boinf_math500_Qwen3-4B", "dataset") == "math500"
+    assert pool_group("live_capitals_gemma3-270m", "model") == "gemma3-270m"
+    assert pool_group("mypool", "model") == "mypool"
+    with pytest.raises(ConfigError, match="folds"):
+        pool_group("a_b_c", "year")
+
+
+def test_choose_by_accuracy_respects_the_floor_and_the_latency_cap():
+    table = {
+        "cheap": [PoolScore("a", 0.9, -0.010, 12.0, 0.5), PoolScore("b", 0.9, 0.0, 10.0, 0.5)],
+        "slow": [PoolScore("a", 0.99, 0.0, 11.0, 1.5), PoolScore("b", 0.99, 0.0, 9.0, 1.5)],
+        "safe": [PoolScore("a", 0.99, 0.0, 6.0, 0.7), PoolScore("b", 0.99, 0.001, 5.0, 0.7)],
+    }
+    specs = ["cheap", "slow", "safe"]
+    assert choose(table, specs, "accuracy", min_delta=-0.003) == ("safe", True)
+    assert choose(table, specs, "accuracy", min_delta=-0.01) == ("cheap", True)
+    assert choose(table, specs, "accuracy", min_delta=-0.003, max_latency=2.0) == ("slow", True)
+    assert choose(table, specs, "accuracy", min_delta=0.01) == ("safe", False)
+    assert choose(table, specs, "agreement", target_agreement=0.95) == ("slow", True)
+
+
+@needs_data
+def test_cross_validation_holds_each_model_out():
+    from benchmarks.pools import load_pool
+    from benchmarks.source import ReplaySource
+
+    srcs = [ReplaySource(load_pool(DATA / "pools" / name, limit=6), seed=0)
+            for name in ("boinf_aime2024_Qwen3-4B.jsonl", "boinf_math500_Qwen3-4B.jsonl",
+                         "boinf_aime2024_LIMO-v2.jsonl")
+            if (DATA / "pools" / name).exists()]
+    cfg = ReplayConfig(orders=2, workers=1, bootstrap=50)
+    specs = ["adaptive:confidence=0.6", "adaptive:confidence=0.95"]
+    res = cross_validate(srcs, specs, cfg, folds="model", select="accuracy")
+    folds = {f["fold"]: f for f in res["folds"]}
+    assert set(folds) == {"Qwen3-4B", "LIMO-v2"}
+    for f in res["folds"]:
+        assert f["chosen"] in specs
+        assert {p["pool"] for p in f["holdout_pools"]} == set(f["pools"])
+        assert not set(f["pools"]) & {p for other in res["folds"] if other is not f
+                                      for p in other["pools"]}
+    assert res["pooled_holdout"]["pools"] == len(srcs)
+    assert "pooled held-out" in cv_markdown(res)

@@ -202,3 +202,46 @@ def test_esc_spec_and_validation():
     for bad in ("esc:window=1", "esc:max=0", "esc:threshold=0.9"):
         with pytest.raises(ConfigError):
             parse_policy(bad)
+
+
+# ---- Best-of-infinity -------------------------------------------------------------------------
+from policies.literature import BestOfInfinity, bayes_factor  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+def test_bayes_factor_of_a_unanimous_vote_is_closed_form(n):
+    # Dirichlet(n + 1, 1) over (leader, unseen): P(leader larger) = 1 - 2^-(n+1)
+    assert bayes_factor([n]) == pytest.approx(2.0 ** (n + 1) - 1, rel=1e-6)
+    # alpha = 1/2: P(Beta(n + 1/2, 1/2) > 1/2) = I_{1/2}(1/2, n + 1/2)
+    p = special.betainc(0.5, n + 0.5, 0.5)
+    assert bayes_factor([n], alpha=0.5) == pytest.approx(p / (1 - p), rel=1e-6)
+
+
+@pytest.mark.parametrize("counts", [(3, 1), (5, 2, 1), (4, 4), (6, 1, 1, 1)])
+def test_bayes_factor_matches_monte_carlo(counts):
+    rng = np.random.default_rng(7)
+    theta = rng.dirichlet(np.array([*counts, 0]) + 1.0, size=400_000)
+    p = float(np.mean(theta[:, 0] > theta[:, 1:].max(axis=1)))
+    got = bayes_factor(counts)
+    assert got / (1 + got) == pytest.approx(p, abs=3e-3)
+
+
+def test_boinf_samples_one_at_a_time_and_stops_on_the_bayes_factor():
+    pol = BestOfInfinity(bayes_factor=30)
+    assert pol.decide(make_snapshot()) == [Sample(1)]
+    assert pol.decide(make_snapshot(["7"], in_flight=1)) == []
+    assert pol.decide(make_snapshot(["7", "7", "7"])) == [Sample(1)]  # BF 15 < 30
+    (stop,) = pol.decide(make_snapshot(["7", "7", "7", "7"]))  # BF 31 >= 30
+    assert isinstance(stop, Stop) and stop.answer == "7" and stop.code == "settled"
+    (cap,) = BestOfInfinity(bayes_factor=1000, max=3).decide(make_snapshot(["7", "3", "7"]))
+    assert cap.answer == "7" and cap.code == "max"
+
+
+def test_boinf_spec_and_bad_values():
+    assert parse_policy("boinf:bayes_factor=30").spec == "boinf:bayes_factor=30,max=64"
+    assert parse_policy("boinf:bayes_factor=10,max=all,alpha=0.5").spec == (
+        "boinf:bayes_factor=10,max=all,alpha=0.5")
+    with pytest.raises(ConfigError, match="bayes_factor"):
+        BestOfInfinity(bayes_factor=1.0)
+    with pytest.raises(ConfigError, match="alpha"):
+        BestOfInfinity(alpha=0)
