@@ -54,6 +54,9 @@ def _add_pool_args(p: argparse.ArgumentParser) -> None:
                    help="simulated verification length / solution length (default 1)")
     p.add_argument("--sim-vmax", type=positive_int, default=32, metavar="V",
                    help="simulated readings per sample (default 32)")
+    p.add_argument("--sim-corr", type=non_negative_float, default=0.0, metavar="R",
+                   help="correlation of two simulated readings of one solution, in [0, 1] "
+                        "(default 0: independent; 1: identical, like a one-token verdict)")
     p.add_argument("--verify-tokens", type=positive_int, default=1, metavar="T",
                    help="length of a recorded verification without a token count (default 1)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write JSON here")
@@ -102,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Monte Carlo draws of V-subsets of the readings (default 8)")
     cm.add_argument("--bootstrap", type=positive_int, default=1000,
                     help="bootstrap resamples for the exponent CIs (default 1000)")
+    cm.add_argument("--profile-out", type=Path, default=None, metavar="PROFILE.json",
+                    help="write a verifier profile holding the fitted scaling law (one law "
+                         "over all --pool files), for optimal:c=C,profile=FILE")
+
+    ve = sub.add_parser("verifier", help="measure a verifier on labelled pools and write "
+                        "its profile (P(Yes) by label, AUC, lambda, repeat ICC)")
+    _add_pool_args(ve)
+    ve.add_argument("--out", type=Path, default=None, metavar="PROFILE.json",
+                    help="write the verifier profile (policies take it as profile=FILE)")
+    ve.add_argument("--readings", type=positive_int, default=None, metavar="V",
+                    help="readings per solution used (default: all recorded, or --sim-vmax)")
+    ve.add_argument("--online-sizes", type=int_list, default=(8, 16), metavar="S1,S2",
+                    help="samples per problem for the online (pseudo-label) estimate "
+                         "(default 8,16)")
+    ve.add_argument("--online-orders", type=positive_int, default=10,
+                    help="served orders for the online estimate (default 10)")
 
     ca = sub.add_parser("calibrate", help="pick a policy threshold on --fit pools for a "
                         "target agreement with sc:n=all; report it on --holdout pools")
@@ -154,7 +173,8 @@ def _sources(args: argparse.Namespace) -> list[Any]:
     verifier: Any = "auto"
     if args.simulated_verifier:
         verifier = SimulatedVerifier(correct=args.sim_correct, wrong=args.sim_wrong,
-                                     lam=args.sim_lambda, vmax=args.sim_vmax, seed=args.seed)
+                                     lam=args.sim_lambda, vmax=args.sim_vmax, seed=args.seed,
+                                     corr=args.sim_corr)
     return [ReplaySource(load_pool(p, limit=args.limit), seed=args.seed, verifier=verifier,
                          verify_tokens=args.verify_tokens) for p in args.pool]
 
@@ -173,7 +193,12 @@ def _print_replay_table(report: dict[str, Any], file: Any = None) -> None:
     head = (f"{'pool':28s} {'policy':24s} {'accuracy':>8s} {'95% CI':>15s} "
             f"{'tokens/prob':>12s} {'samples':>8s} {'latency s':>10s} engine")
     print(head, file=file)
+    shown: set[str] = set()
     for r in report["runs"]:
+        ver = r.get("verifier")
+        if r["pool"] not in shown and ver and ver != "no verifier":
+            shown.add(r["pool"])
+            print(f"# {r['pool']}: {ver.replace('simulated', 'SIMULATED', 1)}", file=file)
         lo, hi = r["accuracy_ci95"]
         print(f"{r['pool'][:28]:28s} {r['policy'][:24]:24s} {r['accuracy']:8.3f} "
               f"[{lo:.3f},{hi:.3f}] {r['tokens_per_problem']:12,.0f} "
@@ -226,7 +251,8 @@ def _compute_matched(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         v_draws=args.v_draws, bootstrap=args.bootstrap, seed=args.seed)
     t0 = time.perf_counter()
     results = []
-    for src in _sources(args):
+    sources = _sources(args)
+    for src in sources:
         res = compute_matched(src, cfg)
         results.append(res)
         if not args.quiet:
@@ -251,6 +277,44 @@ def _compute_matched(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_compute_matched(results, args.plot)
+    if args.profile_out:
+        from benchmarks.compute_matched import scaling_profile
+
+        prof = scaling_profile(sources, results)
+        args.profile_out.parent.mkdir(parents=True, exist_ok=True)
+        prof.save(args.profile_out)
+        if not args.quiet:
+            law = prof.scaling
+            assert law is not None
+            print(f"profile written to {args.profile_out}: S_opt = {law.s_coef:.3g} C^"
+                  f"{law.s_exp:.3g}, V_opt = {law.v_coef:.3g} C^{law.v_exp:.3g}, crossover "
+                  f"C={law.crossover}, verification pays: {law.verify_pays}")
+    return 0
+
+
+def _verifier(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from benchmarks.verifier import measure_verifier, report_text
+
+    t0 = time.perf_counter()
+    profile, report = measure_verifier(_sources(args), readings=args.readings,
+                                       online_sizes=args.online_sizes,
+                                       online_orders=args.online_orders)
+    report["command"] = _command_line(argv)
+    report["wall_s"] = round(time.perf_counter() - t0, 3)
+    text = report_text(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        profile.save(args.out)
+    if args.json:
+        _write_json(args.json, report)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(f"```\n{report['command']}\n```\n\n```\n{text}```\n",
+                                 encoding="utf-8")
+    if not args.quiet:
+        print(text, end="")
+        if args.out:
+            print(f"profile written to {args.out}")
     return 0
 
 
@@ -323,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _record(args)
     if args.command == "calibrate":
         return _calibrate(args, args_list)
+    if args.command == "verifier":
+        return _verifier(args, args_list)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -576,7 +576,9 @@ def sweep(sources: Sequence[ReplaySource], specs: Sequence[str], cfg: ReplayConf
     runs: list[dict[str, Any]] = []
     for src in sources:
         outcomes = replay_pool(src, specs, cfg, progress)
-        runs.extend(summarise(outcomes, cfg, extra={"verifier": src.verifier_label}))
+        runs.extend(summarise(outcomes, cfg, extra={
+            "verifier": src.verifier_label,
+            "simulated_verifier": src.verifier_label.startswith("simulated")}))
         src.forget_orders()
     return {
         "runs": runs,
