@@ -122,6 +122,45 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--online-orders", type=positive_int, default=10,
                     help="served orders for the online estimate (default 10)")
 
+    qs = sub.add_parser("quality-sweep", help="accuracy vs compute for SC, the GenRM grid, "
+                        "optimal and given policies, per SIMULATED verifier quality and lambda")
+    qs.add_argument("--pool", action="append", required=True, type=Path, metavar="FILE",
+                    help="pool scored (repeatable)")
+    qs.add_argument("--fit-pool", action="append", required=True, type=Path, metavar="FILE",
+                    help="pool optimal's scaling law is fitted on (repeatable; not a --pool)")
+    qs.add_argument("--quality", action="append", default=None, metavar="A,B/C,D",
+                    help="simulated P(Yes)|correct ~ Beta(A,B), P(Yes)|wrong ~ Beta(C,D) "
+                         "(repeatable; default 2.35,2/2,2.35 3,2/2,3 4,2/2,4: AUC 0.60, "
+                         "0.76, 0.90)")
+    qs.add_argument("--lams", type=float_list, default=(0.5, 1.0, 2.0), metavar="L1,L2",
+                    help="simulated lambdas (default 0.5,1,2)")
+    qs.add_argument("--policy", action="append", default=None, metavar="SPEC",
+                    help="policy replayed besides optimal (repeatable; default adaptive)")
+    qs.add_argument("--compute", type=float_list, default=(4, 8, 16, 32, 64, 128, 256),
+                    metavar="C1,C2", help="compute levels for optimal:c=C "
+                                         "(default 4,8,...,256)")
+    qs.add_argument("--sizes", type=int_list, default=(1, 2, 4, 8, 16, 32, 64),
+                    metavar="S1,S2", help="SC / GenRM solution counts (default 1..64)")
+    qs.add_argument("--verifications", type=int_list, default=(1, 2, 4, 8, 16),
+                    metavar="V1,V2", help="GenRM verifications (default 1,2,4,8,16)")
+    qs.add_argument("--sim-vmax", type=positive_int, default=16, metavar="V",
+                    help="simulated readings per sample (default 16)")
+    qs.add_argument("--v-draws", type=positive_int, default=4,
+                    help="Monte Carlo draws of V-subsets (default 4)")
+    qs.add_argument("--orders", type=positive_int, default=5,
+                    help="served orders per problem for replayed policies (default 5)")
+    qs.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    qs.add_argument("--limit", type=positive_int, default=None,
+                    help="only the first N problems of each pool")
+    qs.add_argument("--workers", type=positive_int, default=None,
+                    help="processes for the runtime engine (default: one per CPU)")
+    qs.add_argument("--profile-dir", type=Path, default=Path("quality-sweep-profiles"),
+                    help="where the fitted profiles (one per setting) are written")
+    qs.add_argument("--json", type=Path, default=None, metavar="OUT", help="write JSON here")
+    qs.add_argument("--markdown", type=Path, default=None, metavar="OUT.md",
+                    help="write Markdown tables")
+    qs.add_argument("--plot", type=Path, default=None, metavar="OUT.png", help="write a figure")
+
     ca = sub.add_parser("calibrate", help="pick a policy threshold on --fit pools for a "
                         "target agreement with sc:n=all; report it on --holdout pools")
     ca.add_argument("--fit", action="append", required=True, type=Path, metavar="FILE",
@@ -318,6 +357,37 @@ def _verifier(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _quality_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from benchmarks.compute_matched import CompareConfig
+    from benchmarks.pools import load_pool
+    from benchmarks.quality_sweep import Quality, plot_sweep, quality_sweep, sweep_markdown
+    from benchmarks.replay import ReplayConfig
+
+    qualities = [Quality.parse(q) for q in
+                 (args.quality or ["2.35,2/2,2.35", "3,2/2,3", "4,2/2,4"])]
+    cm = CompareConfig(sizes=args.sizes, verifications=args.verifications,
+                       v_draws=args.v_draws, bootstrap=1, seed=args.seed)
+    rc = ReplayConfig(orders=args.orders, seed=args.seed, workers=args.workers, bootstrap=200)
+    report = quality_sweep(
+        [load_pool(p, limit=args.limit) for p in args.pool],
+        [load_pool(p, limit=args.limit) for p in args.fit_pool], qualities, args.lams,
+        args.policy or ["adaptive"], args.compute, profile_dir=args.profile_dir, cm=cm,
+        replay=rc, vmax=args.sim_vmax, seed=args.seed,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    report["command"] = _command_line(argv)
+    text = sweep_markdown(report, report["command"])
+    if args.json:
+        _write_json(args.json, report)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text, encoding="utf-8")
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_sweep(report, args.plot)
+    print(text, end="")
+    return 0
+
+
 def _record(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -389,6 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _calibrate(args, args_list)
     if args.command == "verifier":
         return _verifier(args, args_list)
+    if args.command == "quality-sweep":
+        return _quality_sweep(args, args_list)
     parser.error(f"unknown command {args.command}")
     return 2
 

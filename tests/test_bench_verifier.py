@@ -201,3 +201,36 @@ def test_cli_verifier_compute_matched_profile_and_optimal_replay(tmp_path, capsy
     runs = json.loads(rj.read_text())["runs"]
     assert all("simulated" in r["verifier"] for r in runs)
     assert runs[1]["accuracy"] >= 0
+
+
+def test_quality_sweep_end_to_end_on_small_pools(tmp_path):
+    from benchmarks.quality_sweep import Quality, frontier, quality_sweep, sweep_markdown
+    from benchmarks.replay import ReplayConfig
+
+    def pool(name, shift):
+        return Pool(name, tuple(PoolProblem(Problem(f"p{i}", "q", "1"), tuple(
+            PoolSample(str((j + shift) % 3), (j + shift) % 3 == 0, 10 + j) for j in range(8)))
+            for i in range(6)))
+
+    cm = CompareConfig(sizes=(1, 2, 4, 8), verifications=(1, 2, 4), bootstrap=1, v_draws=2)
+    rep = quality_sweep([pool("a", 0)], [pool("b", 1)], [Quality.parse("4,2/2,4")], [1.0],
+                        ["sc:n=all"], [4, 16], profile_dir=tmp_path, cm=cm,
+                        replay=ReplayConfig(orders=2, workers=1, bootstrap=10), vmax=4)
+    (s,) = rep["settings"]
+    assert s["simulated_verifier"] and "simulated" in s["verifier"]
+    assert s["one_reading_auc"] == pytest.approx(0.897, abs=1e-3)
+    assert [r["policy"].split(",profile=")[0] for r in s["runs"]] == [
+        "sc:n=all", "optimal:c=4", "optimal:c=16"]
+    sc_all = s["runs"][0]
+    assert sc_all["compute"] == pytest.approx(8.0)  # 8 mean-length solutions
+    assert sc_all["best_fixed_at_compute"] == frontier(s["compute_matched"][0], 8.0)[0]
+    for r in s["runs"][1:]:
+        # within its nominal compute, up to which samples an order happened to draw
+        assert r["compute"] <= 1.1 * float(r["policy"].split("c=")[1].split(",")[0])
+    text = sweep_markdown(rep)
+    assert "SIMULATED" in text and "| `optimal:c=16` |" in text
+    with pytest.raises(ConfigError, match="overlap"):
+        quality_sweep([pool("a", 0)], [pool("a", 0)], [Quality.parse("4,2/2,4")], [1.0],
+                      [], [4], profile_dir=tmp_path, cm=cm, replay=ReplayConfig(orders=1))
+    with pytest.raises(ConfigError, match="A,B/C,D"):
+        Quality.parse("4,2")

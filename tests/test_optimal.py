@@ -108,3 +108,12 @@ def test_profiles_written_before_the_new_law_fields_still_load(tmp_path):
     full = profile(LAW)
     full.save(path)
     assert VerifierProfile.load(path) == full
+
+
+def test_replay_runs_optimal_as_the_plan_it_resolves_to(tmp_path):
+    from benchmarks.replay import FixedPlan, fixed_plan
+
+    path = tmp_path / "prof.json"
+    profile(LAW).save(path)
+    assert fixed_plan(f"optimal:c=64,profile={path}") == FixedPlan("genrm", 12, 3)
+    assert fixed_plan(f"optimal:c=4,profile={path}") == FixedPlan("sc", 4)
