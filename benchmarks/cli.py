@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--out", type=Path, default=None, metavar="PROFILE.json",
                     help="write the verifier profile (policies take it as profile=FILE)")
     ve.add_argument("--readings", type=positive_int, default=None, metavar="V",
-                    help="readings per solution used (default: all recorded, or --sim-vmax)")
+                    help="readings per solution used (default: all recorded; simulated: 4)")
     ve.add_argument("--online-sizes", type=int_list, default=(8, 16), metavar="S1,S2",
                     help="samples per problem for the online (pseudo-label) estimate "
                          "(default 8,16)")

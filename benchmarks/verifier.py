@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 BINS = 10
+#: readings per solution measured by default with a simulated verifier (a recorded pool:
+#: all it holds)
+SIMULATED_READINGS = 4
 
 
 def _vmax(src: ReplaySource, readings: int | None) -> int:
@@ -53,6 +56,8 @@ def _vmax(src: ReplaySource, readings: int | None) -> int:
     if cap == 0:
         raise ConfigError(f"pool {src.name} has no verifier readings; use a pool recorded "
                           "with verifications or --simulated-verifier")
+    if readings is None and isinstance(src.verifier, SimulatedVerifier):
+        readings = SIMULATED_READINGS
     return cap if readings is None else min(readings, cap)
 
 
@@ -178,6 +183,15 @@ def online_estimate(src: ReplaySource, sizes: Sequence[int] = (8, 16),
     return out
 
 
+def _first_reading_auc(rs: Sequence[tuple[Any, bool, float | None]]) -> float | None:
+    first: dict[Any, tuple[bool, float]] = {}
+    for sid, lab, p in rs:
+        if p is not None and sid not in first:
+            first[sid] = (lab, p)
+    return auc([p for lab, p in first.values() if lab], [p for lab, p in first.values()
+                                                         if not lab])
+
+
 def _mean_sd(values: Sequence[float]) -> dict[str, float | None]:
     if not values:
         return {"mean": None, "sd": None}
@@ -211,6 +225,7 @@ def measure_verifier(sources: Sequence[ReplaySource], *, readings: int | None = 
         entry = {"pool": src.name, "verifier": src.verifier_label,
                  "simulated_verifier": isinstance(src.verifier, SimulatedVerifier),
                  "readings_per_solution": v, "profile": prof.to_dict(),
+                 "auc_one_reading": _first_reading_auc(rs),
                  "correct": distribution([p for _, lab, p in rs if lab and p is not None]),
                  "wrong": distribution([p for _, lab, p in rs if not lab and p is not None]),
                  **_bon_vs_majority(src, v)}
@@ -254,8 +269,10 @@ def report_text(report: dict[str, Any]) -> str:
             f"  solutions: {prof['n_correct']} correct, {prof['n_wrong']} wrong; readings "
             f"{prof['n_readings']} (parse rate {prof['parse_rate']:.3f}, up to "
             f"{e['readings_per_solution']} per solution)")
+        one = e.get("auc_one_reading")
         lines.append(
-            f"  AUC {auc_s}; lambda {lam_s}; repeat ICC "
+            f"  AUC {auc_s} (mean of a solution's readings; one reading: "
+            f"{'n/a' if one is None else f'{one:.3f}'}); lambda {lam_s}; repeat ICC "
             f"{'n/a' if icc is None else f'{icc:.3f}'}; within-solution sd "
             f"{'n/a' if wsd is None else f'{wsd:.4f}'}")
         if "simulated_one_reading_auc" in e:
