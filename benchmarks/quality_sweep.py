@@ -8,7 +8,8 @@ one-reading AUC) and each λ, on the ``--pool`` files:
   overtakes SC) per pool;
 * ``optimal:c=C`` for each compute level, with its scaling law fitted on the
   ``--fit-pool`` files only (cross-validation: the law never sees the pools it is scored
-  on), replayed;
+  on); being a fixed allocation, its accuracy is the exact expectation of the SC or
+  GenRM(S, V) it resolves to (no order noise, and the same random tie-break as the grid);
 * the given ``--policy`` specs (e.g. ``adaptive``, ``verify-contested``, ``solverify``),
   replayed through the runtime with the same simulated readings.
 
@@ -29,11 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.compute_matched import CompareConfig, compute_matched, scaling_profile
+from benchmarks.compute_matched import (
+    CompareConfig,
+    compute_matched,
+    grid_success,
+    scaling_profile,
+)
 from benchmarks.pools import Pool
 from benchmarks.replay import ReplayConfig, sweep
 from benchmarks.source import ReplaySource, SimulatedVerifier
 from orchestrator.errors import ConfigError
+from policies.optimal import allocate
 
 __all__ = ["Quality", "frontier", "plot_sweep", "quality_sweep", "sweep_markdown"]
 
@@ -79,6 +86,12 @@ def _genrm_at(res: dict[str, Any], budget: float) -> float:
     return max(ok) if ok else math.nan
 
 
+def _exact_fixed(src: ReplaySource, s: int, v: int, cm: CompareConfig) -> float:
+    """Expected accuracy of SC(s) (v = 0) or GenRM(s, v) on one pool (exact estimators)."""
+    sc, genrm = grid_success(src, [s], [v] if v else [], cm.v_draws, cm.seed)
+    return float(sc[:, 0].mean() if v == 0 else genrm[:, 0, 0].mean())
+
+
 def _mean_solution_tokens(pool: Pool) -> float:
     a = pool.arrays
     return float(a.tokens[a.valid].mean())
@@ -117,13 +130,22 @@ def quality_sweep(pools: Sequence[Pool], fit_pools: Sequence[Pool],
             prof.save(ppath)
             sources = [src(p) for p in pools]
             cms = [compute_matched(s, cm) for s in sources]
-            specs = list(policies) + [f"optimal:c={c:g},profile={ppath}" for c in computes]
-            if progress:
-                progress(f"{sv.label}: replay {len(specs)} policies")
-            rep = sweep(sources, specs, replay)
-            sol = {p.name: _mean_solution_tokens(p) for p in pools}
             by_pool = {r["pool"]: r for r in cms}
             runs = []
+            for c in computes:  # a fixed allocation: its expected accuracy, exactly
+                s_opt, v_opt = allocate(prof, c)
+                cost = s_opt * (1 + lam * v_opt)
+                spec = f"optimal:c={c:g}"
+                for sname, srcx in zip([p.name for p in pools], sources, strict=True):
+                    best, what = frontier(by_pool[sname], cost)
+                    runs.append({"pool": sname, "policy": spec, "allocation": [s_opt, v_opt],
+                                 "accuracy": _exact_fixed(srcx, s_opt, v_opt, cm),
+                                 "compute": cost, "engine": "exact", "verifier": sv.label,
+                                 "best_fixed_at_compute": best, "best_fixed_config": what})
+            if progress:
+                progress(f"{sv.label}: replay {len(policies)} policies")
+            rep = sweep(sources, list(policies), replay) if policies else {"runs": []}
+            sol = {p.name: _mean_solution_tokens(p) for p in pools}
             for r in rep["runs"]:
                 c_units = r["tokens_per_problem"] / sol[r["pool"]]
                 best, what = frontier(by_pool[r["pool"]], c_units)
@@ -166,7 +188,11 @@ def _aggregate(setting: dict[str, Any]) -> list[dict[str, Any]]:
         rows.setdefault(r["policy"], []).append(r)
     out = []
     for spec, rs in rows.items():
-        out.append({"policy": _policy_label(spec),
+        alloc = rs[0].get("allocation")
+        label = _policy_label(spec)
+        if alloc:
+            label += f" (S={alloc[0]}, V={alloc[1]})"
+        out.append({"policy": label,
                     "compute": float(np.mean([r["compute"] for r in rs])),
                     "accuracy": float(np.mean([r["accuracy"] for r in rs])),
                     "best_fixed": float(np.mean([r["best_fixed_at_compute"] for r in rs]))})
