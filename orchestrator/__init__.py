@@ -19,13 +19,18 @@ from orchestrator.errors import (
 from orchestrator.events import JsonlTraceSink, StructlogSink
 from orchestrator.history import ProblemRecord, RunHistory
 from orchestrator.problems import load_problems
+from orchestrator.protocols import Policy
+from orchestrator.protocols import Task as TaskProtocol
 from orchestrator.runtime import Limiter, SolveResult, run_batch, solve
-from orchestrator.snapshot import ProblemSnapshot
+from orchestrator.snapshot import AnswerStats, Blocked, BudgetLeft, ProblemSnapshot
 from orchestrator.types import Budget, Problem, Solution, Usage, Verification
 
 __all__ = [
+    "AnswerStats",
     "BackendError",
+    "Blocked",
     "Budget",
+    "BudgetLeft",
     "ConfigError",
     "DataError",
     "Decision",
@@ -33,6 +38,7 @@ __all__ = [
     "JsonlTraceSink",
     "Limiter",
     "ModelNotFound",
+    "Policy",
     "PolicyError",
     "Problem",
     "ProblemRecord",
@@ -47,6 +53,7 @@ __all__ = [
     "Stop",
     "StreamBroken",
     "StructlogSink",
+    "TaskProtocol",
     "Usage",
     "Verification",
     "Verify",

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.cliargs import positive_float, positive_int
+from orchestrator.cliargs import non_negative_float, positive_float, positive_int
 from orchestrator.errors import ConfigError, SolverifyError
 from orchestrator.types import Budget
 
@@ -49,6 +49,25 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
                    help="max completion tokens per solution (task default otherwise)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature for solutions (task default otherwise)")
+    p.add_argument("--verify-max-tokens", type=positive_int, default=None,
+                   help="max completion tokens per verification, what each one reserves of "
+                        "a token budget (task default otherwise)")
+    p.add_argument("--verify-temperature", type=non_negative_float, default=None,
+                   help="sampling temperature for verifications (default: --temperature's)")
+    p.add_argument("--verify-prompt", type=Path, default=None, metavar="FILE",
+                   help="verification prompt template: a text file with {problem} and "
+                        "{solution}, ending with the Yes/No question")
+
+
+def add_verifier_args(p: argparse.ArgumentParser) -> None:
+    """The verifier as another model and/or endpoint (default: the solver's)."""
+    p.add_argument("--verifier-base-url", default=None,
+                   help="endpoint serving verifications (default: --base-url)")
+    p.add_argument("--verifier-model", default=None,
+                   help="model judging solutions (default: --model)")
+    p.add_argument("--verifier-api-key-env", default=None, metavar="VAR",
+                   help="environment variable holding the verifier's API key "
+                        "(default: --api-key-env's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--texts", action="store_true", help="include solution texts in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_task_args(run)
+    add_verifier_args(run)
 
     sub.add_parser("demo", help="live demo: adaptive vs fixed policies on the bundled CPU "
                    "model (or --base-url/--model)", add_help=False)
@@ -104,6 +124,7 @@ def make_task(problems, args):
         overrides["max_tokens"] = args.max_tokens
     if args.temperature is not None:
         overrides["temperature"] = args.temperature
+    overrides.update(verify_overrides(args))
     if args.endpoint is not None and task.endpoint != args.endpoint:
         if not isinstance(task.grader, MathGrader):
             raise ConfigError("text-answer problems (with 'aliases') use the completions "
@@ -114,6 +135,40 @@ def make_task(problems, args):
 
         task = dataclasses.replace(task, **overrides)
     return task
+
+
+def verify_overrides(args) -> dict:
+    """Task fields set by --verify-max-tokens, --verify-temperature, --verify-prompt."""
+    out: dict = {}
+    if getattr(args, "verify_max_tokens", None) is not None:
+        out["verify_max_tokens"] = args.verify_max_tokens
+    if getattr(args, "verify_temperature", None) is not None:
+        out["verify_temperature"] = args.verify_temperature
+    path = getattr(args, "verify_prompt", None)
+    if path is not None:
+        try:
+            out["verify_template"] = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--verify-prompt {path}: {exc.strerror or exc}") from None
+    return out
+
+
+def verifier_backend(args, api_key: str):
+    """An OpenAIBackend for --verifier-base-url/--verifier-model, or None when neither is
+    given (verifications then go to the solver's endpoint)."""
+    if args.verifier_base_url is None and args.verifier_model is None:
+        return None
+    from orchestrator.backends.openai_compat import OpenAIBackend
+
+    if args.verifier_api_key_env is not None:
+        key = os.environ.get(args.verifier_api_key_env)
+        if not key:
+            raise ConfigError(f"--verifier-api-key-env {args.verifier_api_key_env}: that "
+                              "environment variable is not set or empty")
+        api_key = key
+    return OpenAIBackend(base_url=args.verifier_base_url or args.base_url,
+                         model=args.verifier_model or args.model, api_key=api_key,
+                         timeout=args.timeout)
 
 
 def api_key_from(args) -> str:
@@ -181,7 +236,8 @@ def print_summary(summary: dict, policy: str, out: Path, file=sys.stdout) -> Non
         + (f"  ({cached} served from the prefix cache)" if cached is not None else ""),
         f"requests          {summary['requests']}"
         f"  (cancelled samples {summary['cancelled_samples']}, failed {summary['failed_samples']})",
-        "lambda (measured) " + (f"{lam:.3f}" if lam is not None else "n/a (no verifications)"),
+        "lambda (measured) " + (f"{lam:.3f}" if lam is not None else "n/a (no verifications)")
+        + (f"  (verifier {summary['verifier']})" if summary.get("verifier") else ""),
         f"wall time         {summary['wall_s']:.1f} s",
         f"results           {out}",
     ]
@@ -199,7 +255,12 @@ async def _run(args) -> int:
     problems = load_problems(args.problems, limit=args.limit)
     task = make_task(problems, args)
     budget = Budget(tokens=args.budget_tokens, requests=args.budget_requests)
-    backend = OpenAIBackend(base_url=args.base_url, model=args.model, api_key=api_key_from(args),
+    from orchestrator.runtime import check_budget_fits
+
+    check_budget_fits(policy, budget, task, problems[0], args.run_budget_tokens)  # no request yet
+    api_key = api_key_from(args)
+    verifier = verifier_backend(args, api_key)
+    backend = OpenAIBackend(base_url=args.base_url, model=args.model, api_key=api_key,
                             timeout=args.timeout)
     sinks = []
     trace = JsonlTraceSink(args.trace) if args.trace else None
@@ -211,6 +272,11 @@ async def _run(args) -> int:
         caps = await backend.probe(task.endpoint)  # a real tiny request: ModelNotFound etc.
         print(f"endpoint {args.base_url} model {args.model}: " + ", ".join(caps.describe()),
               file=sys.stderr)
+        if verifier is not None:  # probed like the solver's: unreachable/unknown model fail here
+            await verifier.list_models()
+            vcaps = await verifier.probe(task.endpoint)
+            print(f"verifier {verifier.base_url} model {verifier.model}: "
+                  + ", ".join(vcaps.describe()), file=sys.stderr)
         if not args.no_progress:
             from tqdm import tqdm
 
@@ -237,12 +303,14 @@ async def _run(args) -> int:
             results = await run_batch(problems, policy, budget, backend, task=task,
                                       concurrency=args.concurrency, rate=args.rate,
                                       sinks=sinks, on_result=on_result,
-                                      run_tokens=args.run_budget_tokens)
+                                      run_tokens=args.run_budget_tokens, verifier=verifier)
         if progress is not None:
             progress.close()
             progress = None
         summary = summarise(results, time.monotonic() - started)
         summary["capabilities"] = list(caps.describe())
+        if verifier is not None:
+            summary["verifier"] = f"{verifier.model} at {verifier.base_url}"
         print_summary(summary, policy.spec, args.out)
         return 0
     finally:
@@ -251,6 +319,8 @@ async def _run(args) -> int:
         if trace is not None:
             trace.close()
         await backend.aclose()
+        if verifier is not None:
+            await verifier.aclose()
 
 
 def _print_policies() -> int:

@@ -35,6 +35,9 @@ class ProblemRecord:
     readings: tuple[tuple[str | None, float], ...]
     solution_tokens: int
     verification_tokens: int
+    #: for each entry of ``readings``: the completion index of the verified solution
+    #: (its position in ``keys``), so repeated readings of one solution can be grouped
+    reading_solutions: tuple[int, ...] = ()
 
     @property
     def votes(self) -> dict[str, int]:

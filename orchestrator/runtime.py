@@ -84,8 +84,9 @@ from orchestrator.events import (
     VerificationFinished,
 )
 from orchestrator.history import ProblemRecord, RunHistory
-from orchestrator.ledger import ProblemLedger, RequestRecord, RunBudget
-from orchestrator.snapshot import BudgetLeft, InFlight, ProblemSnapshot
+from orchestrator.ledger import DEFAULT_LAMBDA, ProblemLedger, RequestRecord, RunBudget
+from orchestrator.protocols import Policy, Task, policy_verifies
+from orchestrator.snapshot import Blocked, BudgetCap, BudgetLeft, InFlight, ProblemSnapshot
 from orchestrator.types import (
     UNLIMITED,
     Budget,
@@ -239,6 +240,7 @@ class _Request:
     started_at: float
     solution: Solution | None = None
     task: asyncio.Task | None = None
+    backend: Backend | None = None  # who serves it: the solver's or the verifier's
     sent: bool = False  # holds a concurrency slot: the request may be on the server
     cut: bool = False  # the problem stopped: read to the end of the next burst, then close
 
@@ -254,15 +256,16 @@ class _ProblemRun:
     def __init__(
         self,
         problem: Problem,
-        policy,
+        policy: Policy,
         budget: Budget,
         backend: Backend,
-        task,
+        task: Task,
         limiter: Limiter,
         sinks: Sequence[Sink],
         max_n: int,
         run_budget: RunBudget | None = None,
         history: RunHistory | None = None,
+        verifier: Backend | None = None,
     ) -> None:
         self.problem = problem
         self.history = history
@@ -285,7 +288,9 @@ class _ProblemRun:
         self._t0 = self._loop.time()
         self.fatal: BackendError | None = None
         self._sample_max_tokens = task.solve_request(problem, 1).max_tokens
+        self._verify_max_tokens = _verify_reservation(task)
         self.run_budget = run_budget
+        self.verifier = verifier
 
     # ---- clock & events --------------------------------------------------------------
     def now(self) -> float:
@@ -296,7 +301,7 @@ class _ProblemRun:
             sink(event)
 
     # ---- snapshot --------------------------------------------------------------------
-    def snapshot(self) -> ProblemSnapshot:
+    def snapshot(self, blocked: Blocked | None = None) -> ProblemSnapshot:
         in_flight_samples = 0
         sample_tokens: list[int] = []
         verifying: dict[int, int] = {}
@@ -327,11 +332,30 @@ class _ProblemRun:
             requests_launched=self.ledger.requests,
             usage=self.ledger.usage,
             budget=self.budget,
-            budget_left=BudgetLeft(tokens, requests, units, self._sample_max_tokens),
+            budget_left=BudgetLeft(tokens, requests, units, self._sample_max_tokens,
+                                   self._verify_max_tokens, self._verify_units()),
             elapsed=self.now(),
             lam=self.ledger.lam,
             history=self.history.records if self.history is not None else (),
+            blocked=blocked,
         )
+
+    def _verify_units(self) -> float:
+        lam = self.ledger.lam
+        return DEFAULT_LAMBDA if lam is None else lam
+
+    def _refusing_cap(self, kind: RequestKind) -> BudgetCap:
+        """The cap that keeps one more request of ``kind`` from launching now."""
+        max_tokens = self._sample_max_tokens if kind == "solve" else self._verify_max_tokens
+        tokens, requests, units = self.ledger.left(self.budget, self._reserved())
+        if requests is not None and requests < 1:
+            return "requests"
+        if tokens is not None and tokens < max_tokens:
+            return "tokens"
+        per = 1.0 if kind == "solve" else self._verify_units()
+        if units is not None and units + 1e-9 < per:
+            return "cost_units"
+        return "run_tokens" if self.run_budget is not None else "tokens"
 
     # ---- launching -------------------------------------------------------------------
     def _run_room_may_grow(self) -> bool:
@@ -367,6 +391,10 @@ class _ProblemRun:
         if fits < n:
             n = fits
             request = dataclasses.replace(request, n=n)
+        if request.affinity is None:  # all of a problem's requests belong on one replica
+            request = dataclasses.replace(
+                request, affinity=self.problem.id,
+                verifies=solution.id if solution is not None else None)
         rid = self._next_request
         self._next_request += 1
         choices = []
@@ -374,7 +402,9 @@ class _ProblemRun:
             choices.append(_Choice(self._next_sample))
             self._next_sample += 1
         record = self.ledger.open(rid, kind, n)
-        req = _Request(rid, kind, request, record, choices, self.now(), solution)
+        backend = self.verifier if kind == "verify" and self.verifier is not None \
+            else self.backend
+        req = _Request(rid, kind, request, record, choices, self.now(), solution, backend=backend)
         self.open[rid] = req
         if self.sinks:  # events are built only when someone listens (replays run many)
             self.emit(RequestStarted(self.problem.id, req.started_at, rid, kind, n,
@@ -383,9 +413,11 @@ class _ProblemRun:
         return n
 
     def _carry_out(self, tg: asyncio.TaskGroup, decisions: Sequence[Decision]) -> tuple[
-            Stop | None, bool, bool]:
-        """Launch what the decisions ask for. Returns (stop, launched_any, blocked_by_budget)."""
-        launched = blocked = False
+            Stop | None, bool, list[RequestKind]]:
+        """Launch what the decisions ask for. Returns (stop, launched_any, the kinds the
+        budget refused, in the order asked)."""
+        launched = False
+        blocked: list[RequestKind] = []
         for d in decisions:
             if isinstance(d, Stop):
                 return d, launched, blocked
@@ -400,7 +432,8 @@ class _ProblemRun:
             while remaining > 0:
                 started = self._launch(tg, kind, min(remaining, self.max_n), solution)
                 if started == 0:
-                    blocked = True
+                    if kind not in blocked:
+                        blocked.append(kind)
                     break
                 launched = True
                 remaining -= started
@@ -413,7 +446,7 @@ class _ProblemRun:
         try:
             async with self.limiter.slot():
                 req.sent = True
-                async with self.backend.stream(req.request) as stream:
+                async with (req.backend or self.backend).stream(req.request) as stream:
                     events = aiter(stream)
                     async for event in events:
                         if req.cut:
@@ -601,49 +634,71 @@ class _ProblemRun:
     async def _cut_in_flight(self) -> None:
         """The settled cut of everything in flight (module docstring); what is left after
         the backend's ``cut_grace`` is cancelled by the caller."""
-        grace = getattr(self.backend, "cut_grace", 0.0) or 0.0
-        if grace <= 0 or not self.open:
+        if not self.open:
             return
+        grace = 0.0
         waiting = []
         for req in list(self.open.values()):
+            mine = getattr(req.backend or self.backend, "cut_grace", 0.0) or 0.0
+            if mine <= 0:
+                continue  # cancelled by the caller at once
             req.cut = True
             if req.task is None:
                 continue
             if req.sent:
                 waiting.append(req.task)
+                grace = max(grace, mine)
             else:
                 req.task.cancel()  # never reached the server: nothing to settle
         if waiting:
             await asyncio.wait(waiting, timeout=grace)
 
     async def _loop_until_stop(self, tg: asyncio.TaskGroup) -> tuple[Stop, str | None]:
+        """Ask the policy, launch what it wants, wait for a change; until it stops. Only a
+        fatal backend error ends the problem without the policy: when the budget refuses
+        work and nothing is in flight, the policy is asked once more with
+        ``snapshot.blocked`` set (orchestrator.protocols) and must stop or ask for work
+        that fits."""
+        note: Blocked | None = None
         while True:
             self._changed.clear()
             if self.fatal is not None:
                 fallback = _majority_stop(self.solutions, "ended on a backend error", "error")
                 return fallback, f"{type(self.fatal).__name__}: {self.fatal}"
-            snap = self.snapshot()
+            snap = self.snapshot(note)
             decisions = tuple(self.policy.decide(snap))
-            stop, launched, blocked = self._carry_out(tg, decisions)
+            stop, launched, refused = self._carry_out(tg, decisions)
             if decisions:
                 if self.sinks:
                     self.emit(DecisionMade(self.problem.id, self.now(), decisions,
                                            len(self.solutions), len(self.open)))
             if stop is not None:
                 return stop, None
-            if not self.open:
-                if (blocked or snap.budget_left.exhausted) and self._run_room_may_grow():
+            if self.open:
+                note = None
+                await self._changed.wait()
+                continue
+            if refused or snap.budget_left.exhausted:
+                if self._run_room_may_grow():
+                    note = None
                     await self._changed.wait()  # another problem may free shared budget
                     continue
-                if blocked or snap.budget_left.exhausted:
-                    return _majority_stop(self.solutions, "budget exhausted", "budget"), None
-                if not launched:
+                if note is not None:
+                    asked = (f"asked again for {' and '.join(refused)} work" if refused
+                             else "returned no work and no Stop")
                     raise PolicyError(
-                        f"policy {policy_name(self.policy)} returned no work and no Stop "
-                        "with nothing in flight"
-                    )
+                        f"policy {policy_name(self.policy)} {asked} after being told that "
+                        f"{note.reason}, with nothing in flight; it must stop "
+                        "(Stop(..., code='budget')) or ask for work that fits")
+                note = Blocked(tuple(refused), self._refusing_cap(refused[0] if refused
+                                                                   else "solve"))
                 continue
-            await self._changed.wait()
+            if not launched:
+                raise PolicyError(
+                    f"policy {policy_name(self.policy)} returned no work and no Stop "
+                    "with nothing in flight"
+                )
+            note = None
 
     def _result(self, stop: Stop, error: str | None, name: str) -> SolveResult:
         correct = None
@@ -665,12 +720,15 @@ class _ProblemRun:
         )
         if self.history is not None:
             by_id = {s.id: s.key for s in self.solutions}
+            index_of = {s.id: s.index for s in self.solutions}
             self.history.add(ProblemRecord(
                 problem_id=self.problem.id, stop_code=stop.code, answer_key=stop.key,
                 keys=tuple(s.key for s in self.solutions),
                 lengths=tuple(s.completion_tokens for s in self.solutions),
                 readings=tuple((by_id.get(v.solution_id), v.p_yes) for v in self.verifications
                                if v.p_yes is not None),
+                reading_solutions=tuple(index_of[v.solution_id] for v in self.verifications
+                                        if v.p_yes is not None),
                 solution_tokens=result.solution_tokens,
                 verification_tokens=result.verification_tokens,
             ))
@@ -703,7 +761,8 @@ async def _wait_out(task: asyncio.Task) -> None:
 
 
 def _majority_stop(solutions: Iterable[Solution], why: str, code: StopCode) -> Stop:
-    """Fallback answer when the runtime (not the policy) ends a problem."""
+    """Fallback answer when the runtime (not the policy) ends a problem: only on a fatal
+    backend error (the budget never ends a problem on the policy's behalf)."""
     counts: dict[str, list] = {}
     for s in solutions:
         if s.key is not None:
@@ -712,6 +771,35 @@ def _majority_stop(solutions: Iterable[Solution], why: str, code: StopCode) -> S
         return Stop(None, f"{why}; no answer", code=code)
     key, (answer, votes, _) = min(counts.items(), key=lambda kv: (-kv[1][1], kv[1][2]))
     return Stop(answer, f"{why}; majority of {votes} vote(s)", key, code)
+
+
+def _verify_reservation(task: Task) -> int:
+    """Tokens one verification request reserves (``task.verify_max_tokens``; 1 when the
+    task does not say, see :class:`orchestrator.protocols.Task`)."""
+    value = getattr(task, "verify_max_tokens", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+
+
+def check_budget_fits(policy: Policy, budget: Budget, task: Task, problem: Problem,
+                      run_tokens: int | None = None) -> None:
+    """A ``ConfigError`` when a token cap cannot hold even one request of a kind the
+    policy needs: one solution sample (every policy), one verification (a policy that
+    declares ``verifies``). Checked before any request is sent."""
+    sample = task.solve_request(problem, 1).max_tokens
+    verify = _verify_reservation(task) if policy_verifies(policy) else None
+    for what, cap, flag in (("token budget", budget.tokens, "--budget-tokens"),
+                            ("run token budget", run_tokens, "--run-budget-tokens")):
+        if cap is None:
+            continue
+        if cap < sample:
+            raise ConfigError(
+                f"a {what} of {cap} completion tokens cannot hold one solution request "
+                f"(it reserves max_tokens={sample}); raise {flag} or lower --max-tokens")
+        if verify is not None and cap < verify:
+            raise ConfigError(
+                f"policy {policy_name(policy)} verifies, and a {what} of {cap} completion "
+                f"tokens cannot hold one verification request (it reserves "
+                f"verify_max_tokens={verify}); raise {flag} or lower --verify-max-tokens")
 
 
 def as_problem(problem: Problem | str) -> Problem:
@@ -726,16 +814,17 @@ def as_problem(problem: Problem | str) -> Problem:
 
 async def solve(
     problem: Problem | str,
-    policy,
+    policy: Policy,
     budget: Budget | None = None,
     backend: Backend | None = None,
     *,
-    task=None,
+    task: Task | None = None,
     limiter: Limiter | None = None,
     sinks: Sequence[Sink] = (),
     max_n: int = DEFAULT_MAX_N,
     run_budget: RunBudget | None = None,
     history: RunHistory | None = None,
+    verifier: Backend | None = None,
 ) -> SolveResult:
     """Answer one problem under ``policy`` within ``budget`` using ``backend``.
 
@@ -745,7 +834,12 @@ async def solve(
     keep every result; a policy bug raises :class:`PolicyError`. ``history`` (a
     :class:`~orchestrator.history.RunHistory`) is what earlier problems of the same run
     looked like: the snapshot shows it to the policy, and this problem is added to it
-    when it finishes.
+    when it finishes. ``verifier`` serves the verification requests (another model or
+    endpoint; default: ``backend``); the measured λ (``result.lam``) is then the
+    verifier's tokens per verification over the solver's per solution.
+
+    A token cap that cannot hold one solution request (or one verification, for a
+    policy that ``verifies``) is a ``ConfigError`` before any request is sent.
     """
     if backend is None:
         raise ConfigError("solve() needs a backend (e.g. OpenAIBackend(base_url=..., model=...))")
@@ -758,18 +852,21 @@ async def solve(
         from orchestrator.tasks import task_for
 
         task = task_for([prob])
-    run = _ProblemRun(prob, policy, budget or UNLIMITED, backend, task,
-                      limiter or Limiter(), sinks, max_n, run_budget, history)
+    budget = budget or UNLIMITED
+    check_budget_fits(policy, budget, task, prob,
+                      run_budget.tokens if run_budget is not None else None)
+    run = _ProblemRun(prob, policy, budget, backend, task,
+                      limiter or Limiter(), sinks, max_n, run_budget, history, verifier)
     return await run.run()
 
 
 async def run_batch(
     problems: Sequence[Problem],
-    policy,
+    policy: Policy,
     budget: Budget | None = None,
     backend: Backend | None = None,
     *,
-    task=None,
+    task: Task | None = None,
     concurrency: int | None = 32,
     rate: float | None = None,
     problems_in_flight: int | None = None,
@@ -777,6 +874,7 @@ async def run_batch(
     on_result: Callable[[SolveResult], None] | None = None,
     max_n: int = DEFAULT_MAX_N,
     run_tokens: int | None = None,
+    verifier: Backend | None = None,
 ) -> list[SolveResult]:
     """Run many problems concurrently; results come back in input order.
 
@@ -786,6 +884,8 @@ async def run_batch(
     they come, so none are lost if the run is interrupted). A problem that ends on a
     fatal backend error is returned with ``error`` set; it does not stop the others.
     The problems share one :class:`~orchestrator.history.RunHistory` (``snapshot.history``).
+    ``verifier``: as in :func:`solve`. Budgets too small for one request: a
+    ``ConfigError`` before any problem starts.
     """
     if not problems:
         raise ConfigError("run_batch() got no problems")
@@ -793,6 +893,7 @@ async def run_batch(
         from orchestrator.tasks import task_for
 
         task = task_for(problems)
+    check_budget_fits(policy, budget or UNLIMITED, task, problems[0], run_tokens)
     limiter = Limiter(concurrency, rate)
     shared = RunBudget(run_tokens) if run_tokens is not None else None
     history = RunHistory()
@@ -803,7 +904,7 @@ async def run_batch(
         async with gate:
             result = await solve(prob, policy, budget, backend, task=task, limiter=limiter,
                                  sinks=sinks, max_n=max_n, run_budget=shared,
-                                 history=history)
+                                 history=history, verifier=verifier)
         results[i] = result
         if on_result is not None:
             on_result(result)
@@ -814,4 +915,5 @@ async def run_batch(
     return [r for r in results if r is not None]
 
 
-__all__ = ["Limiter", "SolveResult", "SolverifyError", "run_batch", "solve"]
+__all__ = ["Limiter", "SolveResult", "SolverifyError", "check_budget_fits", "run_batch",
+           "solve"]

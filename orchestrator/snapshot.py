@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from orchestrator.history import ProblemRecord
 from orchestrator.types import (
     Budget,
     FailedSample,
     Problem,
+    RequestKind,
     Solution,
     Usage,
     Verification,
 )
+
+#: the cap that refused work: the problem's token, request or cost-unit cap, or the
+#: run-level token cap shared by a batch
+BudgetCap = Literal["tokens", "requests", "cost_units", "run_tokens"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +56,20 @@ class InFlight:
 class BudgetLeft:
     """Room left under each cap (``None`` = uncapped).
 
-    ``tokens`` is the completion-token room not yet promised to work in flight;
-    ``sample_tokens`` is what one more solution sample needs (its ``max_tokens``).
+    ``tokens`` is the completion-token room not yet promised to work in flight (the
+    run-level room included); ``sample_tokens`` is what one more solution sample reserves
+    (its ``max_tokens``), ``verify_tokens`` what one more verification reserves;
+    ``verify_units`` the cost units one verification counts (λ as measured, 1 before).
+    ``can_sample`` / ``can_verify`` say whether one more of each fits right now, by the
+    same rule the runtime applies at launch.
     """
 
     tokens: int | None
     requests: int | None
     cost_units: float | None
     sample_tokens: int = 1
+    verify_tokens: int = 1
+    verify_units: float = 1.0
 
     @property
     def exhausted(self) -> bool:
@@ -67,6 +79,82 @@ class BudgetLeft:
             or (self.requests is not None and self.requests < 1)
             or (self.cost_units is not None and self.cost_units < 1 - 1e-9)
         )
+
+    @property
+    def can_sample(self) -> bool:
+        """One more solution sample fits now (``not exhausted``)."""
+        return not self.exhausted
+
+    @property
+    def can_verify(self) -> bool:
+        """One more verification fits now."""
+        return not (
+            (self.tokens is not None and self.tokens < self.verify_tokens)
+            or (self.requests is not None and self.requests < 1)
+            or (self.cost_units is not None and self.cost_units < self.verify_units - 1e-9)
+        )
+
+    def fits(self, kind: RequestKind) -> bool:
+        return self.can_sample if kind == "solve" else self.can_verify
+
+
+@dataclass(frozen=True, slots=True)
+class Blocked:
+    """Why the runtime asks again: nothing is in flight and the budget refused work.
+
+    ``kinds`` are the kinds of work the policy asked for that did not fit (empty when it
+    asked for nothing while not even one more sample fits); ``cap`` is the cap that
+    refused the first of them (for an empty ``kinds``: a sample).
+    """
+
+    kinds: tuple[RequestKind, ...]
+    cap: BudgetCap
+
+    @property
+    def reason(self) -> str:
+        what = " and ".join("solution samples" if k == "solve" else "verifications"
+                            for k in self.kinds) or "more samples"
+        return f"the {self.cap.replace('_', ' ')} budget cannot hold {what}"
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerStats:
+    """One canonical answer with its votes and its verifier evidence.
+
+    ``solutions`` in completion order; ``readings`` one entry per solution of this answer:
+    (solution id, the parsed P(Yes) of its finished verifications, in finishing order);
+    ``verified`` finished verifications (parsed or not), ``verifying`` those in flight,
+    ``failed_verifications`` those that broke or were cancelled; ``representative`` the
+    solution to verify next: the one with the fewest verifications requested (finished,
+    in flight or broken), the earliest on a tie.
+    """
+
+    key: str
+    answer: str
+    votes: int
+    first_index: int
+    solutions: tuple[Solution, ...]
+    readings: tuple[tuple[int, tuple[float, ...]], ...]
+    verified: int
+    verifying: int
+    failed_verifications: int
+    representative: Solution
+
+    @property
+    def scores(self) -> tuple[float, ...]:
+        """Every parsed P(Yes) of this answer's solutions."""
+        return tuple(p for _, ps in self.readings for p in ps)
+
+    @property
+    def mean_score(self) -> float | None:
+        ps = self.scores
+        return sum(ps) / len(ps) if ps else None
+
+    def readings_of(self, solution_id: int) -> tuple[float, ...]:
+        for sid, ps in self.readings:
+            if sid == solution_id:
+                return ps
+        return ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +182,10 @@ class ProblemSnapshot:
     lam: float | None = None
     #: problems of this run already finished, in finishing order (orchestrator.history)
     history: tuple[ProblemRecord, ...] = ()
+    #: set when the runtime asks again because the budget refused work and nothing is in
+    #: flight (see :mod:`orchestrator.protocols`): the policy must stop or ask for work
+    #: that fits
+    blocked: Blocked | None = None
 
     # ---- derived views (cheap; computed on demand) ----------------------------------
     @property
@@ -137,3 +229,41 @@ class ProblemSnapshot:
             1 for f in self.failed if f.kind == "verify" and f.solution_id == solution_id
         )
         return done + broken + self.in_flight.verifying(solution_id)
+
+    def answers(self) -> tuple[AnswerStats, ...]:
+        """Per canonical answer: votes, verifier readings, verifications done and in
+        flight, and the representative solution to verify next; ordered like
+        :meth:`votes` (most votes first, ties: earliest first vote)."""
+        by_key: dict[str, list[Solution]] = {}
+        for s in self.solutions:
+            if s.key is not None:
+                by_key.setdefault(s.key, []).append(s)
+        if not by_key:
+            return ()
+        parsed: dict[int, list[float]] = {}
+        done: dict[int, int] = {}
+        for v in self.verifications:
+            done[v.solution_id] = done.get(v.solution_id, 0) + 1
+            if v.p_yes is not None:
+                parsed.setdefault(v.solution_id, []).append(v.p_yes)
+        broken: dict[int, int] = {}
+        for f in self.failed:
+            if f.kind == "verify" and f.solution_id is not None:
+                broken[f.solution_id] = broken.get(f.solution_id, 0) + 1
+        flying = dict(self.in_flight.verifications)
+        out = []
+        for key, sols in by_key.items():
+            requested = [done.get(s.id, 0) + broken.get(s.id, 0) + flying.get(s.id, 0)
+                         for s in sols]
+            rep = sols[min(range(len(sols)), key=lambda i: (requested[i], i))]
+            out.append(AnswerStats(
+                key=key, answer=sols[0].answer or key, votes=len(sols),
+                first_index=sols[0].index, solutions=tuple(sols),
+                readings=tuple((s.id, tuple(parsed.get(s.id, ()))) for s in sols),
+                verified=sum(done.get(s.id, 0) for s in sols),
+                verifying=sum(flying.get(s.id, 0) for s in sols),
+                failed_verifications=sum(broken.get(s.id, 0) for s in sols),
+                representative=rep,
+            ))
+        out.sort(key=lambda a: (-a.votes, a.first_index))
+        return tuple(out)

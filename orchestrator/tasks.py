@@ -120,6 +120,11 @@ class Task:
     :func:`~orchestrator.verification.verification_prompt` with ``verify_examples``. The
     verifier is shown the solution's full text (``verify_shows="text"``) or only its
     extracted answer (``"answer"``). ``verify_temperature=None`` means ``temperature``.
+    ``verify_template`` replaces the built-in verification prompt: its ``{problem}`` and
+    ``{solution}`` are replaced by the problem and what the verifier is shown (the
+    completions prompt, or the chat user message after ``verify_system``); end it with
+    the question the verdict answers (e.g. ``Is the answer correct (Yes/No)?``).
+    ``verify_max_tokens`` is what every verification request reserves of a token budget.
     """
 
     grader: Grader
@@ -143,6 +148,7 @@ class Task:
     verify_system: str | None = DEFAULT_VERIFIER_SYSTEM
     verify_instruction: str | None = None
     verify_solution_label: str = "Proposed solution"
+    verify_template: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.grader, Grader):
@@ -180,6 +186,12 @@ class Task:
                 "Task.verify_step_by_step=True needs endpoint='chat': a completions "
                 "verification prompt ends with the question, so the verdict comes first"
             )
+        if self.verify_template is not None and (
+                not isinstance(self.verify_template, str)
+                or "{problem}" not in self.verify_template
+                or "{solution}" not in self.verify_template):
+            raise ConfigError("Task.verify_template must be a string containing {problem} and "
+                              f"{{solution}}, got {self.verify_template!r:.80}")
         if self.endpoint == "chat" and self.verify_examples:
             raise ConfigError(
                 "Task.verify_examples are used only by the completions endpoint; "
@@ -335,7 +347,16 @@ class Task:
         ``verify_top_logprobs`` alternatives (``None``: text verdicts only)."""
         shown = self.shown_solution(solution)
         prompt, messages = None, None
-        if self.endpoint == "chat":
+        if self.verify_template is not None:
+            text = self.verify_template.replace("{problem}", problem.problem.strip()).replace(
+                "{solution}", shown)
+            if self.endpoint == "chat":
+                system = ({"role": "system", "content": self.verify_system},
+                          ) if self.verify_system else ()
+                messages = (*system, {"role": "user", "content": text})
+            else:
+                prompt = text
+        elif self.endpoint == "chat":
             messages = verification_messages(
                 problem.problem,
                 shown,

@@ -87,20 +87,27 @@ class GenRM:
     def spec(self) -> str:
         return f"genrm:s={self.solutions},v={self.verifications}"
 
+    #: sends solutions to the verifier (the runtime checks a budget can hold one)
+    verifies = True
+
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
         exhausted = s.budget_left.exhausted
         max_failures = self.solutions if self.max_failures is None else self.max_failures
         wanted: list[Decision] = []
+        unverified = False  # verifications wanted that the budget cannot hold now
         if not exhausted:
             wanted.extend(_top_up_samples(s, self.solutions, max_failures))
-            for sol in s.answered:
-                missing = self.verifications - s.verifications_requested(sol.id)
-                if missing > 0:
+        for sol in s.answered:
+            missing = self.verifications - s.verifications_requested(sol.id)
+            if missing > 0:
+                if s.budget_left.can_verify and s.blocked is None:
                     wanted.append(Verify(sol, missing))
+                else:
+                    unverified = True
         if wanted or s.in_flight.samples or s.in_flight.verification_total:
             return wanted
         code: StopCode
-        if exhausted:
+        if exhausted or unverified:
             why, code = "budget exhausted", "budget"
         elif len(s.solutions) < self.solutions:
             why, code = "too many failed samples", "failures"

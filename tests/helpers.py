@@ -30,6 +30,7 @@ class WordGrader:
 class WordTask:
     max_tokens: int = 64
     grader: WordGrader = field(default_factory=WordGrader)
+    verify_max_tokens: int = 4
 
     def solve_request(self, problem: Problem, n: int) -> GenerationRequest:
         return GenerationRequest(kind="solve", prompt=problem.problem, n=n,
@@ -37,7 +38,7 @@ class WordTask:
 
     def verify_request(self, problem: Problem, solution: Solution, n: int) -> GenerationRequest:
         return GenerationRequest(kind="verify", prompt=f"{problem.problem}|{solution.answer}",
-                                 n=n, max_tokens=4, top_logprobs=5)
+                                 n=n, max_tokens=self.verify_max_tokens, top_logprobs=5)
 
     def parse_verdict(self, text: str, logprobs: tuple[TokenLogprob, ...]):
         word = text.strip().lower()

@@ -65,6 +65,7 @@ class ReceivedRequest:
     path: str
     body: Mapping[str, Any] | None
     at: float
+    headers: Mapping[str, str] = field(default_factory=dict)  # names lower-cased
 
 
 @dataclass(slots=True)
@@ -191,6 +192,7 @@ class OpenAIServer:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/health", self._health)  # as vLLM: 200, empty body
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self._port)
@@ -301,6 +303,9 @@ class OpenAIServer:
         return min(shared, max(len(words) - 1, 0)) // block * block
 
     # ------------------------------------------------------------------ handlers
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
     async def _models(self, request: web.Request) -> web.Response:
         self._stats.received.append(ReceivedRequest("GET", request.path, None, time.time()))
         names = self.models or ("test-model",)
@@ -407,7 +412,9 @@ class OpenAIServer:
             body = await request.json()
         except json.JSONDecodeError:
             return _error_response(400, "body is not valid JSON", "BadRequestError")
-        self._stats.received.append(ReceivedRequest("POST", request.path, body, time.time()))
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self._stats.received.append(ReceivedRequest("POST", request.path, body, time.time(),
+                                                    headers))
         self._touch()
         rejection = self._reject(body, chat)
         if rejection is not None:

@@ -39,7 +39,12 @@ from orchestrator.types import RequestKind, TokenLogprob
 class GenerationRequest:
     """One generation request. Exactly one of ``prompt`` (completions) or ``messages``
     (chat) is set. ``n`` asks for that many choices of the same prompt; ``top_logprobs``
-    (``None`` = no logprobs) asks for per-token logprobs with that many alternatives."""
+    (``None`` = no logprobs) asks for per-token logprobs with that many alternatives.
+    ``affinity`` is the request's routing key (the runtime sets the problem id): requests
+    with one key belong on one replica, whose prefix cache then holds their prompt
+    (:class:`~orchestrator.backends.multi.MultiBackend` routes by it; the OpenAI backend
+    sends it as the ``X-Session-ID`` header, which a router's session affinity keys on).
+    ``verifies`` is, for a verification, the id of the solution it verifies."""
 
     kind: RequestKind
     max_tokens: int
@@ -52,6 +57,8 @@ class GenerationRequest:
     top_logprobs: int | None = None
     seed: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    affinity: str | None = None
+    verifies: int | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):

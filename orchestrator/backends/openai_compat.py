@@ -104,6 +104,13 @@ _MODEL_MISSING = re.compile(
 )
 
 
+#: the header carrying ``GenerationRequest.affinity`` (the problem id): the first of the
+#: session headers vllm-router's ``consistent_hash`` policy keys on
+AFFINITY_HEADER = "X-Session-ID"
+#: for verifications, the id of the verified solution (informational)
+SOLUTION_HEADER = "X-Solverify-Solution"
+
+
 class OpenAIBackend:
     """A :class:`~orchestrator.backends.base.Backend` for an OpenAI-compatible endpoint.
 
@@ -356,6 +363,11 @@ class OpenAIBackend:
         extra_body.update(request.extra)
         if extra_body:
             kwargs["extra_body"] = extra_body
+        if request.affinity:
+            headers = {AFFINITY_HEADER: request.affinity}
+            if request.verifies is not None:
+                headers[SOLUTION_HEADER] = str(request.verifies)
+            kwargs["extra_headers"] = headers
         return kwargs
 
     async def _create(self, endpoint: Endpoint, kwargs: dict[str, Any]) -> Any:

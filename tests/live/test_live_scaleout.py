@@ -1,0 +1,195 @@
+"""Live: two bundled vLLM replicas, behind a real vllm-router and behind MultiBackend.
+
+The session's server (tests/live/conftest.py) is replica A; this module starts replica B
+(skipped, with the reason, when the machine lacks the memory for a second one). It
+measures and asserts:
+
+* affinity vs round robin (capitals, ``sc:n=8`` as eight n=1 requests, then GenRM): the
+  share of prompt tokens served from the replicas' prefix caches is higher with affinity;
+* the ledger equals the sum of both replicas' ``vllm:generation_tokens_total`` deltas, for
+  whole runs and when a ``Stop`` cuts streams;
+* killing replica B mid-run (SIGKILL) loses no problem, through the router and through
+  MultiBackend with two base URLs: each completes or fails loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from orchestrator.backends.base import Capabilities
+from orchestrator.backends.multi import MultiBackend
+from orchestrator.backends.openai_compat import OpenAIBackend
+from orchestrator.errors import SolverifyError
+from orchestrator.runtime import run_batch
+from orchestrator.serve import VLLMServer
+from orchestrator.tasks import task_for
+from orchestrator.types import Problem
+from policies import GenRM, SelfConsistency
+from tests.live.livekit import (
+    RAMBLE,
+    FirstFinished,
+    RambleTask,
+    capitals,
+    needs_capitals,
+    note,
+    settled_tokens,
+)
+from tests.routerkit import router_installed, vllm_router
+
+pytestmark = [
+    pytest.mark.live,
+    pytest.mark.skipif(not router_installed(), reason="vllm-router is not installed"),
+]
+
+#: memory a second replica needs on top of what is in use (vLLM holds ~6.5 GiB here)
+SECOND_REPLICA_GIB = 8.0
+
+
+def _available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def replica_b(vllm_server: VLLMServer) -> Iterator[VLLMServer]:
+    available = _available_gib()
+    if available < SECOND_REPLICA_GIB:
+        pytest.skip(f"a second vLLM replica needs ~{SECOND_REPLICA_GIB:.0f} GiB available; "
+                    f"this machine has {available:.1f} GiB")
+    server = VLLMServer(vllm_server.paths)
+    try:
+        server.start()
+        healthy = server.wait_healthy()
+    except SolverifyError as exc:
+        server.stop()
+        pytest.skip(f"second replica could not start: {exc}")
+    note(f"scale-out: replica B healthy after {healthy:.1f}s ({available:.1f} GiB available "
+         "before it)")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _backend(url: str, model: str) -> OpenAIBackend:
+    # capabilities given: probing spends tokens that the /metrics comparison would count
+    return OpenAIBackend(url, model, capabilities=Capabilities(continuous_usage=False))
+
+
+async def _settled(*servers: VLLMServer) -> float:
+    return sum([await settled_tokens(s) for s in servers])
+
+
+async def _measure(url: str, servers: tuple[VLLMServer, ...], problems: list[Problem], policy
+                   ) -> tuple[float, float, float]:
+    """(cached prompt share, tokens/s, ledger - sum of /metrics deltas) of one run."""
+    before = await _settled(*servers)
+    backend = _backend(url, servers[0].model_name)
+    t0 = time.monotonic()
+    try:
+        results = await run_batch(problems, policy, backend=backend, task=task_for(problems),
+                                  max_n=1)
+    finally:
+        await backend.aclose()
+    wall = time.monotonic() - t0
+    generated = await _settled(*servers) - before
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    prompt = sum(r.usage.prompt_tokens for r in results)
+    cached = sum(r.usage.cached_prompt_tokens or 0 for r in results)
+    charged = sum(r.usage.completion_tokens for r in results)
+    return cached / max(prompt, 1), charged / wall, charged - generated
+
+
+@needs_capitals
+async def test_affinity_serves_more_prompt_tokens_from_cache_than_round_robin(
+        vllm_server: VLLMServer, replica_b: VLLMServer) -> None:
+    servers = (vllm_server, replica_b)
+    urls = [s.base_url for s in servers]
+    problems = capitals(40)
+    rows = {}
+    # disjoint problems per run, so no run finds another's prompts in a cache; round robin
+    # first, so any warm-up (the shared few-shot prefix) favours it, not affinity
+    for name, chunk, policy in (("round_robin", problems[0:10], SelfConsistency(8)),
+                                ("consistent_hash", problems[10:20], SelfConsistency(8)),
+                                ("round_robin", problems[20:30], GenRM(4, 1)),
+                                ("consistent_hash", problems[30:40], GenRM(4, 1))):
+        async with vllm_router(name, urls) as url:
+            share, speed, gap = await _measure(url, servers, chunk, policy)
+        rows[(name, policy.spec)] = share
+        note(f"scale-out: router {name:15s} {policy.spec:14s} cached prompt share "
+             f"{share:.3f}, {speed:.1f} tok/s, ledger - /metrics = {gap:+.0f}")
+        assert gap == 0
+    for spec in ("sc:n=8", "genrm:s=4,v=1"):
+        assert rows[("consistent_hash", spec)] > rows[("round_robin", spec)], rows
+
+
+async def test_cut_streams_through_the_router_are_charged_what_both_replicas_generated(
+        vllm_server: VLLMServer, replica_b: VLLMServer) -> None:
+    servers = (vllm_server, replica_b)
+    async with vllm_router("round_robin", [s.base_url for s in servers]) as url:
+        before = await _settled(*servers)
+        backend = _backend(url, vllm_server.model_name)
+        try:
+            results = await run_batch(
+                [Problem(id=f"ramble-{i}", problem=RAMBLE) for i in range(3)],
+                FirstFinished(4), backend=backend, task=RambleTask(max_tokens=120), max_n=1)
+        finally:
+            await backend.aclose()
+    generated = await _settled(*servers) - before
+    charged = sum(r.usage.completion_tokens for r in results)
+    cut = sum(1 for r in results for f in r.failed if f.reason == "cancelled")
+    note(f"scale-out: cut run through the router: {cut} streams cut, ledger {charged} vs "
+         f"/metrics {generated:.0f}")
+    assert cut >= 3 and charged == generated
+
+
+@needs_capitals
+async def test_killing_a_replica_mid_run_loses_no_problem(
+        vllm_server: VLLMServer, replica_b: VLLMServer) -> None:
+    """Runs the last: it kills replica B."""
+    urls = [vllm_server.base_url, replica_b.base_url]
+    problems = capitals(60)
+    by_router, by_multi = problems[:30], problems[30:]
+    done: list[str] = []
+    killed = asyncio.Event()
+
+    def on_result(result) -> None:
+        done.append(result.problem.id)
+        if len(done) >= 6 and not killed.is_set():
+            os.killpg(replica_b._proc.pid, signal.SIGKILL)  # the whole replica, at once
+            killed.set()
+
+    async with vllm_router("consistent_hash", urls, extra=()) as url:
+        routed = _backend(url, vllm_server.model_name)
+        multi = MultiBackend([_backend(u, vllm_server.model_name) for u in urls])
+        try:
+            results = await asyncio.gather(
+                run_batch(by_router, SelfConsistency(4), backend=routed,
+                          task=task_for(by_router), max_n=1, on_result=on_result),
+                run_batch(by_multi, SelfConsistency(4), backend=multi,
+                          task=task_for(by_multi), max_n=1, on_result=on_result))
+        finally:
+            await routed.aclose()
+            await multi.aclose()
+    assert killed.is_set()
+    for name, batch, out in (("router", by_router, results[0]), ("multi", by_multi, results[1])):
+        assert [r.problem.id for r in out] == [p.id for p in batch]  # none lost
+        failed = [r for r in out if not r.ok]
+        for r in failed:
+            assert r.error and r.stop_code == "error"  # loudly
+        answered = sum(1 for r in out if r.answer is not None)
+        note(f"scale-out: replica B killed after {len(done)} results; {name}: "
+             f"{len(out)}/{len(batch)} problems returned, {len(failed)} with an error, "
+             f"{answered} answered")
+    stats = {s["replica"]: s for s in multi.stats()}
+    note(f"scale-out: MultiBackend after the kill: {stats}")
+    assert not stats[replica_b.base_url]["up"]

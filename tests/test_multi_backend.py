@@ -1,0 +1,237 @@
+"""Several replicas behind one backend: affinity hashing, health, failover, exact ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from orchestrator.backends.base import Capabilities, GenerationRequest
+from orchestrator.backends.fake import FakeBackend, FakeReply, scripted
+from orchestrator.backends.multi import MultiBackend, rendezvous_order, routing_key
+from orchestrator.backends.openai_compat import AFFINITY_HEADER, OpenAIBackend
+from orchestrator.errors import ConfigError, EndpointUnreachable, RequestRejected
+from orchestrator.runtime import run_batch
+from orchestrator.types import Problem
+from policies import GenRM, SelfConsistency
+from tests.helpers import WordTask
+from tests.openai_server import OpenAIServer
+
+TASK = WordTask()
+NAMES = ["a", "b", "c"]
+
+
+def test_rendezvous_is_stable_spreads_keys_and_moves_only_the_lost_replicas_keys():
+    keys = [f"problem-{i}" for i in range(600)]
+    homes = {k: NAMES[rendezvous_order(k, NAMES)[0]] for k in keys}
+    assert homes == {k: NAMES[rendezvous_order(k, NAMES)[0]] for k in keys}  # stable
+    counts = Counter(homes.values())
+    assert set(counts) == set(NAMES) and min(counts.values()) > 150  # roughly even
+    two = ["a", "c"]  # "b" is lost
+    for k in keys:
+        new_home = two[rendezvous_order(k, two)[0]]
+        if homes[k] != "b":
+            assert new_home == homes[k]  # keys of the surviving replicas stay put
+
+
+def test_routing_key_prefers_affinity_and_falls_back_to_the_prompt():
+    a = GenerationRequest(kind="solve", max_tokens=4, prompt="q")
+    assert routing_key(a) == routing_key(GenerationRequest(kind="solve", max_tokens=8, prompt="q"))
+    assert routing_key(a) != routing_key(GenerationRequest(kind="solve", max_tokens=4, prompt="r"))
+    keyed = GenerationRequest(kind="solve", max_tokens=4, prompt="q", affinity="p7")
+    assert routing_key(keyed) == "p7"
+
+
+def test_bad_configuration_is_a_config_error():
+    with pytest.raises(ConfigError):
+        MultiBackend([])
+    fake = FakeBackend(scripted([FakeReply.text("a x")]))
+    with pytest.raises(ConfigError):
+        MultiBackend([fake, fake], names=["same", "same"])
+    with pytest.raises(ConfigError):
+        MultiBackend([fake], names=["a", "b"])
+
+
+def _replicas(k: int, reply=lambda req, i: FakeReply.text(*["so x"] * req.n)):
+    return [FakeBackend(scripted(reply)) for _ in range(k)]
+
+
+async def test_every_request_of_a_problem_lands_on_one_replica():
+    fakes = _replicas(3)
+    multi = MultiBackend(fakes, names=NAMES)
+    problems = [Problem(id=f"p{i}", problem=f"question {i}") for i in range(30)]
+    results = await run_batch(problems, GenRM(4, 2), backend=multi, task=TASK, max_n=1)
+    assert all(r.ok and r.answer == "x" for r in results)
+    where: dict[str, set[int]] = {}
+    for i, fake in enumerate(fakes):
+        for req in fake.requests:
+            where.setdefault(req.affinity, set()).add(i)
+    assert set(where) == {p.id for p in problems}
+    assert all(len(replicas) == 1 for replicas in where.values())
+    assert len({min(r) for r in where.values()}) == 3  # all replicas got work
+    # verifications carry the solution they verify
+    verifies = [r for f in fakes for r in f.requests if r.kind == "verify"]
+    assert verifies and all(r.verifies is not None for r in verifies)
+    # the ledger is the sum of what each replica generated
+    assert sum(r.usage.completion_tokens for r in results) == sum(
+        f.generated_tokens for f in fakes)
+
+
+async def test_a_replica_that_cannot_be_reached_is_failed_over_and_skipped_until_cooldown():
+    now = [0.0]
+    down = FakeBackend(scripted(lambda req, i: FakeReply.text(
+        "so x", fail_after=0, error=EndpointUnreachable("connection refused"))))
+    up = FakeBackend(scripted(lambda req, i: FakeReply.text(*["so x"] * req.n)))
+    multi = MultiBackend([down, up], names=["down", "up"], cooldown=10, clock=lambda: now[0])
+    # a key whose home is the unreachable replica
+    key = next(f"p{i}" for i in range(100) if rendezvous_order(f"p{i}", ["down", "up"])[0] == 0)
+    problems = [Problem(id=key, problem="q")]
+    (r,) = await run_batch(problems, SelfConsistency(2), backend=multi, task=TASK, max_n=1)
+    assert r.ok and r.answer == "x" and len(r.solutions) == 2 and not r.failed
+    assert len(down.requests) == 1  # tried once, then marked down: the second went to "up"
+    assert len(up.requests) == 2
+    stats = {s["replica"]: s for s in multi.stats()}
+    assert stats["down"]["failovers"] == 1 and not stats["down"]["up"]
+    now[0] = 11.0  # cooldown over: the home replica is tried first again
+    assert multi.order(GenerationRequest(kind="solve", max_tokens=4, prompt="q",
+                                         affinity=key))[0] == 0
+
+
+async def test_when_every_replica_is_down_the_error_says_so():
+    def refuse(req, i):
+        return FakeReply.text("x", fail_after=0, error=EndpointUnreachable("refused"))
+
+    multi = MultiBackend(_replicas(2, refuse), names=["a", "b"])
+    (r,) = await run_batch([Problem(id="p", problem="q")], SelfConsistency(1), backend=multi,
+                           task=TASK)
+    assert not r.ok and "every replica failed (2)" in r.error and r.stop_code == "error"
+
+
+async def test_errors_another_replica_cannot_fix_are_not_failed_over():
+    bad = _replicas(2, lambda req, i: FakeReply.text(
+        "x", fail_after=0, error=RequestRejected("bad request", 400)))
+    multi = MultiBackend(bad, names=["a", "b"])
+    (r,) = await run_batch([Problem(id="p", problem="q")], SelfConsistency(1), backend=multi,
+                           task=TASK)
+    assert not r.ok and "RequestRejected" in r.error
+    assert len(bad[0].requests) + len(bad[1].requests) == 1
+
+
+async def test_a_stream_broken_after_its_first_token_is_a_replaceable_sample_not_a_failover():
+    calls = []
+
+    def reply(req, i):
+        calls.append(i)
+        return FakeReply.text("so x y z", fail_after=2) if i == 0 else FakeReply.text("so x")
+
+    home, other = FakeBackend(scripted(reply)), FakeBackend(scripted(reply))
+    multi = MultiBackend([home, other], names=["a", "b"])
+    key = next(f"p{i}" for i in range(100) if rendezvous_order(f"p{i}", ["a", "b"])[0] == 0)
+    (r,) = await run_batch([Problem(id=key, problem="q")], SelfConsistency(1), backend=multi,
+                           task=TASK)
+    assert r.ok and r.answer == "x"
+    assert len(r.failed) == 1 and r.failed[0].reason == "failed"  # replaced by a new sample
+    assert len(home.requests) == 2 and not other.requests  # not moved: the fake break is no
+    assert all(s["up"] for s in multi.stats())  # connection loss, so the replica stays up
+
+
+async def test_probe_and_models_merge_what_every_replica_supports():
+    class Probed:
+        def __init__(self, caps, models):
+            self.caps, self.models = caps, models
+
+        async def probe(self, endpoint="chat"):
+            return self.caps
+
+        async def list_models(self):
+            return self.models
+
+        async def aclose(self):
+            pass
+
+        def stream(self, request):  # pragma: no cover - not used here
+            raise NotImplementedError
+
+    class Unreachable(Probed):
+        async def probe(self, endpoint="chat"):
+            raise EndpointUnreachable("refused")
+
+        async def list_models(self):
+            raise EndpointUnreachable("refused")
+
+    multi = MultiBackend([
+        Probed(Capabilities(max_top_logprobs=20), ["m", "x"]),
+        Probed(Capabilities(n=False, max_top_logprobs=5), ["m"]),
+        Unreachable(Capabilities(), []),
+    ], names=["a", "b", "c"])
+    caps = await multi.probe("completions")
+    assert caps.n is False and caps.max_top_logprobs == 5 and caps.logprobs
+    assert await multi.list_models() == ["m"]
+    assert [s["up"] for s in multi.stats()] == [True, True, False]
+    with pytest.raises(EndpointUnreachable, match="no replica"):
+        await MultiBackend([Unreachable(None, [])], names=["z"]).list_models()
+
+
+def _counting_responder(body):
+    return [[" so", " x"]] * int(body.get("n", 1))
+
+
+async def test_two_real_servers_affinity_header_exact_ledger_and_a_replica_lost_mid_run():
+    async with OpenAIServer(_counting_responder, token_delay=0.0) as s1, \
+            OpenAIServer(_counting_responder, token_delay=0.0) as s2:
+        backends = [OpenAIBackend(s.url, "test-model", max_attempts=1, cut_grace=0.0,
+                                  capabilities=Capabilities())  # no probe tokens
+                    for s in (s1, s2)]
+        multi = MultiBackend(backends, cooldown=3600)
+        problems = [Problem(id=f"p{i}", problem=f"question {i}") for i in range(24)]
+        try:
+            first = await run_batch(problems[:12], SelfConsistency(3), backend=multi,
+                                    task=TASK, max_n=1)
+            sent = {}
+            for i, s in enumerate((s1, s2)):
+                for r in s.generation_requests():
+                    sent.setdefault(r.headers.get(AFFINITY_HEADER.lower()), set()).add(i)
+            assert {p.id for p in problems[:12]} <= set(sent)
+            assert all(len(v) == 1 for k, v in sent.items() if k)  # one replica per problem
+            assert sum(r.usage.completion_tokens for r in first) == (
+                s1.generation_tokens_total + s2.generation_tokens_total)
+            # lose replica 1: the rest of the run goes to replica 2, nothing is lost
+            before2 = s2.generation_tokens_total
+            await s1.stop()
+            second = await run_batch(problems[12:], SelfConsistency(3), backend=multi,
+                                     task=TASK, max_n=1)
+            assert [r.problem.id for r in second] == [p.id for p in problems[12:]]
+            assert all(r.ok and r.answer == "x" and len(r.solutions) == 3 for r in second)
+            assert sum(r.usage.completion_tokens for r in second) == (
+                s2.generation_tokens_total - before2)
+            stats = multi.stats()
+            assert stats[0]["up"] is False and stats[0]["failovers"] >= 1
+        finally:
+            await multi.aclose()
+        assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()
+                    and not t.done() and "problem" in t.get_name()]
+
+
+async def test_a_replica_whose_connection_drops_mid_stream_gets_no_new_work():
+    async with OpenAIServer(_counting_responder) as s1, OpenAIServer(_counting_responder) as s2:
+        backends = [OpenAIBackend(s.url, "test-model", max_attempts=1, cut_grace=0.0,
+                                  capabilities=Capabilities()) for s in (s1, s2)]
+        multi = MultiBackend(backends, names=["one", "two"], cooldown=3600)
+        key = next(f"p{i}" for i in range(100)
+                   if rendezvous_order(f"p{i}", ["one", "two"])[0] == 0)
+        s1.drop_after(1)  # its first stream is cut after one token
+        try:
+            # one sample at a time: its stream is cut on "one", the replacement sample
+            # must go to "two" (a second stream opened on "one" would, rightly, show it up)
+            (r,) = await run_batch([Problem(id=key, problem="q")], SelfConsistency(1),
+                                   backend=multi, task=TASK, max_n=1)
+        finally:
+            await multi.aclose()
+        assert r.ok and r.answer == "x" and len(r.solutions) == 1
+        assert len(s1.generation_requests()) == 1 and len(s2.generation_requests()) == 1
+        assert [f.reason for f in r.failed] == ["failed"]  # the cut stream, replaced
+        stats = {s["replica"]: s for s in multi.stats()}
+        assert stats["one"]["broken"] == 1 and not stats["one"]["up"]
+        # the replacement went to the other replica; the ledger is both servers' sum
+        assert r.usage.completion_tokens == s1.generation_tokens_total + s2.generation_tokens_total
