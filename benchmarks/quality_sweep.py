@@ -11,7 +11,9 @@ one-reading AUC) and each λ, on the ``--pool`` files:
   on); being a fixed allocation, its accuracy is the exact expectation of the SC or
   GenRM(S, V) it resolves to (no order noise, and the same random tie-break as the grid);
 * the given ``--policy`` specs (e.g. ``adaptive``, ``verify-contested``, ``solverify``),
-  replayed through the runtime with the same simulated readings.
+  replayed through the runtime with the same simulated readings; ``{profile}`` in a spec
+  is replaced by the setting's profile (fitted on the ``--fit-pool`` files: Beta fits of
+  4 readings a solution, λ, the law), e.g. ``solverify:profile={profile}``.
 
 Compute is in units of C(S, V) = S(1 + λV): one unit is one mean-length solution of the
 pool, so a replayed policy's compute is its tokens per problem over the pool's mean
@@ -144,11 +146,14 @@ def quality_sweep(pools: Sequence[Pool], fit_pools: Sequence[Pool],
                                  "best_fixed_at_compute": best, "best_fixed_config": what})
             if progress:
                 progress(f"{sv.label}: replay {len(policies)} policies")
-            rep = sweep(sources, list(policies), replay) if policies else {"runs": []}
+            specs = [spec.replace("{profile}", str(ppath)) for spec in policies]
+            rep = sweep(sources, specs, replay) if specs else {"runs": []}
+            named = dict(zip(specs, policies, strict=True))
             sol = {p.name: _mean_solution_tokens(p) for p in pools}
             for r in rep["runs"]:
                 c_units = r["tokens_per_problem"] / sol[r["pool"]]
                 best, what = frontier(by_pool[r["pool"]], c_units)
+                r = {**r, "policy": named.get(r["policy"], r["policy"])}
                 runs.append({**{k: r[k] for k in ("pool", "policy", "accuracy",
                                                   "tokens_per_problem",
                                                   "samples_per_problem", "engine",

@@ -215,12 +215,16 @@ def test_quality_sweep_end_to_end_on_small_pools(tmp_path):
 
     cm = CompareConfig(sizes=(1, 2, 4, 8), verifications=(1, 2, 4), bootstrap=1, v_draws=2)
     rep = quality_sweep([pool("a", 0)], [pool("b", 1)], [Quality.parse("4,2/2,4")], [1.0],
-                        ["sc:n=all"], [4, 16], profile_dir=tmp_path, cm=cm,
+                        ["sc:n=all", "optimal:c=4,profile={profile}"], [4, 16],
+                        profile_dir=tmp_path, cm=cm,
                         replay=ReplayConfig(orders=2, workers=1, bootstrap=10), vmax=4)
     (s,) = rep["settings"]
     assert s["simulated_verifier"] and "simulated" in s["verifier"]
     assert s["one_reading_auc"] == pytest.approx(0.897, abs=1e-3)
-    assert [r["policy"] for r in s["runs"]] == ["optimal:c=4", "optimal:c=16", "sc:n=all"]
+    assert [r["policy"] for r in s["runs"]] == ["optimal:c=4", "optimal:c=16", "sc:n=all",
+                                                 "optimal:c=4,profile={profile}"]
+    # {profile} is the setting's fitted profile: the replayed optimal resolves as the exact
+    assert s["runs"][3]["compute"] == pytest.approx(s["runs"][0]["compute"], rel=0.1)
     sc_all = s["runs"][2]
     assert sc_all["compute"] == pytest.approx(8.0)  # 8 mean-length solutions
     assert sc_all["best_fixed_at_compute"] == frontier(s["compute_matched"][0], 8.0)[0]
