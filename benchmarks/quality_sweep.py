@@ -244,6 +244,7 @@ def sweep_markdown(report: dict[str, Any], command: str | None = None,
         lines.append(f"| Beta{tuple(s['correct'])} / Beta{tuple(s['wrong'])} | "
                      f"{s['one_reading_auc']:.3f} | {s['lambda']:g} | "
                      f"{'never' if med is None else f'{med:g}'} | {k}/{n} | {law_s} |")
+    lines += ["", *summary_table(report)]
     for s in report["settings"]:
         lines += ["", f"**SIMULATED verifier Beta{tuple(s['correct'])} / "
                       f"Beta{tuple(s['wrong'])}, one-reading AUC {s['one_reading_auc']:.3f}, "
@@ -260,6 +261,35 @@ def sweep_markdown(report: dict[str, Any], command: str | None = None,
                          f"{r['best_fixed']:.3f} | "
                          f"{100 * (r['accuracy'] - r['best_fixed']):+.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def summary_table(report: dict[str, Any], levels: Sequence[float] = (16, 64)) -> list[str]:
+    """One row per setting: crossover, SC / best fixed / optimal at a few compute levels,
+    and each replayed policy's accuracy (compute; Δ against the best fixed at it)."""
+    replayed = [p for p in report["policies"]]
+    head = ["AUC", "λ", "crossover C"]
+    for c in levels:
+        head += [f"SC@{c:g}", f"best fixed@{c:g}", f"optimal:c={c:g}"]
+    head += [f"`{p.split(':profile=')[0]}{':profile' if ':profile=' in p else ''}` acc (C; Δ pp)"
+             for p in replayed]
+    lines = ["Summary (SIMULATED verifiers; mean over the scored pools):", "",
+             "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for st in report["settings"]:
+        med, k, n = _median_crossover(st)
+        cells = [f"{st['one_reading_auc']:.2f}", f"{st['lambda']:g}",
+                 "never" if med is None else f"{med:g} ({k}/{n})"]
+        sc, _, best = _curves(st, levels)
+        rows = {r["policy"].split(" (S=")[0]: r for r in _aggregate(st)}
+        for c, x, z in zip(levels, sc, best, strict=True):
+            opt = rows.get(f"optimal:c={c:g}")
+            cells += [_f(x), _f(z), "n/a" if opt is None else f"{opt['accuracy']:.3f}"]
+        for pol in replayed:
+            r = rows.get(pol)
+            cells.append("n/a" if r is None else
+                         f"{r['accuracy']:.3f} ({r['compute']:.1f}; "
+                         f"{100 * (r['accuracy'] - r['best_fixed']):+.1f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _f(x: float) -> str:
