@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from orchestrator.snapshot import BudgetLeft, InFlight, ProblemSnapshot
+from orchestrator.history import ProblemRecord
+from orchestrator.snapshot import Blocked, BudgetLeft, InFlight, ProblemSnapshot
 from orchestrator.types import (
     UNLIMITED,
     Budget,
@@ -64,10 +65,15 @@ def make_snapshot(
     budget_left: BudgetLeft | None = None,
     problem: Problem | None = None,
     elapsed: float = 0.0,
+    lam: float | None = None,
+    history: Sequence[ProblemRecord] = (),
+    blocked: Blocked | None = None,
 ) -> ProblemSnapshot:
     """A snapshot with the given finished answers, verification scores and in-flight work.
 
-    ``scores[solution_index]`` lists P(Yes) values of that solution's verifications.
+    ``scores[solution_index]`` lists P(Yes) values of that solution's verifications;
+    ``history`` the records of problems finished earlier in the run; ``blocked`` what the
+    runtime says the budget refused when it asks again.
     """
     sols = tuple(
         make_solution(i, a, key=None if keys is None else keys[i],
@@ -108,4 +114,7 @@ def make_snapshot(
         budget=budget,
         budget_left=budget_left or BudgetLeft(None, None, None),
         elapsed=elapsed,
+        lam=lam,
+        history=tuple(history),
+        blocked=blocked,
     )

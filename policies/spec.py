@@ -172,3 +172,6 @@ def _ensure_builtins() -> None:
          Param("max_failures", "max_failures", int, help="broken samples replaced (default S)")),
         "compute-optimal fixed allocation: SC or GenRM(S,V) from the fitted power law",
     )
+    from policies.verifying import solverify_entries
+
+    solverify_entries()

@@ -1,0 +1,312 @@
+"""Policies that decide, step by step, whether the next tokens go to a new sample or to
+verifying a candidate: ``verify-contested`` and ``solverify``.
+
+Both sample like :class:`~policies.adaptive.Adaptive` (an ``Adaptive`` inside decides
+the samples and the vote-based stop) and add a verifier on top of it:
+
+* **Where the verifier's quality comes from.** ``profile=FILE`` (a
+  :class:`~policies.profile.VerifierProfile` measured on labelled data), else an online
+  estimate from the run's finished problems (:mod:`policies.online`). A verifier is
+  used only when the profile says it is useful (AUC above ``min_auc``; online: its 95%
+  lower bound). Otherwise the policy *is* ``adaptive``: the same decisions on every
+  snapshot — except, while the online estimate still lacks readings, a few exploratory
+  verifications (the first solution of each of the two leading answers) that run beside
+  the samples and never delay a stop nor change an answer, so their pseudo-labels are the
+  vote's and not the verifier's own.
+* **Evidence.** Votes and readings combine into one posterior over which answer is
+  right (:mod:`policies.evidence`). A solution is read again only when the profile says
+  readings of one solution differ (``repeat_icc`` known and below ``max_icc``); the
+  repeats are discounted by ``effective_readings``.
+* **Stopping.** Settled when the best answer's posterior reaches ``settle`` *and* the
+  verifier has read at least one of its solutions (without a reading, the vote-based rule
+  of ``adaptive`` decides, as it would alone); when ``adaptive`` stops sampling, the
+  policy finishes the verifications it still wants and stops with the posterior's best
+  answer. Only work that fits the budget is asked for (``budget_left.can_sample`` /
+  ``can_verify``); told that the budget blocks (``snapshot.blocked``), it stops with
+  code ``budget``.
+
+``verify-contested`` verifies every answer that can still win (posterior ≥ ``floor``),
+one representative solution per answer at a time, until settled or ``max_reads`` readings
+per answer. ``solverify`` chooses by expected gain in P(the chosen answer is right) per
+expected token: a verification of answer j costs λ × the mean solution length (λ measured
+in the problem, else the profile's, else 1), a sample the mean solution length; it
+verifies the answers whose gain per token beats one more sample's (and is at least
+``min_gain``), otherwise samples as ``adaptive`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from orchestrator.decisions import Decision, Stop, StopCode, Verify
+from orchestrator.errors import ConfigError
+from orchestrator.snapshot import AnswerStats, ProblemSnapshot
+from orchestrator.types import Solution
+from policies.adaptive import Adaptive
+from policies.evidence import Evidence, evidence, sample_gain, verify_gain
+from policies.online import estimate_online
+from policies.profile import VerifierProfile
+
+__all__ = ["Solverify", "VerifyContested"]
+
+
+def _check(policy: str, name: str, ok: bool, value: object, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{policy}: {name} must be {what}, got {value!r}")
+
+
+def _stop_of(decisions: Sequence[Decision]) -> Stop | None:
+    return next((d for d in decisions if isinstance(d, Stop)), None)
+
+
+def _mean_solution_tokens(s: ProblemSnapshot) -> float:
+    if s.solutions:
+        return max(sum(x.completion_tokens for x in s.solutions) / len(s.solutions), 1.0)
+    lengths = [n for rec in s.history for n in rec.lengths]
+    if lengths:
+        return max(sum(lengths) / len(lengths), 1.0)
+    return float(max(s.budget_left.sample_tokens, 1))
+
+
+@dataclass(frozen=True, slots=True)
+class _Verifying:
+    """What both policies share: the inner ``adaptive``, the verifier profile and the
+    evidence."""
+
+    width: int = 8
+    confidence: float = 0.9
+    max: int = 64
+    min_votes: int = 3
+    prior: float = 1.0
+    max_failures: int | None = None
+    profile: str | None = None
+    settle: float = 0.95
+    max_reads: int = 4
+    explore: int = 10
+    min_auc: float = 0.55
+    max_icc: float = 0.5
+    _adaptive: Adaptive = field(init=False, repr=False, compare=False)
+    _profile: VerifierProfile | None = field(init=False, repr=False, compare=False)
+
+    #: the name in specs (set by each policy)
+    NAME = "verifying"
+    #: sends solutions to the verifier (the runtime checks a budget can hold one)
+    verifies = True
+
+    def __post_init__(self) -> None:
+        name = self.NAME
+        _check(name, "settle", 0.5 < self.settle < 1.0, self.settle, "in (0.5, 1)")
+        _check(name, "max_reads", isinstance(self.max_reads, int) and self.max_reads >= 1,
+               self.max_reads, "an integer >= 1")
+        _check(name, "explore", isinstance(self.explore, int) and self.explore >= 0,
+               self.explore, "an integer >= 0")
+        _check(name, "min_auc", 0.0 <= self.min_auc < 1.0, self.min_auc, "in [0, 1)")
+        _check(name, "max_icc", 0.0 <= self.max_icc <= 1.0, self.max_icc, "in [0, 1]")
+        inner = Adaptive(width=self.width, confidence=self.confidence, max=self.max,
+                         min_votes=self.min_votes, prior=self.prior,
+                         max_failures=self.max_failures)
+        object.__setattr__(self, "_adaptive", inner)
+        loaded = None
+        if self.profile:
+            loaded = VerifierProfile.load(self.profile)  # DataError on a bad file
+        object.__setattr__(self, "_profile", loaded)
+
+    # ---- the spec -----------------------------------------------------------------
+    def _spec_parts(self) -> list[str]:
+        parts = [f"width={self.width}", f"confidence={self.confidence:g}", f"max={self.max}",
+                 f"min_votes={self.min_votes}", f"prior={self.prior:g}",
+                 f"settle={self.settle:g}", f"max_reads={self.max_reads}"]
+        if self.profile:
+            parts.append(f"profile={self.profile}")
+        else:
+            parts.append(f"explore={self.explore}")
+        return parts
+
+    @property
+    def spec(self) -> str:
+        return f"{self.NAME}:" + ",".join([*self._spec_parts(), *self._own_parts()])
+
+    def _own_parts(self) -> list[str]:
+        return []
+
+    # ---- the verifier -------------------------------------------------------------
+    def verifier(self, s: ProblemSnapshot) -> tuple[VerifierProfile | None, bool]:
+        """(the profile to use, or None: do not use the verifier; whether to explore)."""
+        if self._profile is not None:
+            return (self._profile if self._profile.useful(self.min_auc) else None), False
+        if self.explore == 0:
+            return None, False
+        est = estimate_online(s.history, min_per_class=self.explore, min_auc=self.min_auc)
+        usable = est.usable
+        if usable is not None:
+            return usable, False
+        # still collecting, until both classes have enough or 6x that many were read
+        exploring = not est.enough and est.positives + est.negatives < 6 * self.explore
+        return None, exploring
+
+    def rereads(self, profile: VerifierProfile) -> bool:
+        """Is a second reading of one solution worth asking for?"""
+        return profile.repeat_icc is not None and profile.repeat_icc < self.max_icc
+
+    def _explore(self, s: ProblemSnapshot, base: Sequence[Decision]) -> list[Decision]:
+        """``adaptive``'s decisions plus exploratory verifications that never hold a stop."""
+        if _stop_of(base) is not None or not s.budget_left.can_verify or s.blocked:
+            return list(base)
+        extra: list[Decision] = []
+        for a in s.answers()[:2]:
+            if a.verified + a.verifying + a.failed_verifications == 0:
+                extra.append(Verify(a.solutions[0]))
+        return [*base, *extra]
+
+    def _target(self, a: AnswerStats, profile: VerifierProfile) -> Solution | None:
+        """The solution of ``a`` to read next: one at a time per answer, at most
+        ``max_reads`` asked per answer, a solution already read only when readings of one
+        solution differ (None: none worth reading)."""
+        if a.verifying or a.verified + a.failed_verifications >= self.max_reads:
+            return None
+        rep = a.representative
+        if a.readings_of(rep.id) and not self.rereads(profile):
+            return None
+        return rep
+
+    def _finish(self, s: ProblemSnapshot, ev: Evidence, why: str, code: StopCode) -> Stop:
+        best = ev.best
+        if best is None:
+            return Stop(None, f"{self.NAME}: {why}; no solution had an answer", code=code)
+        a = ev.answers[best]
+        return Stop(a.answer, f"{self.NAME}: {why}; P(right) = {ev.post[best]:.3f} with "
+                              f"{a.votes} vote(s), {len(a.scores)} reading(s)", a.key, code)
+
+    # ---- the decision -----------------------------------------------------------------
+    def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
+        base = self._adaptive.decide(s)
+        profile, exploring = self.verifier(s)
+        if profile is None:
+            return self._explore(s, base) if exploring else base
+        ev = evidence(s, profile, self.prior)
+        if s.blocked is not None:
+            return [self._finish(s, ev, s.blocked.reason, "budget")]
+        best = ev.best
+        if best is not None and ev.post[best] >= self.settle and ev.answers[best].scores:
+            return [self._finish(s, ev, f"settled (>= {self.settle:g})", "settled")]
+        base_stop = _stop_of(base)
+        verifies = self._verifications(s, ev, profile, base if base_stop is None else None)
+        if base_stop is None:
+            return base if verifies is None else verifies
+        if verifies or s.in_flight.verification_total:
+            return verifies or []  # adaptive's stop waits for the evidence still wanted
+        code = base_stop.code
+        return [self._finish(s, ev, f"sampling over ({base_stop.reason})", code)]
+
+    def _verifications(self, s: ProblemSnapshot, ev: Evidence, profile: VerifierProfile,
+                       base: Sequence[Decision] | None) -> list[Decision] | None:
+        """What to launch now. ``base``: adaptive's sampling decisions (None when adaptive
+        stops sampling). Returns None to do just what adaptive does."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyContested(_Verifying):
+    """Sample like ``adaptive``; verify every answer that can still win (posterior ≥
+    ``floor``), one representative solution per answer at a time, until settled."""
+
+    floor: float = 0.05
+
+    NAME = "verify-contested"
+
+    def _own_parts(self) -> list[str]:
+        return [f"floor={self.floor:g}"]
+
+    def __post_init__(self) -> None:
+        _Verifying.__post_init__(self)
+        _check(self.NAME, "floor", 0.0 <= self.floor < 1.0, self.floor, "in [0, 1)")
+
+    def _verifications(self, s: ProblemSnapshot, ev: Evidence, profile: VerifierProfile,
+                       base: Sequence[Decision] | None) -> list[Decision] | None:
+        if not s.budget_left.can_verify:
+            return None if base is not None else []
+        out: list[Decision] = []
+        for i, a in enumerate(ev.answers):
+            if ev.post[i] < self.floor:
+                continue
+            target = self._target(a, profile)
+            if target is not None:
+                out.append(Verify(target))
+        return [*base, *out] if base is not None else out
+
+
+@dataclass(frozen=True, slots=True)
+class Solverify(_Verifying):
+    """At each step: Sample, Verify(candidate) or Stop by the expected gain in P(the
+    chosen answer is right) per expected token."""
+
+    min_gain: float = 0.002
+
+    NAME = "solverify"
+
+    def _own_parts(self) -> list[str]:
+        return [f"min_gain={self.min_gain:g}"]
+
+    def __post_init__(self) -> None:
+        _Verifying.__post_init__(self)
+        _check(self.NAME, "min_gain", 0.0 <= self.min_gain < 1.0, self.min_gain, "in [0, 1)")
+
+    def _verifications(self, s: ProblemSnapshot, ev: Evidence, profile: VerifierProfile,
+                       base: Sequence[Decision] | None) -> list[Decision] | None:
+        sampling = base is not None
+        if not s.budget_left.can_verify:
+            return None if sampling else []
+        tokens = _mean_solution_tokens(s)
+        lam = s.lam if s.lam is not None else (profile.lam if profile.lam else 1.0)
+        verify_cost = max(lam * tokens, 1e-9)
+        bar = sample_gain(ev, self.prior) / tokens if sampling else 0.0
+        out: list[Decision] = []
+        for i, a in enumerate(ev.answers):
+            target = self._target(a, profile)
+            if target is None:
+                continue
+            gain = verify_gain(ev, i, target.id, profile)
+            if gain >= self.min_gain and gain / verify_cost > bar:
+                out.append(Verify(target))
+        if sampling and not out:
+            return None
+        return out
+
+
+def solverify_entries() -> None:
+    """Register both policies (called by :mod:`policies.spec`)."""
+    from policies.spec import Param, register
+
+    common = (
+        Param("width", "width", int, default=8, help="samples kept in flight (as adaptive)"),
+        Param("confidence", "confidence", float, default=0.9,
+              help="adaptive's vote-based stop"),
+        Param("max", "max", int, default=64,
+              help="sample cap and adaptive's horizon (in replays 'all' = the pool size)"),
+        Param("min_votes", "min_votes", int, default=3, help="as adaptive"),
+        Param("prior", "prior", float, default=1.0, help="Dirichlet pseudo-count"),
+        Param("max_failures", "max_failures", int, help="broken samples replaced (default max)"),
+        Param("profile", "profile", str,
+              help="verifier profile JSON (solverify bench verifier); default: estimated "
+                   "online from the run"),
+        Param("settle", "settle", float, default=0.95,
+              help="stop when P(best answer right) >= settle and it has a reading"),
+        Param("max_reads", "max_reads", int, default=4, help="readings per answer at most"),
+        Param("explore", "explore", int, default=10,
+              help="online: pseudo-labelled solutions per class before trusting the "
+                   "estimate (0: never verify without a profile)"),
+        Param("min_auc", "min_auc", float, default=0.55,
+              help="use the verifier only when its AUC (online: 95% lower bound) > this"),
+        Param("max_icc", "max_icc", float, default=0.5,
+              help="read one solution again only when the profile's repeat ICC < this"),
+    )
+    register("verify-contested", VerifyContested,
+             (*common, Param("floor", "floor", float, default=0.05,
+                             help="verify answers whose posterior >= floor")),
+             "adaptive + verify the answers that can still win until the posterior settles")
+    register("solverify", Solverify,
+             (*common, Param("min_gain", "min_gain", float, default=0.002,
+                             help="least expected gain in P(right) a verification must add")),
+             "sample, verify or stop by expected gain in P(right) per token; with a "
+             "useless verifier it is adaptive")

@@ -1,0 +1,355 @@
+"""verify-contested and solverify: the posterior against brute force, the online verifier
+estimate on a deterministic fake run, budgets, and that a useless verifier changes
+nothing about adaptive's answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import integrate, special
+from scipy import stats as sst
+
+from orchestrator.backends.fake import FakeBackend, FakeReply
+from orchestrator.decisions import Sample, Stop, Verify
+from orchestrator.errors import DataError
+from orchestrator.history import ProblemRecord, RunHistory
+from orchestrator.runtime import run_batch, solve
+from orchestrator.snapshot import Blocked, BudgetLeft
+from orchestrator.testing import make_snapshot
+from orchestrator.types import Budget, Problem
+from policies import parse_policy
+from policies.adaptive import Adaptive
+from policies.evidence import evidence, mode_probabilities, sample_gain, verify_gain
+from policies.online import estimate_online, pseudo_labelled
+from policies.profile import BetaFit, VerifierProfile
+from policies.verifying import Solverify, VerifyContested
+from tests.helpers import WordTask
+
+GOOD = VerifierProfile(BetaFit(6.0, 2.0), BetaFit(2.0, 6.0), auc=0.93, lam=1.0,
+                       repeat_icc=0.0, simulated=True)
+REPEATS = VerifierProfile(BetaFit(6.0, 2.0), BetaFit(2.0, 6.0), auc=0.93, lam=1.0,
+                          repeat_icc=0.95, simulated=True)
+USELESS = VerifierProfile(BetaFit(2.0, 2.0), BetaFit(2.0, 2.0), auc=0.5, lam=1.0)
+
+
+def saved(tmp_path, profile: VerifierProfile, name: str = "p.json") -> str:
+    path = tmp_path / name
+    profile.save(path)
+    return str(path)
+
+
+# ---- the maths, against brute force ------------------------------------------------------
+def mode_probability_by_quad(counts, j, prior=1.0):
+    """P(G_j > every other G_i), G_i ~ Gamma(counts_i + prior), by adaptive quadrature."""
+    alphas = [c + prior for c in counts]
+
+    def f(x):
+        out = sst.gamma.pdf(x, alphas[j])
+        for i, a in enumerate(alphas):
+            if i != j:
+                out *= special.gammainc(a, x)
+        return out
+
+    return integrate.quad(f, 0, np.inf, limit=200)[0]
+
+
+@pytest.mark.parametrize("counts", [(3, 0), (2, 1, 0), (5, 3, 1, 2), (1, 1, 1), (9, 1, 0)])
+def test_mode_probabilities_match_quadrature(counts):
+    got = mode_probabilities(counts)
+    want = [mode_probability_by_quad(counts, j) for j in range(len(counts))]
+    assert got == pytest.approx(want, abs=2e-4)
+    assert sum(got) == pytest.approx(1.0)
+
+
+def brute_posterior(answers, scores, profile, prior=1.0):
+    """Enumerate the hypotheses "answer c is right" (and "none of them"): vote prior x the
+    product over every solution of its readings' densities (correct for c's solutions,
+    wrong for the others), each solution's product raised to effective/k."""
+    keys = sorted({a for a in answers if a is not None}, key=answers.index)
+    counts = [answers.count(k) for k in keys] + [answers.count(None)]
+    hyps = [*keys, None]
+    out = []
+    for j, c in enumerate(hyps):
+        like = mode_probability_by_quad(counts, j, prior)
+        for i, a in enumerate(answers):
+            ps = scores.get(i, ())
+            if a is None or not ps:
+                continue
+            dens = profile.correct if a == c else profile.wrong
+            log = sum(dens.logpdf(p) for p in ps)
+            like *= math.exp(log * profile.effective_readings(len(ps)) / len(ps))
+        out.append(like)
+    total = sum(out)
+    return [x / total for x in out]
+
+
+@pytest.mark.parametrize(("answers", "scores", "profile"), [
+    (["7", "8", "7"], {0: [0.3], 1: [0.8]}, GOOD),
+    (["7", "8", "7", None, "9"], {0: [0.6, 0.4], 1: [0.7], 4: [0.35]}, GOOD),
+    (["7", "8", "8", "7"], {0: [0.6, 0.62, 0.58], 2: [0.3]}, REPEATS),
+    (["5"], {0: [0.2]}, GOOD),
+])
+def test_posterior_of_votes_and_readings_matches_enumeration(answers, scores, profile):
+    ev = evidence(make_snapshot(answers, scores=scores), profile)
+    assert ev.post == pytest.approx(brute_posterior(answers, scores, profile), abs=5e-4)
+
+
+def test_verifier_evidence_can_overturn_the_majority_and_repeats_count_once():
+    snap = make_snapshot(["7", "7", "8"], scores={0: [0.1], 1: [0.15], 2: [0.9]})
+    ev = evidence(snap, GOOD)
+    assert ev.answers[ev.best].key == "8"
+    # ten identical readings from a verifier that repeats itself are worth about one
+    once = evidence(make_snapshot(["7", "8"], scores={1: [0.8]}), REPEATS)
+    many = evidence(make_snapshot(["7", "8"], scores={1: [0.8] * 10}), REPEATS)
+    assert many.post[1] == pytest.approx(once.post[1], abs=0.02)
+
+
+def test_expected_gains_are_what_enumeration_over_the_reading_grid_says():
+    from policies.evidence import GRID, _reading_grid
+
+    snap = make_snapshot(["7", "8", "7", "8"])
+    ev = evidence(snap, GOOD)
+    good, bad = _reading_grid(GOOD)
+    want = 0.0
+    for nodes, w in ((good, ev.post[0] / GRID), (bad, (1 - ev.post[0]) / GRID)):
+        for r in nodes:
+            post = list(ev.post)
+            post[0] *= math.exp(GOOD.log_lr(float(r)))
+            want += w * max(post[:-1]) / sum(post)
+    assert verify_gain(ev, 0, 0, GOOD) == pytest.approx(want - ev.value, abs=1e-12)
+    assert verify_gain(ev, 0, 0, GOOD) > 0.05  # a 2-2 tie: one good reading matters
+    settled = evidence(make_snapshot(["7"] * 9), GOOD)
+    assert verify_gain(settled, 0, 0, GOOD) < 0.01
+    assert sample_gain(ev) >= 0.0
+
+
+# ---- the policies on hand-built snapshots ---------------------------------------------------
+def snapshots():
+    """Snapshots adaptive meets: starts, leads, ties, with verifications and in flight."""
+    out = [make_snapshot([], in_flight=0), make_snapshot(["4"], in_flight=7),
+           make_snapshot(["4", "4", "4"], in_flight=5),
+           make_snapshot(["4", "5", "4", "5"], in_flight=4, scores={0: [0.2], 1: [0.9]}),
+           make_snapshot(["4"] * 12, in_flight=0),
+           make_snapshot(["4", "5", None] * 8, in_flight=8, verifying={0: 1}),
+           make_snapshot(["4", "5"], budget_left=BudgetLeft(3, None, None, 5, 1)),
+           make_snapshot(["4", "5"] * 32)]
+    return out
+
+
+@pytest.mark.parametrize("cls", [Solverify, VerifyContested])
+def test_a_useless_verifier_profile_makes_it_exactly_adaptive(tmp_path, cls):
+    policy = cls(profile=saved(tmp_path, USELESS))
+    adaptive = Adaptive()
+    for snap in snapshots():
+        assert list(policy.decide(snap)) == list(adaptive.decide(snap))
+
+
+def test_without_profile_or_history_it_only_adds_exploratory_verifications():
+    policy, adaptive = Solverify(), Adaptive()
+    for snap in snapshots():
+        got, base = list(policy.decide(snap)), list(adaptive.decide(snap))
+        assert [d for d in got if not isinstance(d, Verify)] == base
+        if any(isinstance(d, Stop) for d in base):
+            assert got == base  # exploration never holds a stop
+    assert Solverify(explore=0).decide(snapshots()[3]) == Adaptive().decide(snapshots()[3])
+
+
+def test_solverify_verifies_a_contested_tie_and_samples_when_nothing_is_known(tmp_path):
+    policy = Solverify(profile=saved(tmp_path, GOOD))
+    tie = make_snapshot(["4", "5", "4", "5"])
+    got = policy.decide(tie)
+    assert got and all(isinstance(d, Verify) for d in got)
+    assert {d.solution.key for d in got} == {"4", "5"}
+    assert policy.decide(make_snapshot([])) == [Sample(8)]
+
+
+def test_verified_and_confident_is_settled_and_the_verifier_can_overturn(tmp_path):
+    path = saved(tmp_path, GOOD)
+    for cls in (Solverify, VerifyContested):
+        snap = make_snapshot(["4", "5", "4", "5", "5"], scores={0: [0.95], 1: [0.05]},
+                             in_flight=3)
+        (stop,) = cls(profile=path).decide(snap)
+        assert isinstance(stop, Stop) and stop.key == "4" and stop.code == "settled"
+
+
+def test_a_verifier_that_repeats_itself_is_never_asked_twice_about_one_solution(tmp_path):
+    for profile, rereads in ((REPEATS, False), (GOOD, True)):
+        policy = VerifyContested(profile=saved(tmp_path, profile, f"{rereads}.json"))
+        snap = make_snapshot(["4", "5"], scores={0: [0.5], 1: [0.5]}, in_flight=6)
+        asked = [d for d in policy.decide(snap) if isinstance(d, Verify)]
+        assert bool(asked) == rereads
+
+
+def test_verify_contested_verifies_each_live_answer_one_at_a_time(tmp_path):
+    policy = VerifyContested(profile=saved(tmp_path, GOOD))
+    snap = make_snapshot(["4", "5", "4", "6"], in_flight=4, verifying={0: 1})
+    asked = [d for d in policy.decide(snap) if isinstance(d, Verify)]
+    # "4" has a verification in flight; "5" and "6" get one each, on their only solution
+    assert sorted(d.solution.key for d in asked) == ["5", "6"]
+    # a long-shot answer is not verified
+    snap = make_snapshot(["4"] * 6 + ["5"], in_flight=2, scores={0: [0.7]})
+    asked = [d for d in VerifyContested(profile=saved(tmp_path, GOOD), floor=0.2)
+             .decide(snap) if isinstance(d, Verify)]
+    assert all(d.solution.key == "4" for d in asked)
+
+
+@pytest.mark.parametrize("cls", [Solverify, VerifyContested])
+def test_no_verification_is_asked_for_that_the_budget_cannot_hold(tmp_path, cls):
+    policy = cls(profile=saved(tmp_path, GOOD))
+    tight = BudgetLeft(tokens=20, requests=None, cost_units=None, sample_tokens=10,
+                       verify_tokens=30)
+    snap = make_snapshot(["4", "5", "4", "5"], budget_left=tight)
+    assert not any(isinstance(d, Verify) for d in policy.decide(snap))
+    blocked = make_snapshot(["4", "5", "4"], budget_left=tight,
+                            blocked=Blocked(("verify",), "tokens"))
+    (stop,) = policy.decide(blocked)
+    assert stop.code == "budget" and stop.key == "4"
+
+
+async def test_through_the_runtime_the_budget_is_respected_and_the_policy_stops(tmp_path):
+    task = WordTask(max_tokens=5, verify_max_tokens=8)
+    backend = FakeBackend(lambda req, i: FakeReply.text(
+        "yes" if req.kind == "verify" else ("w seven" if i % 2 else "w eight")))
+    result = await solve(Problem("p", "q", answer="seven"),
+                         Solverify(profile=saved(tmp_path, GOOD), width=2),
+                         Budget(tokens=30), backend, task=task, max_n=1)
+    assert result.usage.completion_tokens <= 30
+    assert result.stop_code == "budget"
+    for req in backend.requests:
+        assert req.max_tokens in (5, 8)
+
+
+def test_bad_profile_file_is_a_data_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(DataError):
+        parse_policy(f"solverify:profile={bad}")
+    with pytest.raises(DataError):
+        parse_policy(f"verify-contested:profile={tmp_path / 'missing.json'}")
+
+
+def test_specs_round_trip(tmp_path):
+    path = saved(tmp_path, GOOD)
+    for spec in (f"solverify:profile={path},min_gain=0.01", "verify-contested:floor=0.1"):
+        policy = parse_policy(spec)
+        assert parse_policy(policy.spec) == policy
+
+
+# ---- the online estimate ---------------------------------------------------------------------
+def fake_history(n: int, good: bool, seed: int = 0) -> tuple[ProblemRecord, ...]:
+    """Settled problems whose majority is right; each with one reading of the winner and
+    one of a loser: informative (good) or the same distribution for both (useless)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        right = rng.beta(6, 2) if good else rng.beta(2, 2)
+        wrong = rng.beta(2, 6) if good else rng.beta(2, 2)
+        out.append(ProblemRecord(
+            problem_id=f"p{i}", stop_code="settled", answer_key="a", keys=("a", "b", "a"),
+            lengths=(10, 10, 10), readings=(("a", float(right)), ("b", float(wrong))),
+            solution_tokens=30, verification_tokens=2, reading_solutions=(0, 1)))
+    # a problem that hit its cap: not settled, so not a pseudo-label
+    out.append(ProblemRecord("cap", "max", "b", ("a", "b"), (1, 1), (("b", 0.99),), 2, 1,
+                             (1,)))
+    return tuple(out)
+
+
+def test_online_estimate_from_settled_majorities():
+    hist = fake_history(40, good=True)
+    labelled = pseudo_labelled(hist)
+    assert len(labelled) == 80 and sum(label for _, label, _ in labelled) == 40
+    est = estimate_online(hist, min_per_class=10)
+    assert (est.positives, est.negatives) == (40, 40)
+    assert est.profile is not None and est.profile.auc > 0.85
+    assert est.usable is est.profile
+    assert estimate_online(hist, min_per_class=10) is est  # memoised on the tuple
+    few = estimate_online(hist[:5], min_per_class=10)
+    assert not few.enough and few.usable is None
+    useless = estimate_online(fake_history(60, good=False), min_per_class=10)
+    assert useless.enough and useless.usable is None
+
+
+def test_online_estimate_turns_the_verifier_on_only_when_it_is_useful():
+    tie = make_snapshot(["4", "5", "4", "5"], in_flight=0)
+    for good in (True, False):
+        snap = make_snapshot(["4", "5", "4", "5"], history=fake_history(60, good=good))
+        got = Solverify().decide(snap)
+        verified = any(isinstance(d, Verify) for d in got)
+        assert verified == good
+        if not good:
+            assert got == Adaptive().decide(snap) == Adaptive().decide(tie)
+
+
+# ---- a fake run: a useless verifier does not change any answer ----------------------------------
+async def test_a_useless_verifier_changes_no_answer_of_a_run():
+    """Solverify with the online estimate (exploring, then a verifier found useless: its
+    verdicts are coin flips) against adaptive on the same fake run."""
+    problems = [Problem(id=f"p{i}", problem=f"q{i}", answer="seven") for i in range(24)]
+    words = ["seven", "eight", "seven", "nine", "seven", "eight", "seven", "seven", "nine"]
+
+    def responder():
+        served: dict[str, int] = {}  # per problem: its j-th sample is always the same
+
+        def respond(req, i):
+            if req.kind == "verify":  # coin flips
+                return FakeReply.text("yes" if (len(req.prompt) + i) % 2 else "no")
+            j = served.get(req.prompt, 0)
+            served[req.prompt] = j + 1
+            qi = int(req.prompt[1:])
+            # lengths differ, so samples finish one by one; longer than the verdicts
+            return FakeReply.text("w " * (3 + (j * 5 + qi) % 7) + words[(qi + j) % 9])
+
+        return respond
+
+    out = {}
+    for policy in (Solverify(max=16, width=4), Adaptive(max=16, width=4)):
+        results = await run_batch(problems, policy, backend=FakeBackend(responder()),
+                                  task=WordTask(), concurrency=None, problems_in_flight=4,
+                                  max_n=1)
+        out[type(policy).__name__] = results
+    a, b = out["Solverify"], out["Adaptive"]
+    assert [r.key for r in a] == [r.key for r in b]
+    assert [len(r.solutions) for r in a] == [len(r.solutions) for r in b]
+    assert sum(len(r.verifications) for r in a) > 0  # it did explore
+    assert all(not r.verifications for r in b)
+
+
+async def test_history_records_which_solution_each_reading_is_of():
+    from policies import GenRM
+
+    h = RunHistory()
+    backend = FakeBackend(lambda req, i: FakeReply.text(
+        "yes" if req.kind == "verify" else ("w seven" if i == 0 else "w w eight")))
+    await solve(Problem("p", "q"), GenRM(2, 2), backend=backend, task=WordTask(), history=h,
+                max_n=1)
+    (rec,) = h.records
+    assert sorted(rec.reading_solutions) == [0, 0, 1, 1]
+    keys = [rec.keys[i] for i in rec.reading_solutions]
+    assert keys == [k for k, _ in rec.readings]
+
+
+# ---- the replay path (simulated clock, real runtime) ------------------------------------------
+def test_replayed_with_a_simulated_verifier_it_verifies_and_a_useless_profile_is_adaptive(
+        tmp_path):
+    from benchmarks.replay import ReplayConfig, replay_pool
+    from benchmarks.source import ReplaySource, SimulatedVerifier
+    from tests.test_replay import random_pool
+
+    strong = VerifierProfile(BetaFit(8.0, 1.0), BetaFit(1.0, 8.0), auc=0.99, lam=0.5,
+                             repeat_icc=0.0, simulated=True)
+    good, useless = saved(tmp_path, strong, "g.json"), saved(tmp_path, USELESS, "u.json")
+    src = ReplaySource(random_pool(4, problems=16, keys="abc"), seed=2,
+                       verifier=SimulatedVerifier(correct=(8.0, 1.0), wrong=(1.0, 8.0),
+                                                  lam=0.5, vmax=4))
+    specs = [f"solverify:profile={good},width=3,max=9", "adaptive:width=3,max=9",
+             f"solverify:profile={useless},width=3,max=9",
+             f"verify-contested:profile={good},width=3,max=9"]
+    out = replay_pool(src, specs, ReplayConfig(orders=2, workers=1))
+    smart, adaptive, same, contested = out
+    for metric in ("correct", "tokens", "samples", "latency"):
+        np.testing.assert_array_equal(getattr(same, metric), getattr(adaptive, metric))
+    assert smart.correct.mean() > adaptive.correct.mean()
+    assert contested.correct.mean() > adaptive.correct.mean()
+    assert smart.errors == contested.errors == 0
