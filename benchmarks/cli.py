@@ -55,6 +55,9 @@ def _add_pool_args(p: argparse.ArgumentParser) -> None:
                    help="simulated verification length / solution length (default 1)")
     p.add_argument("--sim-vmax", type=positive_int, default=32, metavar="V",
                    help="simulated readings per sample (default 32)")
+    p.add_argument("--sim-corr", type=non_negative_float, default=0.0, metavar="R",
+                   help="correlation of two simulated readings of one solution, in [0, 1] "
+                        "(default 0: independent; 1: identical, like a one-token verdict)")
     p.add_argument("--verify-tokens", type=positive_int, default=1, metavar="T",
                    help="length of a recorded verification without a token count (default 1)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write JSON here")
@@ -103,6 +106,61 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Monte Carlo draws of V-subsets of the readings (default 8)")
     cm.add_argument("--bootstrap", type=positive_int, default=1000,
                     help="bootstrap resamples for the exponent CIs (default 1000)")
+    cm.add_argument("--profile-out", type=Path, default=None, metavar="PROFILE.json",
+                    help="write a verifier profile holding the fitted scaling law (one law "
+                         "over all --pool files), for optimal:c=C,profile=FILE")
+
+    ve = sub.add_parser("verifier", help="measure a verifier on labelled pools and write "
+                        "its profile (P(Yes) by label, AUC, lambda, repeat ICC)")
+    _add_pool_args(ve)
+    ve.add_argument("--out", type=Path, default=None, metavar="PROFILE.json",
+                    help="write the verifier profile (policies take it as profile=FILE)")
+    ve.add_argument("--readings", type=positive_int, default=None, metavar="V",
+                    help="readings per solution used (default: all recorded; simulated: 4)")
+    ve.add_argument("--online-sizes", type=int_list, default=(8, 16), metavar="S1,S2",
+                    help="samples per problem for the online (pseudo-label) estimate "
+                         "(default 8,16)")
+    ve.add_argument("--online-orders", type=positive_int, default=10,
+                    help="served orders for the online estimate (default 10)")
+
+    qs = sub.add_parser("quality-sweep", help="accuracy vs compute for SC, the GenRM grid, "
+                        "optimal and given policies, per SIMULATED verifier quality and lambda")
+    qs.add_argument("--pool", action="append", required=True, type=Path, metavar="FILE",
+                    help="pool scored (repeatable)")
+    qs.add_argument("--fit-pool", action="append", required=True, type=Path, metavar="FILE",
+                    help="pool optimal's scaling law is fitted on (repeatable; not a --pool)")
+    qs.add_argument("--quality", action="append", default=None, metavar="A,B/C,D",
+                    help="simulated P(Yes)|correct ~ Beta(A,B), P(Yes)|wrong ~ Beta(C,D) "
+                         "(repeatable; default 2.35,2/2,2.35 3,2/2,3 4,2/2,4: AUC 0.60, "
+                         "0.76, 0.90)")
+    qs.add_argument("--lams", type=float_list, default=(0.5, 1.0, 2.0), metavar="L1,L2",
+                    help="simulated lambdas (default 0.5,1,2)")
+    qs.add_argument("--policy", action="append", default=None, metavar="SPEC",
+                    help="policy replayed besides optimal (repeatable; default adaptive)")
+    qs.add_argument("--compute", type=float_list, default=(4, 8, 16, 32, 64, 128, 256),
+                    metavar="C1,C2", help="compute levels for optimal:c=C "
+                                         "(default 4,8,...,256)")
+    qs.add_argument("--sizes", type=int_list, default=(1, 2, 4, 8, 16, 32, 64),
+                    metavar="S1,S2", help="SC / GenRM solution counts (default 1..64)")
+    qs.add_argument("--verifications", type=int_list, default=(1, 2, 4, 8, 16),
+                    metavar="V1,V2", help="GenRM verifications (default 1,2,4,8,16)")
+    qs.add_argument("--sim-vmax", type=positive_int, default=16, metavar="V",
+                    help="simulated readings per sample (default 16)")
+    qs.add_argument("--v-draws", type=positive_int, default=4,
+                    help="Monte Carlo draws of V-subsets (default 4)")
+    qs.add_argument("--orders", type=positive_int, default=5,
+                    help="served orders per problem for replayed policies (default 5)")
+    qs.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    qs.add_argument("--limit", type=positive_int, default=None,
+                    help="only the first N problems of each pool")
+    qs.add_argument("--workers", type=positive_int, default=None,
+                    help="processes for the runtime engine (default: one per CPU)")
+    qs.add_argument("--profile-dir", type=Path, default=Path("quality-sweep-profiles"),
+                    help="where the fitted profiles (one per setting) are written")
+    qs.add_argument("--json", type=Path, default=None, metavar="OUT", help="write JSON here")
+    qs.add_argument("--markdown", type=Path, default=None, metavar="OUT.md",
+                    help="write Markdown tables")
+    qs.add_argument("--plot", type=Path, default=None, metavar="OUT.png", help="write a figure")
 
     ca = sub.add_parser("calibrate", help="pick a policy threshold on --fit pools for a "
                         "target agreement with sc:n=all; report it on --holdout pools")
@@ -173,7 +231,8 @@ def _sources(args: argparse.Namespace) -> list[Any]:
     verifier: Any = "auto"
     if args.simulated_verifier:
         verifier = SimulatedVerifier(correct=args.sim_correct, wrong=args.sim_wrong,
-                                     lam=args.sim_lambda, vmax=args.sim_vmax, seed=args.seed)
+                                     lam=args.sim_lambda, vmax=args.sim_vmax, seed=args.seed,
+                                     corr=args.sim_corr)
     return [ReplaySource(load_pool(p, limit=args.limit), seed=args.seed, verifier=verifier,
                          verify_tokens=args.verify_tokens) for p in args.pool]
 
@@ -192,7 +251,12 @@ def _print_replay_table(report: dict[str, Any], file: Any = None) -> None:
     head = (f"{'pool':28s} {'policy':24s} {'accuracy':>8s} {'95% CI':>15s} "
             f"{'tokens/prob':>12s} {'samples':>8s} {'latency s':>10s} engine")
     print(head, file=file)
+    shown: set[str] = set()
     for r in report["runs"]:
+        ver = r.get("verifier")
+        if r["pool"] not in shown and ver and ver != "no verifier":
+            shown.add(r["pool"])
+            print(f"# {r['pool']}: {ver.replace('simulated', 'SIMULATED', 1)}", file=file)
         lo, hi = r["accuracy_ci95"]
         print(f"{r['pool'][:28]:28s} {r['policy'][:24]:24s} {r['accuracy']:8.3f} "
               f"[{lo:.3f},{hi:.3f}] {r['tokens_per_problem']:12,.0f} "
@@ -245,7 +309,8 @@ def _compute_matched(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         v_draws=args.v_draws, bootstrap=args.bootstrap, seed=args.seed)
     t0 = time.perf_counter()
     results = []
-    for src in _sources(args):
+    sources = _sources(args)
+    for src in sources:
         res = compute_matched(src, cfg)
         results.append(res)
         if not args.quiet:
@@ -270,6 +335,75 @@ def _compute_matched(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_compute_matched(results, args.plot)
+    if args.profile_out:
+        from benchmarks.compute_matched import scaling_profile
+
+        prof = scaling_profile(sources, results)
+        args.profile_out.parent.mkdir(parents=True, exist_ok=True)
+        prof.save(args.profile_out)
+        if not args.quiet:
+            law = prof.scaling
+            assert law is not None
+            print(f"profile written to {args.profile_out}: S_opt = {law.s_coef:.3g} C^"
+                  f"{law.s_exp:.3g}, V_opt = {law.v_coef:.3g} C^{law.v_exp:.3g}, crossover "
+                  f"C={law.crossover}, verification pays: {law.verify_pays}")
+    return 0
+
+
+def _verifier(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from benchmarks.verifier import measure_verifier, report_text
+
+    t0 = time.perf_counter()
+    profile, report = measure_verifier(_sources(args), readings=args.readings,
+                                       online_sizes=args.online_sizes,
+                                       online_orders=args.online_orders)
+    report["command"] = _command_line(argv)
+    report["wall_s"] = round(time.perf_counter() - t0, 3)
+    text = report_text(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        profile.save(args.out)
+    if args.json:
+        _write_json(args.json, report)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(f"```\n{report['command']}\n```\n\n```\n{text}```\n",
+                                 encoding="utf-8")
+    if not args.quiet:
+        print(text, end="")
+        if args.out:
+            print(f"profile written to {args.out}")
+    return 0
+
+
+def _quality_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from benchmarks.compute_matched import CompareConfig
+    from benchmarks.pools import load_pool
+    from benchmarks.quality_sweep import Quality, plot_sweep, quality_sweep, sweep_markdown
+    from benchmarks.replay import ReplayConfig
+
+    qualities = [Quality.parse(q) for q in
+                 (args.quality or ["2.35,2/2,2.35", "3,2/2,3", "4,2/2,4"])]
+    cm = CompareConfig(sizes=args.sizes, verifications=args.verifications,
+                       v_draws=args.v_draws, bootstrap=1, seed=args.seed)
+    rc = ReplayConfig(orders=args.orders, seed=args.seed, workers=args.workers, bootstrap=200)
+    report = quality_sweep(
+        [load_pool(p, limit=args.limit) for p in args.pool],
+        [load_pool(p, limit=args.limit) for p in args.fit_pool], qualities, args.lams,
+        args.policy or ["adaptive"], args.compute, profile_dir=args.profile_dir, cm=cm,
+        replay=rc, vmax=args.sim_vmax, seed=args.seed,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    report["command"] = _command_line(argv)
+    text = sweep_markdown(report, report["command"])
+    if args.json:
+        _write_json(args.json, report)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text, encoding="utf-8")
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_sweep(report, args.plot)
+    print(text, end="")
     return 0
 
 
@@ -376,6 +510,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _record(args)
     if args.command == "calibrate":
         return _calibrate(args, args_list)
+    if args.command == "verifier":
+        return _verifier(args, args_list)
+    if args.command == "quality-sweep":
+        return _quality_sweep(args, args_list)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -40,14 +40,17 @@ from scipy import special
 
 from benchmarks.source import ReplaySource, SimulatedVerifier
 from orchestrator.errors import ConfigError
+from policies.profile import ScalingLaw, VerifierProfile
 
 __all__ = [
     "CompareConfig",
     "bon_expected",
     "compute_matched",
     "grid_success",
+    "joint_scaling",
     "powers_of_two",
     "sc_expected",
+    "scaling_profile",
 ]
 
 
@@ -262,6 +265,13 @@ def _optimal(sizes: Sequence[int], verifications: Sequence[int], genrm: np.ndarr
 
 
 def _fit(budgets: Sequence[float], values: Sequence[int | None]) -> float | None:
+    line = _fit_line(budgets, values)
+    return None if line is None else line[0]
+
+
+def _fit_line(budgets: Sequence[float], values: Sequence[int | None]
+              ) -> tuple[float, float] | None:
+    """(exponent, coefficient) of values = coefficient · budget^exponent (log-log fit)."""
     pts = [(math.log(b), math.log(v)) for b, v in zip(budgets, values, strict=True)
            if v is not None]
     if len(pts) < 2:
@@ -270,7 +280,8 @@ def _fit(budgets: Sequence[float], values: Sequence[int | None]) -> float | None
     y = np.array([p[1] for p in pts])
     if np.ptp(x) == 0:
         return None
-    return float(np.polyfit(x, y, 1)[0])
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(slope), float(math.exp(intercept))
 
 
 def crossover(sc_sizes: Sequence[int], sc_success: np.ndarray, costs: np.ndarray,
@@ -333,8 +344,10 @@ def compute_matched(src: ReplaySource, cfg: CompareConfig) -> dict[str, Any]:
     budgets = [2.0 ** k for k in range(0, math.floor(math.log2(top)) + 1)
                if 2.0 ** k >= costs.min() - 1e-9]
     s_opt, v_opt = _optimal(sizes, verifications, genrm, lam, budgets)
-    s_exp = _fit(budgets, s_opt)
-    v_exp = _fit(budgets, v_opt)
+    s_line = _fit_line(budgets, s_opt)
+    v_line = _fit_line(budgets, v_opt)
+    s_exp = None if s_line is None else s_line[0]
+    v_exp = None if v_line is None else v_line[0]
     rng = np.random.default_rng([cfg.seed, 0xB007])
     P = sc_p.shape[0]
     boot_s: list[float] = []
@@ -373,6 +386,8 @@ def compute_matched(src: ReplaySource, cfg: CompareConfig) -> dict[str, Any]:
             "S_opt": s_opt,
             "V_opt": v_opt,
             "S_exponent": s_exp,
+            "S_coefficient": None if s_line is None else s_line[1],
+            "V_coefficient": None if v_line is None else v_line[1],
             "S_exponent_ci95": ci(boot_s),
             "V_exponent": v_exp,
             "V_exponent_ci95": ci(boot_v),
@@ -385,3 +400,60 @@ def compute_matched(src: ReplaySource, cfg: CompareConfig) -> dict[str, Any]:
                      "unless V covers every reading",
         },
     }
+
+
+# ---- the scaling law as a profile (for optimal:c=C,profile=FILE) ---------------------------
+def joint_scaling(results: Sequence[dict[str, Any]]) -> ScalingLaw:
+    """One compute-optimal law over several :func:`compute_matched` results: success
+    averaged over the pools (equal weight) on the (S, V) grid points they share, λ their
+    mean; the same optimum, fit and crossover rules as for one pool."""
+    if not results:
+        raise ConfigError("no compute-matched results to fit a scaling law on")
+    genrm: dict[tuple[int, int], list[float]] = {}
+    sc: dict[int, list[float]] = {}
+    for res in results:
+        for g in res["genrm"]:
+            genrm.setdefault((g["S"], g["V"]), []).append(g["success"])
+        for c in res["sc"]:
+            sc.setdefault(c["S"], []).append(c["success"])
+    n = len(results)
+    common = {k: float(np.mean(v)) for k, v in genrm.items() if len(v) == n}
+    sc_common = {k: float(np.mean(v)) for k, v in sc.items() if len(v) == n}
+    sizes = sorted({s for s, _ in common})
+    verifications = sorted({v for _, v in common})
+    if not sizes or any((s, v) not in common for s in sizes for v in verifications):
+        raise ConfigError("the pools share no complete (S, V) grid; give --sizes and "
+                          "--verifications")
+    lam = float(np.mean([res["lambda"] for res in results]))
+    g = np.array([[common[(s, v)] for v in verifications] for s in sizes])
+    costs = np.array([[s * (1 + lam * v) for v in verifications] for s in sizes])
+    sc_sizes = sorted(sc_common)
+    cross = crossover(sc_sizes, np.array([sc_common[s] for s in sc_sizes]), costs.ravel(),
+                      g.ravel())
+    top = float(costs.max())
+    budgets = [2.0 ** k for k in range(0, math.floor(math.log2(top)) + 1)
+               if 2.0 ** k >= costs.min() - 1e-9]
+    s_opt, v_opt = _optimal(sizes, verifications, g, lam, budgets)
+    s_line = _fit_line(budgets, s_opt)
+    v_line = _fit_line(budgets, v_opt)
+    if s_line is None or v_line is None:
+        raise ConfigError("too few compute levels to fit a scaling law (need two budgets "
+                          "with an optimum)")
+    return ScalingLaw(s_coef=s_line[1], s_exp=s_line[0], v_coef=v_line[1], v_exp=v_line[0],
+                      crossover=cross, verify_pays=cross is not None, lam=lam,
+                      c_min=float(budgets[0]), c_max=float(budgets[-1]))
+
+
+def scaling_profile(sources: Sequence[ReplaySource], results: Sequence[dict[str, Any]]
+                    ) -> VerifierProfile:
+    """The verifier profile of ``sources`` (their readings, as ``bench verifier``
+    measures them) carrying the scaling law fitted jointly on ``results``."""
+    from benchmarks.verifier import pool_readings
+
+    law = joint_scaling(results)
+    # the readings bench verifier measures by default (all recorded; simulated: 4)
+    readings = [r for src in sources for r in pool_readings(src)]
+    simulated = any(isinstance(src.verifier, SimulatedVerifier) for src in sources)
+    return VerifierProfile.from_readings(
+        readings, lam=law.lam, source="compute-matched: " + ", ".join(s.name for s in sources),
+        simulated=simulated, scaling=law)

@@ -87,7 +87,10 @@ def plot_replay(report: dict[str, Any], path: str | Path) -> Path:
             ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             ax.set_xlabel(label)
             ax.set_ylabel("accuracy")
-            ax.set_title(pool, fontsize=9)
+            title = pool
+            if runs[0].get("simulated_verifier"):
+                title += "\n" + runs[0]["verifier"].replace("simulated", "SIMULATED", 1)
+            ax.set_title(title, fontsize=9 if title == pool else 7)
             ax.grid(True, alpha=0.3)
             if col == 0:
                 ax.legend(fontsize=7)
@@ -166,7 +169,10 @@ def replay_markdown(report: dict[str, Any], command: str | None = None) -> str:
         f"{cfg.get('decode_rate')} tokens/s, TTFT {cfg.get('ttft')} s; accuracy CIs: paired "
         "bootstrap over problems.")
     for pool, runs in _by_pool(report["runs"]).items():
-        lines += ["", f"**{pool}** ({runs[0]['problems']} problems)", "",
+        ver = runs[0].get("verifier")
+        ver = "" if not ver or ver == "no verifier" else (
+            "; " + ver.replace("simulated", "SIMULATED", 1))
+        lines += ["", f"**{pool}** ({runs[0]['problems']} problems{ver})", "",
                   "| policy | horizon | accuracy | 95% CI | tokens/problem | samples/problem | "
                   "latency/problem (s) | engine |",
                   "|---|---:|---:|---:|---:|---:|---:|---|"]

@@ -111,9 +111,13 @@ _PARAM_RE = re.compile(r"^\s*([a-z_]+)\s*=\s*([^,\s]+)\s*$")
 
 
 def fixed_plan(spec: str) -> FixedPlan | None:
-    """``sc:n=K|all`` and ``genrm:s=S|all,v=V`` (no other parameters) as a plan, else None."""
+    """``sc:n=K|all``, ``genrm:s=S|all,v=V`` (no other parameters) and ``optimal:...`` (the
+    allocation it resolves to) as a plan, else None."""
     name, _, rest = spec.strip().partition(":")
     name = name.strip().lower()
+    if name == "optimal":  # a fixed allocation: the SC or GenRM plan it resolves to
+        s_opt, v_opt = parse_policy(spec).allocation
+        return FixedPlan("sc", s_opt) if v_opt == 0 else FixedPlan("genrm", s_opt, v_opt)
     if name not in ("sc", "genrm"):
         return None
     params: dict[str, str] = {}
@@ -596,7 +600,9 @@ def sweep(sources: Sequence[ReplaySource], specs: Sequence[str], cfg: ReplayConf
     for src in sources:
         outcomes = replay_pool(src, specs, cfg, progress)
         size = int(src.pool.arrays.n.max())
-        for run in summarise(outcomes, cfg, extra={"verifier": src.verifier_label}):
+        for run in summarise(outcomes, cfg, extra={
+                "verifier": src.verifier_label,
+                "simulated_verifier": src.verifier_label.startswith("simulated")}):
             run["horizon"] = horizon(run["policy"], size)
             runs.append(run)
         src.forget_orders()

@@ -22,6 +22,7 @@ Verifiers, in order of preference (``verifier="auto"``):
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -38,14 +39,22 @@ __all__ = ["ReplaySource", "SimulatedVerifier", "VerifierArrays"]
 @dataclass(frozen=True, slots=True)
 class SimulatedVerifier:
     """P(Yes) ~ Beta(*correct) for correct samples, Beta(*wrong) otherwise; length = λ × the
-    sample's length (at least 1 token). ``vmax`` readings are drawn per sample. The
-    defaults give one reading an AUC of about 0.76 (a middling verifier)."""
+    sample's length (at least 1 token). ``vmax`` readings are drawn per sample, seeded by
+    ``seed``, the pool's name and the problem's position (so pools replicate
+    independently). The defaults give one reading an AUC of 0.757 (a middling verifier).
+
+    ``corr`` is the correlation of two readings of one solution (Gaussian copula: each
+    reading is ``Beta.ppf(Φ(√corr·z + √(1-corr)·ε))`` with ``z`` shared by the solution's
+    readings), so every reading keeps its Beta marginal: 0 (default) = independent
+    readings, 1 = every reading of a solution identical, like the real one-token verifier.
+    """
 
     correct: tuple[float, float] = (3.0, 2.0)
     wrong: tuple[float, float] = (2.0, 3.0)
     lam: float = 1.0
     vmax: int = 32
     seed: int = 0
+    corr: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("correct", "wrong"):
@@ -56,18 +65,47 @@ class SimulatedVerifier:
             raise ConfigError(f"simulated verifier: lambda must be > 0, got {self.lam}")
         if self.vmax < 1:
             raise ConfigError(f"simulated verifier: vmax must be >= 1, got {self.vmax}")
+        if not 0.0 <= self.corr <= 1.0:
+            raise ConfigError(f"simulated verifier: corr must lie in [0, 1], got {self.corr}")
 
     @property
     def label(self) -> str:
+        corr = f", within-solution corr={self.corr:g}" if self.corr else ""
         return (f"simulated verifier (P(Yes)|correct ~ Beta{self.correct}, P(Yes)|wrong ~ "
-                f"Beta{self.wrong}, lambda={self.lam:g})")
+                f"Beta{self.wrong}, one-reading AUC {self.auc():.3f}, lambda={self.lam:g}"
+                f"{corr})")
 
     def auc(self) -> float:
-        """P(a correct sample's reading > a wrong one's), for the label."""
-        rng = np.random.default_rng(12345)
-        c = rng.beta(*self.correct, 20000)
-        w = rng.beta(*self.wrong, 20000)
-        return float(np.mean(c > w))
+        """P(a correct sample's reading > a wrong one's) = ∫ f_correct(x) F_wrong(x) dx
+        (numerical quadrature; exact to ~1e-6)."""
+        from scipy import integrate, special
+
+        (ca, cb), (wa, wb) = self.correct, self.wrong
+
+        def integrand(x: float) -> float:
+            log_f = ((ca - 1) * math.log(x) + (cb - 1) * math.log1p(-x)
+                     - special.betaln(ca, cb))
+            return math.exp(log_f) * float(special.betainc(wa, wb, x))
+
+        value, _ = integrate.quad(integrand, 0.0, 1.0, limit=200)
+        return float(min(max(value, 0.0), 1.0))
+
+    def draw(self, correct: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Readings (len(correct), vmax) for samples with these labels."""
+        n = len(correct)
+        if self.corr == 0.0:  # independent readings (the original draw, kept bit-for-bit)
+            pc = rng.beta(*self.correct, size=(n, self.vmax))
+            pw = rng.beta(*self.wrong, size=(n, self.vmax))
+            return np.where(correct[:, None], pc, pw)
+        from scipy import special
+
+        shared = rng.standard_normal((n, 1))
+        own = rng.standard_normal((n, self.vmax))
+        u = special.ndtr(math.sqrt(self.corr) * shared + math.sqrt(1 - self.corr) * own)
+        u = np.clip(u, 1e-12, 1 - 1e-12)
+        pc = special.betaincinv(*self.correct, u)
+        pw = special.betaincinv(*self.wrong, u)
+        return np.where(correct[:, None], pc, pw)
 
 
 @dataclass(frozen=True)
@@ -188,12 +226,15 @@ class ReplaySource:
             sv = self.verifier
             a = self.pool.arrays
             n = int(a.n[i])
-            rng = np.random.default_rng([sv.seed, 0x5EED, i])
-            pc = rng.beta(*sv.correct, size=(n, sv.vmax))
-            pw = rng.beta(*sv.wrong, size=(n, sv.vmax))
-            got = np.where(a.correct[i, :n, None], pc, pw)
+            # the pool's name is mixed in: pools replicate independently
+            rng = np.random.default_rng([sv.seed, 0x5EED, self._pool_salt, i])
+            got = sv.draw(a.correct[i, :n], rng)
             self._sim[i] = got
         return got
+
+    @cached_property
+    def _pool_salt(self) -> int:
+        return zlib.crc32(self.pool.name.encode("utf-8"))
 
     def _sim_tokens(self, i: int, index: int) -> int:
         assert isinstance(self.verifier, SimulatedVerifier)

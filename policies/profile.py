@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +83,46 @@ class BetaFit:
 
 @dataclass(frozen=True, slots=True)
 class ScalingLaw:
-    """S_opt = s_coef · C^s_exp and V_opt = v_coef · C^v_exp (C in units of C(S,V))."""
+    """S_opt = s_coef · C^s_exp and V_opt = v_coef · C^v_exp (C in units of C(S,V)).
+
+    Optional, as fitted by ``solverify bench compute-matched``: ``crossover`` (the compute
+    from which the best GenRM matches or beats the best SC; below it SC is the better use
+    of compute), ``verify_pays`` (False: GenRM never caught up with SC on the fitted grid,
+    so SC is better at every compute), ``lam`` (the λ the law was fitted at) and the range
+    of compute ``c_min``..``c_max`` it was fitted on.
+    """
 
     s_coef: float
     s_exp: float
     v_coef: float
     v_exp: float
+    crossover: float | None = None
+    verify_pays: bool = True
+    lam: float | None = None
+    c_min: float | None = None
+    c_max: float | None = None
 
     def allocation(self, compute: float) -> tuple[int, int]:
         """(S, V) for ``compute`` units: both at least 1, rounded to the nearest integer."""
         s = max(1, round(self.s_coef * compute ** self.s_exp))
         v = max(1, round(self.v_coef * compute ** self.v_exp))
         return s, v
+
+    def prefers_sc(self, compute: float) -> bool:
+        """Whether SC (no verification) is the better use of ``compute`` units."""
+        if not self.verify_pays:
+            return True
+        return self.crossover is not None and compute < self.crossover
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ScalingLaw:
+        def opt(key: str) -> float | None:
+            return _opt_float(d.get(key))
+
+        return cls(float(d["s_coef"]), float(d["s_exp"]), float(d["v_coef"]),
+                   float(d["v_exp"]), crossover=opt("crossover"),
+                   verify_pays=bool(d.get("verify_pays", True)), lam=opt("lam"),
+                   c_min=opt("c_min"), c_max=opt("c_max"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +194,43 @@ class VerifierProfile:
             parse_rate=parsed / total, source=source, simulated=simulated, scaling=scaling,
         )
 
+    @classmethod
+    def from_history(
+        cls,
+        records: Iterable[Any],
+        *,
+        settled: Iterable[str] = ("settled",),
+        source: str = "online (pseudo-labels from settled majorities)",
+    ) -> VerifierProfile | None:
+        """Estimate a profile without ground truth, from a run's finished problems
+        (:class:`orchestrator.history.ProblemRecord`): a reading is labelled correct when
+        the verified solution's answer is the answer its problem settled on (records whose
+        ``stop_code`` is in ``settled``), wrong otherwise. ``None`` when no settled record
+        has a reading. λ is measured from the records' token counts; ``repeat_icc`` and
+        ``within_sd`` stay unknown (a record does not say which readings share a solution).
+        The pseudo-labels are only as good as the majorities: see ``solverify bench
+        verifier`` for how far this estimate lies from the true-label one.
+        """
+        codes = set(settled)
+        readings: list[tuple[Any, bool, float | None]] = []
+        v_tokens = sol_tokens = n_solutions = 0
+        for r in records:
+            if r.stop_code not in codes or r.answer_key is None or not r.readings:
+                continue
+            for j, (key, p) in enumerate(r.readings):
+                if key is not None:
+                    readings.append(((r.problem_id, j), key == r.answer_key, p))
+            v_tokens += r.verification_tokens
+            sol_tokens += r.solution_tokens
+            n_solutions += len(r.keys)
+        if not readings:
+            return None
+        lam = None
+        if sol_tokens > 0 and n_solutions > 0:
+            lam = (v_tokens / len(readings)) / (sol_tokens / n_solutions)
+        prof = cls.from_readings(readings, lam=lam, source=source)
+        return replace(prof, repeat_icc=None, within_sd=None)
+
     # ---- files ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -190,9 +255,7 @@ class VerifierProfile:
                 n_readings=int(d.get("n_readings", 0)),
                 parse_rate=float(d.get("parse_rate", 1.0)),
                 source=str(d.get("source", "")), simulated=bool(d.get("simulated", False)),
-                scaling=None if scaling is None else ScalingLaw(
-                    float(scaling["s_coef"]), float(scaling["s_exp"]),
-                    float(scaling["v_coef"]), float(scaling["v_exp"])),
+                scaling=None if scaling is None else ScalingLaw.from_dict(scaling),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{where}: malformed verifier profile ({exc!r})") from None

@@ -181,6 +181,18 @@ def _ensure_builtins() -> None:
         "Adaptive: finite-horizon posterior stop with a prior learned from the run, "
         "in-flight width following the evidence, stragglers cancelled",
     )
+    from policies import optimal
+
+    register(
+        "optimal", optimal.optimal_from_spec,
+        (Param("c", "compute", float, required=True,
+               help="compute in units of C(S,V) = S(1 + lambda V)"),
+         Param("profile", "profile", str,
+               help="verifier profile with the scaling law (bench compute-matched "
+                    "--profile-out); required"),
+         Param("max_failures", "max_failures", int, help="broken samples replaced (default S)")),
+        "compute-optimal fixed allocation: SC or GenRM(S,V) from the fitted power law",
+    )
     from policies.verifying import solverify_entries
 
     solverify_entries()

@@ -111,7 +111,7 @@ class TestSpecs:
         ("spec", "message"),
         [
             ("", "empty policy spec"),
-            ("best:n=3", "unknown policy 'best'.*known policies: ac,.* esc, genrm, sc"),
+            ("best:n=3", "unknown policy 'best'.*known policies: ac,.* esc, genrm,.* sc"),
             ("sc", "needs n="),
             ("sc:n=x", "n='x' is not a valid int"),
             ("sc:k=3", "has no parameter 'k'; valid: n, max_failures"),
