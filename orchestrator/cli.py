@@ -30,13 +30,39 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+def check_base_url(url: str, what: str = "--base-url") -> str:
+    """An http(s) URL with a host, else a ConfigError at once (not retries later)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # a port that is not a number raises here
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{what} {url!r} is not an http:// or https:// URL with a host "
+                          "(e.g. http://127.0.0.1:8000/v1)")
+    return url
+
+
+def _base_url_arg(text: str) -> str:
+    try:
+        return check_base_url(text, "base URL")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_endpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", required=True,
-                   help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    env_url = os.environ.get("OPENAI_BASE_URL") or None
+    p.add_argument("--base-url", required=env_url is None, default=env_url, type=_base_url_arg,
+                   help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
+                        "(default: $OPENAI_BASE_URL, as the openai client reads it)")
     p.add_argument("--model", required=True, help="model name as the server knows it")
     p.add_argument("--api-key-env", default=None, metavar="VAR",
-                   help="environment variable holding the API key (default: none needed, "
-                        "sends 'EMPTY')")
+                   help="environment variable holding the API key (default: "
+                        "$OPENAI_API_KEY if set, as the openai client reads it, else "
+                        "none: sends 'EMPTY')")
     p.add_argument("--timeout", type=positive_float, default=600.0,
                    help="seconds per request (default 600)")
 
@@ -58,11 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "is settled.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a policy over a problem file against an endpoint")
+    run = sub.add_parser(
+        "run", help="run a policy over a problem file against an endpoint",
+        description="Run a policy over a problem file against an OpenAI-compatible endpoint; "
+                    "results are appended to --out as each problem finishes.",
+        epilog="example:\n  solverify run --base-url http://127.0.0.1:8000/v1 --model NAME "
+               "\\\n      --problems problems.jsonl --policy adaptive:max=16 --out results.jsonl"
+               "\n\nPolicy specs (sc:n=16, genrm:s=8,v=4, adaptive:max=16, ...): "
+               "solverify policies lists every policy and its parameters.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_endpoint_args(run)
     run.add_argument("--problems", required=True, type=Path,
                      help="JSONL with id, problem, optional answer/aliases")
-    run.add_argument("--policy", required=True, help="policy spec, e.g. sc:n=16 or genrm:s=8,v=4")
+    run.add_argument("--policy", required=True,
+                     help="policy spec, e.g. sc:n=16 or genrm:s=8,v=4 (see solverify policies)")
     run.add_argument("--out", required=True, type=Path, help="results JSONL (appended)")
     run.add_argument("--limit", type=positive_int, default=None,
                      help="only the first N problems")
@@ -117,9 +152,10 @@ def make_task(problems, args):
 
 
 def api_key_from(args) -> str:
-    """The key named by --api-key-env (a clear error when unset), else 'EMPTY'."""
+    """The key named by --api-key-env (a clear error when unset), else $OPENAI_API_KEY,
+    else 'EMPTY'."""
     if args.api_key_env is None:
-        return "EMPTY"
+        return os.environ.get("OPENAI_API_KEY") or "EMPTY"
     key = os.environ.get(args.api_key_env)
     if not key:
         raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is "
@@ -257,13 +293,20 @@ def _print_policies() -> int:
     from policies.spec import registered
 
     print("Policy specs: NAME or NAME:key=value,key=value   (e.g. sc:n=16, genrm:s=8,v=4)\n")
-    for entry in registered():
+    entries = registered()
+    width = max((len(f"{p.key}={p.type.__name__}" + (" or 'all'" if p.allow_all else ""))
+                 for e in entries for p in e.params), default=0)
+    for entry in entries:
         print(f"{entry.name:10s} {entry.help}")
         for p in entry.params:
-            default = p.default if p.default is not None else "see help"
-            req = "required" if p.required else f"default {default}"
-            extra = " (or 'all')" if p.allow_all else ""
-            print(f"    {p.key}={p.type.__name__}{extra:10s} {p.help} [{req}]")
+            lhs = f"{p.key}={p.type.__name__}" + (" or 'all'" if p.allow_all else "")
+            if p.required:
+                tag = " [required]"
+            elif p.default is not None:
+                tag = f" [default {p.default}]"
+            else:
+                tag = ""  # the help says what the default depends on
+            print(f"    {lhs:{width}s}  {p.help}{tag}")
     return 0
 
 
