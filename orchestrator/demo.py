@@ -240,12 +240,6 @@ async def run_demo(base_url: str, model: str, problems_path: Path, limit: int | 
     return rows
 
 
-def write_results(path: Path, results: Sequence[SolveResult]) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        for r in results:
-            fh.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from orchestrator.serve import STARTUP_TIMEOUT_S
 

@@ -194,14 +194,19 @@ def process_start_ticks(pid: int) -> str | None:
 
 
 _PR_SET_PDEATHSIG = 1
+try:  # looked up here, not in the forked child (no dlopen between fork and exec)
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: SIGTERM when the thread that started it
+    (hence the process) exits, even by SIGKILL."""
     parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
+    if _PRCTL is None:
         return
+    _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
@@ -402,7 +407,7 @@ class ManagedServer:
                 stderr=subprocess.STDOUT,
                 env=self.environment(),
                 start_new_session=True,  # its own process group: a stop reaches the workers
-                preexec_fn=None if detach else _die_with_parent,
+                preexec_fn=None if detach or _PRCTL is None else _die_with_parent,
             )
         self._write_record()
         return self
