@@ -164,3 +164,14 @@ def test_demo_stopped_by_a_signal_keeps_results_and_leaves_no_server(
     assert 2 <= len(kept) < 40
     assert f"interrupted: {len(kept)}/40 problems" in stdout
     assert "server stopped" in stderr and "interrupted" in stderr
+
+
+def test_thread_defaults_pin_one_openmp_thread_on_two_cores(monkeypatch) -> None:
+    from orchestrator.serve.config import server_env, thread_env
+
+    assert thread_env([0, 1]) == {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+    assert thread_env([3]) == {"VLLM_CPU_OMP_THREADS_BIND": "3"}
+    assert thread_env(list(range(8))) == {}  # more cores: vLLM's own binding
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    assert server_env()["VLLM_CPU_OMP_THREADS_BIND"] == "auto"  # the user's setting wins
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in server_env({"VLLM_CPU_OMP_THREADS_BIND": ""})

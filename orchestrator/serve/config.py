@@ -138,19 +138,34 @@ FIXED_ENV: dict[str, str] = {
     "PYTHONUNBUFFERED": "1",
 }
 
-#: CPU threading defaults for the server (measured on the 2-core machine, see
-#: DEVELOPERS.md "Under contention"); a variable already set in the environment wins.
-THREAD_ENV: dict[str, str] = {}
+def thread_env(cpus: list[int] | None = None) -> dict[str, str]:
+    """CPU threading defaults for the server; a variable already set in the environment
+    wins (see DEVELOPERS.md, "Under contention").
+
+    On a machine with at most two usable CPUs, vLLM's default (one OpenMP thread pinned
+    to every CPU, spin-waiting at each barrier) puts its matrix work in lock-step with
+    whatever else runs there, the engine and API processes included: a busy core stalls
+    both threads. One OpenMP thread pinned to the last CPU leaves the other to the rest.
+    With more CPUs vLLM's own binding is kept.
+    """
+    if cpus is None:
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            return {}
+    if 0 < len(cpus) <= 2:
+        return {"VLLM_CPU_OMP_THREADS_BIND": str(cpus[-1])}
+    return {}
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for provisioning and the server: this process's, minus its venv,
-    with :data:`FIXED_ENV`, the KV-cache size, :data:`THREAD_ENV` where not already set,
+    with :data:`FIXED_ENV`, the KV-cache size, :func:`thread_env` where not already set,
     then ``extra`` (a value of ``""`` removes the variable)."""
     env = dict(os.environ)
     env.update(FIXED_ENV)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(DEFAULT_KVCACHE_GB)
-    for key, value in THREAD_ENV.items():
+    for key, value in thread_env().items():
         env.setdefault(key, value)
     env.pop("PYTHONPATH", None)
     env.pop("VIRTUAL_ENV", None)

@@ -4,10 +4,12 @@ under several OpenMP / binding settings, interleaved and repeated.
 Not a test (pytest does not collect it). Run after provisioning, one server at a time:
 
     .venv/bin/python tests/live/measure_contention.py [--rounds 2] \
-        'default:' 'passive:OMP_WAIT_POLICY=PASSIVE' 'nobind:VLLM_CPU_OMP_THREADS_BIND=nobind'
+        'vllm-auto:VLLM_CPU_OMP_THREADS_BIND=auto' 'ours:' 'passive:OMP_WAIT_POLICY=PASSIVE'
 
-Each argument is ``NAME:VAR=VALUE,VAR=VALUE`` (empty after the colon: the server's own
-defaults); ``VAR=`` (empty value) removes that variable from the server's environment.
+Each argument is ``NAME:VAR=VALUE,VAR=VALUE`` (empty after the colon: solverify's server
+defaults, see ``orchestrator.serve.config.thread_env``); ``VAR=`` (empty value) removes
+that variable from the server's environment; ``VLLM_CPU_OMP_THREADS_BIND=auto`` is vLLM's
+own default (one OpenMP thread pinned to each core).
 For every round and every setting (in that order, so the settings interleave) it starts a
 server, then measures quiet, busy, quiet, busy ("busy": one ``while True: pass`` process
 per core, at the server's own priority), and prints one line per measurement and a
