@@ -131,6 +131,14 @@ def _process_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 def _wait_group_gone(pgid: int, limit: float = 10.0) -> None:
     """Wait until no process of the group is left (a killed worker takes a moment)."""
     deadline = time.monotonic() + limit
@@ -546,9 +554,11 @@ class ManagedServer:
         try:
             if proc.poll() is None:
                 _kill_group(proc.pid, signal.SIGTERM)
-                deadline = time.monotonic() + grace
-                while proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)  # a child process: nothing to await but time
+            deadline = time.monotonic() + grace
+            # the API process first, then its workers (they unlink vLLM's shared memory)
+            while (proc.poll() is None or _group_alive(proc.pid)) and (  # noqa: ASYNC110
+                    time.monotonic() < deadline):
+                await asyncio.sleep(0.05)  # child processes: nothing to await but time
         finally:
             self.kill()
 
@@ -560,8 +570,11 @@ class ManagedServer:
         try:
             if proc.poll() is None:
                 _kill_group(proc.pid, signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=grace)
+            deadline = time.monotonic() + grace
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace)
+            while _group_alive(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
         finally:
             self.kill()
 
