@@ -26,8 +26,7 @@ def test_run_logged_passes_on_each_progress_bar_frame(tmp_path: Path) -> None:
 
 def test_run_logged_ticks_while_the_command_is_silent(tmp_path: Path) -> None:
     ticks: list[int] = []
-    script = "import sys; sys.stdin.read()"  # silent until its stdin closes: never here
-    # A command that is silent for good: stop it from the first tick (by raising).
+    script = "import time; time.sleep(3600)"  # silent for good: the first tick stops it
 
     class Stop(Exception):
         pass
