@@ -411,8 +411,7 @@ def _record(args: argparse.Namespace) -> int:
     import asyncio
 
     from benchmarks.record import record
-    from orchestrator.backends.openai_compat import OpenAIBackend
-    from orchestrator.cli import api_key_from, make_task
+    from orchestrator.cli import api_key_from, endpoint_backend, make_task
     from orchestrator.problems import load_problems
 
     problems = load_problems(args.problems, limit=args.limit)
@@ -421,8 +420,7 @@ def _record(args: argparse.Namespace) -> int:
     _check_record_out(args, task)
 
     async def go() -> int:
-        backend = OpenAIBackend(base_url=args.base_url, model=args.model, api_key=api_key,
-                                timeout=args.timeout, idle_timeout=args.idle_timeout)
+        backend = endpoint_backend(args, api_key)
         try:
             summary = await record(problems, backend, task, args.out, samples=args.samples,
                                    verifications=args.verifications,

@@ -34,14 +34,73 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+def check_base_url(url: str, what: str = "--base-url") -> str:
+    """An http(s) URL with a host, else a ConfigError at once (not retries later)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # a port that is not a number raises here
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{what} {url!r} is not an http:// or https:// URL with a host "
+                          "(e.g. http://127.0.0.1:8000/v1)")
+    return url
+
+
+def _base_url_arg(text: str) -> str:
+    try:
+        return check_base_url(text, "base URL")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_endpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", required=True,
-                   help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    env_url = os.environ.get("OPENAI_BASE_URL") or None
+    # append with default None (a default list would be appended to); base_urls() fills in
+    # $OPENAI_BASE_URL when no --base-url was given
+    p.add_argument("--base-url", action="append", required=env_url is None, default=None,
+                   type=_base_url_arg, metavar="URL",
+                   help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
+                        "(default: $OPENAI_BASE_URL, as the openai client reads it); repeat "
+                        "it for several replicas of one model: each problem's requests stay "
+                        "on one replica, with failover (README: Scaling out)")
     p.add_argument("--model", required=True, help="model name as the server knows it")
     p.add_argument("--api-key-env", default=None, metavar="VAR",
-                   help="environment variable holding the API key (default: none needed, "
-                        "sends 'EMPTY')")
+                   help="environment variable holding the API key (default: "
+                        "$OPENAI_API_KEY if set, as the openai client reads it, else "
+                        "none: sends 'EMPTY')")
     add_timeout_args(p)
+
+
+def base_urls(args) -> list[str]:
+    """The --base-url values (in order, repeats refused), else $OPENAI_BASE_URL."""
+    urls = list(args.base_url or [])
+    if not urls:
+        env_url = os.environ.get("OPENAI_BASE_URL")
+        if not env_url:
+            raise ConfigError("no endpoint: pass --base-url URL (or set OPENAI_BASE_URL)")
+        urls = [check_base_url(env_url, "OPENAI_BASE_URL")]
+    if len(set(urls)) != len(urls):
+        raise ConfigError("the same --base-url was given twice")
+    return urls
+
+
+def endpoint_backend(args, api_key: str):
+    """One OpenAIBackend for one --base-url; a MultiBackend over one per URL for several."""
+    from orchestrator.backends.openai_compat import OpenAIBackend
+
+    urls = base_urls(args)
+    backends = [OpenAIBackend(base_url=u, model=args.model, api_key=api_key,
+                              timeout=args.timeout, idle_timeout=args.idle_timeout)
+                for u in urls]
+    if len(backends) == 1:
+        return backends[0]
+    from orchestrator.backends.multi import MultiBackend
+
+    return MultiBackend(backends)
 
 
 def add_timeout_args(p: argparse.ArgumentParser) -> None:
@@ -101,11 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "is settled.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a policy over a problem file against an endpoint")
+    run = sub.add_parser(
+        "run", help="run a policy over a problem file against an endpoint",
+        description="Run a policy over a problem file against an OpenAI-compatible endpoint; "
+                    "results are appended to --out as each problem finishes.",
+        epilog="example:\n  solverify run --base-url http://127.0.0.1:8000/v1 --model NAME "
+               "\\\n      --problems problems.jsonl --policy adaptive:max=16 --out results.jsonl"
+               "\n\nPolicy specs (sc:n=16, genrm:s=8,v=4, adaptive:max=16, ...): "
+               "solverify policies lists every policy and its parameters.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_endpoint_args(run)
     run.add_argument("--problems", required=True, type=Path,
                      help="JSONL with id, problem, optional answer/aliases")
-    run.add_argument("--policy", required=True, help="policy spec, e.g. sc:n=16 or genrm:s=8,v=4")
+    run.add_argument("--policy", required=True,
+                     help="policy spec, e.g. sc:n=16 or genrm:s=8,v=4 (see solverify policies)")
     run.add_argument("--out", required=True, type=Path,
                      help="results JSONL, one line per problem as it finishes")
     add_resume_args(run)
@@ -192,15 +260,16 @@ def verifier_backend(args, api_key: str):
             raise ConfigError(f"--verifier-api-key-env {args.verifier_api_key_env}: that "
                               "environment variable is not set or empty")
         api_key = key
-    return OpenAIBackend(base_url=args.verifier_base_url or args.base_url,
+    return OpenAIBackend(base_url=args.verifier_base_url or base_urls(args)[0],
                          model=args.verifier_model or args.model, api_key=api_key,
                          timeout=args.timeout, idle_timeout=args.idle_timeout)
 
 
 def api_key_from(args) -> str:
-    """The key named by --api-key-env (a clear error when unset), else 'EMPTY'."""
+    """The key named by --api-key-env (a clear error when unset), else $OPENAI_API_KEY,
+    else 'EMPTY'."""
     if args.api_key_env is None:
-        return "EMPTY"
+        return os.environ.get("OPENAI_API_KEY") or "EMPTY"
     key = os.environ.get(args.api_key_env)
     if not key:
         raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is "
@@ -324,7 +393,6 @@ def _warn(message: str) -> None:
 
 
 async def _run(args) -> int:
-    from orchestrator.backends.openai_compat import OpenAIBackend
     from orchestrator.events import JsonlTraceSink
     from orchestrator.problems import load_problems
     from orchestrator.redact import redact_text, redact_url
@@ -353,8 +421,7 @@ async def _run(args) -> int:
         return rc
     api_key = api_key_from(args)
     verifier = verifier_backend(args, api_key)
-    backend = OpenAIBackend(base_url=args.base_url, model=args.model, api_key=api_key,
-                            timeout=args.timeout, idle_timeout=args.idle_timeout)
+    backend = endpoint_backend(args, api_key)
     sinks = []
     trace = JsonlTraceSink(args.trace) if args.trace else None
     if trace is not None:
@@ -364,7 +431,8 @@ async def _run(args) -> int:
     try:
         await backend.list_models()  # reachability: EndpointUnreachable after retries
         caps = await backend.probe(task.endpoint)  # a real tiny request: ModelNotFound etc.
-        print(f"endpoint {redact_url(args.base_url)} model {args.model}: "
+        print(f"endpoint {', '.join(redact_url(u) for u in base_urls(args))} model "
+              f"{args.model}: "
               + ", ".join(caps.describe()), file=sys.stderr)
         if verifier is not None:  # probed like the solver's: unreachable/unknown model fail here
             await verifier.list_models()
@@ -425,13 +493,20 @@ def _print_policies() -> int:
     from policies.spec import registered
 
     print("Policy specs: NAME or NAME:key=value,key=value   (e.g. sc:n=16, genrm:s=8,v=4)\n")
-    for entry in registered():
+    entries = registered()
+    width = max((len(f"{p.key}={p.type.__name__}" + (" or 'all'" if p.allow_all else ""))
+                 for e in entries for p in e.params), default=0)
+    for entry in entries:
         print(f"{entry.name:10s} {entry.help}")
         for p in entry.params:
-            default = p.default if p.default is not None else "see help"
-            req = "required" if p.required else f"default {default}"
-            extra = " (or 'all')" if p.allow_all else ""
-            print(f"    {p.key}={p.type.__name__}{extra:10s} {p.help} [{req}]")
+            lhs = f"{p.key}={p.type.__name__}" + (" or 'all'" if p.allow_all else "")
+            if p.required:
+                tag = " [required]"
+            elif p.default is not None:
+                tag = f" [default {p.default}]"
+            else:
+                tag = ""  # the help says what the default depends on
+            print(f"    {lhs:{width}s}  {p.help}{tag}")
     return 0
 
 

@@ -235,3 +235,42 @@ async def test_a_replica_whose_connection_drops_mid_stream_gets_no_new_work():
         assert stats["one"]["broken"] == 1 and not stats["one"]["up"]
         # the replacement went to the other replica; the ledger is both servers' sum
         assert r.usage.completion_tokens == s1.generation_tokens_total + s2.generation_tokens_total
+
+
+async def test_the_cli_spreads_a_run_over_repeated_base_urls(tmp_path):
+    import json
+    import os
+    import sys
+
+    from tests.conftest import REPO
+    from tests.openai_server import MathResponder
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"What is {i} + 1?",
+                                            "answer": str(i + 1)}) + "\n" for i in range(12)))
+    out = tmp_path / "out.jsonl"
+    async with OpenAIServer(MathResponder()) as s1, OpenAIServer(MathResponder()) as s2:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "orchestrator.cli", "run", "--base-url", s1.url,
+            "--base-url", s2.url, "--model", "test-model", "--problems", str(problems),
+            "--policy", "sc:n=2", "--out", str(out), "--no-progress", cwd=REPO,
+            env={**os.environ, "SOLVERIFY_LOG": "warning"},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert sorted(r["id"] for r in rows) == sorted(f"q{i}" for i in range(12))
+        where = _replicas_of_cli((s1, s2))
+        assert {min(v) for v in where.values()} == {0, 1}  # both replicas got problems
+        assert all(len(v) == 1 for v in where.values())  # each problem on one
+        assert f"{s1.url}, {s2.url}" in stderr.decode()  # the endpoint line names both
+
+
+def _replicas_of_cli(servers) -> dict[str, set[int]]:
+    where: dict[str, set[int]] = {}
+    for i, s in enumerate(servers):
+        for r in s.generation_requests():
+            key = r.headers.get(AFFINITY_HEADER.lower())
+            if key:
+                where.setdefault(key, set()).add(i)
+    return where

@@ -205,6 +205,11 @@ class MultiBackend:
     def base_url(self) -> str:
         return ", ".join(self._names)
 
+    @property
+    def probe_completion_tokens(self) -> int:
+        """Tokens the replicas' capability probes made them generate (charged to no problem)."""
+        return sum(getattr(b, "probe_completion_tokens", 0) for b in self._backends)
+
     async def _each(self, call: Callable[[Any], Any]) -> list[Any]:
         """``call(backend)`` on every replica concurrently: results, or the BackendError."""
         async def one(b: Any) -> Any:

@@ -1,0 +1,185 @@
+"""``solverify serve`` (also ``python -m orchestrator.serve``): provision, start, status, stop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import urllib.error
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from orchestrator.serve.config import (
+    DEFAULT_MAX_MODEL_LEN,
+    INTERRUPT_GRACE_S,
+    STARTUP_TIMEOUT_S,
+    ServeError,
+    ServerPaths,
+)
+from orchestrator.serve.process import (
+    VLLMServer,
+    _http_get,
+    parse_prometheus,
+    running_servers,
+    stop_recorded,
+)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def build_parser(prog: str = "solverify serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Provision and run the bundled CPU vLLM server (Gemma-3-270M). "
+                    "Also available as `python -m orchestrator.serve`.",
+    )
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="default: $SOLVERIFY_CACHE or ~/.cache/solverify")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("provision", help="build the server venv and the model (idempotent)")
+    start = sub.add_parser("start", help="start the server (foreground until Ctrl-C)")
+    start.add_argument("--port", type=int, default=None, help="default: a free port")
+    start.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
+    start.add_argument("--timeout", type=_positive, default=STARTUP_TIMEOUT_S, metavar="S",
+                       help="give up when the server is not healthy and its log has been "
+                            f"silent for S seconds (default {STARTUP_TIMEOUT_S:.0f}); the "
+                            "wait goes on as long as the log moves")
+    start.add_argument("--detach", action="store_true", help="run in the background")
+    sub.add_parser("status", help="list the servers solverify started and how they are")
+    stop = sub.add_parser("stop", help="stop every server solverify started from this cache "
+                                       "(detached, or left by a demo or VLLMServer)")
+    stop.add_argument("--port", type=int, default=None, help="only the one on this port")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "solverify serve") -> int:
+    args = build_parser(prog).parse_args(argv)
+    paths = ServerPaths.at(args.cache_dir)
+    try:
+        if args.cmd == "provision":
+            with terminate_as_interrupt():
+                VLLMServer.prepare(paths)
+        elif args.cmd == "start":
+            return _cmd_start(paths, args)
+        elif args.cmd == "status":
+            return _cmd_status(paths)
+        elif args.cmd == "stop":
+            stopped = stop_recorded(paths, port=args.port)
+            for info in stopped:
+                print(f"stopped pid {info['pid']} ({info.get('base_url')}, started by "
+                      f"{info.get('started_by', '?')})")
+            if not stopped:
+                print("no server was running" + (f" on port {args.port}" if args.port else ""))
+    except ServeError as exc:  # the message, then one "-> what to do" line
+        print(f"solverify: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("solverify: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM acts like Ctrl-C (KeyboardInterrupt), so the cleanup in
+    ``finally`` / context managers runs instead of the process dying on the spot."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _cmd_start(paths: ServerPaths, args: argparse.Namespace) -> int:
+    for info in running_servers(paths):
+        print(f"note: another solverify server is running: pid {info['pid']} "
+              f"{info.get('base_url')} (started by {info.get('started_by', '?')})",
+              file=sys.stderr)
+    server = VLLMServer(paths, port=args.port, max_model_len=args.max_model_len,
+                        startup_timeout=args.timeout, started_by="solverify serve start")
+    return asyncio.run(_start(server, detach=args.detach))
+
+
+async def _start(server: VLLMServer, *, detach: bool) -> int:
+    from orchestrator.interrupt import cancel_on_signals
+
+    def hurry(sig: signal.Signals) -> None:
+        print(f"{sig.name} again: killing the server now", file=sys.stderr)
+        server.kill()
+
+    async with cancel_on_signals(on_second=hurry) as sig:
+        try:
+            return await _start_and_hold(server, detach=detach)
+        except asyncio.CancelledError:
+            if sig.received is None:
+                raise
+            return sig.exit_status
+
+
+async def _start_and_hold(server: VLLMServer, *, detach: bool) -> int:
+    from orchestrator.progress import LiveLine
+
+    live = LiveLine()
+    server.start(detach=detach)
+    live.line(f"starting vLLM on {server.base_url} (log: {server.log_path})")
+    try:
+        took = await server.wait_healthy_async(on_progress=lambda s: live.update(
+            f"  starting: {s}"))
+    except BaseException:
+        live.clear()
+        await server.stop_async(INTERRUPT_GRACE_S)
+        raise
+    live.line(f"healthy after {took:.1f}s: base_url={server.base_url} "
+              f"model={server.model_name}")
+    if detach:
+        print(f"detached; `solverify serve stop` stops it (record: {server.record_path})")
+        return 0
+    try:
+        while server.running:  # noqa: ASYNC110 - polling a child process
+            await asyncio.sleep(0.5)
+        print(f"the server exited; log: {server.log_path}", file=sys.stderr)
+        return 1
+    except asyncio.CancelledError:
+        print("stopping...", file=sys.stderr)
+        await server.stop_async(INTERRUPT_GRACE_S)
+        raise
+    finally:
+        await server.stop_async()
+
+
+def _cmd_status(paths: ServerPaths) -> int:
+    print(f"cache: {paths.cache_dir} (provisioned: {paths.provisioned})")
+    servers = running_servers(paths)
+    if not servers:
+        print("no server running")
+        return 1
+    for info in servers:
+        how = "detached" if info.get("detached") else f"owned by pid {info.get('owner_pid')}"
+        print(f"pid {info['pid']}: {info.get('base_url')} ({how}; started by "
+              f"{info.get('started_by', '?')}; log: {info.get('log')})")
+        try:
+            metrics = parse_prometheus(
+                _http_get(str(info["metrics_url"]))[1].decode("utf-8", errors="replace"))
+        except (OSError, urllib.error.URLError, KeyError) as exc:
+            print(f"  not answering: {exc}")
+            continue
+        for key in ("vllm:num_requests_running", "vllm:generation_tokens_total"):
+            print(f"  {key} = {metrics.get(key, float('nan')):g}")
+    return 0

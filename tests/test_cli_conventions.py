@@ -1,0 +1,94 @@
+"""The CLI's conventions: OpenAI's environment variables, URLs checked up front, and help
+texts a user can read (``run`` with an example, ``policies`` aligned, ``serve`` naming
+itself as the user typed it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import api_key_from, check_base_url
+from orchestrator.errors import ConfigError
+from tests.conftest import run_solverify
+
+
+def test_openai_base_url_is_the_default_base_url(server_url, tmp_path, monkeypatch):
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"id": "q", "problem": "What is 1 plus 1?",
+                                    "answer": "2"}) + "\n")
+    monkeypatch.setenv("OPENAI_BASE_URL", server_url)
+    r = run_solverify("run", "--model", "test-model", "--problems", str(problems),
+                      "--policy", "sc:n=2", "--out", str(tmp_path / "r.jsonl"),
+                      "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert server_url in r.stderr  # "endpoint URL model ...: capabilities"
+
+
+def test_without_base_url_or_openai_base_url_it_says_so(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    r = run_solverify("run", "--model", "m", "--problems", "p.jsonl", "--policy", "sc:n=2",
+                      "--out", str(tmp_path / "r.jsonl"))
+    assert r.returncode == 2 and "--base-url" in r.stderr
+
+
+def test_openai_api_key_is_sent_unless_another_variable_is_named(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    monkeypatch.setenv("MY_KEY", "sk-mine")
+    assert api_key_from(argparse.Namespace(api_key_env=None)) == "sk-from-env"
+    assert api_key_from(argparse.Namespace(api_key_env="MY_KEY")) == "sk-mine"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert api_key_from(argparse.Namespace(api_key_env=None)) == "EMPTY"
+
+
+@pytest.mark.parametrize("url", ["localhost:8000/v1", "127.0.0.1:8000", "ftp://h/v1",
+                                 "http://", "http://host:port/v1"])
+def test_a_url_that_is_not_http_is_rejected(url):
+    with pytest.raises(ConfigError, match="not an http"):
+        check_base_url(url)
+
+
+def test_the_cli_rejects_such_a_url_before_any_request(tmp_path):
+    r = run_solverify("run", "--base-url", "localhost:8000/v1", "--model", "m", "--problems",
+                      "p.jsonl", "--policy", "sc:n=2", "--out", str(tmp_path / "r.jsonl"))
+    assert r.returncode == 2 and "not an http:// or https:// URL" in r.stderr
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_http_and_https_urls_pass():
+    assert check_base_url("https://api.example.com/v1") == "https://api.example.com/v1"
+    assert check_base_url("http://127.0.0.1:8000/v1")
+
+
+def test_policies_columns_line_up_and_every_default_is_said():
+    r = run_solverify("policies")
+    assert r.returncode == 0
+    assert "see help" not in r.stdout
+    param_lines = [ln for ln in r.stdout.splitlines() if ln.startswith("    ")]
+    assert param_lines
+    starts = {re.match(r"    \S+(?: or 'all')?\s+", ln).end() for ln in param_lines}
+    assert len(starts) == 1, starts
+
+
+def test_help_texts():
+    run_help = run_solverify("run", "--help").stdout
+    assert "example:" in run_help and "solverify policies" in run_help
+    demo_help = run_solverify("demo", "--help").stdout
+    assert "`" not in demo_help and "--timeout" in demo_help
+    serve_help = run_solverify("serve", "--help").stdout
+    assert serve_help.startswith("usage: solverify serve")
+    start_help = run_solverify("serve", "start", "--help").stdout
+    assert "--timeout" in start_help
+
+
+def test_the_capitals_task_ships_with_the_package():
+    from orchestrator.demo import default_problems
+    from orchestrator.problems import load_problems
+
+    with default_problems() as path:
+        problems = load_problems(Path(path))
+    assert len(problems) == 146
+    assert all(p.answer and p.aliases for p in problems)
