@@ -182,7 +182,7 @@ async def test_killing_a_replica_mid_run_loses_no_problem(
     def on_result(result) -> None:
         done.append(result.problem.id)
         if len(done) >= 6 and not killed.is_set():
-            os.killpg(replica_b._proc.pid, signal.SIGKILL)  # the whole replica, at once
+            os.killpg(replica_b.pid, signal.SIGKILL)  # the whole replica, at once
             killed_after.append(len(done))
             killed.set()
 
