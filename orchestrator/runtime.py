@@ -389,13 +389,14 @@ class _ProblemRun:
             fits = min(fits, max(self.run_budget.room(), 0) // request.max_tokens)
         if fits < 1:
             return 0
+        changes: dict = {}
         if fits < n:
-            n = fits
-            request = dataclasses.replace(request, n=n)
+            n = changes["n"] = fits
         if request.affinity is None:  # all of a problem's requests belong on one replica
-            request = dataclasses.replace(
-                request, affinity=self.problem.id,
-                verifies=solution.id if solution is not None else None)
+            changes["affinity"] = self.problem.id
+            changes["verifies"] = solution.id if solution is not None else None
+        if changes:
+            request = dataclasses.replace(request, **changes)
         rid = self._next_request
         self._next_request += 1
         choices = []

@@ -103,6 +103,28 @@ def parse_policy(spec: str) -> Any:
     return entry.factory(**kwargs)
 
 
+#: ``adaptive``'s parameters, shared by the policies that sample like it (policies.verifying)
+ADAPTIVE_PARAMS: tuple[Param, ...] = (
+    Param("width", "width", int, default=8, help="samples kept in flight"),
+    Param("confidence", "confidence", float, default=0.9,
+          help="stop when P(leader is still sc:n=max's answer) >= confidence"),
+    Param("max", "max", int, default=64,
+          help="horizon: the sc:n=max approximated, and the sample cap "
+               "(in replays 'all' = the pool size)"),
+    Param("min_votes", "min_votes", int, default=3,
+          help="votes the leader needs before a probabilistic stop"),
+    Param("prior", "prior", float, default=1.0,
+          help="Dirichlet pseudo-count of the base prior"),
+    Param("max_failures", "max_failures", int, help="broken samples replaced (default max)"),
+    Param("wide", "wide", int, default=32,
+          help="most samples in flight when the votes are contested (= width: off)"),
+    Param("shrink", "shrink", float, default=4.0,
+          help="weight of the base prior against the run's finished problems"),
+    Param("learn", "learn", bool, default=True,
+          help="learn the prior from the problems already finished in the run"),
+)
+
+
 def _ensure_builtins() -> None:
     if _REGISTRY:
         return
@@ -161,23 +183,7 @@ def _ensure_builtins() -> None:
 
     register(
         "adaptive", adaptive.Adaptive,
-        (Param("width", "width", int, default=8, help="samples kept in flight"),
-         Param("confidence", "confidence", float, default=0.9,
-               help="stop when P(leader is still sc:n=max's answer) >= confidence"),
-         Param("max", "max", int, default=64,
-               help="horizon: the sc:n=max approximated, and the sample cap "
-                    "(in replays 'all' = the pool size)"),
-         Param("min_votes", "min_votes", int, default=3,
-               help="votes the leader needs before a probabilistic stop"),
-         Param("prior", "prior", float, default=1.0,
-               help="Dirichlet pseudo-count of the base prior"),
-         Param("max_failures", "max_failures", int, help="broken samples replaced (default max)"),
-         Param("wide", "wide", int, default=32,
-               help="most samples in flight when the votes are contested (= width: off)"),
-         Param("shrink", "shrink", float, default=4.0,
-               help="weight of the base prior against the run's finished problems"),
-         Param("learn", "learn", bool, default=True,
-               help="learn the prior from the problems already finished in the run")),
+        ADAPTIVE_PARAMS,
         "Adaptive: finite-horizon posterior stop with a prior learned from the run, "
         "in-flight width following the evidence, stragglers cancelled",
     )

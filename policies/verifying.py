@@ -282,21 +282,10 @@ class Solverify(_Verifying):
 
 def solverify_entries() -> None:
     """Register both policies (called by :mod:`policies.spec`)."""
-    from policies.spec import Param, register
+    from policies.spec import ADAPTIVE_PARAMS, Param, register
 
     common = (
-        Param("width", "width", int, default=8, help="samples kept in flight (as adaptive)"),
-        Param("confidence", "confidence", float, default=0.9,
-              help="adaptive's vote-based stop"),
-        Param("max", "max", int, default=64,
-              help="sample cap and adaptive's horizon (in replays 'all' = the pool size)"),
-        Param("min_votes", "min_votes", int, default=3, help="as adaptive"),
-        Param("prior", "prior", float, default=1.0, help="Dirichlet pseudo-count"),
-        Param("max_failures", "max_failures", int, help="broken samples replaced (default max)"),
-        Param("wide", "wide", int, default=32, help="as adaptive"),
-        Param("shrink", "shrink", float, default=4.0, help="as adaptive"),
-        Param("learn", "learn", bool, default=True,
-              help="as adaptive: the prior learned from the run's finished problems"),
+        *ADAPTIVE_PARAMS,
         Param("profile", "profile", str,
               help="verifier profile JSON (solverify bench verifier); default: estimated "
                    "online from the run"),

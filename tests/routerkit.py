@@ -21,6 +21,19 @@ ROUTER = shutil.which("vllm-router") or str(Path(sys.executable).with_name("vllm
 READY_S = 60.0
 
 
+def replicas_by_affinity(servers) -> dict[str, set[int]]:
+    """Per ``X-Session-ID`` value, the indices of the test servers that received it."""
+    from orchestrator.backends.openai_compat import AFFINITY_HEADER
+
+    where: dict[str, set[int]] = {}
+    for i, s in enumerate(servers):
+        for r in s.generation_requests():
+            key = r.headers.get(AFFINITY_HEADER.lower())
+            if key:
+                where.setdefault(key, set()).add(i)
+    return where
+
+
 def router_installed() -> bool:
     return os.access(ROUTER, os.X_OK)
 

@@ -10,13 +10,14 @@ import pytest
 from orchestrator.backends.base import Capabilities, GenerationRequest
 from orchestrator.backends.fake import FakeBackend, FakeReply, scripted
 from orchestrator.backends.multi import MultiBackend, rendezvous_order, routing_key
-from orchestrator.backends.openai_compat import AFFINITY_HEADER, OpenAIBackend
+from orchestrator.backends.openai_compat import OpenAIBackend
 from orchestrator.errors import ConfigError, EndpointUnreachable, RequestRejected
 from orchestrator.runtime import run_batch
 from orchestrator.types import Problem
 from policies import GenRM, SelfConsistency
 from tests.helpers import WordTask
 from tests.openai_server import OpenAIServer
+from tests.routerkit import replicas_by_affinity
 
 TASK = WordTask()
 NAMES = ["a", "b", "c"]
@@ -188,12 +189,9 @@ async def test_two_real_servers_affinity_header_exact_ledger_and_a_replica_lost_
         try:
             first = await run_batch(problems[:12], SelfConsistency(3), backend=multi,
                                     task=TASK, max_n=1)
-            sent = {}
-            for i, s in enumerate((s1, s2)):
-                for r in s.generation_requests():
-                    sent.setdefault(r.headers.get(AFFINITY_HEADER.lower()), set()).add(i)
+            sent = replicas_by_affinity((s1, s2))
             assert {p.id for p in problems[:12]} <= set(sent)
-            assert all(len(v) == 1 for k, v in sent.items() if k)  # one replica per problem
+            assert all(len(v) == 1 for v in sent.values())  # one replica per problem
             assert sum(r.usage.completion_tokens for r in first) == (
                 s1.generation_tokens_total + s2.generation_tokens_total)
             # lose replica 1: the rest of the run goes to replica 2, nothing is lost
@@ -260,17 +258,8 @@ async def test_the_cli_spreads_a_run_over_repeated_base_urls(tmp_path):
         assert proc.returncode == 0, stderr.decode()
         rows = [json.loads(x) for x in out.read_text().splitlines()]
         assert sorted(r["id"] for r in rows) == sorted(f"q{i}" for i in range(12))
-        where = _replicas_of_cli((s1, s2))
+        where = replicas_by_affinity((s1, s2))
         assert {min(v) for v in where.values()} == {0, 1}  # both replicas got problems
         assert all(len(v) == 1 for v in where.values())  # each problem on one
         assert f"{s1.url}, {s2.url}" in stderr.decode()  # the endpoint line names both
 
-
-def _replicas_of_cli(servers) -> dict[str, set[int]]:
-    where: dict[str, set[int]] = {}
-    for i, s in enumerate(servers):
-        for r in s.generation_requests():
-            key = r.headers.get(AFFINITY_HEADER.lower())
-            if key:
-                where.setdefault(key, set()).add(i)
-    return where

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.backends.base import Capabilities
-from orchestrator.backends.openai_compat import AFFINITY_HEADER, OpenAIBackend
+from orchestrator.backends.openai_compat import OpenAIBackend
 from orchestrator.runtime import run_batch, solve
 from orchestrator.types import Problem
 from policies import SelfConsistency
 from tests.helpers import StopAtFirst, WordTask
 from tests.openai_server import OpenAIServer
-from tests.routerkit import router_installed, vllm_router
+from tests.routerkit import replicas_by_affinity, router_installed, vllm_router
 
 TASK = WordTask()
 pytestmark = pytest.mark.skipif(not router_installed(),
@@ -25,16 +25,6 @@ pytestmark = pytest.mark.skipif(not router_installed(),
 
 def _answer(body):
     return [[" so", " x"]] * int(body.get("n", 1))
-
-
-def _replicas_of(servers: tuple[OpenAIServer, ...]) -> dict[str, set[int]]:
-    where: dict[str, set[int]] = {}
-    for i, s in enumerate(servers):
-        for r in s.generation_requests():
-            key = r.headers.get(AFFINITY_HEADER.lower())
-            if key:
-                where.setdefault(key, set()).add(i)
-    return where
 
 
 async def _run_through(policy_name: str, problems: list[Problem]):
@@ -49,7 +39,7 @@ async def _run_through(policy_name: str, problems: list[Problem]):
             finally:
                 await backend.aclose()
             generated = s1.generation_tokens_total + s2.generation_tokens_total - before
-            return caps, results, generated, _replicas_of((s1, s2))
+            return caps, results, generated, replicas_by_affinity((s1, s2))
 
 
 async def test_consistent_hash_keeps_each_problem_on_one_replica_and_the_ledger_exact():
