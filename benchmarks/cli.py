@@ -87,11 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="simulated tokens per second per sample (default 50)")
     rp.add_argument("--ttft", type=non_negative_float, default=0.0,
                     help="simulated seconds to the first token (default 0)")
-    rp.add_argument("--engine", choices=("auto", "runtime"), default="auto",
-                    help="auto: numpy for fixed policies; runtime: every policy through the "
-                         "runtime (slower; for cross-checks)")
+    rp.add_argument("--engine", choices=("auto", "lean", "runtime"), default="auto",
+                    help="auto: numpy for fixed policies, the lean engine for the rest; "
+                         "lean: every policy through the lean engine; runtime: every policy "
+                         "through the asyncio runtime (slower; for cross-checks; also used "
+                         "under --concurrency). All three give the same numbers")
     rp.add_argument("--workers", type=positive_int, default=None,
-                    help="processes for the runtime engine (default: one per CPU)")
+                    help="processes for the lean and runtime engines (default: one per CPU)")
     rp.add_argument("--bootstrap", type=positive_int, default=2000,
                     help="bootstrap resamples (default 2000)")
 
@@ -156,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--limit", type=positive_int, default=None,
                     help="only the first N problems of each pool")
     qs.add_argument("--workers", type=positive_int, default=None,
-                    help="processes for the runtime engine (default: one per CPU)")
+                    help="processes for the replay engines (default: one per CPU)")
     qs.add_argument("--profile-dir", type=Path, default=Path("quality-sweep-profiles"),
                     help="where the fitted profiles (one per setting) are written")
     qs.add_argument("--json", type=Path, default=None, metavar="OUT", help="write JSON here")
@@ -203,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--decode-rate", type=positive_float, default=50.0,
                     help="simulated tokens per second per sample (default 50)")
     ca.add_argument("--workers", type=positive_int, default=None,
-                    help="processes for the runtime engine (default: one per CPU)")
+                    help="processes for the replay engines (default: one per CPU)")
     ca.add_argument("--json", type=Path, default=None, metavar="OUT", help="write JSON here")
     ca.add_argument("--markdown", type=Path, default=None, metavar="OUT.md",
                     help="write the Markdown report")

@@ -1,16 +1,23 @@
 """Replay policies on recorded pools: ``solverify bench replay``.
 
-Two engines give the same numbers for the same seed:
+Three engines give the same numbers for the same seed:
 
-* **runtime** (every policy, and the only one for adaptive policies): each problem runs
-  through :func:`orchestrator.runtime.solve` on a :class:`~orchestrator.backends.replay.
-  ReplayBackend`, on a simulated clock (:mod:`orchestrator.simclock`). ``concurrency``
-  caps samples in flight *per problem*: one request per sample (``max_n=1``) behind one
-  limiter per problem with the runtime ``Limiter``'s FIFO ``slot()`` contract
-  (:class:`ProblemLimiter`). The policy is not told the cap; queued samples count as in
-  flight and cost nothing if cancelled before they start. Without a cap, requests carry up
-  to 16 samples (the runtime's default ``max_n``); each sample still has its own timing.
-  Orders are spread over worker processes (``fork``; one process otherwise).
+* **lean** (the default for every policy that is not a plain fixed plan;
+  :mod:`benchmarks.engine`): the problems of an order replayed by a small event loop that
+  keeps asyncio's order of events, calling the same policy's ``decide`` on the same
+  :class:`~orchestrator.snapshot.ProblemSnapshot` as the runtime would, with the same run
+  history. Per-problem results are identical to the runtime engine's (tested on many
+  orders and pools for every registered policy, ``tests/test_replay.py``). Without a
+  concurrency cap only; with one, the runtime engine runs.
+* **runtime** (``engine="runtime"``, for cross-checks, and under a concurrency cap): each
+  problem runs through :func:`orchestrator.runtime.solve` on a
+  :class:`~orchestrator.backends.replay.ReplayBackend`, on a simulated clock
+  (:mod:`orchestrator.simclock`). ``concurrency`` caps samples in flight *per problem*:
+  one request per sample (``max_n=1``) behind one limiter per problem with the runtime
+  ``Limiter``'s FIFO ``slot()`` contract (:class:`ProblemLimiter`). The policy is not told
+  the cap; queued samples count as in flight and cost nothing if cancelled before they
+  start. Without a cap, requests carry up to 16 samples (the runtime's default ``max_n``);
+  each sample still has its own timing.
 * **vectorised** (``sc:n=K``, ``sc:n=all``, and ``genrm:s=S,v=V`` without a concurrency
   cap): numpy over (orders × problems × samples). It reproduces the runtime's tokens,
   samples and simulated latency exactly (a fixed policy launches everything at once; with
@@ -19,6 +26,9 @@ Two engines give the same numbers for the same seed:
   data README's maj@N rule, so ``sc:n=all`` reproduces maj@N exactly and does not depend
   on the order. The runtime's SC breaks ties by completion order instead; the two can
   differ only on exact vote ties.
+
+Orders of the lean and runtime engines are spread over worker processes (``fork``; one
+process otherwise).
 
 Statistics: a problem's accuracy is its mean over orders; ``accuracy_ci95`` is a
 percentile bootstrap over problems, with the same resampled problems for every policy of
@@ -57,10 +67,14 @@ __all__ = [
     "horizon",
     "replay_policy",
     "replay_pool",
+    "run_lean_order",
     "run_runtime_order",
     "summarise",
     "sweep",
 ]
+
+#: ``ReplayConfig.engine`` values
+ENGINES = ("auto", "lean", "runtime")
 
 METRICS = ("correct", "tokens", "samples", "latency", "cancelled", "agree", "verify_tokens",
            "verifications")
@@ -69,8 +83,11 @@ METRICS = ("correct", "tokens", "samples", "latency", "cancelled", "agree", "ver
 @dataclass(frozen=True, slots=True)
 class ReplayConfig:
     """How to replay. ``decode_rate`` (tokens/s per sample) and ``ttft`` (s) set the
-    simulated clock; ``workers`` processes run the runtime engine (``None``: one per CPU);
-    ``engine``: ``"auto"`` (vectorised where possible) or ``"runtime"`` (always)."""
+    simulated clock; ``workers`` processes run the lean and runtime engines (``None``: one
+    per CPU); ``engine``: ``"auto"`` (vectorised for fixed plans, lean for the rest),
+    ``"lean"`` (lean for every policy) or ``"runtime"`` (every policy through the runtime,
+    for cross-checks). Under a ``concurrency`` cap the lean engine hands over to the
+    runtime."""
 
     orders: int = 10
     seed: int = 0
@@ -91,8 +108,9 @@ class ReplayConfig:
             raise ConfigError(f"decode_rate must be > 0, got {self.decode_rate}")
         if not (self.ttft >= 0 and math.isfinite(self.ttft)):
             raise ConfigError(f"ttft must be >= 0, got {self.ttft}")
-        if self.engine not in ("auto", "runtime"):
-            raise ConfigError(f"engine must be 'auto' or 'runtime', got {self.engine!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got "
+                              f"{self.engine!r}")
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.bootstrap < 1:
@@ -389,11 +407,12 @@ class ProblemLimiter:
         return _NO_SLOT if self._sem is None else _SemSlot(self._sem)
 
 
-async def _run_problems(src: ReplaySource, policy: Any, order: int, cfg: ReplayConfig
-                        ) -> list[SolveResult]:
+async def _run_problems(src: ReplaySource, policy: Any, order: int, cfg: ReplayConfig,
+                        history: RunHistory | None = None) -> list[SolveResult]:
     backend = ReplayBackend(src, order=order, decode_rate=cfg.decode_rate, ttft=cfg.ttft,
                             chunks=cfg.chunks, verify_tokens=src.verify_tokens)
-    history = RunHistory()  # one run per order: its problems share what they learn
+    if history is None:
+        history = RunHistory()  # one run per order: its problems share what they learn
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(solve(p, policy, backend=backend, task=src.task,
                                       limiter=ProblemLimiter(cfg.concurrency),
@@ -434,12 +453,25 @@ def run_runtime_order(src: ReplaySource, spec: str, order: int, cfg: ReplayConfi
     return _row(src, results)
 
 
+def run_lean_order(src: ReplaySource, spec: str, order: int, cfg: ReplayConfig
+                   ) -> tuple[np.ndarray, int]:
+    """One order of one policy through the lean engine (:mod:`benchmarks.engine`): the
+    same (metrics × problems array, errors) as :func:`run_runtime_order`."""
+    from benchmarks.engine import run_order
+
+    policy = policy_for(spec, int(src.pool.arrays.n.max()))
+    results = run_order(src, policy, order, decode_rate=cfg.decode_rate, ttft=cfg.ttft,
+                        chunks=cfg.chunks)
+    return _row(src, results)
+
+
 _SOURCES: dict[int, ReplaySource] = {}
 
 
-def _worker(job: tuple[int, str, int, ReplayConfig]) -> tuple[np.ndarray, int]:
-    key, spec, order, cfg = job
-    return run_runtime_order(_SOURCES[key], spec, order, cfg)
+def _worker(job: tuple[int, str, int, ReplayConfig, str]) -> tuple[np.ndarray, int]:
+    key, spec, order, cfg, engine = job
+    run = run_lean_order if engine == "lean" else run_runtime_order
+    return run(_SOURCES[key], spec, order, cfg)
 
 
 def _workers(cfg: ReplayConfig, jobs: int) -> int:
@@ -447,13 +479,14 @@ def _workers(cfg: ReplayConfig, jobs: int) -> int:
     return max(1, min(n, jobs))
 
 
-def _runtime_outcomes(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig,
-                      progress: Callable[[int], None] | None = None
-                      ) -> dict[str, tuple[np.ndarray, int]]:
-    """Every (spec, order) through the runtime; returns spec -> ((metrics, R, P), errors)."""
+def _order_outcomes(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig,
+                    engine: str, progress: Callable[[int], None] | None = None
+                    ) -> dict[str, tuple[np.ndarray, int]]:
+    """Every (spec, order) through the lean or the runtime engine; returns spec ->
+    ((metrics, R, P), errors)."""
     P = len(src.problems)
     out = {s: (np.zeros((len(METRICS), cfg.orders, P)), 0) for s in specs}
-    jobs = [(id(src), s, r, cfg) for s in specs for r in range(cfg.orders)]
+    jobs = [(id(src), s, r, cfg, engine) for s in specs for r in range(cfg.orders)]
     if not jobs:
         return out
     _SOURCES[id(src)] = src
@@ -464,7 +497,7 @@ def _runtime_outcomes(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig
             ctx = multiprocessing.get_context("fork")
             with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as ex:
                 results = ex.map(_worker, jobs, chunksize=max(1, len(jobs) // (4 * n)))
-                for (_, s, r, _), (row, err) in zip(jobs, results, strict=True):
+                for (_, s, r, _, _), (row, err) in zip(jobs, results, strict=True):
                     out[s][0][:, r, :] = row
                     errors[s] += err
                     if progress:
@@ -483,12 +516,12 @@ def _runtime_outcomes(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig
 
 # ---- one pool, many policies ---------------------------------------------------------------
 def _engine_for(spec: str, src: ReplaySource, cfg: ReplayConfig) -> str:
-    plan = fixed_plan(spec)
-    if cfg.engine == "runtime" or plan is None:
+    if cfg.engine == "runtime":
         return "runtime"
-    if plan.kind == "genrm" and cfg.concurrency is not None:
-        return "runtime"
-    return "vectorised"
+    plan = fixed_plan(spec) if cfg.engine == "auto" else None
+    if plan is not None and not (plan.kind == "genrm" and cfg.concurrency is not None):
+        return "vectorised"
+    return "runtime" if cfg.concurrency is not None else "lean"
 
 
 def _check_spec(spec: str, src: ReplaySource) -> None:
@@ -506,9 +539,9 @@ def replay_pool(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig,
     for spec in specs:
         _check_spec(spec, src)
     outcomes: dict[str, PolicyOutcome] = {}
-    runtime_specs = [s for s in specs if _engine_for(s, src, cfg) == "runtime"]
+    engines = {s: _engine_for(s, src, cfg) for s in specs}
     for spec in specs:
-        if spec in runtime_specs:
+        if engines[spec] != "vectorised":
             continue
         t0 = time.perf_counter()
         plan = fixed_plan(spec)
@@ -520,12 +553,15 @@ def replay_pool(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig,
                                        wall_s=time.perf_counter() - t0)
         if progress:
             progress(cfg.orders)
-    if runtime_specs:
+    for engine in ("lean", "runtime"):
+        mine = [s for s in specs if engines[s] == engine]
+        if not mine:
+            continue
         t0 = time.perf_counter()
-        got = _runtime_outcomes(src, runtime_specs, cfg, progress)
-        wall = (time.perf_counter() - t0) / len(runtime_specs)
+        got = _order_outcomes(src, mine, cfg, engine, progress)
+        wall = (time.perf_counter() - t0) / len(mine)
         for spec, (arr, errors) in got.items():
-            outcomes[spec] = PolicyOutcome(src.name, spec, "runtime", *arr, errors=errors,
+            outcomes[spec] = PolicyOutcome(src.name, spec, engine, *arr, errors=errors,
                                            wall_s=wall)
     return [outcomes[s] for s in specs]
 
@@ -627,8 +663,8 @@ def sweep(sources: Sequence[ReplaySource], specs: Sequence[str], cfg: ReplayConf
             "orders": cfg.orders, "seed": cfg.seed, "concurrency": cfg.concurrency,
             "decode_rate": cfg.decode_rate, "ttft": cfg.ttft, "engine": cfg.engine,
             "bootstrap": cfg.bootstrap,
-            "tie_rule": "vectorised SC: the answer first in the pool wins a tie; runtime: "
-                        "the answer whose first vote finished first",
+            "tie_rule": "vectorised SC: the answer first in the pool wins a tie; lean and "
+                        "runtime: the answer whose first vote finished first",
         },
         "wall_s": round(time.perf_counter() - t0, 3),
     }

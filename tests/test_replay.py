@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,3 +299,132 @@ def test_ac_and_esc_run_on_an_aime_pool(concurrency):
         assert 4 <= r["samples_per_problem"] < sc["samples_per_problem"]
         assert r["tokens_per_problem"] < 0.5 * sc["tokens_per_problem"]
         assert r["accuracy"] >= sc["accuracy"] - 0.1
+
+
+# ---- the lean engine: identical to the runtime ---------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+#: a verifier profile whose scaling law prefers GenRM at c=32 and SC at c=4 (in the repo)
+LAW = REPO / "benchmarks" / "results" / "profiles" / "quality_sweep" / "sim_c4-2_w2-4_lam1.json"
+#: specs replayed for each registered policy (every registered name must appear)
+IDENTITY_SPECS = {
+    "sc": ["sc:n=3", "sc:n=all", "sc:n=5,max_failures=1"],
+    "genrm": ["genrm:s=3,v=2", "genrm:s=all,v=1"],
+    "ac": ["ac:threshold=0.9", "ac:threshold=0.95,max=all", "ac:criterion=dirichlet,max=8"],
+    "esc": ["esc:window=3", "esc:window=2,max=all"],
+    "boinf": ["boinf:bayes_factor=10", "boinf:max=all"],
+    "adaptive": ["adaptive:width=2,wide=6,max=12,min_votes=2", "adaptive:max=all,width=3",
+                 "adaptive:learn=false,wide=4,width=4"],
+    "optimal": [f"optimal:c=32,profile={LAW}", f"optimal:c=4,profile={LAW}"],
+    "verify-contested": ["verify-contested:width=2,max=10,explore=2",
+                         f"verify-contested:width=3,max=all,profile={LAW}"],
+    "solverify": ["solverify:width=2,max=10,explore=2,min_auc=0.3",
+                  f"solverify:width=3,profile={LAW}"],
+}
+
+
+def _runtime_order(src, policy, order, cfg, history):
+    from benchmarks.replay import _run_problems
+
+    with asyncio.Runner(loop_factory=SimulatedClockLoop) as runner:
+        return runner.run(_run_problems(src, policy, order, cfg, history))
+
+
+def assert_identical(src, spec, orders, **timing):
+    """Every per-problem SolveResult (all fields) and the run history, lean vs runtime."""
+    from benchmarks.engine import run_order
+    from benchmarks.replay import policy_for
+    from orchestrator.history import RunHistory
+
+    policy = policy_for(spec, int(src.pool.arrays.n.max()))
+    cfg = ReplayConfig(orders=1, **timing)
+    for r in orders:
+        h_rt, h_lean = RunHistory(), RunHistory()
+        slow = _runtime_order(src, policy, r, cfg, h_rt)
+        fast = run_order(src, policy, r, decode_rate=cfg.decode_rate, ttft=cfg.ttft,
+                         chunks=cfg.chunks, history=h_lean)
+        for a, b in zip(slow, fast, strict=True):
+            assert a == b, (spec, r, a.problem.id, a.to_dict(), b.to_dict())
+        assert h_rt.records == h_lean.records, (spec, r)
+
+
+def tie_pool(seed: int, problems: int = 14) -> Pool:
+    """Short samples (1-4 tokens: many exact-time ties within and across problems), three
+    answers and some without one, pools of 4-12 samples (some run out)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(problems):
+        n = int(rng.integers(4, 13))
+        rows.append([(None if rng.random() < 0.1 else str(rng.choice(list("aab c"))).strip()
+                      or None, False, int(rng.integers(1, 5))) for _ in range(n)])
+    pool = make_pool(rows, name=f"ties{seed}")
+    return Pool(pool.name, tuple(PoolProblem(p.problem, tuple(
+        PoolSample(s.pred, s.pred == "a", s.tokens) for s in p.samples)) for p in pool.problems))
+
+
+def test_every_registered_policy_has_identity_specs():
+    from policies import registered
+
+    assert {e.name for e in registered()} == set(IDENTITY_SPECS)
+
+
+@pytest.mark.parametrize("name", sorted(IDENTITY_SPECS))
+def test_lean_engine_is_identical_to_the_runtime_on_tied_toy_pools(name):
+    for seed in (0, 1):
+        src = ReplaySource(tie_pool(seed), seed=seed,
+                           verifier=SimulatedVerifier(lam=0.5, vmax=3, seed=seed))
+        for spec in IDENTITY_SPECS[name]:
+            assert_identical(src, spec, range(3))
+
+
+@pytest.mark.parametrize("name", ["adaptive", "esc", "verify-contested", "solverify"])
+def test_lean_engine_is_identical_with_ttft_chunks_and_long_samples(name):
+    src = ReplaySource(random_pool(9, problems=10, n=11, keys="abc"), seed=4,
+                       verifier=SimulatedVerifier(vmax=2, corr=0.5))
+    for spec in IDENTITY_SPECS[name]:
+        assert_identical(src, spec, range(3), ttft=0.3, decode_rate=7.0, chunks=3)
+
+
+@needs_data
+@pytest.mark.parametrize("spec", ["adaptive", "adaptive:max=all", "esc", "verify-contested",
+                                  "solverify", "genrm:s=8,v=2"])
+def test_lean_engine_is_identical_on_the_capitals_pool(spec):
+    # every capitals sample is 1-3 tokens long: whole batches of problems finish at the same
+    # simulated instant, and what adaptive learns from the run depends on asyncio's order
+    src = ReplaySource(load_pool(DATA / "pools" / "live_capitals_gemma3-270m.jsonl"))
+    assert_identical(src, spec, range(1))
+
+
+@needs_data
+@pytest.mark.parametrize("spec", ["adaptive", "ac:threshold=0.95,max=all", "esc:window=5",
+                                  "boinf", f"solverify:profile={LAW}", "verify-contested"])
+def test_lean_engine_is_identical_on_an_aime_pool(spec):
+    src = ReplaySource(load_pool(DATA / "pools" / "boinf_aime2024_Phi-4-reasoning.jsonl"),
+                       seed=5, verifier=SimulatedVerifier(seed=5))
+    assert_identical(src, spec, range(2))
+
+
+@needs_data
+def test_lean_engine_is_identical_on_part_of_a_math500_pool():
+    src = ReplaySource(load_pool(DATA / "pools" / "boinf_math500_Qwen3-14B.jsonl", limit=120))
+    for spec in ("adaptive", "ac:threshold=0.95"):
+        assert_identical(src, spec, range(1))
+
+
+def test_bench_engines_agree_and_auto_uses_the_lean_engine():
+    src = ReplaySource(tie_pool(3), seed=1, verifier=SimulatedVerifier(vmax=2))
+    specs = ["sc:n=all", "ac:threshold=0.9", "adaptive:width=2,max=8",
+             "solverify:width=2,explore=1,min_auc=0.3"]
+    runs = {e: replay_pool(src, specs, ReplayConfig(orders=3, workers=1, engine=e))
+            for e in ("auto", "lean", "runtime")}
+    assert [o.engine for o in runs["auto"]] == ["vectorised", "lean", "lean", "lean"]
+    assert {o.engine for o in runs["lean"]} == {"lean"}
+    for a, b in zip(runs["lean"], runs["runtime"], strict=True):
+        for metric in ("correct", "tokens", "samples", "latency", "cancelled", "agree",
+                       "verify_tokens", "verifications"):
+            np.testing.assert_array_equal(getattr(a, metric), getattr(b, metric),
+                                          err_msg=f"{a.policy} {metric}")
+        assert a.errors == b.errors
+    # under a concurrency cap the lean engine hands over to the runtime
+    capped = replay_pool(src, ["ac:threshold=0.9"], ReplayConfig(orders=1, workers=1,
+                                                                concurrency=1, engine="lean"))
+    assert capped[0].engine == "runtime"

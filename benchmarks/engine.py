@@ -1,0 +1,704 @@
+"""The lean replay engine: one order of a recorded pool under a policy, without asyncio.
+
+It gives the same :class:`~orchestrator.runtime.SolveResult` per problem (answer, key,
+tokens, latency, stop code, solutions, verifications, failed samples, ...) and the same
+run history as :func:`benchmarks.replay.run_runtime_order`, which runs every problem of
+the order through :func:`orchestrator.runtime.solve` on a
+:class:`~orchestrator.backends.replay.ReplayBackend` on the simulated clock. It calls the
+same policy's ``decide`` on the same :class:`~orchestrator.snapshot.ProblemSnapshot`;
+what it leaves out is the machinery: no task per request, no async generator per stream,
+no events, no per-delta dataclasses.
+
+Why it is a small event loop and not a plain heap of finish times. The problems of an
+order share one :class:`~orchestrator.history.RunHistory`, and policies that learn from
+it (``adaptive``, the verifying policies) decide differently depending on which other
+problems had finished when they decided. Many events fall on the same simulated instant
+(every capitals sample is 1-3 tokens long), and then what a decision sees depends on the
+order in which asyncio ran the callbacks of that instant: the timer heap's order among
+equal deadlines (``heapq`` is not stable), then one loop iteration per hop (a timer wakes
+a stream, the stream's finished choice wakes the decision loop, a ``Stop`` cancels the
+streams, their done-callbacks wake the problem's TaskGroup, which then records the
+problem in the history). So this engine keeps asyncio's order: a ``heapq`` of timer
+entries compared by deadline only, pushed, cancelled and cleaned up exactly like
+:meth:`asyncio.BaseEventLoop._run_once` does (the same clock arithmetic, clock
+resolution and cancelled-timer clean-up rule), and a FIFO of callbacks run one loop
+iteration at a time, with one entry for each hop the runtime's tasks make. The tests
+(``tests/test_replay.py``) check per-problem identity against the runtime on many
+orders and pools, for every registered policy.
+
+What it supports: what ``bench replay`` uses without a concurrency cap (one request per
+up to ``max_n`` samples, no budget, no fatal errors; ``PoolExhausted`` handled like the
+backend raises it). With a per-problem concurrency cap the benchmarks use the runtime.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.source import ReplaySource
+from orchestrator.backends.replay import parse_sample_text, sample_text
+from orchestrator.decisions import Sample, Stop, Verify
+from orchestrator.errors import ConfigError, PolicyError
+from orchestrator.history import ProblemRecord, RunHistory
+from orchestrator.ledger import DEFAULT_LAMBDA, ProblemLedger
+from orchestrator.runtime import SolveResult, policy_name
+from orchestrator.snapshot import BudgetLeft, InFlight, ProblemSnapshot
+from orchestrator.types import (
+    UNLIMITED,
+    FailedSample,
+    Problem,
+    Solution,
+    TokenLogprob,
+    Usage,
+    Verification,
+)
+
+__all__ = ["run_order"]
+
+_EPS = 1e-9  # as orchestrator.backends.replay
+#: asyncio.base_events: the cancelled-timer clean-up rule and the longest select timeout
+_MIN_SCHEDULED = 100
+_MIN_CANCELLED_FRACTION = 0.5
+_MAX_SELECT_TIMEOUT = 24 * 3600
+_RESOLUTION = time.get_clock_info("monotonic").resolution
+
+
+def _log(p: float) -> float:
+    return math.log(p) if p > 0 else -math.inf
+
+
+class _Timer:
+    """A timer entry; compared by deadline only, like asyncio's TimerHandle."""
+
+    __slots__ = ("cancelled", "scheduled", "stream", "when")
+
+    def __init__(self, when: float, stream: _Stream) -> None:
+        self.when = when
+        self.stream = stream
+        self.cancelled = False
+        self.scheduled = True
+
+    def __lt__(self, other: _Timer) -> bool:
+        return self.when < other.when
+
+
+class _Choice:
+    __slots__ = ("done", "emitted", "end", "logprobs", "sample_id", "text", "tokens",
+                 "total")
+
+    def __init__(self, sample_id: int) -> None:
+        self.sample_id = sample_id
+        self.tokens = 0  # as the runtime counted it
+        self.done = False
+        # served (None while the request has not opened its stream)
+        self.text = ""
+        self.total = 0
+        self.end = 0.0
+        self.logprobs: tuple[TokenLogprob, ...] = ()
+        self.emitted = 0
+
+
+class _Stream:
+    """One request: the runtime's request task and the backend's stream in one."""
+
+    __slots__ = ("armed", "cancel", "choices", "emitted", "handle", "kind", "n_served",
+                 "pending",
+                 "prob", "record", "request_id", "resume", "solution", "start",
+                 "started_at", "state", "waiting", "wakeups")
+
+    def __init__(self, prob: _Problem, request_id: int, kind: str, choices: list[_Choice],
+                 solution: Solution | None, record: Any, started_at: float) -> None:
+        self.prob = prob
+        self.request_id = request_id
+        self.kind = kind
+        self.choices = choices
+        self.solution = solution
+        self.record = record
+        self.started_at = started_at
+        self.state = "new"  # new -> open -> closed
+        self.cancel = False  # Task.cancel() asked (asyncio's _must_cancel / cancelled waiter)
+        self.waiting = False  # awaiting its waiter future (not done)
+        self.resume = False  # a wake-up is queued
+        self.handle: _Timer | None = None
+        self.armed = math.inf
+        self.pending: list[int] = []
+        self.wakeups: list[float] = []
+        self.start = 0.0
+        self.n_served = 0
+        self.emitted = 0  # tokens the stream has reported, all choices
+
+
+class _Problem:
+    __slots__ = (
+        "changed",
+        "closed_usage",
+        "cursor",
+        "decide_queued",
+        "done",
+        "failed",
+        "index",
+        "ledger",
+        "next_request",
+        "next_sample",
+        "open",
+        "problem",
+        "result",
+        "served",
+        "solutions",
+        "stop",
+        "streams",
+        "tg_tasks",
+        "verifications",
+        "verified",
+        "waiting_changed",
+        "waiting_tg",
+    )
+
+    def __init__(self, index: int, problem: Problem) -> None:
+        self.index = index
+        self.problem = problem
+        self.ledger = ProblemLedger()
+        self.solutions: list[Solution] = []
+        self.verifications: list[Verification] = []
+        self.failed: list[FailedSample] = []
+        self.open: dict[int, _Stream] = {}  # the runtime's self.open (request order)
+        self.streams: list[_Stream] = []  # the backend's open streams (open order)
+        self.tg_tasks = 0  # request tasks whose done-callback has not run
+        self.next_request = 0
+        self.next_sample = 0
+        self.changed = False  # the runtime's asyncio.Event
+        self.waiting_changed = False
+        self.decide_queued = False
+        self.waiting_tg = False
+        self.stop: Stop | None = None
+        self.done = False
+        self.result: SolveResult | None = None
+        self.cursor = 0  # samples served
+        self.served: list[int] | None = None
+        self.verified: dict[int, int] = {}
+        self.closed_usage = Usage()
+
+
+class _Engine:
+    def __init__(self, src: ReplaySource, policy: Any, order: int, *, decode_rate: float,
+                 ttft: float, chunks: int, max_n: int, history: RunHistory) -> None:
+        if not (decode_rate > 0 and math.isfinite(decode_rate)):
+            raise ConfigError(f"decode_rate must be a positive number, got {decode_rate}")
+        if not (ttft >= 0 and math.isfinite(ttft)):
+            raise ConfigError(f"ttft must be >= 0 seconds, got {ttft}")
+        if chunks < 1:
+            raise ConfigError(f"chunks must be >= 1, got {chunks}")
+        if max_n < 1:
+            raise ConfigError(f"max_n must be >= 1, got {max_n}")
+        self.src = src
+        self.policy = policy
+        self.order = order
+        self.rate = decode_rate
+        self.ttft = ttft
+        self.chunks = chunks
+        self.max_n = max_n
+        self.history = history
+        self.task = src.task
+        self.grader = self.task.grader
+        self.sample_max_tokens = self.task.solve_request(src.problems[0], 1).max_tokens \
+            if src.problems else 1
+        vmax = getattr(self.task, "verify_max_tokens", None)
+        self.verify_max_tokens = vmax if isinstance(vmax, int) and vmax >= 1 else 1
+        self.name = policy_name(policy)
+        self.clock = 0.0
+        self.timers: list[_Timer] = []
+        self.cancelled_timers = 0
+        self.ready: deque[tuple[int, Any]] = deque()
+
+    # ---- the loop (asyncio.BaseEventLoop._run_once, for our callbacks) ---------------
+    def run(self) -> list[SolveResult]:
+        probs = [_Problem(i, p) for i, p in enumerate(self.src.problems)]
+        ready = self.ready
+        for p in probs:  # _run_problems creates one task per problem, in order
+            ready.append((_DECIDE, p))
+            p.decide_queued = True
+        timers = self.timers
+        handlers = (self._decide, self._wake, self._resume, self._start, self._task_done,
+                    self._parent)
+        while ready or timers:
+            sched = len(timers)
+            if sched > _MIN_SCHEDULED and self.cancelled_timers / sched > _MIN_CANCELLED_FRACTION:
+                kept = []
+                for h in timers:
+                    if h.cancelled:
+                        h.scheduled = False
+                    else:
+                        kept.append(h)
+                heapq.heapify(kept)
+                self.timers = timers = kept
+                self.cancelled_timers = 0
+            else:
+                while timers and timers[0].cancelled:
+                    self.cancelled_timers -= 1
+                    heapq.heappop(timers).scheduled = False
+            if not ready:
+                if not timers:
+                    break
+                timeout = min(max(0.0, timers[0].when - self.clock), _MAX_SELECT_TIMEOUT)
+                if timeout > 0:
+                    self.clock += timeout
+            end_time = self.clock + _RESOLUTION
+            while timers and timers[0].when < end_time:
+                h = heapq.heappop(timers)
+                h.scheduled = False
+                ready.append((_TIMER, h))
+            for _ in range(len(ready)):
+                kind, obj = ready.popleft()
+                handlers[kind](obj)
+        missing = [p.problem.id for p in probs if p.result is None]
+        if missing:
+            raise RuntimeError(f"lean replay engine: problems never finished: {missing[:5]}")
+        return [p.result for p in probs]  # type: ignore[misc]
+
+    def _push_timer(self, st: _Stream, when: float) -> _Timer:
+        h = _Timer(when, st)
+        heapq.heappush(self.timers, h)
+        return h
+
+    def _cancel_timer(self, h: _Timer) -> None:
+        if not h.cancelled:
+            if h.scheduled:
+                self.cancelled_timers += 1
+            h.cancelled = True
+
+    # ---- hops --------------------------------------------------------------------------
+    def _wake(self, h: _Timer) -> None:
+        """A timer fired (``_wake_stream``)."""
+        if h.cancelled:
+            return
+        st = h.stream
+        if st.waiting:
+            st.waiting = False
+            st.resume = True
+            self.ready.append((_RESUME, st))
+
+    def _poke(self, p: _Problem, me: _Stream | None) -> None:
+        for other in p.streams:
+            if other is not me and other.waiting:
+                other.waiting = False
+                other.resume = True
+                self.ready.append((_RESUME, other))
+
+    def _set_changed(self, p: _Problem) -> None:
+        if not p.changed:
+            p.changed = True
+            if p.waiting_changed:
+                p.waiting_changed = False
+                p.decide_queued = True
+                self.ready.append((_DECIDE, p))
+
+    # ---- the decision loop (_ProblemRun._loop_until_stop) ------------------------------
+    def _snapshot(self, p: _Problem) -> ProblemSnapshot:
+        in_flight = 0
+        sample_tokens: list[int] = []
+        verifying: dict[int, int] = {}
+        for st in p.open.values():
+            if st.kind == "solve":
+                for c in st.choices:
+                    if not c.done:
+                        in_flight += 1
+                        sample_tokens.append(c.tokens)
+            else:
+                k = sum(1 for c in st.choices if not c.done)
+                if k and st.solution is not None:
+                    sid = st.solution.id
+                    verifying[sid] = verifying.get(sid, 0) + k
+        led = p.ledger
+        lam = led.lam
+        return ProblemSnapshot(
+            problem=p.problem,
+            solutions=tuple(p.solutions),
+            verifications=tuple(p.verifications),
+            failed=tuple(p.failed),
+            in_flight=InFlight(in_flight, tuple(sorted(verifying.items())),
+                               tuple(sample_tokens)),
+            samples_launched=led.solutions_launched,
+            verifications_launched=led.verifications_launched,
+            requests_launched=len(led.records),
+            usage=self._usage(p),
+            budget=UNLIMITED,
+            budget_left=BudgetLeft(None, None, None, self.sample_max_tokens,
+                                   self.verify_max_tokens,
+                                   DEFAULT_LAMBDA if lam is None else lam),
+            elapsed=self.clock,
+            lam=lam,
+            history=self.history.records,
+            blocked=None,
+        )
+
+    @staticmethod
+    def _usage(p: _Problem) -> Usage:
+        """``ProblemLedger.usage`` (closed records summed once, plus the open ones), without
+        building a Usage per record."""
+        if not p.open:
+            return p.closed_usage
+        completion = 0
+        estimated = False
+        sources: set[str] = set()
+        for st in p.open.values():
+            r = st.record
+            if r.server_completion is not None:
+                completion += r.server_completion
+                if r.server_prompt is None:
+                    estimated = True
+                    sources.add("prompt")
+            else:
+                completion += r.counted_completion
+                estimated = True
+                sources.update(r.estimated_from)
+        # prompt tokens: a replay reports 0; cached: never reported
+        return p.closed_usage + Usage(0, completion, estimated, None, tuple(sorted(sources)))
+
+    def _decide(self, p: _Problem) -> None:
+        p.decide_queued = False
+        p.changed = False
+        decisions = tuple(self.policy.decide(self._snapshot(p)))
+        stop = None
+        launched = False
+        for d in decisions:
+            if isinstance(d, Stop):
+                stop = d
+                break
+            if isinstance(d, Sample):
+                kind, remaining, solution = "solve", d.k, None
+            elif isinstance(d, Verify):
+                if d.solution.id not in {s.id for s in p.solutions}:
+                    raise PolicyError(f"Verify of unknown solution id {d.solution.id}")
+                kind, remaining, solution = "verify", d.times, d.solution
+            else:
+                raise PolicyError(f"policy returned {d!r}, not a Sample, Verify or Stop")
+            while remaining > 0:
+                n = min(remaining, self.max_n)
+                self._launch(p, kind, n, solution)
+                launched = True
+                remaining -= n
+        if stop is not None:
+            p.stop = stop
+            for st in list(p.open.values()):
+                self._cancel(st)
+            if p.tg_tasks:
+                p.waiting_tg = True
+            else:
+                self._finish(p)
+            return
+        if p.open:
+            if p.changed:  # Event.wait() returns at once when set: decide again now
+                self._decide(p)
+            else:
+                p.waiting_changed = True
+            return
+        if not launched:
+            raise PolicyError(f"policy {self.name} returned no work and no Stop "
+                              "with nothing in flight")
+        # launched, yet nothing open: impossible (a launch opens a request)
+        raise AssertionError("launched work is not open")
+
+    def _launch(self, p: _Problem, kind: str, n: int, solution: Solution | None) -> None:
+        rid = p.next_request
+        p.next_request += 1
+        choices = []
+        for _ in range(n):
+            choices.append(_Choice(p.next_sample))
+            p.next_sample += 1
+        record = p.ledger.open(rid, kind, n)  # type: ignore[arg-type]
+        st = _Stream(p, rid, kind, choices, solution, record, self.clock)
+        p.open[rid] = st
+        p.tg_tasks += 1
+        self.ready.append((_START, st))
+
+    def _cancel(self, st: _Stream) -> None:
+        """``Task.cancel()`` of a request task."""
+        if st.state == "closed":
+            return
+        st.cancel = True
+        if st.state == "new":
+            return  # its first step throws at once: the coroutine never runs
+        if st.waiting:
+            st.waiting = False
+            st.resume = True
+            self.ready.append((_RESUME, st))
+        # else: a wake-up is queued; it runs the cancellation
+
+    def _finish(self, p: _Problem) -> None:
+        """``_result``: the SolveResult and the history record."""
+        stop = p.stop
+        assert stop is not None
+        prob = p.problem
+        correct = None
+        if prob.answer is not None or prob.aliases:
+            correct = False if stop.answer is None else self.grader.is_correct(stop.answer, prob)
+        led = p.ledger
+        solution_tokens = led.usage_of("solve").completion_tokens
+        verification_tokens = led.usage_of("verify").completion_tokens
+        result = SolveResult(
+            problem=prob, answer=stop.answer, key=stop.key, reason=stop.reason,
+            correct=correct, usage=led.usage, requests=len(led.records),
+            solutions=tuple(p.solutions), verifications=tuple(p.verifications),
+            failed=tuple(p.failed), elapsed=self.clock, lam=led.lam,
+            cost_units=led.cost_units, solution_tokens=solution_tokens,
+            verification_tokens=verification_tokens, policy=self.name, error=None,
+            stop_code=stop.code,
+        )
+        by_id = {s.id: s.key for s in p.solutions}
+        index_of = {s.id: s.index for s in p.solutions}
+        self.history.add(ProblemRecord(
+            problem_id=prob.id, stop_code=stop.code, answer_key=stop.key,
+            keys=tuple(s.key for s in p.solutions),
+            lengths=tuple(s.completion_tokens for s in p.solutions),
+            readings=tuple((by_id.get(v.solution_id), v.p_yes) for v in p.verifications
+                           if v.p_yes is not None),
+            reading_solutions=tuple(index_of[v.solution_id] for v in p.verifications
+                                    if v.p_yes is not None),
+            solution_tokens=solution_tokens,
+            verification_tokens=verification_tokens,
+        ))
+        p.result = result
+        p.done = True
+
+    def _task_done(self, st: _Stream) -> None:
+        """TaskGroup._on_task_done of a request task."""
+        p = st.prob
+        p.tg_tasks -= 1
+        if p.waiting_tg and not p.tg_tasks:
+            p.waiting_tg = False
+            self.ready.append((_PARENT, p))
+
+    def _parent(self, p: _Problem) -> None:
+        self._finish(p)
+
+    # ---- one request (_ProblemRun._run_request and the replay stream) ----------------
+    def _start(self, st: _Stream) -> None:
+        p = st.prob
+        if st.cancel:  # cancelled before its first step: the coroutine never ran
+            st.state = "closed"
+            self.ready.append((_TASK_DONE, st))
+            return
+        now = self.clock
+        start = now + self.ttft
+        src = self.src
+        pid = p.problem.id
+        served: list[tuple[str, int, float, tuple[TokenLogprob, ...]]] = []
+        if st.kind == "solve":
+            if p.served is None:
+                p.served = list(src.served_order(pid, self.order))
+            picked = p.served[p.cursor: p.cursor + len(st.choices)]
+            p.cursor += len(picked)
+            for idx in picked:
+                pred, tokens = src.sample(pid, idx)
+                served.append((sample_text(idx, pred), tokens, start + tokens / self.rate, ()))
+        else:
+            assert st.solution is not None
+            parsed = parse_sample_text(st.solution.text)
+            if parsed is None:
+                raise ConfigError(f"solution {st.solution.id} was not served by a "
+                                  "ReplayBackend")
+            index = parsed[0]
+            for _ in range(len(st.choices)):
+                j = p.verified.get(index, 0)
+                reading = src.verification(pid, index, j)
+                if reading is None:
+                    break
+                p.verified[index] = j + 1
+                pr, tokens = reading
+                if tokens is None:
+                    tokens = src.verify_tokens
+                if pr is None:
+                    text, lps = "unparsable", ()
+                else:
+                    text = "Yes" if pr >= 0.5 else "No"
+                    lps = (TokenLogprob(text, _log(pr if text == "Yes" else 1 - pr),
+                                        (("Yes", _log(pr)), ("No", _log(1 - pr)))),)
+                served.append((text, tokens, start + tokens / self.rate, lps))
+        if not served:
+            self._poke(p, None)
+            what = "sample" if st.kind == "solve" else "verification"
+            self._close(st, "failed", f"PoolExhausted: no recorded {what} left for problem "
+                                      f"{pid!r}")
+            return
+        st.state = "open"
+        st.start = now
+        st.n_served = len(served)
+        for c, (text, tokens, end, lps) in zip(st.choices, served, strict=False):
+            c.text, c.total, c.end, c.logprobs = text, tokens, end, lps
+        p.streams.append(st)
+        wakeups = {c.end for c in st.choices[: st.n_served]}
+        if self.chunks > 1:
+            for c in st.choices[: st.n_served]:
+                step = (c.end - now - self.ttft) / self.chunks
+                wakeups.update(now + self.ttft + step * k for k in range(1, self.chunks))
+        st.wakeups = sorted(wakeups)
+        st.pending = list(range(st.n_served))
+        self._step(st, top=True)
+
+    def _resume(self, st: _Stream) -> None:
+        st.resume = False
+        if st.cancel:
+            self._cancelled(st)
+            return
+        self._step(st, top=False)
+
+    def _step(self, st: _Stream, top: bool) -> None:
+        """The backend's ``_events`` loop, with the runtime reading each event (its
+        ``_on_delta``, ``_finish_choice`` and usage reports), up to the stream's next wait."""
+        p = st.prob
+        choices = st.choices
+        pending = st.pending
+        rec = st.record
+        while pending:
+            now = self.clock
+            lim = now + _EPS
+            if top:
+                wakeups = st.wakeups
+                while wakeups and wakeups[0] <= lim:
+                    wakeups.pop(0)
+                for i in pending:
+                    if choices[i].end <= lim:
+                        break
+                else:  # nothing ends now: (re)arm the timer and wait
+                    when = wakeups[0]
+                    if st.armed != when:
+                        if st.handle is not None:
+                            self._cancel_timer(st.handle)
+                        st.armed = when
+                        st.handle = h = _Timer(when, st)
+                        heapq.heappush(self.timers, h)
+                    st.waiting = True
+                    return
+            top = True
+            ending = False
+            for i in pending:
+                if choices[i].end <= lim:
+                    ending = True
+                    break
+            if ending:
+                self._poke(p, st)
+            changed = ending
+            got = -1
+            keep = []
+            for i in pending:
+                c = choices[i]
+                if c.end <= lim:
+                    new = c.total - c.emitted
+                    c.emitted = c.total
+                    st.emitted += new
+                    self._final(st, c, new)
+                else:
+                    if got < 0:
+                        got = max(0, math.floor((now - st.start - self.ttft) * self.rate + _EPS))
+                    g = min(got, c.total - 1)
+                    if g > c.emitted:
+                        changed = True
+                        d = g - c.emitted
+                        c.tokens += d  # the runtime's _on_delta of a progress delta
+                        rec.counted_completion += d
+                        rec.counted_deltas += 1
+                        c.emitted = g
+                        st.emitted += d
+                    keep.append(i)
+            st.pending = pending = keep
+            if changed:  # UsageReport(0, emitted, final): RequestRecord.add_usage
+                final = not pending
+                rec.server_prompt = 0
+                if final or rec.server_completion is None or st.emitted >= rec.server_completion:
+                    rec.server_completion = st.emitted
+                rec.server_final = rec.server_final or final
+        # the stream ended
+        if st.handle is not None:
+            self._cancel_timer(st.handle)
+        if st.n_served < len(choices):  # short: PoolExhausted after the last one
+            self._poke(p, st)
+            what = "solve" if st.kind == "solve" else "verify"
+            self._close(st, "failed", f"PoolExhausted: only {st.n_served} recorded {what} "
+                                      f"items were left for problem {p.problem.id!r}")
+            return
+        self._close(st, "ok", None)
+
+    def _final(self, st: _Stream, c: _Choice, tokens: int) -> None:
+        """The runtime's ``_on_delta`` of a choice's last delta, and ``_finish_choice``."""
+        c.tokens += tokens
+        rec = st.record
+        rec.counted_completion += tokens
+        rec.counted_deltas += 1
+        c.done = True
+        p = st.prob
+        now = self.clock
+        if st.kind == "solve":
+            answer = self.grader.extract(c.text)
+            key = self.grader.key(answer) if answer is not None else None
+            if key is None:
+                answer = None
+            p.solutions.append(Solution(
+                id=c.sample_id, index=len(p.solutions), text=c.text, answer=answer, key=key,
+                finish_reason="stop", completion_tokens=c.tokens, started_at=st.started_at,
+                finished_at=now, request_id=st.request_id, mean_logprob=None))
+            p.ledger.solution_lengths.append(c.tokens)
+        else:
+            assert st.solution is not None
+            verdict, p_yes, source = self.task.parse_verdict(c.text, c.logprobs)
+            p.verifications.append(Verification(
+                id=c.sample_id, solution_id=st.solution.id, text=c.text, verdict=verdict,
+                p_yes=p_yes, source=source, completion_tokens=c.tokens,
+                started_at=st.started_at, finished_at=now, request_id=st.request_id))
+            p.ledger.verification_lengths.append(c.tokens)
+        self._set_changed(p)
+
+    def _cancelled(self, st: _Stream) -> None:
+        """CancelledError at the stream's wait: close it as cancelled."""
+        if st.handle is not None:
+            self._cancel_timer(st.handle)
+        self._close(st, "cancelled", None)
+
+    def _close(self, st: _Stream, outcome: str, error: str | None) -> None:
+        """The stream's exit and the runtime's ``_close_request``."""
+        p = st.prob
+        if st.state == "open":
+            p.streams.remove(st)
+        st.state = "closed"
+        if outcome == "ok" and any(not c.done for c in st.choices):
+            outcome = "failed"
+            error = "BackendError: stream ended without a finish_reason for every choice"
+        reason = "cancelled" if outcome == "cancelled" else "failed"
+        for c in st.choices:
+            if c.done:
+                continue
+            c.done = True
+            p.failed.append(FailedSample(
+                id=c.sample_id, request_id=st.request_id, kind=st.kind,  # type: ignore[arg-type]
+                reason=reason, error=error, partial_text="", completion_tokens=c.tokens,
+                solution_id=st.solution.id if st.solution else None))
+        p.ledger.close(st.record, outcome)
+        p.closed_usage = p.closed_usage + st.record.usage
+        p.open.pop(st.request_id, None)
+        self._set_changed(p)
+        self.ready.append((_TASK_DONE, st))
+
+
+_DECIDE, _TIMER, _RESUME, _START, _TASK_DONE, _PARENT = range(6)
+
+
+def run_order(src: ReplaySource, policy: Any, order: int, *, decode_rate: float = 50.0,
+              ttft: float = 0.0, chunks: int = 1, max_n: int = 16,
+              history: RunHistory | None = None) -> list[SolveResult]:
+    """Every problem of ``src`` under ``policy`` for served order ``order``, sharing one
+    run history, as :func:`benchmarks.replay.run_runtime_order` runs them; results in
+    problem order."""
+    if not callable(getattr(policy, "decide", None)):
+        raise ConfigError(f"policy {policy!r} has no decide(snapshot) method")
+    engine = _Engine(src, policy, order, decode_rate=decode_rate, ttft=ttft, chunks=chunks,
+                     max_n=max_n, history=RunHistory() if history is None else history)
+    return engine.run()
+
+
+def results_equal(a: Sequence[SolveResult], b: Sequence[SolveResult]) -> bool:
+    """Per-problem identity of two result lists (every field, solutions included)."""
+    return len(a) == len(b) and all(x == y for x, y in zip(a, b, strict=True))

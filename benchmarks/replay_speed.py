@@ -1,0 +1,85 @@
+"""CPU cost of a replay sweep, lean engine vs runtime, and their identity on some orders.
+
+    python -m benchmarks.replay_speed --pool ../shared/data/pools/boinf_math500_Qwen3-14B.jsonl
+        [--orders 100] [--engine auto|lean|runtime] [--check-orders 3] [--policy SPEC ...]
+
+Replays the README's MATH-500 sweep (the seven peer baselines and three ``adaptive`` rows,
+ten policies) on one pool in one process (``workers=1``, so the process CPU time is the
+whole cost) and prints the CPU seconds per policy and in all, with the load average, which
+says how busy the machine was. ``--check-orders K`` first replays K orders of every
+non-fixed policy through both the lean engine and the runtime and stops with an error
+unless every per-problem result is identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+#: the README's MATH-500 sweep: the peer baselines, then the adaptive rows
+SWEEP = ("sc:n=all", "ac:threshold=0.95,max=all", "boinf:bayes_factor=30", "ac:threshold=0.95",
+         "esc:window=5", "sc:n=16", "sc:n=32", "adaptive", "adaptive:max=all",
+         "adaptive:learn=false,wide=8")
+
+
+def check(src, specs, orders: int) -> None:
+    import asyncio
+
+    from benchmarks.engine import run_order
+    from benchmarks.replay import ReplayConfig, _run_problems, fixed_plan, policy_for
+    from orchestrator.simclock import SimulatedClockLoop
+
+    cfg = ReplayConfig(orders=1)
+    size = int(src.pool.arrays.n.max())
+    for spec in specs:
+        if fixed_plan(spec) is not None:
+            continue
+        policy = policy_for(spec, size)
+        for r in range(orders):
+            with asyncio.Runner(loop_factory=SimulatedClockLoop) as runner:
+                slow = runner.run(_run_problems(src, policy, r, cfg))
+            fast = run_order(src, policy, r)
+            bad = [a.problem.id for a, b in zip(slow, fast, strict=True) if a != b]
+            if bad:
+                sys.exit(f"{spec} order {r}: {len(bad)} problems differ, e.g. {bad[:3]}")
+        print(f"identical: {spec}, {orders} orders x {len(src.problems)} problems",
+              flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.pools import load_pool
+    from benchmarks.replay import ReplayConfig, replay_pool
+    from benchmarks.source import ReplaySource
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.replay_speed")
+    ap.add_argument("--pool", type=Path, required=True)
+    ap.add_argument("--orders", type=int, default=100)
+    ap.add_argument("--engine", choices=("auto", "lean", "runtime"), default="auto")
+    ap.add_argument("--check-orders", type=int, default=0)
+    ap.add_argument("--policy", action="append", default=None)
+    args = ap.parse_args(argv)
+    specs = args.policy or list(SWEEP)
+    src = ReplaySource(load_pool(args.pool))
+    if args.check_orders:
+        check(src, specs, args.check_orders)
+    cfg = ReplayConfig(orders=args.orders, workers=1, engine=args.engine, bootstrap=1)
+    load0 = os.getloadavg()
+    total0 = time.process_time()
+    for spec in specs:
+        t0 = time.process_time()
+        (out,) = replay_pool(src, [spec], cfg)
+        src.forget_orders()
+        print(f"{spec:32s} {out.engine:10s} {time.process_time() - t0:8.2f} s CPU", flush=True)
+    total = time.process_time() - total0
+    load1 = os.getloadavg()
+    print(f"total {total:.2f} s CPU for {len(specs)} policies x {args.orders} orders x "
+          f"{len(src.problems)} problems ({args.engine}); load average "
+          f"{load0[0]:.1f} before, {load1[0]:.1f} after")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
