@@ -251,7 +251,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def _print_replay_table(report: dict[str, Any], file: Any = None) -> None:
     file = file or sys.stdout
     head = (f"{'pool':28s} {'policy':24s} {'accuracy':>8s} {'95% CI':>15s} "
-            f"{'tokens/prob':>12s} {'samples':>8s} {'latency s':>10s} engine")
+            f"{'tokens/prob':>12s} {'verif. tok':>10s} {'samples':>8s} {'latency s':>10s} engine")
     print(head, file=file)
     shown: set[str] = set()
     for r in report["runs"]:
@@ -262,6 +262,7 @@ def _print_replay_table(report: dict[str, Any], file: Any = None) -> None:
         lo, hi = r["accuracy_ci95"]
         print(f"{r['pool'][:28]:28s} {r['policy'][:24]:24s} {r['accuracy']:8.3f} "
               f"[{lo:.3f},{hi:.3f}] {r['tokens_per_problem']:12,.0f} "
+              f"{r.get('verification_tokens_per_problem', 0):10,.0f} "
               f"{r['samples_per_problem']:8.2f} {r['latency_per_problem']:10,.1f} "
               f"{r.get('engine', '')}", file=file)
     print(f"wall time {report['wall_s']:.1f} s", file=file)
