@@ -52,6 +52,7 @@ from orchestrator.serve.config import (
     ServeError,
     ServerPaths,
     server_env,
+    thread_choice,
 )
 from orchestrator.serve.provisioning import is_provisioned, tail
 
@@ -326,6 +327,7 @@ class ManagedServer:
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
         started_by: str | None = None,
+        threads: str = "auto",
     ) -> None:
         self.paths = paths or ServerPaths.at()
         self.host = host
@@ -336,6 +338,11 @@ class ManagedServer:
         self.log_path = log_path or self.paths.log_dir / f"{self.kind}-{self.port}.log"
         self.started_by = started_by or " ".join([Path(sys.argv[0]).name, *sys.argv[1:3]])
         self.detached = False
+        #: how the server should use the CPU (``auto``/``one``/``all``, see
+        #: :func:`~orchestrator.serve.config.thread_choice`); each kind interprets it
+        self.threads = threads
+        #: what was chosen at start, in words (shown and kept in the server record)
+        self.threads_note: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- what to run (subclasses) --
@@ -436,6 +443,7 @@ class ManagedServer:
             "started_by": self.started_by,
             "owner_pid": os.getpid(),
             "detached": self.detached,
+            "threads": self.threads_note,
         }
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info) + "\n")
@@ -655,10 +663,12 @@ class VLLMServer(ManagedServer):
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
         started_by: str | None = None,
+        threads: str = "auto",
     ) -> None:
         super().__init__(paths, port=port, host=host, model_name=SERVED_MODEL_NAME,
                          startup_timeout=startup_timeout, log_path=log_path, env=env,
-                         started_by=started_by)
+                         started_by=started_by, threads=threads)
+        thread_choice(threads, cpus=[0])  # a bad choice fails here, not at start
         self.max_model_len = max_model_len
         self.kvcache_gb = kvcache_gb
         self.block_size = block_size
@@ -696,7 +706,19 @@ class VLLMServer(ManagedServer):
         ]
 
     def environment(self) -> dict[str, str]:
-        return server_env({"VLLM_CPU_KVCACHE_SPACE": str(self.kvcache_gb), **self.env})
+        """The server's environment; the threading choice is made here, at start, from
+        the machine's load then (a ``VLLM_CPU_OMP_THREADS_BIND`` already set wins)."""
+        variables, note = thread_choice(self.threads)
+        env = server_env({"VLLM_CPU_KVCACHE_SPACE": str(self.kvcache_gb), **self.env},
+                         threads=variables)
+        key = "VLLM_CPU_OMP_THREADS_BIND"
+        given = self.env[key] if key in self.env else os.environ.get(key)
+        if given:
+            note = f"{key}={given} (from the environment)"
+        elif key in self.env:
+            note = f"vLLM's default ({key} removed by the caller)"
+        self.threads_note = note
+        return env
 
     def preflight(self) -> None:
         if not self.paths.python.exists() or not is_provisioned(self.paths):
