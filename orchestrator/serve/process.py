@@ -307,8 +307,8 @@ class ManagedServer:
 
     ``async with server:`` starts it, waits until healthy and stops it on exit, also
     when the block is cancelled; ``start()`` / ``wait_healthy_async()`` /
-    ``stop_async()`` do the same by hand. (The sync ``with`` / ``wait_healthy()`` /
-    ``stop()`` remain for tests and scripts that have no event loop.)
+    ``stop_async()`` do the same by hand. Async only (code without an event loop wraps
+    them in ``asyncio.run``); ``start()`` and ``kill()`` are quick and plain.
     """
 
     #: what ``serve status`` calls it
@@ -462,18 +462,6 @@ class ManagedServer:
             return False
         return status == 200 and self._lists_model(body)
 
-    def healthy(self) -> bool:
-        """:meth:`healthy_async` for code without an event loop."""
-        try:
-            for path in self.health_paths:
-                status, _ = _http_get(self.root_url + path, timeout=2.0)
-                if status != 200:
-                    return False
-            status, body = _http_get(f"{self.base_url}/models", timeout=2.0)
-        except (OSError, urllib.error.URLError):
-            return False
-        return status == 200 and self._lists_model(body)
-
     def _lists_model(self, body: bytes) -> bool:
         try:
             ids = [m["id"] for m in json.loads(body)["data"]]
@@ -542,16 +530,6 @@ class ManagedServer:
                 on_progress(f"{time.monotonic() - t0:4.0f}s: {latest}")
             await asyncio.sleep(0.5)
 
-    def wait_healthy(self, timeout: float | None = None) -> float:
-        """:meth:`wait_healthy_async` for code without an event loop."""
-        step = self._watch(timeout)
-        t0 = time.monotonic()
-        while True:
-            step()
-            if self.healthy():
-                return time.monotonic() - t0
-            time.sleep(0.5)
-
     # -- stop --
     async def stop_async(self, grace: float = STOP_GRACE_S) -> None:
         """SIGTERM the group, wait up to ``grace`` s, then SIGKILL whatever is left.
@@ -567,22 +545,6 @@ class ManagedServer:
             while (proc.poll() is None or _group_alive(proc.pid)) and (  # noqa: ASYNC110
                     time.monotonic() < deadline):
                 await asyncio.sleep(0.05)  # child processes: nothing to await but time
-        finally:
-            self.kill()
-
-    def stop(self, grace: float = STOP_GRACE_S) -> None:
-        """:meth:`stop_async` for code without an event loop."""
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            if proc.poll() is None:
-                _kill_group(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=grace)
-            while _group_alive(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
         finally:
             self.kill()
 
@@ -615,23 +577,6 @@ class ManagedServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop_async()
-
-    def __enter__(self) -> Self:
-        self.start()
-        try:
-            self.wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # --- the bundled vLLM --------------------------------------------------------------------
