@@ -19,13 +19,13 @@ Three engines give the same numbers for the same seed:
   start. Without a cap, requests carry up to 16 samples (the runtime's default ``max_n``);
   each sample still has its own timing.
 * **vectorised** (``sc:n=K``, ``sc:n=all``, and ``genrm:s=S,v=V`` without a concurrency
-  cap): numpy over (orders × problems × samples). It reproduces the runtime's tokens,
-  samples and simulated latency exactly (a fixed policy launches everything at once; with
-  a cap, samples start in served order as slots free up). Vote ties: the answer that
-  occurs first in the pool wins (key ids are numbered by first occurrence), which is the
-  data README's maj@N rule, so ``sc:n=all`` reproduces maj@N exactly and does not depend
-  on the order. The runtime's SC breaks ties by completion order instead; the two can
-  differ only on exact vote ties.
+  cap, chosen by the policy's type: :func:`fixed_plan`): numpy over (orders × problems ×
+  samples). It reproduces the runtime's tokens, samples and simulated latency exactly (a
+  fixed policy launches everything at once; with a cap, samples start in served order as
+  slots free up), and the policies' vote rule (:mod:`policies.votes`: a tie goes to the
+  answer whose first vote finished first), with completion order taken as finish time,
+  then served position; see :func:`_majority` for the one case (different requests
+  finishing at the very same instant) where that approximates the runtime's order.
 
 Orders of the lean and runtime engines are spread over worker processes (``fork``; one
 process otherwise).
@@ -42,9 +42,8 @@ import concurrent.futures
 import math
 import multiprocessing
 import os
-import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,9 +53,10 @@ from benchmarks.source import ReplaySource
 from orchestrator.backends.replay import PoolExhausted, ReplayBackend
 from orchestrator.errors import ConfigError
 from orchestrator.history import RunHistory
-from orchestrator.runtime import SolveResult, solve
+from orchestrator.runtime import SolveResult, policy_name, solve
 from orchestrator.simclock import SimulatedClockLoop
-from policies import parse_policy
+from policies import GenRM, SelfConsistency, parse_policy
+from policies.spec import uses_all
 
 __all__ = [
     "FixedPlan",
@@ -119,83 +119,66 @@ class ReplayConfig:
 
 @dataclass(frozen=True, slots=True)
 class FixedPlan:
-    """A fixed policy the vectorised engine can replay (``None`` = every pool sample)."""
+    """A fixed policy the vectorised engine can replay (``solutions`` at least the pool
+    size: every pool sample)."""
 
     kind: str  # "sc" | "genrm"
-    solutions: int | None
+    solutions: int
     verifications: int = 0
 
 
-_PARAM_RE = re.compile(r"^\s*([a-z_]+)\s*=\s*([^,\s]+)\s*$")
+#: what the benchmarks replay: a spec string (``all`` = the pool size) or a policy object
+PolicyLike = str | Any
 
 
-def fixed_plan(spec: str) -> FixedPlan | None:
-    """``sc:n=K|all``, ``genrm:s=S|all,v=V`` (no other parameters) and ``optimal:...`` (the
-    allocation it resolves to) as a plan, else None."""
-    name, _, rest = spec.strip().partition(":")
-    name = name.strip().lower()
-    if name == "optimal":  # a fixed allocation: the SC or GenRM plan it resolves to
-        s_opt, v_opt = parse_policy(spec).allocation
-        return FixedPlan("sc", s_opt) if v_opt == 0 else FixedPlan("genrm", s_opt, v_opt)
-    if name not in ("sc", "genrm"):
-        return None
-    params: dict[str, str] = {}
-    for item in rest.split(",") if rest.strip() else []:
-        m = _PARAM_RE.match(item)
-        if m is None:
-            return None
-        params[m.group(1)] = m.group(2)
+def label(policy: PolicyLike) -> str:
+    """How tables name a policy: the spec as written, else the object's ``spec``."""
+    return policy.strip() if isinstance(policy, str) else policy_name(policy)
 
-    def count(raw: str | None) -> int | None:
-        if raw is None:
-            raise ConfigError(f"policy spec {spec!r}: missing a count")
-        if raw == "all":
-            return None
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"policy spec {spec!r}: {raw!r} is not an integer or 'all'"
-                              ) from None
-        if value < 1:
-            raise ConfigError(f"policy spec {spec!r}: counts must be >= 1")
-        return value
 
-    if name == "sc" and set(params) == {"n"}:
-        return FixedPlan("sc", count(params["n"]))
-    if name == "genrm" and set(params) == {"s", "v"}:
-        v = count(params["v"])
-        if v is None:
-            raise ConfigError(f"policy spec {spec!r}: v=all is not supported")
-        return FixedPlan("genrm", count(params["s"]), v)
+def policy_for(policy: PolicyLike, pool_size: int | None = None) -> Any:
+    """The policy object to replay. A spec string is parsed with ``all`` meaning the pool
+    size (``sc:n=all``, ``genrm:s=all``, ``ac:max=all``, ``adaptive:max=all``); an object
+    is used as it is."""
+    if not isinstance(policy, str):
+        if not callable(getattr(policy, "decide", None)):
+            raise ConfigError(f"policy {policy!r} has no decide(snapshot) method")
+        return policy
+    return parse_policy(policy, size=pool_size)
+
+
+def fixed_plan(policy: PolicyLike, pool_size: int | None = None) -> FixedPlan | None:
+    """The plan of a policy the vectorised engine replays, chosen by its type: a
+    :class:`~policies.fixed.SelfConsistency` or :class:`~policies.fixed.GenRM` without
+    ``max_failures`` (an :class:`~policies.optimal.Optimal` by the one it resolves to);
+    else None. A spec string is parsed first (``all``: ``pool_size``)."""
+    from policies.optimal import Optimal
+
+    obj = policy_for(policy, pool_size)
+    if isinstance(obj, Optimal):
+        obj = obj.resolved
+    if type(obj) is SelfConsistency and obj.max_failures is None:
+        return FixedPlan("sc", obj.n)
+    if type(obj) is GenRM and obj.max_failures is None:
+        return FixedPlan("genrm", obj.solutions, obj.verifications)
     return None
 
 
-def policy_for(spec: str, pool_size: int | None = None) -> Any:
-    """A policy object for the runtime engine. In a replay every ``=all`` parameter means
-    the pool size (``sc:n=all``, ``genrm:s=all``, ``ac:max=all``, ``adaptive:max=all``)."""
-    if "=all" in spec.replace(" ", ""):
-        if pool_size is None:
-            raise ConfigError(f"{spec!r} needs the pool size")
-        spec = re.sub(r"=\s*all\b", f"={pool_size}", spec)
-    return parse_policy(spec)
-
-
-def horizon(spec: str, pool_size: int) -> str:
-    """The most samples a spec may draw per problem, as tables state it: ``"64"``, or
+def horizon(policy: PolicyLike, pool_size: int) -> str:
+    """The most samples a policy may draw per problem, as tables state it: ``"64"``, or
     ``"all (80)"`` where the spec says ``all`` (the pool size), or ``"none"`` for a policy
     without a cap (it ends on its rule, the budget or the pool running out)."""
-    plan = fixed_plan(spec)
-    if plan is not None:
-        cap = plan.solutions
-    else:
-        policy = policy_for(spec, pool_size)
-        cap = next((getattr(policy, a) for a in ("max", "n", "solutions")
-                    if hasattr(policy, a)), None)
-        if cap is None and not any(hasattr(policy, a) for a in ("max", "n", "solutions")):
-            return "none"
-    if cap is None or re.search(r"=\s*all\b", spec):
+    obj = policy_for(policy, pool_size)
+    if isinstance(policy, str) and uses_all(policy):
         return f"all ({pool_size})"
-    return str(cap)
+    plan = fixed_plan(obj)
+    if plan is not None:
+        return str(plan.solutions)
+    for attr in ("max", "n", "solutions"):
+        if hasattr(obj, attr):
+            cap = getattr(obj, attr)
+            return f"all ({pool_size})" if cap is None else str(cap)
+    return "none"
 
 
 @dataclass
@@ -204,8 +187,8 @@ class PolicyOutcome:
 
     ``correct`` is 1.0/0.0 (NaN when ungraded); ``tokens`` are completion tokens charged;
     ``samples`` finished solutions; ``latency`` simulated seconds; ``cancelled`` samples cut
-    by a stop; ``agree`` 1.0 when the answer is the one ``sc:n=all`` gives on the whole
-    pool (see :func:`full_majority`); ``verify_tokens`` the part of ``tokens`` charged to
+    by a stop; ``agree`` 1.0 when the answer is the whole pool's majority (maj@N, see
+    :func:`full_majority`); ``verify_tokens`` the part of ``tokens`` charged to
     verification requests; ``verifications`` verifications that returned (parsed or not).
     """
 
@@ -238,14 +221,18 @@ def _take(values: np.ndarray, served: np.ndarray, fill: float) -> np.ndarray:
     return np.where(served < 0, fill, out)
 
 
-def _schedule(durations: np.ndarray, active: np.ndarray, cap: int | None) -> np.ndarray:
-    """Makespan of jobs run in order j = 0, 1, ... on ``cap`` slots (all start at 0 when
-    ``cap`` is None); inactive jobs take no slot. Returns (R, P) and per-job ends."""
+def _schedule(durations: np.ndarray, active: np.ndarray, cap: int | None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Jobs run in order j = 0, 1, ... on ``cap`` slots (all start at 0 when ``cap`` is
+    None); inactive jobs take no slot. Returns the makespan (R, P) and each job's end
+    (R, P, N; inf for inactive jobs)."""
     if cap is None:
-        return np.where(active, durations, 0.0).max(axis=-1)
+        ends = np.where(active, durations, np.inf)
+        return np.where(active, durations, 0.0).max(axis=-1), ends
     R, P, N = durations.shape
     slots = np.zeros((R, P, cap))
     makespan = np.zeros((R, P))
+    ends = np.full((R, P, N), np.inf)
     for j in range(N):
         act = active[..., j]
         if not act.any():
@@ -255,7 +242,8 @@ def _schedule(durations: np.ndarray, active: np.ndarray, cap: int | None) -> np.
         end = start + durations[..., j]
         np.put_along_axis(slots, k[..., None], np.where(act, end, start)[..., None], axis=-1)
         makespan = np.where(act, np.maximum(makespan, end), makespan)
-    return makespan
+        ends[..., j] = np.where(act, end, np.inf)
+    return makespan, ends
 
 
 def _votes(keys: np.ndarray, active: np.ndarray, n_keys: int) -> np.ndarray:
@@ -268,16 +256,34 @@ def _votes(keys: np.ndarray, active: np.ndarray, n_keys: int) -> np.ndarray:
     return np.bincount(flat, minlength=R * P * K).reshape(R, P, K)
 
 
-def _majority(src: ReplaySource, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(winner key id, has-answer) with ties to the lowest key id (first in the pool)."""
-    winner = counts.argmax(axis=-1)
-    has = counts.max(axis=-1) > 0
-    return winner, has
+def _majority(keys: np.ndarray, active: np.ndarray, finish: np.ndarray, n_keys: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(winner key id, has-answer, vote counts) by the policies' rule
+    (:mod:`policies.votes`): most votes; a tie goes to the answer whose first vote finished
+    first. Completion order is by finish time, then served position: exact for distinct
+    times and within one request; for samples of different requests that finish at the
+    very same simulated instant the runtime's order is its timer heap's (the lean
+    engine reproduces it), which this approximates by served position."""
+    R, P, N = keys.shape
+    K = max(n_keys, 1)
+    counts = _votes(keys, active, n_keys)
+    pos = np.broadcast_to(np.arange(N), (R, P, N))
+    order = np.lexsort((pos, np.where(active, finish, np.inf)), axis=-1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, pos, axis=-1)
+    ok = active & (keys >= 0)
+    first = np.full(R * P * K, N, dtype=np.int64)
+    base = (np.arange(R)[:, None, None] * P + np.arange(P)[None, :, None]) * K
+    np.minimum.at(first, (base + np.where(ok, keys, 0))[ok], rank[ok])
+    score = counts * (N + 1) - first.reshape(R, P, K)
+    return score.argmax(axis=-1), counts.max(axis=-1) > 0, counts
 
 
 def full_majority(src: ReplaySource) -> np.ndarray:
-    """Per problem, the key id ``sc:n=all`` answers on the whole pool (-1: no answer);
-    ties go to the key that occurs first in the pool."""
+    """Per problem, the whole pool's majority key id, maj@N as the data README computes it
+    (-1: no answer): ties go to the key that occurs first in the pool, so the reference
+    does not depend on the served order. ``sc:n=all`` itself breaks a tie by completion
+    order (the policies' rule), so on an exact tie it may disagree with this."""
     a = src.pool.arrays
     counts = _votes(a.key[None], a.valid[None], a.key_correct.shape[1])[0]
     return np.where(counts.max(-1) > 0, counts.argmax(-1), -1)
@@ -301,7 +307,7 @@ def _drawn(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig
     a = src.pool.arrays
     served = _served(src, cfg.orders)
     N = served.shape[2]
-    k = a.n if plan.solutions is None else np.minimum(a.n, plan.solutions)
+    k = np.minimum(a.n, plan.solutions)
     active = (np.arange(N)[None, None, :] < k[None, :, None]) & (served >= 0)
     return served, active, _take(a.key, served, -2), _take(a.tokens, served, 0.0)
 
@@ -310,14 +316,14 @@ def _vector_sc(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig) -> dict[st
     a = src.pool.arrays
     served, active, keys, toks = _drawn(src, plan, cfg)
     R, P, _ = served.shape
-    counts = _votes(keys, active, a.key_correct.shape[1])
-    winner, has = _majority(src, counts)
     durations = cfg.ttft + toks / cfg.decode_rate
+    latency, ends = _schedule(durations, active, cfg.concurrency)
+    winner, has, _ = _majority(keys, active, ends, a.key_correct.shape[1])
     return {
         "correct": _key_correct(src, winner, has),
         "tokens": np.where(active, toks, 0.0).sum(-1),
         "samples": active.sum(-1).astype(float),
-        "latency": _schedule(durations, active, cfg.concurrency),
+        "latency": latency,
         "cancelled": np.zeros((R, P)),
         "agree": _agree(src, winner, has),
         "verify_tokens": np.zeros((R, P)),
@@ -344,7 +350,7 @@ def _vector_genrm(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig
     finish = cfg.ttft + toks / cfg.decode_rate
     vdur = np.where(ok, cfg.ttft + vt / cfg.decode_rate, 0.0).max(-1)
     latency = np.where(active, finish + np.where(ok.any(-1), vdur, 0.0), 0.0).max(-1)
-    counts = _votes(keys, active, a.key_correct.shape[1])
+    maj, has, counts = _majority(keys, active, finish, a.key_correct.shape[1])
     votes = np.take_along_axis(counts, np.where(keys >= 0, keys, 0), axis=2)
     candidate = answered & (n_parsed > 0)
     pos = np.broadcast_to(np.arange(N), (R, P, N))
@@ -354,7 +360,6 @@ def _vector_genrm(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig
     best = order[..., 0]
     best_key = np.take_along_axis(keys, best[..., None], axis=2)[..., 0]
     any_scored = candidate.any(-1)
-    maj, has = _majority(src, counts)
     winner = np.where(any_scored, np.maximum(best_key, 0), maj)
     has = np.where(any_scored, True, has)
     vtokens = np.where(ok, vt, 0.0).sum((-1, -2))
@@ -440,26 +445,26 @@ def _row(src: ReplaySource, results: Sequence[SolveResult]) -> tuple[np.ndarray,
     return out, errors
 
 
-def run_runtime_order(src: ReplaySource, spec: str, order: int, cfg: ReplayConfig
+def run_runtime_order(src: ReplaySource, policy: PolicyLike, order: int, cfg: ReplayConfig
                       ) -> tuple[np.ndarray, int]:
     """One order of one policy through the runtime: (metrics × problems array, errors).
 
     Each call gets a fresh simulated clock starting at 0, so results do not depend on
     what ran before (floating-point time stays small and identical).
     """
-    policy = policy_for(spec, int(src.pool.arrays.n.max()))
+    policy = policy_for(policy, int(src.pool.arrays.n.max()))
     with asyncio.Runner(loop_factory=SimulatedClockLoop) as runner:
         results = runner.run(_run_problems(src, policy, order, cfg))
     return _row(src, results)
 
 
-def run_lean_order(src: ReplaySource, spec: str, order: int, cfg: ReplayConfig
+def run_lean_order(src: ReplaySource, policy: PolicyLike, order: int, cfg: ReplayConfig
                    ) -> tuple[np.ndarray, int]:
     """One order of one policy through the lean engine (:mod:`benchmarks.engine`): the
     same (metrics × problems array, errors) as :func:`run_runtime_order`."""
     from benchmarks.engine import run_order
 
-    policy = policy_for(spec, int(src.pool.arrays.n.max()))
+    policy = policy_for(policy, int(src.pool.arrays.n.max()))
     results = run_order(src, policy, order, decode_rate=cfg.decode_rate, ttft=cfg.ttft,
                         chunks=cfg.chunks)
     return _row(src, results)
@@ -468,10 +473,10 @@ def run_lean_order(src: ReplaySource, spec: str, order: int, cfg: ReplayConfig
 _SOURCES: dict[int, ReplaySource] = {}
 
 
-def _worker(job: tuple[int, str, int, ReplayConfig, str]) -> tuple[np.ndarray, int]:
-    key, spec, order, cfg, engine = job
+def _worker(job: tuple[int, Any, int, ReplayConfig, str]) -> tuple[np.ndarray, int]:
+    key, policy, order, cfg, engine = job
     run = run_lean_order if engine == "lean" else run_runtime_order
-    return run(_SOURCES[key], spec, order, cfg)
+    return run(_SOURCES[key], policy, order, cfg)
 
 
 def _workers(cfg: ReplayConfig, jobs: int) -> int:
@@ -479,14 +484,15 @@ def _workers(cfg: ReplayConfig, jobs: int) -> int:
     return max(1, min(n, jobs))
 
 
-def _order_outcomes(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig,
+def _order_outcomes(src: ReplaySource, policies: Mapping[str, Any], cfg: ReplayConfig,
                     engine: str, progress: Callable[[int], None] | None = None
                     ) -> dict[str, tuple[np.ndarray, int]]:
-    """Every (spec, order) through the lean or the runtime engine; returns spec ->
-    ((metrics, R, P), errors)."""
+    """Every (policy, order) through the lean or the runtime engine; ``policies``: label
+    -> policy object; returns label -> ((metrics, R, P), errors)."""
     P = len(src.problems)
+    specs = list(policies)
     out = {s: (np.zeros((len(METRICS), cfg.orders, P)), 0) for s in specs}
-    jobs = [(id(src), s, r, cfg, engine) for s in specs for r in range(cfg.orders)]
+    jobs = [(id(src), policies[s], r, cfg, engine) for s in specs for r in range(cfg.orders)]
     if not jobs:
         return out
     _SOURCES[id(src)] = src
@@ -497,16 +503,18 @@ def _order_outcomes(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig,
             ctx = multiprocessing.get_context("fork")
             with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as ex:
                 results = ex.map(_worker, jobs, chunksize=max(1, len(jobs) // (4 * n)))
-                for (_, s, r, _, _), (row, err) in zip(jobs, results, strict=True):
+                for (s, r), (row, err) in zip(((s, r) for s in specs for r in range(cfg.orders)),
+                                              results, strict=True):
                     out[s][0][:, r, :] = row
                     errors[s] += err
                     if progress:
                         progress(1)
         else:
-            for job in jobs:
+            for (s, r), job in zip(((s, r) for s in specs for r in range(cfg.orders)), jobs,
+                                   strict=True):
                 row, err = _worker(job)
-                out[job[1]][0][:, job[2], :] = row
-                errors[job[1]] += err
+                out[s][0][:, r, :] = row
+                errors[s] += err
                 if progress:
                     progress(1)
     finally:
@@ -515,36 +523,44 @@ def _order_outcomes(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig,
 
 
 # ---- one pool, many policies ---------------------------------------------------------------
-def _engine_for(spec: str, src: ReplaySource, cfg: ReplayConfig) -> str:
+def _engine_for(policy: Any, cfg: ReplayConfig) -> str:
     if cfg.engine == "runtime":
         return "runtime"
-    plan = fixed_plan(spec) if cfg.engine == "auto" else None
+    plan = fixed_plan(policy) if cfg.engine == "auto" else None
     if plan is not None and not (plan.kind == "genrm" and cfg.concurrency is not None):
         return "vectorised"
     return "runtime" if cfg.concurrency is not None else "lean"
 
 
-def _check_spec(spec: str, src: ReplaySource) -> None:
-    plan = fixed_plan(spec)
-    if plan is None:
-        policy_for(spec, int(src.pool.arrays.n.max()))  # ConfigError says what is valid
-    elif plan.kind == "genrm" and not src.can_verify:
-        raise ConfigError(f"{spec!r} needs verifications, and pool {src.name} has none; "
-                          "use a pool with verifications or the simulated verifier")
+def _resolve(policies: Sequence[PolicyLike], src: ReplaySource) -> dict[str, Any]:
+    """Label -> policy object for this pool (``all``: its size), checked."""
+    size = int(src.pool.arrays.n.max())
+    out: dict[str, Any] = {}
+    for p in policies:
+        name = label(p)
+        if name in out:
+            raise ConfigError(f"policy {name!r} given twice")
+        obj = policy_for(p, size)  # ConfigError says what is valid
+        plan = fixed_plan(obj)
+        if plan is not None and plan.kind == "genrm" and not src.can_verify:
+            raise ConfigError(f"{name!r} needs verifications, and pool {src.name} has none; "
+                              "use a pool with verifications or the simulated verifier")
+        out[name] = obj
+    return out
 
 
-def replay_pool(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig,
+def replay_pool(src: ReplaySource, policies: Sequence[PolicyLike], cfg: ReplayConfig,
                 progress: Callable[[int], None] | None = None) -> list[PolicyOutcome]:
-    """Replay every spec on one pool; outcomes in the order of ``specs``."""
-    for spec in specs:
-        _check_spec(spec, src)
+    """Replay every policy (spec string or object) on one pool; outcomes in the given
+    order. The engine is chosen by the policy's type (:func:`fixed_plan`)."""
+    objs = _resolve(policies, src)
     outcomes: dict[str, PolicyOutcome] = {}
-    engines = {s: _engine_for(s, src, cfg) for s in specs}
-    for spec in specs:
+    engines = {s: _engine_for(obj, cfg) for s, obj in objs.items()}
+    for spec, obj in objs.items():
         if engines[spec] != "vectorised":
             continue
         t0 = time.perf_counter()
-        plan = fixed_plan(spec)
+        plan = fixed_plan(obj)
         assert plan is not None
         m = _vector_sc(src, plan, cfg) if plan.kind == "sc" else _vector_genrm(src, plan, cfg)
         outcomes[spec] = PolicyOutcome(src.name, spec, "vectorised", m["correct"], m["tokens"],
@@ -554,7 +570,7 @@ def replay_pool(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig,
         if progress:
             progress(cfg.orders)
     for engine in ("lean", "runtime"):
-        mine = [s for s in specs if engines[s] == engine]
+        mine = {s: obj for s, obj in objs.items() if engines[s] == engine}
         if not mine:
             continue
         t0 = time.perf_counter()
@@ -563,12 +579,12 @@ def replay_pool(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig,
         for spec, (arr, errors) in got.items():
             outcomes[spec] = PolicyOutcome(src.name, spec, engine, *arr, errors=errors,
                                            wall_s=wall)
-    return [outcomes[s] for s in specs]
+    return [outcomes[label(p)] for p in policies]
 
 
-def replay_policy(src: ReplaySource, spec: str, cfg: ReplayConfig) -> PolicyOutcome:
-    """Replay one spec on one pool."""
-    return replay_pool(src, [spec], cfg)[0]
+def replay_policy(src: ReplaySource, policy: PolicyLike, cfg: ReplayConfig) -> PolicyOutcome:
+    """Replay one policy on one pool."""
+    return replay_pool(src, [policy], cfg)[0]
 
 
 # ---- statistics ----------------------------------------------------------------------------
@@ -641,7 +657,7 @@ def summarise(outcomes: Sequence[PolicyOutcome], cfg: ReplayConfig, *, extra: di
     return runs
 
 
-def sweep(sources: Sequence[ReplaySource], specs: Sequence[str], cfg: ReplayConfig,
+def sweep(sources: Sequence[ReplaySource], specs: Sequence[PolicyLike], cfg: ReplayConfig,
           progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Replay every spec on every pool; the JSON report (``{"runs": [...], ...}``)."""
     if not specs:
@@ -651,10 +667,11 @@ def sweep(sources: Sequence[ReplaySource], specs: Sequence[str], cfg: ReplayConf
     for src in sources:
         outcomes = replay_pool(src, specs, cfg, progress)
         size = int(src.pool.arrays.n.max())
-        for run in summarise(outcomes, cfg, extra={
+        for policy, run in zip(specs, summarise(outcomes, cfg, extra={
                 "verifier": src.verifier_label,
-                "simulated_verifier": src.verifier_label.startswith("simulated")}):
-            run["horizon"] = horizon(run["policy"], size)
+                "simulated_verifier": src.verifier_label.startswith("simulated")}),
+                               strict=True):
+            run["horizon"] = horizon(policy, size)
             runs.append(run)
         src.forget_orders()
     return {
@@ -663,8 +680,8 @@ def sweep(sources: Sequence[ReplaySource], specs: Sequence[str], cfg: ReplayConf
             "orders": cfg.orders, "seed": cfg.seed, "concurrency": cfg.concurrency,
             "decode_rate": cfg.decode_rate, "ttft": cfg.ttft, "engine": cfg.engine,
             "bootstrap": cfg.bootstrap,
-            "tie_rule": "vectorised SC: the answer first in the pool wins a tie; lean and "
-                        "runtime: the answer whose first vote finished first",
+            "tie_rule": "the answer whose first vote finished first wins a tie (vectorised: "
+                        "by finish time, then served position)",
         },
         "wall_s": round(time.perf_counter() - t0, 3),
     }

@@ -1,6 +1,43 @@
 """The Policy protocol, defined by the core (:mod:`orchestrator.protocols`, where its
-contract is documented) and re-exported here for policy authors."""
+contract is documented) and re-exported here for policy authors, with the pieces every
+policy repeats: how many broken samples it replaces, topping samples up to a target, and
+waiting for what is in flight before it stops."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from orchestrator.decisions import Decision, Sample, Stop
 from orchestrator.protocols import Policy, policy_verifies
+from orchestrator.snapshot import ProblemSnapshot
 
-__all__ = ["Policy", "policy_verifies"]
+__all__ = ["Policy", "failures_allowed", "in_flight", "policy_verifies", "top_up",
+           "wait_or_stop"]
+
+
+def failures_allowed(max_failures: int | None, *defaults: int | None) -> int:
+    """``max_failures`` when given, else the first default that is not None (a policy's
+    size or cap, then a fixed fallback)."""
+    for value in (max_failures, *defaults):
+        if value is not None:
+            return value
+    raise ValueError("failures_allowed needs a default that is not None")
+
+
+def top_up(s: ProblemSnapshot, target: int, max_failures: int) -> list[Decision]:
+    """Enough samples to reach ``target`` finished ones counting those in flight,
+    replacing broken ones while no more than ``max_failures`` have broken."""
+    if s.failed_samples > max_failures:
+        return []
+    missing = target - len(s.solutions) - s.in_flight.samples
+    return [Sample(missing)] if missing > 0 else []
+
+
+def in_flight(s: ProblemSnapshot) -> bool:
+    """Anything launched and not finished: samples or verifications."""
+    return bool(s.in_flight.samples or s.in_flight.verification_total)
+
+
+def wait_or_stop(s: ProblemSnapshot, stop: Callable[[], Stop]) -> list[Decision]:
+    """Nothing more to launch: wait while work is in flight, else ``stop()``."""
+    return [] if in_flight(s) else [stop()]

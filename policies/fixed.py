@@ -5,24 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from orchestrator.decisions import Decision, Sample, Stop, StopCode, Verify
+from orchestrator.decisions import Decision, Stop, StopCode, Verify
 from orchestrator.errors import ConfigError
 from orchestrator.snapshot import ProblemSnapshot
+from policies.base import failures_allowed, in_flight, top_up
 from policies.votes import majority_stop
 
 
 def _check_count(name: str, value: int, minimum: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _top_up_samples(s: ProblemSnapshot, target: int, max_failures: int) -> list[Decision]:
-    """Ask for enough samples to reach ``target`` finished ones, replacing broken ones
-    while no more than ``max_failures`` have broken."""
-    if s.failed_samples > max_failures:
-        return []
-    missing = target - len(s.solutions) - s.in_flight.samples
-    return [Sample(missing)] if missing > 0 else []
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +41,9 @@ class SelfConsistency:
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
         if len(s.solutions) >= self.n:
             return [majority_stop(s, f"self-consistency over {len(s.solutions)} samples", "max")]
-        max_failures = self.n if self.max_failures is None else self.max_failures
-        more = [] if s.budget_left.exhausted else _top_up_samples(s, self.n, max_failures)
-        if more or s.in_flight.samples:
+        max_failures = failures_allowed(self.max_failures, self.n)
+        more = [] if s.budget_left.exhausted else top_up(s, self.n, max_failures)
+        if more or in_flight(s):
             return more
         exhausted = s.budget_left.exhausted
         why = "budget exhausted" if exhausted else "too many failed samples"
@@ -92,11 +84,11 @@ class GenRM:
 
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
         exhausted = s.budget_left.exhausted
-        max_failures = self.solutions if self.max_failures is None else self.max_failures
+        max_failures = failures_allowed(self.max_failures, self.solutions)
         wanted: list[Decision] = []
         unverified = False  # verifications wanted that the budget cannot hold now
         if not exhausted:
-            wanted.extend(_top_up_samples(s, self.solutions, max_failures))
+            wanted.extend(top_up(s, self.solutions, max_failures))
         for sol in s.answered:
             missing = self.verifications - s.verifications_requested(sol.id)
             if missing > 0:
@@ -104,7 +96,7 @@ class GenRM:
                     wanted.append(Verify(sol, missing))
                 else:
                     unverified = True
-        if wanted or s.in_flight.samples or s.in_flight.verification_total:
+        if wanted or in_flight(s):
             return wanted
         code: StopCode
         if exhausted or unverified:

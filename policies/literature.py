@@ -47,6 +47,7 @@ from scipy import special
 from orchestrator.decisions import Decision, Sample, StopCode
 from orchestrator.errors import ConfigError
 from orchestrator.snapshot import ProblemSnapshot
+from policies.base import failures_allowed, wait_or_stop
 from policies.votes import majority_stop
 
 __all__ = [
@@ -203,18 +204,16 @@ class AdaptiveConsistency:
         if conf >= self.threshold:
             return [majority_stop(s, f"adaptive-consistency: confidence {conf:.3f} >= "
                                      f"{self.threshold:g} after {len(s.solutions)} samples")]
-        max_failures = self.max_failures if self.max_failures is not None else (
-            self.max if self.max is not None else DEFAULT_MAX_FAILURES)
+        max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
         closed = _sampling_closed(s, self.max, max_failures)
         if closed is None:
             need = self.optimistic_need(counts) - s.in_flight.samples
             k = _room(s, self.max, need)
             if k > 0:
                 return [Sample(k)]
-        if s.in_flight.samples:
-            return []
-        return [majority_stop(s, f"adaptive-consistency stopped ({closed or 'no room'}), "
-                                 f"confidence {conf:.3f}", _closed_code(closed))]
+        return wait_or_stop(s, lambda: majority_stop(
+            s, f"adaptive-consistency stopped ({closed or 'no room'}), confidence {conf:.3f}",
+            _closed_code(closed)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,8 +243,7 @@ class EarlyStoppingSC:
             if len(keys) == 1 and None not in keys:
                 return [majority_stop(s, f"esc: window {b + 1} unanimous after "
                                          f"{len(sols)} samples")]
-        max_failures = self.max_failures if self.max_failures is not None else (
-            self.max if self.max is not None else DEFAULT_MAX_FAILURES)
+        max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
         closed = _sampling_closed(s, self.max, max_failures)
         flying = s.in_flight.samples
         if closed is None:
@@ -259,11 +257,9 @@ class EarlyStoppingSC:
             k = _room(s, self.max, wanted)
             if k > 0:
                 return [Sample(k)]
-        if flying:
-            return []
-        why = closed or "no room"
-        return [majority_stop(s, f"esc stopped ({why}) after {len(sols)} samples",
-                              _closed_code(closed))]
+        return wait_or_stop(s, lambda: majority_stop(
+            s, f"esc stopped ({closed or 'no room'}) after {len(sols)} samples",
+            _closed_code(closed)))
 
 
 def _doomed(window: Sequence) -> bool:
@@ -327,12 +323,9 @@ class BestOfInfinity:
         if bf >= self.bayes_factor:
             return [majority_stop(s, f"boinf: Bayes factor {bf:.3g} >= {self.bayes_factor:g} "
                                      f"after {len(s.solutions)} samples")]
-        max_failures = self.max_failures if self.max_failures is not None else (
-            self.max if self.max is not None else DEFAULT_MAX_FAILURES)
+        max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
         closed = _sampling_closed(s, self.max, max_failures)
         if closed is None and s.in_flight.samples == 0:
             return [Sample(1)]
-        if s.in_flight.samples:
-            return []
-        return [majority_stop(s, f"boinf stopped ({closed}), Bayes factor {bf:.3g}",
-                              _closed_code(closed))]
+        return wait_or_stop(s, lambda: majority_stop(
+            s, f"boinf stopped ({closed}), Bayes factor {bf:.3g}", _closed_code(closed)))

@@ -278,34 +278,3 @@ class Solverify(_Verifying):
         if sampling and not out:
             return None
         return out
-
-
-def solverify_entries() -> None:
-    """Register both policies (called by :mod:`policies.spec`)."""
-    from policies.spec import ADAPTIVE_PARAMS, Param, register
-
-    common = (
-        *ADAPTIVE_PARAMS,
-        Param("profile", "profile", str,
-              help="verifier profile JSON (solverify bench verifier); default: estimated "
-                   "online from the run"),
-        Param("settle", "settle", float, default=0.95,
-              help="stop when P(best answer right) >= settle and it has a reading"),
-        Param("max_reads", "max_reads", int, default=4, help="readings per answer at most"),
-        Param("explore", "explore", int, default=10,
-              help="online: pseudo-labelled solutions per class before trusting the "
-                   "estimate (0: never verify without a profile)"),
-        Param("min_auc", "min_auc", float, default=0.55,
-              help="use the verifier only when its AUC (online: 95% lower bound) > this"),
-        Param("max_icc", "max_icc", float, default=0.5,
-              help="read one solution again only when the profile's repeat ICC < this"),
-    )
-    register("verify-contested", VerifyContested,
-             (*common, Param("floor", "floor", float, default=0.05,
-                             help="verify answers whose posterior >= floor")),
-             "adaptive + verify the answers that can still win until the posterior settles")
-    register("solverify", Solverify,
-             (*common, Param("min_gain", "min_gain", float, default=0.002,
-                             help="least expected gain in P(right) a verification must add")),
-             "sample, verify or stop by expected gain in P(right) per token; with a "
-             "useless verifier it is adaptive")

@@ -1,5 +1,7 @@
 """Fixed baselines on hand-built snapshots."""
 
+import dataclasses
+
 import pytest
 
 from orchestrator.decisions import Sample, Stop, Verify
@@ -123,3 +125,104 @@ class TestSpecs:
     def test_bad_specs_say_what_is_valid(self, spec, message):
         with pytest.raises(ConfigError, match=message):
             parse_policy(spec)
+
+
+class TestRegistry:
+    def test_register_before_the_first_parse_keeps_the_builtins(self, monkeypatch):
+        import policies.spec as spec
+
+        # a fresh registry, as in a new process where the user registers first
+        monkeypatch.setattr(spec, "_REGISTRY", {})
+        monkeypatch.setattr(spec, "_BUILTINS_LOADED", False)
+
+        @dataclasses.dataclass(frozen=True)
+        class FirstOnly:
+            k: int = 2
+
+            def decide(self, s):  # pragma: no cover - never run here
+                return []
+
+        spec.register_dataclass("first-only", FirstOnly, "stops at once",
+                                helps={"k": "unused"})
+        assert parse_policy("first-only:k=5") == FirstOnly(5)
+        assert parse_policy("sc:n=3") == SelfConsistency(3)
+        names = {e.name for e in spec.registered()}
+        assert {"first-only", "sc", "genrm", "ac", "esc", "boinf", "adaptive", "optimal",
+                "verify-contested", "solverify"} <= names
+
+    def test_a_user_policy_under_a_builtin_name_wins(self, monkeypatch):
+        import policies.spec as spec
+
+        monkeypatch.setattr(spec, "_REGISTRY", {})
+        monkeypatch.setattr(spec, "_BUILTINS_LOADED", False)
+        spec.register("sc", GenRM, (spec.Param("s", "solutions", int, required=True),
+                                    spec.Param("v", "verifications", int, required=True)),
+                      "mine")
+        assert parse_policy("sc:s=2,v=1") == GenRM(2, 1)
+
+    def test_defaults_and_types_come_from_the_dataclasses(self):
+        from policies.spec import registered
+
+        for entry in registered():
+            cls = entry.factory if dataclasses.is_dataclass(entry.factory) else None
+            if cls is None:  # optimal: a factory in front of the Optimal dataclass
+                from policies.optimal import Optimal
+
+                cls = Optimal
+            fields = {f.name: f for f in dataclasses.fields(cls)}
+            for p in entry.params:
+                f = fields[p.arg]
+                if f.default is dataclasses.MISSING:
+                    assert p.default is None, (entry.name, p.key)
+                else:
+                    assert p.default == f.default, (entry.name, p.key)
+                assert p.help, (entry.name, p.key)
+            # every spec-settable field is a parameter
+            assert {p.arg for p in entry.params} == {
+                f.name for f in fields.values() if f.init and not f.name.startswith("_")}
+        # the spec with no parameters is the dataclass with its defaults
+        from policies.adaptive import Adaptive
+        from policies.literature import AdaptiveConsistency, BestOfInfinity, EarlyStoppingSC
+
+        for name, cls in (("ac", AdaptiveConsistency), ("esc", EarlyStoppingSC),
+                          ("boinf", BestOfInfinity), ("adaptive", Adaptive)):
+            assert parse_policy(name) == cls()
+
+    def test_all_is_the_size_when_one_is_given(self):
+        from policies.literature import AdaptiveConsistency
+
+        assert parse_policy("sc:n=all", size=80) == SelfConsistency(80)
+        assert parse_policy("ac:max=all", size=80) == AdaptiveConsistency(max=80)
+        assert parse_policy("ac:max=all") == AdaptiveConsistency(max=None)  # no cap
+        with pytest.raises(ConfigError, match="pool size"):
+            parse_policy("sc:n=all")
+
+
+class TestSharedPieces:
+    def test_failures_allowed_takes_the_first_given_value(self):
+        from policies.base import failures_allowed
+
+        assert failures_allowed(2, 16) == 2
+        assert failures_allowed(None, 16) == 16
+        assert failures_allowed(None, None, 8) == 8  # no cap: the fixed fallback
+        assert failures_allowed(0, 16) == 0
+        with pytest.raises(ValueError):
+            failures_allowed(None, None)
+
+    def test_top_up_counts_in_flight_and_stops_replacing_after_max_failures(self):
+        from policies.base import top_up
+
+        assert top_up(make_snapshot(["1"], in_flight=2), 5, 3) == [Sample(2)]
+        assert top_up(make_snapshot(["1"], in_flight=4), 5, 3) == []
+        assert top_up(make_snapshot(["1"], failed=3), 5, 3) == [Sample(4)]
+        assert top_up(make_snapshot(["1"], failed=4), 5, 3) == []
+
+    def test_wait_or_stop_waits_for_samples_and_verifications(self):
+        from policies.base import wait_or_stop
+
+        def stop():
+            return Stop("1", "done")
+
+        assert wait_or_stop(make_snapshot(["1"], in_flight=1), stop) == []
+        assert wait_or_stop(make_snapshot(["1"], verifying={0: 1}), stop) == []
+        assert wait_or_stop(make_snapshot(["1"]), stop) == [Stop("1", "done")]
