@@ -405,7 +405,7 @@ def _row(src: ReplaySource, results: Sequence[SolveResult]) -> tuple[np.ndarray,
         out[2, i] = len(r.solutions)
         out[3, i] = r.elapsed
         out[4, i] = sum(1 for f in r.failed if f.reason == "cancelled" and f.kind == "solve")
-        if r.error is not None and PoolExhausted.__name__ not in r.error:
+        if r.error is not None and not isinstance(r.error, PoolExhausted):
             errors += 1
     return out, errors
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from orchestrator.cliargs import non_negative_float, positive_float, positive_int
 from orchestrator.errors import ConfigError, SolverifyError
+from orchestrator.limiter import DEFAULT_CONCURRENCY
 from orchestrator.types import Budget
 
 EXIT_OK = 0
@@ -179,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_resume_args(run)
     run.add_argument("--limit", type=positive_int, default=None,
                      help="only the first N problems")
-    run.add_argument("--concurrency", type=positive_int, default=16,
-                     help="max requests in flight across the run (default 16)")
+    run.add_argument("--concurrency", type=positive_int, default=DEFAULT_CONCURRENCY,
+                     help=f"max requests in flight across the run (default "
+                          f"{DEFAULT_CONCURRENCY})")
     run.add_argument("--rate", type=positive_float, default=None,
                      help="max requests per second (default: no limit)")
     run.add_argument("--budget-tokens", type=positive_int, default=None,

@@ -239,7 +239,9 @@ async def test_fatal_backend_error_ends_problem_with_error_recorded():
     backend = FakeBackend(scripted([FakeReply.text(
         "x", fail_after=0, error=ModelNotFound("model 'nope' not served"))]))
     result = await solve(PROBLEM, SelfConsistency(4), backend=backend, task=TASK)
-    assert result.error is not None and "ModelNotFound" in result.error
+    assert isinstance(result.error, ModelNotFound)  # the exception itself, kept
+    assert result.error_text == "ModelNotFound: model 'nope' not served"
+    assert result.to_dict()["error"] == result.error_text  # text only when serialised
     assert result.answer is None and result.correct is False
 
 
@@ -432,10 +434,7 @@ class _GatedBackend:
         pass
 
 
-async def test_settled_cut_of_n_gt_1_reads_the_whole_burst(monkeypatch):
-    from orchestrator import runtime
-
-    monkeypatch.setattr(runtime, "CUT_QUIET_S", 30.0)  # bursts end on usage, not a pause
+async def test_settled_cut_of_n_gt_1_reads_the_whole_burst():
     backend = _GatedBackend()
 
     def release_on_stop(event):
@@ -453,20 +452,27 @@ async def test_settled_cut_of_n_gt_1_reads_the_whole_burst(monkeypatch):
     assert other_tasks() == set()
 
 
-async def test_a_stream_silent_after_the_cut_is_cancelled_after_cut_grace():
-    hold = asyncio.Event()  # never set
-    replies = [FakeReply.text("one two three"),
-               FakeReply.text("a b c d e f", hold=hold, hold_after=2)]
-    backend = FakeBackend(scripted(replies))
-    backend.cut_grace = 0.2
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    result = await solve(PROBLEM, StopAtFirst(2), backend=backend, task=TASK, max_n=1)
-    took = loop.time() - t0
-    assert 0.2 <= took < 2.0
+def test_a_stream_silent_after_the_cut_is_cancelled_after_cut_grace():
+    """On the simulated clock: the held stream neither sends nor ends after the cut, so
+    the settle ends after exactly cut_grace (simulated) seconds, by cancelling it."""
+    from orchestrator.simclock import simulated_runner
+
+    async def run():
+        hold = asyncio.Event()  # never set
+        replies = [FakeReply.text("one two three", delay=0.01),
+                   FakeReply.text("a b c d e f", hold=hold, hold_after=2)]
+        backend = FakeBackend(scripted(replies), cut_grace=0.2)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        result = await solve(PROBLEM, StopAtFirst(2), backend=backend, task=TASK, max_n=1)
+        return loop.time() - t0, result, backend
+
+    with simulated_runner() as runner:
+        took, result, backend = runner.run(run())
+    assert took == pytest.approx(0.03 + 0.2)
     assert [f.completion_tokens for f in result.failed] == [2]
     assert result.usage.completion_tokens == backend.generated_tokens == 5
-    assert backend.aborted_streams == 1 and other_tasks() == set()
+    assert backend.aborted_streams == 1
 
 
 async def test_a_choice_finishing_while_settling_is_not_a_solution():
@@ -489,25 +495,30 @@ async def test_a_choice_finishing_while_settling_is_not_a_solution():
 
 
 async def test_cancelling_solve_while_a_stream_settles_leaves_nothing_running():
-    """A stream that was behind at the cut is waited on for a live chunk; cancelling
-    ``solve`` then must end it cleanly (no ExceptionGroup, no task left)."""
+    """A stream that was cut but whose server neither sends nor closes keeps the settle
+    waiting (up to cut_grace); cancelling ``solve`` then must end it cleanly (no
+    ExceptionGroup, no task left)."""
     from contextlib import asynccontextmanager
 
-    from orchestrator.backends.base import TextDelta, UsageReport
+    from orchestrator.backends.base import Backend, EventStream, TextDelta, UsageReport
 
     stopped = asyncio.Event()
-    waiting_live = asyncio.Event()
+    waiting = asyncio.Event()
 
     def on_stop(event):
         if isinstance(event, DecisionMade) and any(isinstance(d, Stop) for d in event.decisions):
             stopped.set()
 
-    class Backlogged:
-        cut_grace = 30.0
+    class Deaf(Backend):
+        cut_grace = 3600.0
 
         def __init__(self) -> None:
             self.calls = 0
             self.closed_streams = 0
+            self.cuts = 0
+
+        def cut(self) -> None:
+            self.cuts += 1
 
         @asynccontextmanager
         async def stream(self, request):
@@ -523,15 +534,14 @@ async def test_cancelling_solve_while_a_stream_settles_leaves_nothing_running():
                 yield TextDelta(0, " w", 1)
                 yield UsageReport(3, 1, final=False)
                 await stopped.wait()
-                for i in range(1, 5):  # a backlog at the cut: all of it already received
-                    yield TextDelta(0, " w", 1)
-                    yield UsageReport(3, i + 1, final=False)
-                waiting_live.set()
-                await asyncio.sleep(3600)  # then silence: the settle waits for a live chunk
+                yield TextDelta(0, " w", 1)  # the step after the Stop: then the cut
+                yield UsageReport(3, 2, final=False)
+                waiting.set()
+                await asyncio.sleep(3600)  # the server ignores the cut
 
             gen = events()
             try:
-                yield gen
+                yield EventStream(gen, self.cut)
             finally:
                 await gen.aclose()
                 self.closed_streams += 1
@@ -539,12 +549,13 @@ async def test_cancelling_solve_while_a_stream_settles_leaves_nothing_running():
         async def aclose(self) -> None:
             pass
 
-    backend = Backlogged()
+    backend = Deaf()
     task = asyncio.create_task(solve(PROBLEM, StopAtFirst(2), backend=backend, task=TASK,
                                      max_n=1, sinks=[on_stop]))
-    await asyncio.wait_for(waiting_live.wait(), 5)
-    await asyncio.sleep(0.05)
-    assert not task.done()  # settling: the backlog read, waiting for a live chunk
+    await asyncio.wait_for(waiting.wait(), 30)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not task.done() and backend.cuts == 1  # cut after its step, waiting for its end
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

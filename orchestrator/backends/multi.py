@@ -85,7 +85,7 @@ def rendezvous_order(key: str, names: Sequence[str]) -> list[int]:
     return sorted(range(len(names)), key=weight, reverse=True)
 
 
-class MultiBackend:
+class MultiBackend(Backend):
     """One :class:`Backend` over several replicas serving the same model.
 
     ``names`` label the replicas in stats and logs (default: each child's ``base_url``,
@@ -117,7 +117,7 @@ class MultiBackend:
         self._stats = [ReplicaStats(n) for n in labels]
         self._cooldown = cooldown
         self._clock = clock
-        self.cut_grace = max(float(getattr(b, "cut_grace", 0.0) or 0.0) for b in backends)
+        self.cut_grace = max(b.cut_grace for b in backends)
 
     # ---- routing & health ---------------------------------------------------------------
     def _now(self) -> float:

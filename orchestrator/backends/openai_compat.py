@@ -26,7 +26,11 @@ Token counts (see :mod:`orchestrator.backends.base` for the contract):
   ``--enable-prompt-tokens-details``) becomes ``UsageReport.cached_prompt_tokens``.
 * ``cut_grace`` (default :data:`DEFAULT_CUT_GRACE`) tells the runtime to settle a stream it
   stops instead of closing it at once, because the server has counted tokens still on
-  their way (see :mod:`orchestrator.runtime`, "Cutting a stream exactly").
+  their way (see :mod:`orchestrator.reader`, "Cutting a stream exactly"). Streams are
+  :class:`~orchestrator.backends.base.EventStream` objects whose ``cut()`` half-closes the
+  connection (``shutdown(SHUT_WR)``): the server sees the client's end of input, aborts
+  the request and closes its side once what it wrote is flushed, so the runtime reads
+  every token the server sent and no more are generated.
 
 Streams are read as raw server-sent events (``with_streaming_response``), so that a
 malformed ``data:`` line (not JSON, truncated JSON) is a *broken stream* like a cut
@@ -57,6 +61,7 @@ import itertools
 import json
 import math
 import re
+import socket
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -70,7 +75,9 @@ import tenacity
 from asyncio_throttle import Throttler
 
 from orchestrator.backends.base import (
+    Backend,
     Capabilities,
+    EventStream,
     GenerationRequest,
     StreamEvent,
     TextDelta,
@@ -139,7 +146,7 @@ AFFINITY_HEADER = "X-Session-ID"
 SOLUTION_HEADER = "X-Solverify-Solution"
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     """A :class:`~orchestrator.backends.base.Backend` for an OpenAI-compatible endpoint.
 
     ``capabilities=None`` makes the backend :meth:`probe` the endpoint on first use.
@@ -339,7 +346,7 @@ class OpenAIBackend:
         opened = await self._open(request)
         events = self._events(opened)
         try:
-            yield events
+            yield EventStream(events, opened.response.half_close)
         finally:
             try:
                 await events.aclose()
@@ -536,12 +543,21 @@ class OpenAIBackend:
             _MERGE_QUEUE_SIZE
         )
         held: BaseException | None = None
+        streams: list[EventStream] = []  # the open single-choice streams, cut together
+        cut = [False]
+
+        def cut_all() -> None:
+            cut[0] = True
+            for one in streams:
+                one.cut()
+
         async with asyncio.TaskGroup() as group:
             pumps = [
-                group.create_task(self._pump(_single_choice(request, i), i, queue))
+                group.create_task(self._pump(_single_choice(request, i), i, queue,
+                                             streams, cut))
                 for i in range(request.n)
             ]
-            merged = _merge(queue, request.n, self._base_url)
+            merged = EventStream(_merge(queue, request.n, self._base_url), cut_all)
             try:
                 yield merged
             except BaseException as exc:
@@ -558,9 +574,14 @@ class OpenAIBackend:
         request: GenerationRequest,
         index: int,
         queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]],
+        streams: list[EventStream],
+        cut: list[bool],
     ) -> None:
         try:
             async with self._one_stream(request) as events:
+                streams.append(events)
+                if cut[0]:  # opened after the request was cut
+                    events.cut()
                 async for event in events:
                     await queue.put((index, event))
         except Exception as exc:
@@ -802,6 +823,17 @@ class _RawResponse:
         if not self._closed:
             self._closed = True
             await self._manager.__aexit__(None, None, None)
+
+    def half_close(self) -> None:
+        """Shut down the sending side of the connection: the server reads the end of the
+        client's input (aborting the request) while what it sent stays readable."""
+        try:
+            stream = self.response.http_response.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:  # already closed by the server: nothing to ask for
+            _log.debug("backend.half_close_failed", error=_describe(exc))
 
 
 class _SSE:
