@@ -56,7 +56,7 @@ from orchestrator.history import ProblemRecord, RunHistory
 from orchestrator.ledger import ProblemLedger, RunBudget
 from orchestrator.limiter import Limiter
 from orchestrator.protocols import Policy, Task
-from orchestrator.reader import Choice, Request, read_request
+from orchestrator.reader import Choice, Request, cut, read_request
 from orchestrator.result import SolveResult, error_text, policy_name
 from orchestrator.snapshot import Blocked, InFlight, ProblemSnapshot, VoteTally
 from orchestrator.types import (
@@ -68,7 +68,8 @@ from orchestrator.types import (
     Verification,
 )
 
-__all__ = ["FATAL_ERRORS", "ProblemRun", "verify_reservation"]
+__all__ = ["FATAL_ERRORS", "ProblemRun", "first_exception", "majority_stop",
+           "verify_reservation"]
 
 #: errors after which a problem cannot make progress: it ends with the error recorded
 FATAL_ERRORS: tuple[type[BackendError], ...] = (EndpointUnreachable, ModelNotFound, RequestRejected)
@@ -340,14 +341,16 @@ class ProblemRun:
                         if req.task is not None:
                             req.task.cancel()
         except BaseExceptionGroup as group:  # a request task raised: user code or a bug
-            raise _first(group) from _first(group).__cause__
+            first = first_exception(group)
+            raise first from first.__cause__
         if failure is not None:
             raise failure
         return stop, error
 
     async def _cut_in_flight(self) -> None:
-        """The settled cut of everything in flight (:mod:`orchestrator.reader`); what is
-        left after the backend's ``cut_grace`` is cancelled by the caller."""
+        """The settled cut of everything in flight (:mod:`orchestrator.reader`): a stream
+        whose next step has not come within its backend's ``cut_grace`` is cut then (and
+        read to its end), or, if it cannot be cut, left to the caller to cancel."""
         if not self.open:
             return
         grace = 0.0
@@ -364,8 +367,16 @@ class ProblemRun:
                 grace = max(grace, mine)
             else:
                 req.task.cancel()  # never reached the server: nothing to settle
-        if waiting:
-            await asyncio.wait(waiting, timeout=grace)
+        if not waiting:
+            return
+        _, late = await asyncio.wait(waiting, timeout=grace)
+        reading = []
+        for req in list(self.open.values()):
+            if req.task in late and req.events is not None:
+                cut(req)  # no step came: cut it now and read what the server still sends
+                reading.append(req.task)
+        if reading:
+            await asyncio.wait(reading)
 
     def _decide(self, snap: ProblemSnapshot) -> tuple[Decision, ...]:
         try:
@@ -469,10 +480,10 @@ class ProblemRun:
         return result
 
 
-def _first(group: BaseExceptionGroup) -> BaseException:
+def first_exception(group: BaseExceptionGroup) -> BaseException:
     """The first exception of a (possibly nested) group."""
     first = group.exceptions[0]
-    return _first(first) if isinstance(first, BaseExceptionGroup) else first
+    return first_exception(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def majority_stop(solutions: Iterable[Solution], why: str, code: StopCode) -> Stop:

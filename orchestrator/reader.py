@@ -26,8 +26,12 @@ problem stops (its owner sets ``request.cut``; the reader acts on it at the stre
    closed right after the step.
 
 Nothing here waits on a clock: the stream's own events decide when it is settled. The
-owner bounds the whole settle by the backend's ``cut_grace`` (a server that neither
-sends nor closes is cancelled after it). What remains assumed is the server's side: that
+owner bounds step 2 by the backend's ``cut_grace``: a stream whose next step has not come
+by then is cut at once (:func:`cut`; one that cannot be cut is cancelled). Once cut, a
+stream is read until the backend says it has ended (the server closed it, or the
+backend's own idle timeout gave up on it); no runtime clock cuts that reading short, so
+no token the server sent is lost to a slow or starved reader. What remains assumed is
+the server's side: that
 the abort reaches it before its next step is done (the bundled CPU server steps every
 40 ms or more), and that it stops on a half-closed connection (vLLM's uvicorn, aiohttp and
 vllm-router do). Tokens read while settling are charged; a choice that finishes while
@@ -55,7 +59,7 @@ from orchestrator.ledger import ProblemLedger, RequestRecord
 from orchestrator.limiter import Limiter
 from orchestrator.types import RequestKind, Solution, TokenLogprob
 
-__all__ = ["Choice", "Request", "RequestOwner", "read_request"]
+__all__ = ["Choice", "Request", "RequestOwner", "cut", "read_request"]
 
 
 @dataclass(slots=True)
@@ -88,6 +92,7 @@ class Request:
     sent: bool = False  # holds a concurrency slot: the request may be on the server
     cut: bool = False  # the problem stopped: settle the stream, then close it
     cut_sent: bool = False  # the stream was cut (asked to stop): read to its end
+    events: EventStream | None = None  # the open stream, when it can be cut
 
     def done(self, choice: int) -> bool:
         return self.record.choice_done[choice]
@@ -125,6 +130,8 @@ async def read_request(req: Request, ledger: ProblemLedger, limiter: Limiter,
         async with limiter.slot():
             req.sent = True
             async with req.backend.stream(req.request) as events:
+                if isinstance(events, EventStream) and events.cuttable:
+                    req.events = events
                 async for event in events:
                     if req.cut:
                         await settle(req, ledger, events, event)
@@ -182,12 +189,19 @@ async def settle(req: Request, ledger: ProblemLedger, events: AsyncIterator[Stre
         await _read_step(req, ledger, events, event)
     except _Ended:
         return
-    if not isinstance(events, EventStream) or not events.cuttable:
+    if req.events is None:
         return  # closed by the caller right after the step
-    req.cut_sent = True
-    events.cut()
+    cut(req)
     async for event in events:
         _on_event(req, ledger, None, event)
+
+
+def cut(req: Request) -> None:
+    """Cut ``req``'s stream now (it must be one that can be cut): the reader then reads
+    it to its end, however it is reading it at the moment."""
+    assert req.events is not None
+    req.cut_sent = True
+    req.events.cut()
 
 
 async def _read_step(req: Request, ledger: ProblemLedger,

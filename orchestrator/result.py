@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from orchestrator.decisions import StopCode
 from orchestrator.types import FailedSample, Problem, Solution, Usage, Verification
 
-__all__ = ["SolveResult", "error_text", "policy_name"]
+__all__ = ["RunSummary", "SolveResult", "error_text", "policy_name"]
 
 
 def error_text(error: BaseException) -> str:
@@ -100,4 +100,81 @@ class SolveResult:
                  "completion_tokens": f.completion_tokens}
                 for f in self.failed
             ],
+        }
+
+
+class RunSummary:
+    """Run-level totals over results, added one at a time as they finish, so a run that
+    writes its results as they come need not hold them all (:meth:`as_dict` is the CLI's
+    closing summary)."""
+
+    __slots__ = ("_cached", "_cached_any", "_estimated", "_sources", "cancelled",
+                 "completion_tokens", "correct", "errors", "failed", "graded", "no_answer",
+                 "problems", "prompt_tokens", "requests", "sol_n", "sol_sum",
+                 "solution_tokens", "ver_n", "ver_sum", "verification_tokens")
+
+    def __init__(self) -> None:
+        self.problems = self.graded = self.correct = self.errors = self.no_answer = 0
+        self.prompt_tokens = self.completion_tokens = self.requests = 0
+        self.solution_tokens = self.verification_tokens = 0
+        self.sol_n = self.sol_sum = self.ver_n = self.ver_sum = 0
+        self.cancelled = self.failed = 0
+        self._cached = 0
+        self._cached_any = self._estimated = False
+        self._sources: set[str] = set()
+
+    def add(self, r: SolveResult) -> None:
+        self.problems += 1
+        if r.correct is not None:
+            self.graded += 1
+            self.correct += bool(r.correct)
+        self.errors += r.error is not None
+        self.no_answer += r.answer is None
+        usage = r.usage
+        self._sources.update(usage.estimated_from)
+        self.prompt_tokens += usage.prompt_tokens
+        if usage.cached_prompt_tokens is not None:
+            self._cached += usage.cached_prompt_tokens
+            self._cached_any = True
+        self.completion_tokens += usage.completion_tokens
+        self._estimated = self._estimated or usage.estimated
+        self.solution_tokens += r.solution_tokens
+        self.verification_tokens += r.verification_tokens
+        self.requests += r.requests
+        self.sol_n += len(r.solutions)
+        self.sol_sum += sum(s.completion_tokens for s in r.solutions)
+        self.ver_n += len(r.verifications)
+        self.ver_sum += sum(v.completion_tokens for v in r.verifications)
+        for f in r.failed:
+            self.cancelled += f.reason == "cancelled"
+            self.failed += f.reason == "failed"
+
+    @property
+    def lam(self) -> float | None:
+        """λ over every solution and verification of the run (``measure_lambda``)."""
+        if not self.sol_n or not self.ver_n or self.sol_sum / self.sol_n <= 0:
+            return None
+        return (self.ver_sum / self.ver_n) / (self.sol_sum / self.sol_n)
+
+    def as_dict(self, wall: float) -> dict:
+        return {
+            "problems": self.problems,
+            "graded": self.graded,
+            "accuracy": (self.correct / self.graded) if self.graded else None,
+            "errors": self.errors,
+            "tokens_estimated_from": sorted(self._sources),
+            "no_answer": self.no_answer,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self._cached if self._cached_any else None,
+            "completion_tokens": self.completion_tokens,
+            "tokens_estimated": self._estimated,
+            "solution_tokens": self.solution_tokens,
+            "verification_tokens": self.verification_tokens,
+            "requests": self.requests,
+            "solutions": self.sol_n,
+            "verifications": self.ver_n,
+            "cancelled_samples": self.cancelled,
+            "failed_samples": self.failed,
+            "lambda": self.lam,
+            "wall_s": round(wall, 2),
         }

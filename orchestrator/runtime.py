@@ -28,7 +28,7 @@ from orchestrator.events import Sink
 from orchestrator.history import RunHistory
 from orchestrator.ledger import RunBudget
 from orchestrator.limiter import DEFAULT_CONCURRENCY, Limiter
-from orchestrator.loop import FATAL_ERRORS, ProblemRun, verify_reservation
+from orchestrator.loop import FATAL_ERRORS, ProblemRun, first_exception, verify_reservation
 from orchestrator.protocols import Policy, Task, policy_verifies
 from orchestrator.result import SolveResult, policy_name
 from orchestrator.types import UNLIMITED, Budget, Problem
@@ -144,6 +144,7 @@ async def run_batch(
     max_n: int = DEFAULT_MAX_N,
     run_tokens: int | None = None,
     verifier: Backend | None = None,
+    keep_results: bool = True,
 ) -> list[SolveResult]:
     """Run many problems concurrently; results come back in input order.
 
@@ -154,7 +155,10 @@ async def run_batch(
     fatal backend error is returned with ``error`` set; it does not stop the others.
     The problems share one :class:`~orchestrator.history.RunHistory` (``snapshot.history``).
     ``verifier``: as in :func:`solve`. Budgets too small for one request: a
-    ``ConfigError`` before any problem starts.
+    ``ConfigError`` before any problem starts. A problem's task is made only when it may
+    start; with ``keep_results=False`` results go to ``on_result`` alone (a run that writes
+    them as they come need not hold them all) and the returned list is empty. A bug in
+    user code raises as itself, as in :func:`solve`.
     """
     if not problems:
         raise ConfigError("run_batch() got no problems")
@@ -166,22 +170,35 @@ async def run_batch(
     limiter = Limiter(concurrency, rate)
     shared = RunBudget(run_tokens) if run_tokens is not None else None
     history = RunHistory()
-    gate = asyncio.Semaphore(problems_in_flight or concurrency or len(problems))
-    results: list[SolveResult | None] = [None] * len(problems)
+    results: list[SolveResult | None] | None = [None] * len(problems) if keep_results else None
+    queue = iter(enumerate(problems))
 
-    async def one(i: int, prob: Problem) -> None:
-        async with gate:
-            result = await solve(prob, policy, budget, backend, task=task, limiter=limiter,
-                                 sinks=sinks, max_n=max_n, run_budget=shared,
-                                 history=history, verifier=verifier)
-        results[i] = result
+    def start_next(tg: asyncio.TaskGroup) -> None:
+        """Start the next problem (a task is made only when a problem may start)."""
+        item = next(queue, None)
+        if item is not None:
+            i, prob = item
+            tg.create_task(one(tg, i, prob), name=f"problem:{prob.id}")
+
+    async def one(tg: asyncio.TaskGroup, i: int, prob: Problem) -> None:
+        result = await solve(prob, policy, budget, backend, task=task, limiter=limiter,
+                             sinks=sinks, max_n=max_n, run_budget=shared,
+                             history=history, verifier=verifier)
+        start_next(tg)
+        if results is not None:
+            results[i] = result
         if on_result is not None:
             on_result(result)
 
-    async with asyncio.TaskGroup() as tg:
-        for i, prob in enumerate(problems):
-            tg.create_task(one(i, prob), name=f"problem:{prob.id}")
-    return [r for r in results if r is not None]
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(min(problems_in_flight or concurrency or len(problems),
+                               len(problems))):
+                start_next(tg)
+    except BaseExceptionGroup as group:  # a problem raised (user code): as itself
+        first = first_exception(group)
+        raise first from first.__cause__
+    return [r for r in results if r is not None] if results is not None else []
 
 
 __all__ = ["DEFAULT_CONCURRENCY", "DEFAULT_MAX_N", "FATAL_ERRORS", "Limiter", "SolveResult",

@@ -13,6 +13,7 @@ from orchestrator.errors import ConfigError, ModelNotFound, PolicyError, StreamB
 from orchestrator.events import (
     DecisionMade,
     ProblemDone,
+    ProblemStarted,
     RequestFinished,
     RequestStarted,
     SampleCancelled,
@@ -561,3 +562,170 @@ async def test_cancelling_solve_while_a_stream_settles_leaves_nothing_running():
         await task
     assert backend.closed_streams == 2
     assert other_tasks() == set()
+
+
+# ---- one error surface -------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda: Budget(tokens=0),
+    lambda: Budget(requests=-1),
+    lambda: Budget(cost_units=float("nan")),
+    lambda: Budget(tokens=True),
+    lambda: __import__("orchestrator.ledger", fromlist=["RunBudget"]).RunBudget(0),
+    lambda: __import__("orchestrator.backends.base", fromlist=["GenerationRequest"])
+    .GenerationRequest(kind="solve", max_tokens=0, prompt="q"),
+    lambda: __import__("orchestrator.backends.base", fromlist=["GenerationRequest"])
+    .GenerationRequest(kind="solve", max_tokens=8),
+])
+def test_every_validation_is_a_config_error_and_still_a_value_error(make):
+    from orchestrator.errors import SolverifyError
+
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert isinstance(info.value, SolverifyError) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("make", [lambda: Sample(0), lambda: Sample(1.5), lambda: Sample(True)])
+def test_a_bad_decision_is_a_policy_error(make):
+    with pytest.raises(PolicyError):
+        make()
+
+
+async def test_a_policy_returning_a_bare_decision_is_a_policy_error():
+    @dataclass(frozen=True)
+    class Bare:
+        spec: str = "bare"
+
+        def decide(self, s):
+            return Stop(None, "no list")
+
+    with pytest.raises(PolicyError, match="not a sequence of decisions"):
+        await solve(PROBLEM, Bare(), backend=FakeBackend(scripted([FakeReply.text("a")])),
+                    task=TASK)
+
+
+class _Bug(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _BuggyGrader:
+    where: str
+
+    def extract(self, text):
+        if self.where == "extract":
+            raise _Bug("extract")
+        return text.split()[-1]
+
+    def key(self, answer):
+        return answer
+
+    def is_correct(self, answer, problem):
+        if self.where == "is_correct":
+            raise _Bug("is_correct")
+        return answer == problem.answer
+
+
+@pytest.mark.parametrize("where", ["policy", "extract", "is_correct", "solve_request"])
+@pytest.mark.parametrize("batch", [False, True])
+async def test_a_bug_in_user_code_surfaces_as_itself_with_a_note(where, batch):
+    """Policy, grader (inside a request task) and task bugs all come out of solve and
+    run_batch the same way: the exception itself, not an ExceptionGroup, with a note
+    naming the code and the problem; nothing is left running."""
+    from dataclasses import replace
+
+    @dataclass(frozen=True)
+    class BuggyPolicy:
+        spec: str = "buggy"
+
+        def decide(self, s):
+            if where == "policy" and s.solutions:
+                raise _Bug("policy")
+            return [Stop(s.solutions[0].answer, "x", s.solutions[0].key)] if s.solutions \
+                else ([] if s.samples_launched else [Sample(2)])
+
+    @dataclass(frozen=True)
+    class BuggyTask(WordTask):
+        def solve_request(self, problem, n):
+            if where == "solve_request" and n == 2:
+                raise _Bug("solve_request")
+            return super().solve_request(problem, n)
+
+    task = BuggyTask(grader=_BuggyGrader(where)) if where != "policy" else TASK
+    backend = FakeBackend(scripted([FakeReply.text("one two three")]))
+    problem = replace(PROBLEM, answer="three")
+    with pytest.raises(_Bug) as info:
+        if batch:
+            await run_batch([problem], BuggyPolicy(), backend=backend, task=task)
+        else:
+            await solve(problem, BuggyPolicy(), backend=backend, task=task)
+    assert str(info.value) == where
+    assert any(f"on problem {problem.id!r}" in note for note in info.value.__notes__)
+    assert other_tasks() == set()
+
+
+async def test_an_object_that_is_not_a_backend_is_a_config_error():
+    class NoGrace:
+        def stream(self, request): ...
+
+        async def aclose(self): ...
+
+    with pytest.raises(ConfigError, match="cut_grace"):
+        await solve(PROBLEM, StopAtFirst(1), backend=NoGrace(), task=TASK)
+
+
+# ---- run_batch: lazy problem tasks, results not held -------------------------------------
+async def test_run_batch_makes_a_problem_task_only_when_it_may_start():
+    problems = [Problem(id=f"q{i}", problem="q", answer="three") for i in range(12)]
+    alive: list[int] = []
+
+    def count(event):
+        if isinstance(event, ProblemStarted):
+            alive.append(sum(1 for t in asyncio.all_tasks()
+                             if t.get_name().startswith("problem:")))
+
+    backend = FakeBackend(scripted([FakeReply.text("one two three")]))
+    got: list[str] = []
+    results = await run_batch(problems, StopAtFirst(1), backend=backend, task=TASK,
+                              problems_in_flight=3, sinks=[count],
+                              on_result=lambda r: got.append(r.problem.id))
+    assert len(alive) == 12 and max(alive) == 3
+    assert [r.problem.id for r in results] == [p.id for p in problems]
+    assert sorted(got) == sorted(p.id for p in problems)
+
+
+async def test_run_batch_without_keeping_results_hands_each_to_on_result_only():
+    problems = [Problem(id=f"q{i}", problem="q", answer="three") for i in range(5)]
+    backend = FakeBackend(scripted([FakeReply.text("one two three")]))
+    got = []
+    results = await run_batch(problems, StopAtFirst(1), backend=backend, task=TASK,
+                              on_result=got.append, keep_results=False)
+    assert results == [] and sorted(r.problem.id for r in got) == [p.id for p in problems]
+
+
+def test_the_run_summary_adds_up_what_the_results_hold():
+    from orchestrator.result import RunSummary
+
+    async def run():
+        backend = FakeBackend(scripted([FakeReply.text("one two three"),
+                                        FakeReply.text("x", fail_after=0,
+                                                       error=StreamBroken("boom")),
+                                        FakeReply.text("yes")]))
+        return await run_batch([Problem(id=f"q{i}", problem="q", answer="three")
+                                for i in range(3)], GenRM(2, 1), backend=backend,
+                               task=TASK, max_n=1)
+
+    results = asyncio.run(run())
+    tally = RunSummary()
+    for r in results:
+        tally.add(r)
+    d = tally.as_dict(1.234)
+    assert d["problems"] == 3 and d["wall_s"] == 1.23
+    assert d["completion_tokens"] == sum(r.usage.completion_tokens for r in results)
+    assert d["solutions"] == sum(len(r.solutions) for r in results)
+    assert d["verifications"] == sum(len(r.verifications) for r in results)
+    sol = [s.completion_tokens for r in results for s in r.solutions]
+    ver = [v.completion_tokens for r in results for v in r.verifications]
+    assert d["lambda"] == (sum(ver) / len(ver)) / (sum(sol) / len(sol))
+    assert d["failed_samples"] == sum(1 for r in results for f in r.failed
+                                      if f.reason == "failed")
+    assert d["accuracy"] == sum(bool(r.correct) for r in results) / 3

@@ -23,10 +23,12 @@ Token accounting contract
   once (:mod:`orchestrator.reader`): it reads the stream to the end of its next engine
   step, then, if the stream is an :class:`EventStream` that can be cut, calls
   :meth:`EventStream.cut` (the server is asked to stop; the HTTP backend half-closes the
-  connection) and reads every event the server still sends until the stream ends. How
-  long that may take is bounded by ``cut_grace``, after which the stream is cancelled.
-  Backends that count only what they hand over (replay) keep 0: their streams are
-  cancelled at once.
+  connection) and reads every event the server still sends until the stream ends.
+  ``cut_grace`` bounds the wait for that next step: a stream whose step has not come by
+  then is cut at once (one that cannot be cut is cancelled). A cut stream is read until
+  it ends, which the backend must ensure happens (the server closes it, or the backend's
+  own idle timeout ends it). Backends that count only what they hand over (replay) keep
+  0: their streams are cancelled at once.
 """
 
 from __future__ import annotations
@@ -163,8 +165,9 @@ class Backend(Protocol):
     of its members.
     """
 
-    #: seconds the runtime may spend settling a stream it stops (module docstring); 0:
-    #: the server counts only what it hands over, so stopped streams are cancelled at once
+    #: seconds the runtime waits for a stopped stream's next step before cutting it anyway
+    #: (module docstring); 0: the server counts only what it hands over, so stopped
+    #: streams are cancelled at once
     cut_grace: float = 0.0
 
     def stream(

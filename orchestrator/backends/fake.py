@@ -11,8 +11,8 @@ streams open right now, so tests can compare the ledger with the "server's" own 
 
 ``cut_grace > 0`` makes it behave like a server the runtime must settle a stopped stream
 with (:mod:`orchestrator.reader`): its streams can then be cut, and a cut stream generates
-no token after the one in progress and ends with its closing usage chunk (a held stream
-stays held: a server that does not answer the cut, which ``cut_grace`` bounds).
+no token after the one in progress (a held one is released) and ends with its closing
+usage chunk.
 """
 
 from __future__ import annotations
@@ -110,10 +110,12 @@ class FakeBackend(Backend):
         self.max_open_streams = max(self.max_open_streams, self.open_streams)
         finished = False
         stopped = False  # cut: generate nothing more
+        aborted = asyncio.Event()
 
         def cut() -> None:
             nonlocal stopped
             stopped = True
+            aborted.set()
             self.cut_streams += 1
 
         async def events() -> AsyncIterator[StreamEvent]:
@@ -132,7 +134,10 @@ class FakeBackend(Backend):
                 if not held and all(pos[i] >= min(reply.hold_after, len(scripts[i]))
                                     for i in range(n)):
                     assert reply.hold is not None
-                    await reply.hold.wait()
+                    if self.cut_grace > 0:  # a cut ends the wait, as an abort would
+                        await _first_of(reply.hold, aborted)
+                    else:
+                        await reply.hold.wait()
                     held = True
                 for i in range(n):
                     if stopped:
@@ -178,6 +183,17 @@ class FakeBackend(Backend):
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    """Wait until one of ``events`` is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
 
 
 def scripted(replies: Sequence[FakeReply] | Callable[[GenerationRequest, int], FakeReply]
