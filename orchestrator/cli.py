@@ -38,8 +38,8 @@ from orchestrator.cliargs import (
     verifier_backend,
     warn,
 )
+from orchestrator.defaults import CONCURRENCY as DEFAULT_CONCURRENCY
 from orchestrator.errors import ConfigError, SolverifyError
-from orchestrator.limiter import DEFAULT_CONCURRENCY
 from orchestrator.types import Budget
 
 EXIT_OK = 0

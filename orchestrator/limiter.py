@@ -9,13 +9,14 @@ from contextlib import asynccontextmanager
 
 from asyncio_throttle import Throttler
 
+from orchestrator.defaults import CONCURRENCY
 from orchestrator.errors import ConfigError
 
 __all__ = ["DEFAULT_CONCURRENCY", "Limiter"]
 
 #: requests in flight across a run when the caller does not say: ``run_batch``'s default
-#: and the CLI's ``--concurrency``
-DEFAULT_CONCURRENCY = 16
+#: and the CLI's ``--concurrency`` (:data:`orchestrator.defaults.CONCURRENCY`)
+DEFAULT_CONCURRENCY = CONCURRENCY
 
 
 class Limiter:

@@ -23,6 +23,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 from orchestrator.backends.base import Backend
+from orchestrator.defaults import MAX_N
 from orchestrator.errors import ConfigError, SolverifyError
 from orchestrator.events import Sink
 from orchestrator.history import RunHistory
@@ -34,7 +35,7 @@ from orchestrator.result import SolveResult, policy_name
 from orchestrator.types import UNLIMITED, Budget, Problem
 
 #: largest ``n`` put in one request; bigger ``Sample(k)`` are split
-DEFAULT_MAX_N = 16
+DEFAULT_MAX_N = MAX_N
 
 
 def check_budget_fits(policy: Policy, budget: Budget, task: Task, problem: Problem,
