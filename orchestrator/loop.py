@@ -372,9 +372,15 @@ class ProblemRun:
         _, late = await asyncio.wait(waiting, timeout=grace)
         reading = []
         for req in list(self.open.values()):
-            if req.task in late and req.events is not None:
+            if req.task not in late:
+                continue
+            if req.events is not None:
                 cut(req)  # no step came: cut it now and read what the server still sends
-                reading.append(req.task)
+            elif req.opening:
+                req.cut_on_open = True  # the server may have sent tokens already
+            else:
+                continue  # cannot be cut: cancelled by the caller
+            reading.append(req.task)
         if reading:
             await asyncio.wait(reading)
 

@@ -27,7 +27,9 @@ problem stops (its owner sets ``request.cut``; the reader acts on it at the stre
 
 Nothing here waits on a clock: the stream's own events decide when it is settled. The
 owner bounds step 2 by the backend's ``cut_grace``: a stream whose next step has not come
-by then is cut at once (:func:`cut`; one that cannot be cut is cancelled). Once cut, a
+by then is cut at once (:func:`cut`), and one still being opened (the server may already
+have sent its first tokens) is cut as soon as it opens; a stream that cannot be cut is
+cancelled. Once cut, a
 stream is read until the backend says it has ended (the server closed it, or the
 backend's own idle timeout gave up on it); no runtime clock cuts that reading short, so
 no token the server sent is lost to a slow or starved reader. What remains assumed is
@@ -93,6 +95,8 @@ class Request:
     cut: bool = False  # the problem stopped: settle the stream, then close it
     cut_sent: bool = False  # the stream was cut (asked to stop): read to its end
     events: EventStream | None = None  # the open stream, when it can be cut
+    opening: bool = False  # the backend is opening the stream (the server may be sending)
+    cut_on_open: bool = False  # cut the stream as soon as it opens (it was opening late)
 
     def done(self, choice: int) -> bool:
         return self.record.choice_done[choice]
@@ -129,14 +133,19 @@ async def read_request(req: Request, ledger: ProblemLedger, limiter: Limiter,
     try:
         async with limiter.slot():
             req.sent = True
+            req.opening = True
             async with req.backend.stream(req.request) as events:
+                req.opening = False
                 if isinstance(events, EventStream) and events.cuttable:
                     req.events = events
-                async for event in events:
-                    if req.cut:
-                        await settle(req, ledger, events, event)
-                        break
-                    _on_event(req, ledger, owner, event)
+                    if req.cut_on_open:
+                        cut(req)
+                if not (req.cut_on_open and req.events is None):  # else: close at once
+                    async for event in events:
+                        if req.cut:
+                            await settle(req, ledger, events, event)
+                            break
+                        _on_event(req, ledger, owner, event)
         outcome = "cancelled" if req.cut else "ok"
     except asyncio.CancelledError:
         outcome = "cancelled"

@@ -188,3 +188,70 @@ def test_reservations_follow_the_stream_and_are_released_at_close():
     ledger, req, _, _ = read(server)
     assert ledger.reserved == 0 and ledger.open_requests == 0
     assert req.record.choice_done == [True, True]
+
+
+def test_a_stream_still_opening_when_cut_grace_ends_is_cut_once_open_and_read_to_its_end():
+    """The server may already have sent tokens of a request whose stream the backend is
+    still opening when the settle's cut_grace ends: it is cut as soon as it opens, and
+    everything it sent is charged (nothing waits on a clock to decide what to read)."""
+    from contextlib import asynccontextmanager
+
+    from orchestrator.runtime import solve
+    from tests.helpers import StopAtFirst, WordTask
+
+    class SlowOpen(Backend):
+        cut_grace = 1.0
+
+        def __init__(self) -> None:
+            self.calls = 0
+            self.sent = 0
+            self.cuts = 0
+
+        @asynccontextmanager
+        async def stream(self, request):
+            self.calls += 1
+            fast = self.calls == 1
+            cut = [False]
+
+            def on_cut() -> None:
+                self.cuts += 1
+                cut[0] = True
+
+            async def events():
+                if fast:
+                    await asyncio.sleep(0.03)
+                    yield TextDelta(0, " seven", 1, finish_reason="stop")
+                    yield UsageReport(3, 1, final=True)
+                    return
+                for i in range(1, 100):  # sent while the client was still opening it
+                    if cut[0] and i > 12:
+                        break  # the half-close reached the server
+                    self.sent += 1
+                    yield TextDelta(0, " w", 1)
+                    yield UsageReport(3, i, final=False)
+                yield UsageReport(3, self.sent, final=True)
+
+            if not fast:
+                await asyncio.sleep(5.0)  # opening (headers, first event) takes long
+            gen = events()
+            try:
+                yield EventStream(gen, on_cut)
+            finally:
+                await gen.aclose()
+
+        async def aclose(self) -> None:
+            pass
+
+    async def run():
+        backend = SlowOpen()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        result = await solve("q", StopAtFirst(2), backend=backend,
+                             task=WordTask(max_tokens=200), max_n=1)
+        return loop.time() - t0, result, backend
+
+    with simulated_runner() as runner:
+        took, result, backend = runner.run(run())
+    assert backend.cuts == 1 and took == pytest.approx(5.0)
+    assert result.usage.completion_tokens == 1 + backend.sent == 1 + 12
+    assert [f.reason for f in result.failed] == ["cancelled"]
