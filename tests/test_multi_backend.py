@@ -138,7 +138,9 @@ async def test_a_stream_broken_after_its_first_token_is_a_replaceable_sample_not
 
 
 async def test_probe_and_models_merge_what_every_replica_supports():
-    class Probed:
+    from orchestrator.backends.base import Backend
+
+    class Probed(Backend):
         def __init__(self, caps, models):
             self.caps, self.models = caps, models
 

@@ -103,6 +103,11 @@ class MultiBackend(Backend):
     ) -> None:
         if not backends:
             raise ConfigError("MultiBackend needs at least one backend")
+        for b in backends:
+            if not isinstance(b, Backend):
+                raise ConfigError(f"MultiBackend replica {b!r} is not a Backend: it needs "
+                                  "stream(request), aclose() and cut_grace (subclass "
+                                  "orchestrator.backends.base.Backend)")
         if names is not None and len(names) != len(backends):
             raise ConfigError(f"MultiBackend got {len(backends)} backends but {len(names)} names")
         if not cooldown >= 0:
