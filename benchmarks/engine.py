@@ -46,8 +46,8 @@ from orchestrator.decisions import Sample, Stop, Verify
 from orchestrator.errors import ConfigError, PolicyError
 from orchestrator.history import ProblemRecord, RunHistory
 from orchestrator.ledger import DEFAULT_LAMBDA, ProblemLedger
-from orchestrator.runtime import SolveResult, policy_name
-from orchestrator.snapshot import BudgetLeft, InFlight, ProblemSnapshot
+from orchestrator.result import SolveResult, policy_name
+from orchestrator.snapshot import BudgetLeft, InFlight, ProblemSnapshot, VoteTally
 from orchestrator.types import (
     UNLIMITED,
     FailedSample,
@@ -88,12 +88,10 @@ class _Timer:
 
 
 class _Choice:
-    __slots__ = ("done", "emitted", "end", "logprobs", "sample_id", "text", "tokens",
-                 "total")
+    __slots__ = ("done", "emitted", "end", "logprobs", "sample_id", "text", "total")
 
     def __init__(self, sample_id: int) -> None:
         self.sample_id = sample_id
-        self.tokens = 0  # as the runtime counted it
         self.done = False
         # served (None while the request has not opened its stream)
         self.text = ""
@@ -152,6 +150,7 @@ class _Problem:
         "solutions",
         "stop",
         "streams",
+        "tally",
         "tg_tasks",
         "verifications",
         "verified",
@@ -159,10 +158,13 @@ class _Problem:
         "waiting_tg",
     )
 
-    def __init__(self, index: int, problem: Problem) -> None:
+    def __init__(self, index: int, problem: Problem, sample_tokens: int,
+                 verify_tokens: int) -> None:
         self.index = index
         self.problem = problem
-        self.ledger = ProblemLedger()
+        self.ledger = ProblemLedger(UNLIMITED, None, sample_tokens=sample_tokens,
+                                    verify_tokens=verify_tokens)
+        self.tally = VoteTally()
         self.solutions: list[Solution] = []
         self.verifications: list[Verification] = []
         self.failed: list[FailedSample] = []
@@ -217,7 +219,8 @@ class _Engine:
 
     # ---- the loop (asyncio.BaseEventLoop._run_once, for our callbacks) ---------------
     def run(self) -> list[SolveResult]:
-        probs = [_Problem(i, p) for i, p in enumerate(self.src.problems)]
+        probs = [_Problem(i, p, self.sample_max_tokens, self.verify_max_tokens)
+                 for i, p in enumerate(self.src.problems)]
         ready = self.ready
         for p in probs:  # _run_problems creates one task per problem, in order
             ready.append((_DECIDE, p))
@@ -303,14 +306,16 @@ class _Engine:
         sample_tokens: list[int] = []
         verifying: dict[int, int] = {}
         for st in p.open.values():
+            rec = st.record
             if st.kind == "solve":
-                for c in st.choices:
-                    if not c.done:
+                done, toks = rec.choice_done, rec.choice_tokens
+                for i in range(rec.n):
+                    if not done[i]:
                         in_flight += 1
-                        sample_tokens.append(c.tokens)
-            else:
-                k = sum(1 for c in st.choices if not c.done)
-                if k and st.solution is not None:
+                        sample_tokens.append(toks[i])
+            elif st.solution is not None:
+                k = rec.choice_done.count(False)
+                if k:
                     sid = st.solution.id
                     verifying[sid] = verifying.get(sid, 0) + k
         led = p.ledger
@@ -334,6 +339,7 @@ class _Engine:
             lam=lam,
             history=self.history.records,
             blocked=None,
+            tally=p.tally.ranked(),
         )
 
     @staticmethod
@@ -410,7 +416,9 @@ class _Engine:
         for _ in range(n):
             choices.append(_Choice(p.next_sample))
             p.next_sample += 1
-        record = p.ledger.open(rid, kind, n)  # type: ignore[arg-type]
+        record = p.ledger.open(rid, kind, n,  # type: ignore[arg-type]
+                               self.sample_max_tokens if kind == "solve"
+                               else self.verify_max_tokens)
         st = _Stream(p, rid, kind, choices, solution, record, self.clock)
         p.open[rid] = st
         p.tg_tasks += 1
@@ -554,6 +562,7 @@ class _Engine:
         choices = st.choices
         pending = st.pending
         rec = st.record
+        ledger = p.ledger
         while pending:
             now = self.clock
             lim = now + _EPS
@@ -591,7 +600,7 @@ class _Engine:
                     new = c.total - c.emitted
                     c.emitted = c.total
                     st.emitted += new
-                    self._final(st, c, new)
+                    self._final(st, i, c, new)
                 else:
                     if got < 0:
                         got = max(0, math.floor((now - st.start - self.ttft) * self.rate + _EPS))
@@ -599,9 +608,7 @@ class _Engine:
                     if g > c.emitted:
                         changed = True
                         d = g - c.emitted
-                        c.tokens += d  # the runtime's _on_delta of a progress delta
-                        rec.counted_completion += d
-                        rec.counted_deltas += 1
+                        ledger.add_delta(rec, i, d, False)  # the reader's _on_event
                         c.emitted = g
                         st.emitted += d
                     keep.append(i)
@@ -623,14 +630,15 @@ class _Engine:
             return
         self._close(st, "ok", None)
 
-    def _final(self, st: _Stream, c: _Choice, tokens: int) -> None:
-        """The runtime's ``_on_delta`` of a choice's last delta, and ``_finish_choice``."""
-        c.tokens += tokens
+    def _final(self, st: _Stream, i: int, c: _Choice, tokens: int) -> None:
+        """The reader's ``_on_event`` of a choice's last delta: the loop's
+        ``on_finished``, then the ledger's ``finish``."""
         rec = st.record
-        rec.counted_completion += tokens
-        rec.counted_deltas += 1
-        c.done = True
         p = st.prob
+        led = p.ledger
+        led.add_delta(rec, i, tokens, False)
+        c.done = True
+        tokens = rec.choice_tokens[i]
         now = self.clock
         if st.kind == "solve":
             answer = self.grader.extract(c.text)
@@ -639,17 +647,17 @@ class _Engine:
                 answer = None
             p.solutions.append(Solution(
                 id=c.sample_id, index=len(p.solutions), text=c.text, answer=answer, key=key,
-                finish_reason="stop", completion_tokens=c.tokens, started_at=st.started_at,
+                finish_reason="stop", completion_tokens=tokens, started_at=st.started_at,
                 finished_at=now, request_id=st.request_id, mean_logprob=None))
-            p.ledger.solution_lengths.append(c.tokens)
+            p.tally.add(p.solutions[-1])
         else:
             assert st.solution is not None
             verdict, p_yes, source = self.task.parse_verdict(c.text, c.logprobs)
             p.verifications.append(Verification(
                 id=c.sample_id, solution_id=st.solution.id, text=c.text, verdict=verdict,
-                p_yes=p_yes, source=source, completion_tokens=c.tokens,
+                p_yes=p_yes, source=source, completion_tokens=tokens,
                 started_at=st.started_at, finished_at=now, request_id=st.request_id))
-            p.ledger.verification_lengths.append(c.tokens)
+        led.finish(rec, i)
         self._set_changed(p)
 
     def _cancelled(self, st: _Stream) -> None:
@@ -668,17 +676,19 @@ class _Engine:
             outcome = "failed"
             error = "BackendError: stream ended without a finish_reason for every choice"
         reason = "cancelled" if outcome == "cancelled" else "failed"
-        for c in st.choices:
-            if c.done:
+        rec = st.record
+        for i, c in enumerate(st.choices):
+            if rec.choice_done[i]:
                 continue
             c.done = True
             p.failed.append(FailedSample(
                 id=c.sample_id, request_id=st.request_id, kind=st.kind,  # type: ignore[arg-type]
-                reason=reason, error=error, partial_text="", completion_tokens=c.tokens,
+                reason=reason, error=error, partial_text="",
+                completion_tokens=rec.choice_tokens[i],
                 solution_id=st.solution.id if st.solution else None))
-        p.ledger.close(st.record, outcome)
-        p.closed_usage = p.closed_usage + st.record.usage
         p.open.pop(st.request_id, None)
+        p.ledger.close(rec, outcome)
+        p.closed_usage = p.closed_usage + rec.usage
         self._set_changed(p)
         self.ready.append((_TASK_DONE, st))
 
