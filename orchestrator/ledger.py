@@ -29,6 +29,8 @@ ESTIMATE_SOURCES = {
     "chunks": "one token per streamed chunk; no server usage",
     "prompt": "prompt size unknown: the server sent no usage",
     "nothing": "no usage and no tokens received",
+    "tokenize-text": "prompt counted with the server's tokenizer endpoint on the message "
+                     "text: the chat template's own tokens are not included",
 }
 
 
@@ -46,6 +48,11 @@ class RequestRecord:
     outcome: str | None = None  # None while open; "ok" | "cancelled" | "failed"
 
     counted_deltas: int = 0
+    #: HTTP requests sent for this logical request (retries, each stream of an emulated
+    #: ``n``, tokenizer calls), as the backend counted them; 0 for backends without HTTP
+    http_requests: int = 0
+    #: the backend's own reasons why the usage it reported is inexact (see ESTIMATE_SOURCES)
+    server_estimated: tuple[str, ...] = ()
 
     def add_delta(self, tokens: int, estimated: bool) -> None:
         self.counted_completion += tokens
@@ -56,14 +63,16 @@ class RequestRecord:
     def estimated_from(self) -> tuple[str, ...]:
         """Why this record's usage is an estimate (empty when it is the server's own)."""
         if self.server_completion is not None:
-            return () if self.server_prompt is not None else ("prompt",)
+            return self.server_estimated if self.server_prompt is not None else ("prompt",)
         if self.counted_estimated:
             return ("chunks",)
         return ("logprobs",) if self.counted_deltas else ("nothing",)
 
     def add_usage(self, prompt: int, completion: int, final: bool,
-                  cached_prompt: int | None = None) -> None:
+                  cached_prompt: int | None = None,
+                  estimated_from: tuple[str, ...] = ()) -> None:
         self.server_prompt = prompt
+        self.server_estimated = estimated_from
         if cached_prompt is not None:
             self.server_cached = cached_prompt
         # running counts only grow; a final report is authoritative
@@ -82,7 +91,7 @@ class RequestRecord:
     def usage(self) -> Usage:
         if self.server_completion is not None:
             completion = self.server_completion
-            estimated = False
+            estimated = bool(self.server_estimated)
         else:
             completion = self.counted_completion
             estimated = self.counted_estimated
@@ -182,6 +191,11 @@ class ProblemLedger:
     @property
     def requests(self) -> int:
         return len(self.records)
+
+    @property
+    def http_requests(self) -> int:
+        """HTTP requests the backend sent for this problem's requests (see RequestRecord)."""
+        return sum(r.http_requests for r in self.records.values())
 
     @property
     def open_requests(self) -> int:

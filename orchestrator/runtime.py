@@ -54,6 +54,7 @@ import structlog
 from asyncio_throttle import Throttler
 
 from orchestrator.backends.base import (
+    HTTP_REQUESTS,
     Backend,
     GenerationRequest,
     StreamEvent,
@@ -166,6 +167,9 @@ class SolveResult:
     error: str | None = None
     #: the structured stop reason (``Stop.code``): settled, max, budget, failures, error
     stop_code: StopCode = "settled"
+    #: HTTP requests sent for ``requests`` logical ones (retries, emulated ``n``, tokenizer
+    #: calls; 0 for backends without HTTP)
+    http_requests: int = 0
 
     @property
     def ok(self) -> bool:
@@ -191,6 +195,7 @@ class SolveResult:
             "solution_tokens": self.solution_tokens,
             "verification_tokens": self.verification_tokens,
             "requests": self.requests,
+            "http_requests": self.http_requests,
             "cost_units": round(self.cost_units, 4),
             "lambda": self.lam,
             "elapsed_s": round(self.elapsed, 4),
@@ -445,6 +450,7 @@ class _ProblemRun:
     async def _run_request(self, req: _Request) -> None:
         outcome = "failed"
         error: BackendError | None = None
+        counting = HTTP_REQUESTS.set(req.record)  # the backend counts its HTTP requests
         try:
             async with self.limiter.slot():
                 req.sent = True
@@ -462,6 +468,7 @@ class _ProblemRun:
         except BackendError as exc:
             error = exc
         finally:
+            HTTP_REQUESTS.reset(counting)
             self._close_request(req, outcome, error)
 
     def _on_event(self, req: _Request, event: StreamEvent) -> None:
@@ -469,7 +476,7 @@ class _ProblemRun:
             self._on_delta(req, event)
         elif isinstance(event, UsageReport):
             req.record.add_usage(event.prompt_tokens, event.completion_tokens, event.final,
-                                 event.cached_prompt_tokens)
+                                 event.cached_prompt_tokens, event.estimated_from)
 
     async def _settle(self, req: _Request, events: AsyncIterator[StreamEvent],
                       event: StreamEvent) -> None:
@@ -719,6 +726,7 @@ class _ProblemRun:
             solution_tokens=self.ledger.usage_of("solve").completion_tokens,
             verification_tokens=self.ledger.usage_of("verify").completion_tokens,
             policy=name, error=error, stop_code=stop.code,
+            http_requests=self.ledger.http_requests,
         )
         if self.history is not None:
             by_id = {s.id: s.key for s in self.solutions}
