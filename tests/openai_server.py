@@ -25,6 +25,18 @@ alternatives). Faults are injected with :meth:`OpenAIServer.fail_next` (status, 
 :meth:`OpenAIServer.garble_next` sends a malformed ``data:`` line (not JSON) at a chosen
 event of the next streams, the stream going on after it.
 
+``llamacpp=True`` behaves like llama-cpp-python's server on its default settings (the
+one fact set solverify must cope with on "any OpenAI-compatible server"): ``n`` ignored,
+``stream_options`` ignored (no usage in streams; a plain JSON body still has usage), one
+generation at a time, and a running stream *cut* (``[DONE]`` without a finish reason)
+right after its next chunk whenever another request waits (``--interrupt_requests``,
+on by default there). ``POST /extras/tokenize`` (``{"input": text}`` -> ``{"tokens":
+[...]}``, a ``<bos>`` id first, as llama-cpp-python) and ``POST /tokenize`` (vLLM's
+shape: ``prompt`` or ``messages`` -> ``{"count", "tokens", "max_model_len"}``) count
+whitespace-led words, the server's own token unit; like llama-cpp-python's, the
+tokenizer waits for (and interrupts) a running generation. ``tokenize_paths`` chooses which
+of the two are served (default: ``/extras/tokenize`` in ``llamacpp`` mode, none otherwise).
+
 ``step_gate`` makes a test's timing explicit instead of wall-clock: an async callable given
 a :class:`Step` (stream number, step index, script length) that each stream awaits before
 generating each step (one token per running choice), so a test decides exactly which
@@ -43,6 +55,7 @@ import contextlib
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,6 +126,23 @@ class _ClientGone(Exception):
 
 class _Drop(Exception):
     """Injected fault: cut the connection now."""
+
+
+class _Interrupted(Exception):
+    """llamacpp mode: another request waits; end this stream with ``[DONE]`` now."""
+
+
+BOS_ID = 2
+_WORD_RE = re.compile(r"\s*\S+")
+
+
+def _word_tokens(text: str) -> list[str]:
+    """The test server's token unit: whitespace-led words (a prompt's count is the same)."""
+    return _WORD_RE.findall(text)
+
+
+def _token_id(word: str) -> int:
+    return 3 + int.from_bytes(hashlib.sha256(word.encode()).digest()[:3], "big")
 
 
 def echo_responder(body: Mapping[str, Any]) -> list[list[Scripted]]:
@@ -186,6 +216,8 @@ class OpenAIServer:
         reject_continuous_usage: bool = False,
         reject_stream_options: bool = False,
         prefix_cache_block: int | None = None,
+        llamacpp: bool = False,
+        tokenize_paths: Sequence[str] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -197,6 +229,20 @@ class OpenAIServer:
         self.reject_continuous_usage = reject_continuous_usage
         self.reject_stream_options = reject_stream_options
         self.prefix_cache_block = prefix_cache_block
+        self.llamacpp = llamacpp
+        if llamacpp:
+            self.ignore_n = True
+        if tokenize_paths is None:
+            tokenize_paths = ("/extras/tokenize",) if llamacpp else ()
+        self.tokenize_paths = tuple(tokenize_paths)
+        # llama-cpp-python's double lock: a request takes the outer lock, then the inner
+        # one, then lets the outer go; a stream that sees the outer lock taken (another
+        # request waits) is cut
+        self._outer = asyncio.Lock()
+        self._inner = asyncio.Lock()
+        #: streams this server cut because another request arrived (llamacpp mode)
+        self.streams_cut = 0
+        self.tokenize_calls = 0
         self._seen_prompts: list[list[str]] = []
         self.host = host
         self._port = port
@@ -217,6 +263,8 @@ class OpenAIServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health)  # as vLLM: 200, empty body
+        for path in self.tokenize_paths:
+            app.router.add_post(path, self._tokenize)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self._port)
@@ -337,6 +385,47 @@ class OpenAIServer:
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
 
+    @contextlib.asynccontextmanager
+    async def _model_lock(self):
+        """llamacpp mode: one request on the model at a time (llama-cpp-python's locks)."""
+        if not self.llamacpp:
+            yield
+            return
+        await self._outer.acquire()
+        outer_held = True
+        try:
+            await self._inner.acquire()
+            try:
+                self._outer.release()
+                outer_held = False
+                yield
+            finally:
+                self._inner.release()
+        finally:
+            if outer_held:
+                self._outer.release()
+
+    def _someone_waits(self) -> bool:
+        return self.llamacpp and self._outer.locked()
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self._stats.received.append(ReceivedRequest("POST", request.path, body, time.time(),
+                                                    {k.lower(): v for k, v
+                                                     in request.headers.items()}))
+        self.tokenize_calls += 1
+        self._touch()
+        async with self._model_lock():
+            if request.path == "/tokenize":  # vLLM's shape
+                text = prompt_text(body)
+                ids = [_token_id(w) for w in _word_tokens(text)]
+                return web.json_response({"count": len(ids), "max_model_len": 2048,
+                                          "tokens": ids})
+            if not isinstance(body.get("input"), str):
+                return _error_response(422, "input: field required", "BadRequestError")
+            ids = [BOS_ID] + [_token_id(w) for w in _word_tokens(body["input"])]
+            return web.json_response({"tokens": ids})
+
     async def _models(self, request: web.Request) -> web.Response:
         self._stats.received.append(ReceivedRequest("GET", request.path, None, time.time()))
         names = self.models or ("test-model",)
@@ -379,7 +468,7 @@ class OpenAIServer:
             return _error_response(400, "messages: field required", "BadRequestError")
         if not chat and "prompt" not in body:
             return _error_response(400, "prompt: field required", "BadRequestError")
-        options = body.get("stream_options")
+        options = None if self.llamacpp else body.get("stream_options")
         if options is not None:
             if self.reject_stream_options:
                 return _error_response(
@@ -456,9 +545,11 @@ class OpenAIServer:
         prompt_tokens = _count_prompt_tokens(body)
         cached = self._cached_tokens(body)
         self._stats.prompt_tokens_total += prompt_tokens
-        if body.get("stream"):
-            return await self._stream(request, body, script, prompt_tokens, cached, chat=chat)
-        return await self._full(body, script, prompt_tokens, cached, chat=chat)
+        async with self._model_lock():
+            if body.get("stream"):
+                return await self._stream(request, body, script, prompt_tokens, cached,
+                                          chat=chat)
+            return await self._full(body, script, prompt_tokens, cached, chat=chat)
 
     def _lp_k(self, body: Mapping[str, Any], chat: bool) -> int | None:
         return self._requested_logprobs(body, chat)
@@ -527,7 +618,7 @@ class OpenAIServer:
         *,
         chat: bool,
     ) -> web.StreamResponse:
-        options = body.get("stream_options") or {}
+        options = {} if self.llamacpp else (body.get("stream_options") or {})
         include_usage = bool(options.get("include_usage"))
         continuous = bool(options.get("continuous_usage_stats"))
         k = self._lp_k(body, chat)
@@ -573,6 +664,8 @@ class OpenAIServer:
                 await response.write(data)
             except (ConnectionError, RuntimeError) as exc:
                 raise _ClientGone from exc
+            if self._someone_waits() and data != b"data: [DONE]\n\n":
+                raise _Interrupted
 
         def running_usage(i: int) -> dict[str, int] | None:
             return _usage(prompt_tokens, produced[i]) if continuous else None
@@ -638,6 +731,13 @@ class OpenAIServer:
             await send(b"data: [DONE]\n\n")
             await response.write_eof()
             self._stats.requests_finished += 1
+        except _Interrupted:
+            # llama-cpp-python with --interrupt_requests: end the stream as if complete
+            if any(produced[i] < len(tokens) for i, tokens in enumerate(script)):
+                self.streams_cut += 1
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
         except _Drop:
             # Simulate a crashed server: cut the TCP connection in the middle of the body.
             if request.transport is not None:
