@@ -31,6 +31,10 @@ ESTIMATE_SOURCES = {
     "nothing": "no usage and no tokens received",
     "tokenize-text": "prompt counted with the server's tokenizer endpoint on the message "
                      "text: the chat template's own tokens are not included",
+    "tokenize-stop": "completion counted with the server's tokenizer endpoint on the text "
+                     "received, plus one token per choice that ended at a stop sequence "
+                     "(the server generates and counts that token but does not send it; "
+                     "one too many where it ended at its end-of-sequence token instead)",
 }
 
 
@@ -48,8 +52,8 @@ class RequestRecord:
     outcome: str | None = None  # None while open; "ok" | "cancelled" | "failed"
 
     counted_deltas: int = 0
-    #: HTTP requests sent for this logical request (retries, each stream of an emulated
-    #: ``n``, tokenizer calls), as the backend counted them; 0 for backends without HTTP
+    #: generation HTTP requests sent for this logical request (retries and each stream of
+    #: an emulated ``n`` included), as the backend counted them; 0 for backends without HTTP
     http_requests: int = 0
     #: the backend's own reasons why the usage it reported is inexact (see ESTIMATE_SOURCES)
     server_estimated: tuple[str, ...] = ()
@@ -64,9 +68,10 @@ class RequestRecord:
         """Why this record's usage is an estimate (empty when it is the server's own)."""
         if self.server_completion is not None:
             return self.server_estimated if self.server_prompt is not None else ("prompt",)
+        # no server report at all: the prompt's size is unknown too (charged as 0)
         if self.counted_estimated:
-            return ("chunks",)
-        return ("logprobs",) if self.counted_deltas else ("nothing",)
+            return ("chunks", "prompt")
+        return ("logprobs", "prompt") if self.counted_deltas else ("nothing", "prompt")
 
     def add_usage(self, prompt: int, completion: int, final: bool,
                   cached_prompt: int | None = None,

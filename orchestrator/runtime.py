@@ -167,8 +167,8 @@ class SolveResult:
     error: str | None = None
     #: the structured stop reason (``Stop.code``): settled, max, budget, failures, error
     stop_code: StopCode = "settled"
-    #: HTTP requests sent for ``requests`` logical ones (retries, emulated ``n``, tokenizer
-    #: calls; 0 for backends without HTTP)
+    #: generation HTTP requests sent for ``requests`` logical ones (retries and emulated
+    #: ``n`` included; 0 for backends without HTTP)
     http_requests: int = 0
 
     @property

@@ -346,7 +346,8 @@ class OpenAIServer:
 
     def generation_requests(self) -> list[ReceivedRequest]:
         """Received POSTs to the chat or completions endpoints, in order."""
-        return [r for r in self._stats.received if r.method == "POST"]
+        return [r for r in self._stats.received if r.method == "POST"
+                and r.path.endswith("/completions")]
 
     async def wait_until(self, predicate: Callable[[], bool], within: float = 2.0) -> bool:
         """Wait until ``predicate()`` holds (checked whenever the counters change)."""
@@ -507,6 +508,13 @@ class OpenAIServer:
         return None if value is None else int(value)
 
     def _script(self, body: Mapping[str, Any], n: int) -> list[list[Tok]]:
+        return self._script_and_hidden(body, n)[0]
+
+    def _script_and_hidden(self, body: Mapping[str, Any], n: int
+                           ) -> tuple[list[list[Tok]], list[int]]:
+        """The tokens each choice sends, and (llamacpp mode) the tokens it generates
+        without sending them: the one that completed a stop sequence (llama-cpp-python
+        counts it in its usage; its end-of-sequence token it does not count)."""
         scripted = [list(choice) for choice in self.responder(body)]
         if not scripted:
             scripted = [[]]
@@ -515,17 +523,22 @@ class OpenAIServer:
         if isinstance(stops, str):
             stops = [stops]
         out: list[list[Tok]] = []
+        hidden: list[int] = []
         for i in range(n):
             tokens = [t if isinstance(t, Tok) else Tok(t) for t in scripted[i % len(scripted)]]
             kept: list[Tok] = []
             text = ""
+            stopped = False
             for tok in tokens:
                 if any(s in text + tok.text for s in stops):
+                    stopped = True
                     break
                 kept.append(tok)
                 text += tok.text
             out.append(kept[: int(max_tokens)])
-        return out
+            hidden.append(1 if self.llamacpp and stopped and len(kept) < int(max_tokens)
+                          else 0)
+        return out, hidden
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         try:
@@ -541,15 +554,16 @@ class OpenAIServer:
             self._stats.requests_failed += 1
             return rejection
         n = 1 if self.ignore_n else int(body.get("n") or 1)
-        script = self._script(body, n)
-        prompt_tokens = _count_prompt_tokens(body)
+        script, hidden = self._script_and_hidden(body, n)
+        prompt_tokens = _count_prompt_tokens(body) + (1 if self.llamacpp else 0)  # <bos>
         cached = self._cached_tokens(body)
         self._stats.prompt_tokens_total += prompt_tokens
         async with self._model_lock():
             if body.get("stream"):
                 return await self._stream(request, body, script, prompt_tokens, cached,
-                                          chat=chat)
-            return await self._full(body, script, prompt_tokens, cached, chat=chat)
+                                          chat=chat, hidden=hidden)
+            return await self._full(body, script, prompt_tokens, cached, chat=chat,
+                                    hidden=hidden)
 
     def _lp_k(self, body: Mapping[str, Any], chat: bool) -> int | None:
         return self._requested_logprobs(body, chat)
@@ -562,13 +576,14 @@ class OpenAIServer:
         cached: int | None,
         *,
         chat: bool,
+        hidden: Sequence[int] = (),
     ) -> web.Response:
         self._stats.requests_running += 1
         try:
             for _ in range(max((len(c) for c in script), default=0)):
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
-            generated = sum(len(c) for c in script)
+            generated = sum(len(c) for c in script) + sum(hidden)
             self._stats.generation_tokens_total += generated
         finally:
             self._stats.requests_running -= 1
@@ -617,6 +632,7 @@ class OpenAIServer:
         cached: int | None,
         *,
         chat: bool,
+        hidden: Sequence[int] = (),
     ) -> web.StreamResponse:
         options = {} if self.llamacpp else (body.get("stream_options") or {})
         include_usage = bool(options.get("include_usage"))
@@ -703,6 +719,9 @@ class OpenAIServer:
                     finish = None
                     if last:
                         finish = "length" if len(tokens) >= max_tokens else "stop"
+                        extra = hidden[i] if i < len(hidden) else 0
+                        produced[i] += extra
+                        self._stats.generation_tokens_total += extra
                     text = tok.text if tok is not None else ""
                     if chat:
                         choice = {
@@ -863,13 +882,15 @@ class MathResponder:
 
 
 async def _serve(
-    host: str, port: int, delay: float, models: Sequence[str] | None, block: int | None
+    host: str, port: int, delay: float, models: Sequence[str] | None, block: int | None,
+    llamacpp: bool = False,
 ) -> None:
     server = OpenAIServer(
         MathResponder(),
         models=models,
         token_delay=delay,
         prefix_cache_block=block,
+        llamacpp=llamacpp,
         host=host,
         port=port,
     )
@@ -897,10 +918,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="report prompt_tokens_details.cached_tokens, imitating a prefix cache with "
         "blocks of B words (default: not reported)",
     )
+    parser.add_argument("--llamacpp", action="store_true",
+                        help="behave like llama-cpp-python's server on its defaults (n and "
+                             "stream usage ignored, a running stream cut when another "
+                             "request waits, /extras/tokenize)")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
-            _serve(args.host, args.port, args.delay, args.model, args.prefix_cache_block)
+            _serve(args.host, args.port, args.delay, args.model, args.prefix_cache_block,
+                   args.llamacpp)
         )
 
 

@@ -118,3 +118,92 @@ async def test_no_tokenizer_is_none():
         tokenizer = ServerTokenizer(post_of(client, root_url(server.url)), "test-model")
         assert await tokenizer.probe() is None
         assert await tokenizer.probe() is None and tokenizer.calls == 2  # probed once
+
+
+# ---------------------------------------------------------------------- through solverify
+from orchestrator.backends.openai_compat import OpenAIBackend  # noqa: E402
+from orchestrator.runtime import run_batch  # noqa: E402
+from orchestrator.types import Problem  # noqa: E402
+from policies import SelfConsistency  # noqa: E402
+from tests.helpers import WordTask  # noqa: E402
+
+
+def seven(body):
+    return [words("so seven")]
+
+
+async def test_sc8_on_a_llamacpp_like_server_with_its_defaults():
+    """``sc:n=8`` with 16 streams allowed, on a server that ignores ``n``, sends no usage
+    and cuts the running stream when another arrives: the cut is seen, the endpoint goes
+    down to one stream at a time, every problem is answered; every POST is counted; the
+    tokens come from the server's tokenizer and equal the server's own counts."""
+    server = OpenAIServer(seven, llamacpp=True)
+    released = asyncio.Event()
+    held: list[OpenAIBackend] = []
+
+    async def gate(step: Step) -> None:
+        # the first stream after the probe waits until another request queues behind it
+        if not released.is_set() and held and held[0].capabilities is not None:
+            released.set()
+            assert await server.wait_until(lambda: server._outer.locked(), within=60.0)
+
+    server.step_gate = gate
+    problems = [Problem(id=f"p{i}", problem="q", answer="seven") for i in range(4)]
+    async with server, OpenAIBackend(server.url, "test-model", max_streams=16) as backend:
+        held.append(backend)
+        results = await run_batch(problems, SelfConsistency(8), backend=backend,
+                                  task=WordTask(), concurrency=16)
+        stats = backend.stats()
+        caps = backend.capabilities
+    assert caps is not None and not caps.n and not caps.stream_usage
+    assert all(r.correct for r in results), [(r.answer, r.error) for r in results]
+    assert server.streams_cut >= 1 and stats["cut_streams"] == server.streams_cut
+    assert stats["max_streams"] == 1 and stats["configured_max_streams"] == 16
+    assert "ended without a finish reason" in stats["one_stream_at_a_time"]
+    assert stats["peak_streams"] <= 16
+    # every generation POST is on some problem's ledger, or the probe's
+    posts = [r for r in server.generation_requests() if r.path.endswith("/completions")]
+    assert sum(r.http_requests for r in results) + stats["probe_requests"] == len(posts)
+    assert sum(r.requests for r in results) < sum(r.http_requests for r in results)
+    # tokens: exactly what the server generated (the probe's apart), prompts with <bos>
+    completion = sum(r.usage.completion_tokens for r in results)
+    assert completion == server.generation_tokens_total - backend.probe_completion_tokens
+    for r in results:
+        streams = len(r.solutions) + len(r.failed)
+        assert r.usage.prompt_tokens == 2 * streams  # "q" and <bos>, once per stream
+        assert not r.usage.estimated
+    assert stats["tokenizer"] == "llamacpp-python"
+    assert stats["tokenize_calls"] == server.tokenize_calls + 1  # + the probe's 404
+
+
+async def test_a_stop_sequence_token_is_charged_and_flagged():
+    """llama-cpp-python counts the token that completed a stop sequence but does not send
+    it: solverify charges it too (one per choice), and says the count is an estimate."""
+    def stopping(body):
+        return [["so", " seven", "\n", "Q:"]]
+
+    task = WordTask()
+    async with OpenAIServer(stopping, llamacpp=True) as server, \
+            OpenAIBackend(server.url, "test-model", max_streams=1) as backend:
+        from orchestrator.backends.base import GenerationRequest, UsageReport
+
+        request = GenerationRequest(kind="solve", prompt="q", n=2, max_tokens=task.max_tokens,
+                                    stop=("\n",))
+        async with backend.stream(request) as events:
+            got = [e async for e in events]
+        final = [e for e in got if isinstance(e, UsageReport) and e.final]
+    assert len(final) == 1
+    assert final[0].completion_tokens == 6 == server.generation_tokens_total - \
+        backend.probe_completion_tokens
+    assert final[0].estimated_from == ("tokenize-stop",)
+
+
+async def test_without_a_tokenizer_counts_stay_flagged_estimates():
+    server = OpenAIServer(seven, llamacpp=True, tokenize_paths=())
+    async with server, OpenAIBackend(server.url, "test-model", max_streams=1) as backend:
+        results = await run_batch([Problem(id="p", problem="q", answer="seven")],
+                                  SelfConsistency(2), backend=backend, task=WordTask())
+        assert backend.stats()["tokenizer"] is None
+    usage = results[0].usage
+    assert usage.estimated and "prompt" in usage.estimated_from
+    assert usage.completion_tokens == 4

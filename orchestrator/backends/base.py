@@ -115,8 +115,8 @@ class HttpCounter(Protocol):
 
 
 #: The counter of the logical request being served in this task (None: count nowhere).
-#: A backend adds 1 for every HTTP request it sends for a stream: retries, each stream of
-#: an emulated ``n``, a tokenizer call. Tasks a backend starts inherit it.
+#: A backend adds 1 for every generation HTTP request it sends for a stream: retries and
+#: each stream of an emulated ``n`` included. Tasks a backend starts inherit it.
 HTTP_REQUESTS: ContextVar[HttpCounter | None] = ContextVar("solverify_http_requests",
                                                            default=None)
 
