@@ -26,7 +26,11 @@ Token counts (see :mod:`orchestrator.backends.base` for the contract):
   ``--enable-prompt-tokens-details``) becomes ``UsageReport.cached_prompt_tokens``.
 * ``cut_grace`` (default :data:`DEFAULT_CUT_GRACE`) tells the runtime to settle a stream it
   stops instead of closing it at once, because the server has counted tokens still on
-  their way (see :mod:`orchestrator.runtime`, "Cutting a stream exactly").
+  their way (see :mod:`orchestrator.reader`, "Cutting a stream exactly"). Streams are
+  :class:`~orchestrator.backends.base.EventStream` objects whose ``cut()`` half-closes the
+  connection (``shutdown(SHUT_WR)``): the server sees the client's end of input, aborts
+  the request and closes its side once what it wrote is flushed, so the runtime reads
+  every token the server sent and no more are generated.
 
 Streams are read as raw server-sent events (``with_streaming_response``), so that a
 malformed ``data:`` line (not JSON, truncated JSON) is a *broken stream* like a cut
@@ -92,7 +96,9 @@ import tenacity
 from orchestrator import defaults
 from orchestrator.backends.base import (
     HTTP_REQUESTS,
+    Backend,
     Capabilities,
+    EventStream,
     GenerationRequest,
     StreamEvent,
     TextDelta,
@@ -169,7 +175,7 @@ AFFINITY_HEADER = "X-Session-ID"
 SOLUTION_HEADER = "X-Solverify-Solution"
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     """A :class:`~orchestrator.backends.base.Backend` for an OpenAI-compatible endpoint.
 
     ``capabilities=None`` makes the backend :meth:`probe` the endpoint on first use.
@@ -397,7 +403,7 @@ class OpenAIBackend:
         if not caps.stream_usage and self._tokenizer is not None:
             events = self._counted(events, request)
         try:
-            yield events
+            yield EventStream(events, opened.response.half_close)
         finally:
             try:
                 await events.aclose()

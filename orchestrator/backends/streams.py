@@ -32,6 +32,7 @@ import structlog
 
 from orchestrator.backends.base import (
     Backend,
+    EventStream,
     GenerationRequest,
     StreamEvent,
     TextDelta,
@@ -137,8 +138,9 @@ async def limited_stream(
         return
     async with slots.slot(), backend.stream(request) as events:
         watched = _watch(events, request.n, slots)
+        cut = events.cut if isinstance(events, EventStream) and events.cuttable else None
         try:
-            yield watched
+            yield EventStream(watched, cut)
         finally:
             await watched.aclose()
 
@@ -150,8 +152,8 @@ async def _watch(events: AsyncIterator[StreamEvent], n: int,
         if isinstance(event, TextDelta) and event.finish_reason is not None:
             finished.add(event.choice)
         yield event
-    # the stream ended by itself (not closed by its reader): did the server cut it?
-    if len(finished) < n:
+    # the stream ended by itself (not closed, nor cut, by its reader): did the server cut it?
+    if len(finished) < n and not (isinstance(events, EventStream) and events.cut_requested):
         slots.cut_streams += 1
         others = slots.in_use - 1
         if others > 0 and (slots.limit is None or slots.limit > 1):
@@ -162,7 +164,7 @@ async def _watch(events: AsyncIterator[StreamEvent], n: int,
                 "--interrupt_requests); sending one stream at a time from now on")
 
 
-class EmulatedN:
+class EmulatedN(Backend):
     """A :class:`~orchestrator.backends.base.Backend` that serves ``n > 1`` with ``n``
     single-choice streams of ``backend`` when ``native_n`` (a bool, or an async callable of
     the request) says the backend cannot, every stream in a slot of ``slots`` (or of a new
@@ -219,10 +221,19 @@ class EmulatedN:
             _MERGE_QUEUE_SIZE)
         held: BaseException | None = None
         where = self.slots.name or repr(self.backend)
+        streams: list[EventStream] = []  # the open single-choice streams, cut together
+        cut = [False]
+
+        def cut_all() -> None:
+            cut[0] = True
+            for one in streams:
+                one.cut()
+
         async with asyncio.TaskGroup() as group:
-            pumps = [group.create_task(self._pump(single_choice(request, i), i, queue))
+            pumps = [group.create_task(self._pump(single_choice(request, i), i, queue,
+                                                  streams, cut))
                      for i in range(request.n)]
-            merged = merge_streams(queue, request.n, where)
+            merged = EventStream(merge_streams(queue, request.n, where), cut_all)
             try:
                 yield merged
             except BaseException as exc:
@@ -239,9 +250,15 @@ class EmulatedN:
         request: GenerationRequest,
         index: int,
         queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]],
+        streams: list[EventStream],
+        cut: list[bool],
     ) -> None:
         try:
             async with limited_stream(self.backend, request, self.slots) as events:
+                if isinstance(events, EventStream):
+                    streams.append(events)
+                    if cut[0]:  # opened after the request was cut
+                        events.cut()
                 async for event in events:
                     await queue.put((index, event))
         except Exception as exc:
