@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from orchestrator.backends.base import (
+    Backend,
     GenerationRequest,
     StreamEvent,
     TextDelta,
@@ -21,7 +22,7 @@ from tests.helpers import WordTask
 PROBLEM = Problem(id="p1", problem="q", answer="seven")
 
 
-class Posting:
+class Posting(Backend):
     """A backend that says it sent ``posts`` HTTP requests per stream, and reports its
     usage as an estimate made from the message text."""
 
