@@ -32,6 +32,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from orchestrator.defaults import MAX_TOP_LOGPROBS
 from orchestrator.types import RequestKind, TokenLogprob
 
 
@@ -125,7 +126,7 @@ class Capabilities:
     stream_usage: bool = True
     continuous_usage: bool = True
     logprobs: bool = True
-    max_top_logprobs: int | None = 20
+    max_top_logprobs: int | None = MAX_TOP_LOGPROBS
 
     def describe(self) -> Sequence[str]:
         return [
