@@ -37,11 +37,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.defaults import CONNECT_TIMEOUT_S, IDLE_TIMEOUT_S
-
 PROMPT = "Solve: what is 6 * 7? Think step by step, then give the final answer."
 MESSAGES = ({"role": "user", "content": PROMPT},)
 STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
+WAIT_S = 120.0
 
 
 # ---------------------------------------------------------------------- the server
@@ -150,7 +149,8 @@ async def _round(run: Runner, samples: int, n: int, in_flight: int) -> tuple[flo
     async def guarded() -> None:
         nonlocal streamed
         async with gate:
-            streamed += await run(n)
+            got = await run(n)
+        streamed += got
 
     start = time.process_time()
     async with asyncio.TaskGroup() as tg:
@@ -165,10 +165,11 @@ async def measure(url: str, model: str, *, samples: int, tokens: int, rounds: in
 
     from orchestrator.backends.openai_compat import OpenAIBackend
 
-    # the same limits for both: no retries, solverify's default connect and idle timeouts
-    timeout = openai.Timeout(IDLE_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-    client = openai.AsyncOpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=timeout)
-    backend = OpenAIBackend(url, model)
+    # no retries on the bare side; generous time limits on both (a busy machine can delay
+    # a connection by seconds; time limits cost no CPU); solverify retries as it does
+    client = openai.AsyncOpenAI(base_url=url, api_key="EMPTY", max_retries=0,
+                                timeout=openai.Timeout(WAIT_S, connect=WAIT_S))
+    backend = OpenAIBackend(url, model, timeout=WAIT_S, idle_timeout=WAIT_S)
     bare, ours = bare_runner(client, model, tokens), solverify_runner(backend, tokens)
     out: dict[str, Any] = {}
     only = os.environ.get("CLIENT_CPU_ONLY")  # "bare" or "solverify": one side (profiling)

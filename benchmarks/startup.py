@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         solverify = str(Path(sys.executable).with_name("solverify"))
         if not Path(solverify).exists():
             raise SystemExit(f"no solverify command beside {sys.executable}")
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        env = dict(os.environ)
         run = [sys.executable, solverify, "run", "--base-url", server.url, "--model",
                "test-model", "--problems", str(problems), "--policy", args.policy,
                "--out", str(out), "--overwrite", "--no-progress"]
