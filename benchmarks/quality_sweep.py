@@ -43,7 +43,7 @@ from benchmarks.compute_matched import (
 from benchmarks.pools import Pool
 from benchmarks.replay import ReplayConfig, sweep
 from benchmarks.source import ReplaySource, SimulatedVerifier
-from benchmarks.sweep_analysis import analysis_markdown, curve_name
+from benchmarks.sweep_analysis import analysis_markdown, curve_name, point_name
 from benchmarks.verifier import scaling_profile
 from orchestrator.errors import ConfigError
 from policies.optimal import allocate
@@ -273,8 +273,10 @@ def sweep_markdown(report: dict[str, Any], command: str | None = None,
 
 def summary_table(report: dict[str, Any], levels: Sequence[float] = (16, 64)) -> list[str]:
     """One row per setting: crossover, SC / best fixed / optimal at a few compute levels,
-    and each replayed policy's accuracy (compute; Δ against the best fixed at it)."""
-    replayed = [p for p in report["policies"]]
+    and each replayed policy's accuracy (compute; Δ against the best fixed at it); of a
+    policy replayed at several operating points, its default point only (the curves are
+    in :func:`benchmarks.sweep_analysis.analysis_markdown`)."""
+    replayed = [p for p in report["policies"] if point_name(p) == "default"]
     head = ["AUC", "λ", "crossover C"]
     for c in levels:
         head += [f"SC@{c:g}", f"best fixed@{c:g}", f"optimal:c={c:g}"]
