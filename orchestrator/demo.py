@@ -289,6 +289,12 @@ def main(argv: Sequence[str] | None = None, *, server_factory=None,
 
     for spec in policies:  # a bad spec fails before provisioning or starting anything
         parse_policy(spec)
+    from benchmarks.plots import PLOT_EXTRA, have_matplotlib
+
+    figure = have_matplotlib()
+    if not figure:
+        print(f"solverify: note: matplotlib is not installed, so no figure will be written "
+              f"(the table is printed as usual); for one: {PLOT_EXTRA}", file=sys.stderr)
     started = time.monotonic()
     live = LiveLine()
     factory = None
@@ -312,9 +318,12 @@ def main(argv: Sequence[str] | None = None, *, server_factory=None,
             print(f"\nresults: {args.out}/results_*.jsonl   "
                   f"total wall time {time.monotonic() - started:.0f} s")
         else:
-            png = args.out / "demo.png"
-            plot(rows, png, title)
-            print(f"\nplot: {png}   results: {args.out}/results_*.jsonl   "
+            shown = ""
+            if figure:
+                png = args.out / "demo.png"
+                plot(rows, png, title)
+                shown = f"plot: {png}   "
+            print(f"\n{shown}results: {args.out}/results_*.jsonl   "
                   f"total wall time {time.monotonic() - started:.0f} s")
     if rc:
         print(f"solverify: interrupted; results of the finished problems are in {args.out}/",
