@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{STARTUP_TIMEOUT_S:.0f}); the wait goes on while the log moves")
     parser.add_argument("--out", type=Path, default=Path("demo-out"),
                         help="folder for results and the plot (default ./demo-out)")
+    from orchestrator.serve.cli import add_threads_arg
+
+    add_threads_arg(parser)
     return parser
 
 
@@ -364,7 +367,8 @@ async def _session(args: argparse.Namespace, factory, problems: Path,
                                api_key=os.environ.get("OPENAI_API_KEY") or "EMPTY",
                                live=live, rows=rows)
                 return 0, where
-            server = factory(startup_timeout=args.timeout, started_by="solverify demo")
+            server = factory(startup_timeout=args.timeout, started_by="solverify demo",
+                             threads=args.threads)
             if factory.__name__ != "VLLMServer":
                 where = f"{factory.__name__} at {server.base_url}"
             await _with_server(server, args, problems, policies, rows, live)
@@ -383,6 +387,8 @@ async def _with_server(server, args: argparse.Namespace, problems: Path,
     server.start()
     try:
         live.line(f"starting the {server.kind} on {server.base_url} (log: {server.log_path})")
+        if server.threads_note:
+            live.line(f"  threads: {server.threads_note}")
         took = await server.wait_healthy_async(
             on_progress=lambda s: live.update(f"  starting: {s}"))
         live.line(f"  healthy after {took:.1f} s")
