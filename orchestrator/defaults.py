@@ -20,8 +20,8 @@ CONNECT_TIMEOUT_S = 10.0
 """Seconds to establish a connection."""
 
 CUT_GRACE_S = 1.0
-"""Seconds the runtime waits for a stopped stream's next chunk before cancelling it
-(HTTP backends; see :mod:`orchestrator.runtime`, "Cutting a stream exactly")."""
+"""Seconds the runtime waits for a stopped stream's next step before cutting it anyway
+(HTTP backends; see :mod:`orchestrator.reader`, "Cutting a stream exactly")."""
 
 # ---------------------------------------------------------------------- retries
 MAX_ATTEMPTS = 4
@@ -38,7 +38,8 @@ RETRY_AFTER_CAP_S = 60.0
 
 # ---------------------------------------------------------------------- a run
 CONCURRENCY = 16
-"""Requests in flight across a run (``solverify run --concurrency``, ``bench record``)."""
+"""Requests in flight across a run (``run_batch``, ``solverify run --concurrency``,
+``bench record``)."""
 
 MAX_N = 16
 """Largest ``n`` put in one request; a bigger ``Sample(k)`` is split."""

@@ -26,7 +26,11 @@ Token counts (see :mod:`orchestrator.backends.base` for the contract):
   ``--enable-prompt-tokens-details``) becomes ``UsageReport.cached_prompt_tokens``.
 * ``cut_grace`` (default :data:`DEFAULT_CUT_GRACE`) tells the runtime to settle a stream it
   stops instead of closing it at once, because the server has counted tokens still on
-  their way (see :mod:`orchestrator.runtime`, "Cutting a stream exactly").
+  their way (see :mod:`orchestrator.reader`, "Cutting a stream exactly"). Streams are
+  :class:`~orchestrator.backends.base.EventStream` objects whose ``cut()`` half-closes the
+  connection (``shutdown(SHUT_WR)``): the server sees the client's end of input, aborts
+  the request and closes its side once what it wrote is flushed, so the runtime reads
+  every token the server sent and no more are generated.
 
 Streams are read as raw server-sent events (``with_streaming_response``), so that a
 malformed ``data:`` line (not JSON, truncated JSON) is a *broken stream* like a cut
@@ -74,7 +78,9 @@ import tenacity
 
 from orchestrator import defaults
 from orchestrator.backends.base import (
+    Backend,
     Capabilities,
+    EventStream,
     GenerationRequest,
     StreamEvent,
     TextDelta,
@@ -149,7 +155,7 @@ AFFINITY_HEADER = "X-Session-ID"
 SOLUTION_HEADER = "X-Solverify-Solution"
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     """A :class:`~orchestrator.backends.base.Backend` for an OpenAI-compatible endpoint.
 
     ``capabilities=None`` makes the backend :meth:`probe` the endpoint on first use.
@@ -349,7 +355,7 @@ class OpenAIBackend:
         opened = await self._open(request)
         events = self._events(opened)
         try:
-            yield events
+            yield EventStream(events, opened.response.half_close)
         finally:
             try:
                 await events.aclose()
@@ -640,12 +646,21 @@ class OpenAIBackend:
             _MERGE_QUEUE_SIZE
         )
         held: BaseException | None = None
+        streams: list[EventStream] = []  # the open single-choice streams, cut together
+        cut = [False]
+
+        def cut_all() -> None:
+            cut[0] = True
+            for one in streams:
+                one.cut()
+
         async with asyncio.TaskGroup() as group:
             pumps = [
-                group.create_task(self._pump(_single_choice(request, i), i, queue))
+                group.create_task(self._pump(_single_choice(request, i), i, queue,
+                                             streams, cut))
                 for i in range(request.n)
             ]
-            merged = _merge(queue, request.n, self._base_url)
+            merged = EventStream(_merge(queue, request.n, self._base_url), cut_all)
             try:
                 yield merged
             except BaseException as exc:
@@ -662,9 +677,14 @@ class OpenAIBackend:
         request: GenerationRequest,
         index: int,
         queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]],
+        streams: list[EventStream],
+        cut: list[bool],
     ) -> None:
         try:
             async with self._one_stream(request) as events:
+                streams.append(events)
+                if cut[0]:  # opened after the request was cut
+                    events.cut()
                 async for event in events:
                     await queue.put((index, event))
         except Exception as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -56,6 +57,17 @@ class RawResponse:
         if not self._closed:
             self._closed = True
             await self._manager.__aexit__(None, None, None)
+
+    def half_close(self) -> None:
+        """Shut down the sending side of the connection: the server reads the end of the
+        client's input (and aborts the request) while what it sent stays readable."""
+        try:
+            stream = self.response.http_response.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:  # already closed by the server: nothing to ask for
+            _log.debug("backend.half_close_failed", error=describe(exc))
 
 
 async def close_quietly(raw: Any) -> None:
