@@ -186,6 +186,7 @@ async def test_capitals_sc8_on_default_settings(llamacpp: LlamaCppServer) -> Non
          f"{sum(r.usage.prompt_tokens for r in results)}, estimated from {sources}")
 
 
+@needs_capitals
 async def test_ledger_matches_the_servers_non_streaming_usage(llamacpp: LlamaCppServer,
                                                               http: Http) -> None:
     """The same seeded requests, streamed through solverify and sent plainly: the counts
