@@ -129,14 +129,16 @@ from policies.adaptive import (  # noqa: E402
     checkpoint,
     fit_prior,
     posterior_overturn,
+    posterior_risk,
     record_counts,
 )
 from tests.helpers import WordTask  # noqa: E402
 
 
-def grid_overturn_brute_force(a, b, rest, remaining, log_prior):
+def grid_overturn_brute_force(a, b, rest, remaining, log_prior, gain=False):
     """Exact for the discrete prior: posterior weight of each grid point times the
-    probability of every multinomial split of the remaining samples, enumerated."""
+    probability of every multinomial split of the remaining samples, enumerated (times
+    the point's accuracy difference v - u with ``gain``)."""
     g = _grid()
     total = 0.0
     norm = 0.0
@@ -154,7 +156,7 @@ def grid_overturn_brute_force(a, b, rest, remaining, log_prior):
             p += (math.factorial(remaining) / (math.factorial(xa) * math.factorial(xb)
                                                * math.factorial(xr))
                   * u ** xa * v ** xb * s ** xr)
-        total += w * p
+        total += w * p * ((v - u) if gain else 1.0)
         norm += w
     return total / norm
 
@@ -166,6 +168,45 @@ def test_posterior_overturn_matches_brute_force_on_the_grid(a, b, rest, remainin
     for lp in (_base_log_weights(1.0), learned):
         assert posterior_overturn(a, b, rest, remaining, lp, 16) == pytest.approx(
             grid_overturn_brute_force(a, b, rest, remaining, lp), abs=1e-10)
+
+
+@pytest.mark.parametrize(("a", "b", "rest", "remaining"),
+                         [(3, 0, 0, 5), (4, 2, 1, 6), (2, 2, 0, 4), (5, 1, 3, 8), (3, 1, 0, 7)])
+def test_posterior_risk_matches_brute_force_on_the_grid(a, b, rest, remaining):
+    """The expected accuracy lost by stopping: sum over grid points of posterior weight x
+    P(overturn) x (v - u), enumerated."""
+    learned = fit_prior([(5, 0, 0)] * 6 + [(3, 2, 1)] * 3)
+    for lp in (_base_log_weights(1.0), learned):
+        p, lost = posterior_risk(a, b, rest, remaining, lp, 16)
+        assert p == pytest.approx(grid_overturn_brute_force(a, b, rest, remaining, lp),
+                                  abs=1e-10)
+        assert lost == pytest.approx(
+            grid_overturn_brute_force(a, b, rest, remaining, lp, gain=True), abs=1e-10)
+
+
+def test_expected_loss_weighs_an_overturn_by_what_it_changes():
+    """An overturn between two answers of about equal share costs little accuracy, so per
+    unit of overturn probability a near tie risks less than a lead the votes cannot yet
+    tell from a tie (where the runner-up may be the better answer); a clear lead is
+    rarely overturned at all."""
+    flat = _base_log_weights(1.0)
+    tie_p, tie_loss = posterior_risk(30, 28, 2, 4, flat, 64)
+    mid_p, mid_loss = posterior_risk(3, 1, 0, 60, flat, 64)
+    lead_p, lead_loss = posterior_risk(12, 1, 0, 40, flat, 64)
+    assert tie_p > 0.2 and tie_loss < 0.005
+    assert tie_loss / tie_p < 0.1 * (mid_loss / mid_p)
+    assert lead_p < 0.001 and 0 <= lead_loss < 1e-4
+    # no sample left, or a lead no remaining sample can close: nothing to lose
+    assert posterior_risk(5, 2, 0, 0, flat, 64) == (0.0, 0.0)
+    assert posterior_risk(9, 2, 0, 6, flat, 64) == (0.0, 0.0)
+
+
+def test_loss_rule_stops_a_near_tie_the_confidence_rule_keeps_sampling():
+    tie = make_snapshot(["7", "3"] * 28 + ["7", "7", None, None], in_flight=4)
+    assert Adaptive(confidence=0.9).decide(tie) == []
+    (stop,) = Adaptive(confidence=0.9, loss=0.005).decide(tie)
+    assert isinstance(stop, Stop) and stop.answer == "7"
+    assert "expected accuracy lost" in stop.reason
 
 
 @pytest.mark.parametrize(("a", "b", "rest", "remaining"),
