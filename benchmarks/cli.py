@@ -23,8 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cli import add_endpoint_args, add_resume_args, add_task_args
 from orchestrator.cliargs import (
+    add_endpoint_args,
+    add_resume_args,
+    add_task_args,
     beta_params,
     float_list,
     int_list,
@@ -249,7 +251,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def _print_replay_table(report: dict[str, Any], file: Any = None) -> None:
     file = file or sys.stdout
     head = (f"{'pool':28s} {'policy':24s} {'accuracy':>8s} {'95% CI':>15s} "
-            f"{'tokens/prob':>12s} {'samples':>8s} {'latency s':>10s} engine")
+            f"{'tokens/prob':>12s} {'verif. tok':>10s} {'samples':>8s} {'latency s':>10s} engine")
     print(head, file=file)
     shown: set[str] = set()
     for r in report["runs"]:
@@ -260,6 +262,7 @@ def _print_replay_table(report: dict[str, Any], file: Any = None) -> None:
         lo, hi = r["accuracy_ci95"]
         print(f"{r['pool'][:28]:28s} {r['policy'][:24]:24s} {r['accuracy']:8.3f} "
               f"[{lo:.3f},{hi:.3f}] {r['tokens_per_problem']:12,.0f} "
+              f"{r.get('verification_tokens_per_problem', 0):10,.0f} "
               f"{r['samples_per_problem']:8.2f} {r['latency_per_problem']:10,.1f} "
               f"{r.get('engine', '')}", file=file)
     print(f"wall time {report['wall_s']:.1f} s", file=file)
@@ -336,7 +339,7 @@ def _compute_matched(args: argparse.Namespace, argv: Sequence[str]) -> int:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_compute_matched(results, args.plot)
     if args.profile_out:
-        from benchmarks.compute_matched import scaling_profile
+        from benchmarks.verifier import scaling_profile
 
         prof = scaling_profile(sources, results)
         args.profile_out.parent.mkdir(parents=True, exist_ok=True)
@@ -411,7 +414,7 @@ def _record(args: argparse.Namespace) -> int:
     import asyncio
 
     from benchmarks.record import record
-    from orchestrator.cli import api_key_from, endpoint_backend, make_task
+    from orchestrator.cliargs import api_key_from, endpoint_backend, make_task
     from orchestrator.problems import load_problems
 
     problems = load_problems(args.problems, limit=args.limit)
@@ -440,7 +443,7 @@ def _record(args: argparse.Namespace) -> int:
 def _check_record_out(args: argparse.Namespace, task: Any) -> None:
     """--resume/--overwrite for the pool file (orchestrator.results_io): refuse a non-empty
     --out without one, a resume of a different recording, and drop a torn last line."""
-    from orchestrator.cli import _warn
+    from orchestrator.cliargs import warn as _warn
     from orchestrator.results_io import file_sha256, open_results
 
     fingerprint = {"command": "bench record", "model": args.model, "samples": args.samples,

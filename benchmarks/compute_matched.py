@@ -40,7 +40,7 @@ from scipy import special
 
 from benchmarks.source import ReplaySource, SimulatedVerifier
 from orchestrator.errors import ConfigError
-from policies.profile import ScalingLaw, VerifierProfile
+from policies.profile import ScalingLaw
 
 __all__ = [
     "CompareConfig",
@@ -50,7 +50,6 @@ __all__ = [
     "joint_scaling",
     "powers_of_two",
     "sc_expected",
-    "scaling_profile",
 ]
 
 
@@ -442,18 +441,3 @@ def joint_scaling(results: Sequence[dict[str, Any]]) -> ScalingLaw:
     return ScalingLaw(s_coef=s_line[1], s_exp=s_line[0], v_coef=v_line[1], v_exp=v_line[0],
                       crossover=cross, verify_pays=cross is not None, lam=lam,
                       c_min=float(budgets[0]), c_max=float(budgets[-1]))
-
-
-def scaling_profile(sources: Sequence[ReplaySource], results: Sequence[dict[str, Any]]
-                    ) -> VerifierProfile:
-    """The verifier profile of ``sources`` (their readings, as ``bench verifier``
-    measures them) carrying the scaling law fitted jointly on ``results``."""
-    from benchmarks.verifier import pool_readings
-
-    law = joint_scaling(results)
-    # the readings bench verifier measures by default (all recorded; simulated: 4)
-    readings = [r for src in sources for r in pool_readings(src)]
-    simulated = any(isinstance(src.verifier, SimulatedVerifier) for src in sources)
-    return VerifierProfile.from_readings(
-        readings, lam=law.lam, source="compute-matched: " + ", ".join(s.name for s in sources),
-        simulated=simulated, scaling=law)

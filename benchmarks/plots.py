@@ -172,16 +172,21 @@ def replay_markdown(report: dict[str, Any], command: str | None = None) -> str:
         ver = runs[0].get("verifier")
         ver = "" if not ver or ver == "no verifier" else (
             "; " + ver.replace("simulated", "SIMULATED", 1))
+        split = any(r.get("verifications_per_problem") for r in runs)
+        extra = (" of which verification (verifications)/problem |", "---:|") if split \
+            else ("", "")
         lines += ["", f"**{pool}** ({runs[0]['problems']} problems{ver})", "",
-                  "| policy | horizon | accuracy | 95% CI | tokens/problem | samples/problem | "
-                  "latency/problem (s) | engine |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "| policy | horizon | accuracy | 95% CI | tokens/problem |" + extra[0] +
+                  " samples/problem | latency/problem (s) | engine |",
+                  "|---|---:|---:|---:|---:|" + extra[1] + "---:|---:|---|"]
         for r in runs:
             lo, hi = r["accuracy_ci95"]
+            vcell = (f" {r.get('verification_tokens_per_problem', 0):,.0f} "
+                     f"({r.get('verifications_per_problem', 0):.2f}) |") if split else ""
             lines.append(
                 f"| `{r['policy']}` | {r.get('horizon', '?')} | {r['accuracy']:.3f} | "
                 f"[{lo:.3f}, {hi:.3f}] | "
-                f"{r['tokens_per_problem']:,.0f} | {r['samples_per_problem']:.2f} | "
+                f"{r['tokens_per_problem']:,.0f} |{vcell} {r['samples_per_problem']:.2f} | "
                 f"{r['latency_per_problem']:,.1f} | {r.get('engine', '')} |")
     return "\n".join(lines) + "\n"
 

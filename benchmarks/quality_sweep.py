@@ -36,11 +36,11 @@ from benchmarks.compute_matched import (
     CompareConfig,
     compute_matched,
     grid_success,
-    scaling_profile,
 )
 from benchmarks.pools import Pool
 from benchmarks.replay import ReplayConfig, sweep
 from benchmarks.source import ReplaySource, SimulatedVerifier
+from benchmarks.verifier import scaling_profile
 from orchestrator.errors import ConfigError
 from policies.optimal import allocate
 

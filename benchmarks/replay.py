@@ -62,7 +62,8 @@ __all__ = [
     "sweep",
 ]
 
-METRICS = ("correct", "tokens", "samples", "latency", "cancelled", "agree")
+METRICS = ("correct", "tokens", "samples", "latency", "cancelled", "agree", "verify_tokens",
+           "verifications")
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +187,8 @@ class PolicyOutcome:
     ``correct`` is 1.0/0.0 (NaN when ungraded); ``tokens`` are completion tokens charged;
     ``samples`` finished solutions; ``latency`` simulated seconds; ``cancelled`` samples cut
     by a stop; ``agree`` 1.0 when the answer is the one ``sc:n=all`` gives on the whole
-    pool (see :func:`full_majority`).
+    pool (see :func:`full_majority`); ``verify_tokens`` the part of ``tokens`` charged to
+    verification requests; ``verifications`` verifications that returned (parsed or not).
     """
 
     pool: str
@@ -198,6 +200,8 @@ class PolicyOutcome:
     latency: np.ndarray
     cancelled: np.ndarray
     agree: np.ndarray
+    verify_tokens: np.ndarray
+    verifications: np.ndarray
     errors: int = 0
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -298,6 +302,8 @@ def _vector_sc(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig) -> dict[st
         "latency": _schedule(durations, active, cfg.concurrency),
         "cancelled": np.zeros((R, P)),
         "agree": _agree(src, winner, has),
+        "verify_tokens": np.zeros((R, P)),
+        "verifications": np.zeros((R, P)),
     }
 
 
@@ -333,7 +339,8 @@ def _vector_genrm(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig
     maj, has = _majority(src, counts)
     winner = np.where(any_scored, np.maximum(best_key, 0), maj)
     has = np.where(any_scored, True, has)
-    tokens = np.where(active, toks, 0.0).sum(-1) + np.where(ok, vt, 0.0).sum((-1, -2))
+    vtokens = np.where(ok, vt, 0.0).sum((-1, -2))
+    tokens = np.where(active, toks, 0.0).sum(-1) + vtokens
     return {
         "correct": _key_correct(src, winner, has),
         "tokens": tokens,
@@ -341,6 +348,8 @@ def _vector_genrm(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig
         "latency": latency,
         "cancelled": np.zeros((R, P)),
         "agree": _agree(src, winner, has),
+        "verify_tokens": vtokens,
+        "verifications": ok.sum((-1, -2)).astype(float),
     }
 
 
@@ -405,6 +414,8 @@ def _row(src: ReplaySource, results: Sequence[SolveResult]) -> tuple[np.ndarray,
         out[2, i] = len(r.solutions)
         out[3, i] = r.elapsed
         out[4, i] = sum(1 for f in r.failed if f.reason == "cancelled" and f.kind == "solve")
+        out[6, i] = r.verification_tokens
+        out[7, i] = len(r.verifications)
         if r.error is not None and PoolExhausted.__name__ not in r.error:
             errors += 1
     return out, errors
@@ -505,7 +516,8 @@ def replay_pool(src: ReplaySource, specs: Sequence[str], cfg: ReplayConfig,
         m = _vector_sc(src, plan, cfg) if plan.kind == "sc" else _vector_genrm(src, plan, cfg)
         outcomes[spec] = PolicyOutcome(src.name, spec, "vectorised", m["correct"], m["tokens"],
                                        m["samples"], m["latency"], m["cancelled"],
-                                       m["agree"], wall_s=time.perf_counter() - t0)
+                                       m["agree"], m["verify_tokens"], m["verifications"],
+                                       wall_s=time.perf_counter() - t0)
         if progress:
             progress(cfg.orders)
     if runtime_specs:
@@ -563,6 +575,9 @@ def summarise(outcomes: Sequence[PolicyOutcome], cfg: ReplayConfig, *, extra: di
             "accuracy": float(acc_p0.sum() / max(graded.sum(), 1)),
             "accuracy_ci95": _ci(boot),
             "tokens_per_problem": float(tok_p.mean()),
+            "solution_tokens_per_problem": float((o.tokens - o.verify_tokens).mean()),
+            "verification_tokens_per_problem": float(o.verify_tokens.mean()),
+            "verifications_per_problem": float(o.verifications.mean()),
             "samples_per_problem": float(o.samples.mean()),
             "latency_per_problem": float(lat_p.mean()),
             "tokens_ci95": _ci(tok_p[idx].mean(1)),

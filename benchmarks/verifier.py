@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.compute_matched import bon_expected, measured_lambda, sc_expected
+from benchmarks.compute_matched import bon_expected, joint_scaling, measured_lambda, sc_expected
 from benchmarks.source import ReplaySource, SimulatedVerifier
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.history import ProblemRecord
@@ -39,6 +39,7 @@ __all__ = [
     "online_estimate",
     "pool_readings",
     "report_text",
+    "scaling_profile",
 ]
 
 BINS = 10
@@ -306,3 +307,16 @@ def report_text(report: dict[str, Any]) -> str:
         lines.append(f"all pools: AUC {prof['auc']:.3f}, lambda "
                      f"{'n/a' if prof['lam'] is None else format(prof['lam'], '.3g')}")
     return "\n".join(lines) + "\n"
+
+
+def scaling_profile(sources: Sequence[ReplaySource], results: Sequence[dict[str, Any]]
+                    ) -> VerifierProfile:
+    """The verifier profile of ``sources`` (their readings, as ``bench verifier``
+    measures them) carrying the scaling law fitted jointly on ``results``."""
+    law = joint_scaling(results)
+    # the readings bench verifier measures by default (all recorded; simulated: 4)
+    readings = [r for src in sources for r in pool_readings(src)]
+    simulated = any(isinstance(src.verifier, SimulatedVerifier) for src in sources)
+    return VerifierProfile.from_readings(
+        readings, lam=law.lam, source="compute-matched: " + ", ".join(s.name for s in sources),
+        simulated=simulated, scaling=law)

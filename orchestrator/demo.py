@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None, *, server_factory=None,
     if args.limit < 0 or args.concurrency < 1 or not args.timeout > 0:
         raise ConfigError("--limit must be >= 0, --concurrency >= 1 and --timeout > 0")
     if args.base_url:
-        from orchestrator.cli import check_base_url
+        from orchestrator.cliargs import check_base_url
 
         check_base_url(args.base_url, "--base-url")
     policies = tuple(args.policy or DEFAULT_POLICIES)

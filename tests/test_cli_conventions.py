@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import api_key_from, check_base_url
+from orchestrator.cliargs import api_key_from, check_base_url
 from orchestrator.errors import ConfigError
 from tests.conftest import run_solverify
 

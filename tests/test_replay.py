@@ -197,8 +197,18 @@ def test_vectorised_genrm_matches_the_runtime_with_a_simulated_verifier():
     fast = replay_pool(src, specs, ReplayConfig(orders=2, workers=1, ttft=0.1))
     slow = replay_pool(src, specs, ReplayConfig(orders=2, workers=1, ttft=0.1, engine="runtime"))
     for f, s in zip(fast, slow, strict=True):
-        for metric in ("correct", "tokens", "samples", "latency"):
+        for metric in ("correct", "tokens", "samples", "latency", "verify_tokens",
+                       "verifications"):
             np.testing.assert_allclose(getattr(f, metric), getattr(s, metric), err_msg=metric)
+    # s=3 answered solutions x 2 verifications each, at most; the split adds up
+    assert 0 < fast[0].verifications.max() <= 6
+    assert (fast[0].verify_tokens > 0).any()
+    assert (fast[1].verifications <= 3 * fast[1].samples).all()
+    runs = summarise(fast, ReplayConfig(orders=2, bootstrap=50))
+    for r, o in zip(runs, fast, strict=True):
+        assert r["solution_tokens_per_problem"] + r["verification_tokens_per_problem"] == \
+            pytest.approx(r["tokens_per_problem"])
+        assert r["verifications_per_problem"] == pytest.approx(o.verifications.mean())
 
 
 def test_worker_processes_give_the_same_numbers():
@@ -232,6 +242,8 @@ def test_summary_schema_and_paired_comparison():
                 "tokens_per_problem", "samples_per_problem", "latency_per_problem"} <= set(r)
         assert r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1]
         assert r["problems"] == 12 and r["orders"] == 2 and r["pool"] == "toy"
+        assert r["verification_tokens_per_problem"] == 0 == r["verifications_per_problem"]
+        assert r["solution_tokens_per_problem"] == r["tokens_per_problem"]
     assert "vs" not in runs[0] and runs[1]["vs"]["policy"] == "sc:n=1"
     assert runs[1]["vs"]["tokens_ratio"] == pytest.approx(
         runs[1]["tokens_per_problem"] / runs[0]["tokens_per_problem"])

@@ -43,7 +43,7 @@ from orchestrator.serve.process import (
     stop_recorded,
 )
 from orchestrator.serve.provisioning import fingerprint as _fingerprint
-from orchestrator.serve.provisioning import provision
+from orchestrator.serve.provisioning import is_provisioned, provision
 
 __all__ = [
     "BROKEN_EXTRAS",
@@ -66,6 +66,7 @@ __all__ = [
     "available_memory_gb",
     "default_cache_dir",
     "free_port",
+    "is_provisioned",
     "main",
     "parse_prometheus",
     "provision",

@@ -25,6 +25,7 @@ from orchestrator.serve.process import (
     running_servers,
     stop_recorded,
 )
+from orchestrator.serve.provisioning import is_provisioned
 
 
 def _positive(text: str) -> float:
@@ -165,7 +166,7 @@ async def _start_and_hold(server: VLLMServer, *, detach: bool) -> int:
 
 
 def _cmd_status(paths: ServerPaths) -> int:
-    print(f"cache: {paths.cache_dir} (provisioned: {paths.provisioned})")
+    print(f"cache: {paths.cache_dir} (provisioned: {is_provisioned(paths)})")
     servers = running_servers(paths)
     if not servers:
         print("no server running")

@@ -117,12 +117,6 @@ class ServerPaths:
     def marker(self, step: str) -> Path:
         return self.marker_dir / f"{step}.done"
 
-    @property
-    def provisioned(self) -> bool:
-        from orchestrator.serve.provisioning import STEPS, marker_valid
-
-        return all(marker_valid(self.marker(step)) for step in STEPS)
-
 
 
 

@@ -53,7 +53,7 @@ from orchestrator.serve.config import (
     ServerPaths,
     server_env,
 )
-from orchestrator.serve.provisioning import tail
+from orchestrator.serve.provisioning import is_provisioned, tail
 
 # --- small helpers -----------------------------------------------------------------------
 
@@ -699,7 +699,7 @@ class VLLMServer(ManagedServer):
         return server_env({"VLLM_CPU_KVCACHE_SPACE": str(self.kvcache_gb), **self.env})
 
     def preflight(self) -> None:
-        if not self.paths.python.exists() or not self.paths.provisioned:
+        if not self.paths.python.exists() or not is_provisioned(self.paths):
             raise ServeError(
                 f"the vLLM server is not provisioned under {self.paths.cache_dir}",
                 "run `solverify serve provision` (or `python -m orchestrator.serve "

@@ -365,6 +365,11 @@ STEPS: dict[str, Callable[[ServerPaths, Progress, Progress], None]] = {
 }
 
 
+def is_provisioned(paths: ServerPaths) -> bool:
+    """Has every provisioning step run, with today's pins, into ``paths``' cache?"""
+    return all(marker_valid(paths.marker(step)) for step in STEPS)
+
+
 def provision(
     cache_dir: Path | None = None,
     *,

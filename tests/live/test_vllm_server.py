@@ -15,7 +15,13 @@ import openai
 import pytest
 
 from orchestrator import serve
-from orchestrator.serve import ServeError, ServerPaths, VLLMServer, parse_prometheus
+from orchestrator.serve import (
+    ServeError,
+    ServerPaths,
+    VLLMServer,
+    is_provisioned,
+    parse_prometheus,
+)
 
 FEW_SHOT = (
     "Q: What is the capital of Belgium?\nA: Brussels\n\nQ: What is the capital of Peru?\n"
@@ -55,7 +61,7 @@ def test_paths_default_to_solverify_cache(monkeypatch: pytest.MonkeyPatch, tmp_p
     paths = ServerPaths.at()
     assert paths.venv_dir == tmp_path / "vllm-venv"
     assert paths.model_dir == tmp_path / "models" / "gemma-3-270m"
-    assert not paths.provisioned
+    assert not is_provisioned(paths)
 
 
 def _fake_provisioned(root: Path) -> ServerPaths:
@@ -76,9 +82,9 @@ def test_start_refuses_when_not_provisioned(tmp_path: Path) -> None:
 
 def test_stale_marker_means_not_provisioned(tmp_path: Path) -> None:
     paths = _fake_provisioned(tmp_path)
-    assert paths.provisioned
+    assert is_provisioned(paths)
     paths.marker("model").write_text(json.dumps({"fingerprint": "from-older-pins"}))
-    assert not paths.provisioned
+    assert not is_provisioned(paths)
 
 
 def test_start_refuses_a_busy_port(tmp_path: Path) -> None:
