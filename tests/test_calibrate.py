@@ -105,3 +105,38 @@ def test_cross_validation_holds_each_model_out():
                                       for p in other["pools"]}
     assert res["pooled_holdout"]["pools"] == len(srcs)
     assert "pooled held-out" in cv_markdown(res)
+
+
+def _write_pool(path, problems):
+    import json
+    with open(path, "w") as f:
+        for i, samples in enumerate(problems):
+            f.write(json.dumps({"id": f"p{i}", "problem": "q", "answer": "1", "samples": [
+                {"pred": pred, "correct": pred == "1", "tokens": tok}
+                for pred, tok in samples]}) + "\n")
+
+
+def test_length_and_order_analysis_on_a_hand_built_pool(tmp_path):
+    """Short traces right, long ones wrong and in the majority: the length quintiles, the
+    first finishers and the length-weighted vote all see it; plain majority does not."""
+    from benchmarks.length_order import analyse
+    from benchmarks.length_order import markdown as lo_markdown
+
+    short_right = [("1", 100 + j) for j in range(5)]
+    long_wrong = [("2", 1000 + j) for j in range(6)]
+    mixed = [short_right + long_wrong] * 4
+    plain = [[("1", 100 + j) for j in range(11)]] * 4  # unanimous: nothing to learn
+    _write_pool(tmp_path / "boinf_t_A.jsonl", mixed)
+    _write_pool(tmp_path / "boinf_t_B.jsonl", plain)
+    res = analyse([tmp_path / "boinf_t_A.jsonl", tmp_path / "boinf_t_B.jsonl"], k=3, wave=8,
+                  draws=20, seed=1)
+    a, b = res["pools"]
+    q = a["length_quintile_accuracy"]
+    assert q[0] == 1.0 and q[4] == 0.0 and a["no_answer_share"] == 0.0
+    assert a["weighted_vote"]["0.0"] == 0.0  # majority: the long wrong answer
+    assert a["weighted_vote"]["1.0"] == 1.0  # 1 - rank weights: the short right one
+    # every wave of 8 from 11 holds >= 2 short samples; the first finishers are them
+    assert a["order"]["accuracy_first"] > a["order"]["accuracy_random"]
+    # B's choice of beta is made on A (and vice versa); unanimous B loses nothing
+    assert b["cv_beta"] == 0.5 and b["cv_delta_vs_majority"] == 0.0  # first beta >= 0.5
+    assert "more accurate than 3 random samples in 1 of 2" in lo_markdown(res)
