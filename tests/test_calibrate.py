@@ -140,3 +140,23 @@ def test_length_and_order_analysis_on_a_hand_built_pool(tmp_path):
     # B's choice of beta is made on A (and vice versa); unanimous B loses nothing
     assert b["cv_beta"] == 0.5 and b["cv_delta_vs_majority"] == 0.0  # first beta >= 0.5
     assert "more accurate than 3 random samples in 1 of 2" in lo_markdown(res)
+
+
+def test_held_out_figures_split_by_the_other_grouping():
+    from benchmarks.calibrate import held_out_by, other_grouping
+
+    def pool(name, delta, saving):
+        return {"pool": name, "agreement_with_full_sc": 1.0, "accuracy_delta": delta,
+                "token_saving_x": saving, "latency_ratio": 0.5}
+
+    folds = [{"holdout_pools": [pool("boinf_aime2024_A", -0.02, 4.0),
+                                pool("boinf_math500_A", 0.0, 9.0)]},
+             {"holdout_pools": [pool("boinf_aime2024_B", 0.01, 6.0)]}]
+    assert other_grouping("model") == "dataset" and other_grouping("dataset") == "model"
+    by = held_out_by(folds, "dataset")
+    assert set(by) == {"aime2024", "math500"}
+    assert by["aime2024"]["pools"] == 2
+    assert by["aime2024"]["median_token_saving_x"] == pytest.approx(5.0)
+    assert by["aime2024"]["accuracy_delta"] == pytest.approx(-0.005)
+    assert by["aime2024"]["worst_pool"] == "boinf_aime2024_A"
+    assert by["math500"]["median_token_saving_x"] == pytest.approx(9.0)
