@@ -11,6 +11,9 @@ see both length and completion order), the evidence behind how ``adaptive`` samp
 * **completion order**: launch a wave of ``W`` random samples of a problem; the ``k`` that
   finish first are the ``k`` shortest. Their majority against the majority of ``k`` random
   samples: accuracy, and agreement with the majority of the whole pool (``sc:n=all``);
+* **share vs correctness** (the assumption of ``adaptive``'s ``loss`` rule, that an answer
+  is right with the probability of its share): over all pools, how often the top answer
+  and the runner-up of a problem are right, against their share difference ``u - v``;
 * **a length-aware vote over the whole pool**: each vote weighted ``1 - beta * r``
   (``r`` = the sample's length rank within its problem, 0 shortest, 1 longest), ``beta``
   chosen by leave-one-model-out cross-validation (largest mean accuracy over the other
@@ -20,6 +23,7 @@ see both length and completion order), the evidence behind how ``adaptive`` samp
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,13 +113,52 @@ def weighted_vote_accuracy(a: PoolArrays, beta: float) -> float:
     return right / max(len(a.n), 1)
 
 
+MARGINS = (0.0, 0.05, 0.1, 0.2, 0.4, 1.01)
+
+
+def share_margins(a: PoolArrays) -> list[tuple[float, bool, bool]]:
+    """Per problem with at least two answers: (u - v, top answer right, runner-up right),
+    shares of the whole pool (ties to the answer seen first)."""
+    out = []
+    for i in range(len(a.n)):
+        n = int(a.n[i])
+        key = a.key[i, :n]
+        ks = key[key >= 0]
+        if len(ks) == 0:
+            continue
+        counts = np.bincount(ks)
+        if (counts > 0).sum() < 2:
+            continue
+        order = sorted(range(len(counts)), key=lambda k: (-counts[k], k))
+        top, second = order[0], order[1]
+        out.append(((counts[top] - counts[second]) / n, bool(a.key_correct[i][top]),
+                    bool(a.key_correct[i][second])))
+    return out
+
+
+def margin_table(rows: Sequence[tuple[float, bool, bool]]) -> list[dict[str, float]]:
+    table = []
+    arr = np.array(rows, dtype=float).reshape(-1, 3)
+    for lo, hi in itertools.pairwise(MARGINS):
+        m = (arr[:, 0] >= lo) & (arr[:, 0] < hi)
+        if not m.any():
+            continue
+        table.append({"from": lo, "to": min(hi, 1.0), "problems": int(m.sum()),
+                      "mean_margin": float(arr[m, 0].mean()),
+                      "top_right": float(arr[m, 1].mean()),
+                      "runner_up_right": float(arr[m, 2].mean())})
+    return table
+
+
 def analyse(paths: Sequence[Path], k: int = 3, wave: int = 8, draws: int = 40,
             seed: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     pools: list[dict[str, Any]] = []
+    margins: list[tuple[float, bool, bool]] = []
     for path in paths:
         pool = load_pool(path)
         a = pool.arrays
+        margins += share_margins(a)
         quint, none = length_quintiles(a)
         pools.append({
             "pool": pool.name, "model": pool_group(pool.name, "model"),
@@ -134,7 +177,7 @@ def analyse(paths: Sequence[Path], k: int = 3, wave: int = 8, draws: int = 40,
         p["cv_delta_vs_majority"] = (p["weighted_vote"][str(best)]
                                      - p["weighted_vote"]["0.0"])
     return {"k": k, "wave": wave, "draws": draws, "seed": seed, "models": len(models),
-            "pools": pools}
+            "pools": pools, "share_margins": margin_table(margins)}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -166,6 +209,16 @@ def markdown(result: dict[str, Any]) -> str:
             f"Length-weighted vote, held-out (leave-one-model-out) Δ vs majority: mean "
             f"{100 * np.mean(deltas):+.2f} pp, {sum(d > 0 for d in deltas)} pools better, "
             f"{sum(d < 0 for d in deltas)} worse, worst {100 * min(deltas):+.2f} pp.")
+    lines += ["", "Share vs correctness, all pools (problems with two or more answers): "
+              "how often the top answer and the runner-up are right, by their share "
+              "difference u - v.", "",
+              "| u - v | problems | mean u - v | top right | runner-up right | difference |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in result["share_margins"]:
+        lines.append(f"| {r['from']:.2f}-{r['to']:.2f} | {r['problems']} | "
+                     f"{r['mean_margin']:.3f} | {r['top_right']:.3f} | "
+                     f"{r['runner_up_right']:.3f} | "
+                     f"{r['top_right'] - r['runner_up_right']:+.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -160,3 +160,20 @@ def test_held_out_figures_split_by_the_other_grouping():
     assert by["aime2024"]["accuracy_delta"] == pytest.approx(-0.005)
     assert by["aime2024"]["worst_pool"] == "boinf_aime2024_A"
     assert by["math500"]["median_token_saving_x"] == pytest.approx(9.0)
+
+
+def _margin_problems():
+    return [[("1", 10)] * 6 + [("2", 10)] * 4,  # 0.6 vs 0.4, top right
+            [("2", 10)] * 5 + [("1", 10)] * 5,  # tie: "2" seen first wins, wrong
+            [("1", 10)] * 10]  # one answer: skipped
+
+
+def test_share_margins_on_a_hand_built_pool(tmp_path):
+    from benchmarks.length_order import margin_table, share_margins
+    from benchmarks.pools import load_pool
+
+    _write_pool(tmp_path / "boinf_t_A.jsonl", _margin_problems())
+    rows = share_margins(load_pool(tmp_path / "boinf_t_A.jsonl").arrays)
+    assert rows == [(pytest.approx(0.2), True, False), (0.0, False, True)]
+    table = margin_table(rows)
+    assert [(r["from"], r["problems"]) for r in table] == [(0.0, 1), (0.2, 1)]
