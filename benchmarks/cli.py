@@ -503,6 +503,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(args_list)
+    if getattr(args, "plot", None) is not None:  # fail now, not after the work
+        from benchmarks.plots import require_matplotlib
+
+        require_matplotlib()
     if args.command == "replay":
         return _replay(args, args_list)
     if args.command == "compute-matched":

@@ -1,11 +1,15 @@
 """Figures and Markdown tables for replay sweeps and the compute-matched analysis.
 
-matplotlib is imported only when a figure is asked for (it is slow to import), with the
-Agg backend (no display needed).
+matplotlib is optional (the ``plot`` extra: ``pip install 'solverify[plot]'``; the
+``dev`` extra includes it): an SDK that agent loops embed should not pull it in. It is
+imported only when a figure is asked for (it is slow to import), with the Agg backend (no
+display needed); a command asked for a figure without it fails before doing any work
+(:func:`require_matplotlib`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,11 +20,14 @@ import numpy as np
 from orchestrator.errors import ConfigError
 
 __all__ = [
+    "PLOT_EXTRA",
     "compute_matched_markdown",
     "family",
+    "have_matplotlib",
     "plot_compute_matched",
     "plot_replay",
     "replay_markdown",
+    "require_matplotlib",
 ]
 
 
@@ -29,13 +36,25 @@ def family(spec: str) -> str:
     return spec.strip().partition(":")[0].strip().lower()
 
 
+#: How to get the optional plotting dependency.
+PLOT_EXTRA = "pip install 'solverify[plot]'"
+
+
+def have_matplotlib() -> bool:
+    """Is matplotlib installed (without importing it)?"""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def require_matplotlib(what: str = "--plot") -> None:
+    """A ConfigError now, before any work, when a figure was asked for without matplotlib."""
+    if not have_matplotlib():
+        raise ConfigError(f"{what} needs matplotlib, which is optional: {PLOT_EXTRA}")
+
+
 def pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError("plots need matplotlib, a dependency of solverify: reinstall it "
-                          "(pip install -e .)") from None
+    require_matplotlib("this figure")
+    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

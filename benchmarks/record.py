@@ -77,7 +77,7 @@ def result_to_pool_line(result: SolveResult, task: Any, *, model: str | None = N
     line["prompt_tokens"] = result.usage.prompt_tokens
     line["failed_samples"] = sum(1 for f in result.failed if f.kind == "solve")
     if result.error:
-        line["error"] = result.error
+        line["error"] = result.error_text
     return line
 
 

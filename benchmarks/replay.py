@@ -416,7 +416,7 @@ def _row(src: ReplaySource, results: Sequence[SolveResult]) -> tuple[np.ndarray,
         out[4, i] = sum(1 for f in r.failed if f.reason == "cancelled" and f.kind == "solve")
         out[6, i] = r.verification_tokens
         out[7, i] = len(r.verifications)
-        if r.error is not None and PoolExhausted.__name__ not in r.error:
+        if r.error is not None and not isinstance(r.error, PoolExhausted):
             errors += 1
     return out, errors
 

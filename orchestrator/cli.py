@@ -38,6 +38,7 @@ from orchestrator.cliargs import (
     verifier_backend,
     warn,
 )
+from orchestrator.defaults import CONCURRENCY as DEFAULT_CONCURRENCY
 from orchestrator.errors import ConfigError, SolverifyError
 from orchestrator.types import Budget
 
@@ -73,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_resume_args(run)
     run.add_argument("--limit", type=positive_int, default=None,
                      help="only the first N problems")
-    run.add_argument("--concurrency", type=positive_int, default=16,
-                     help="max requests in flight across the run (default 16)")
+    run.add_argument("--concurrency", type=positive_int, default=DEFAULT_CONCURRENCY,
+                     help=f"max requests in flight across the run (default "
+                          f"{DEFAULT_CONCURRENCY})")
     run.add_argument("--rate", type=positive_float, default=None,
                      help="max requests per second (default: no limit)")
     run.add_argument("--budget-tokens", type=positive_int, default=None,
@@ -102,33 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def summarise(results, wall: float) -> dict:
-    """Run-level numbers for the closing summary."""
-    graded = [r for r in results if r.correct is not None]
-    sol_lengths = [s.completion_tokens for r in results for s in r.solutions]
-    ver_lengths = [v.completion_tokens for r in results for v in r.verifications]
-    from orchestrator.ledger import measure_lambda
+    """Run-level numbers for the closing summary (:class:`orchestrator.result.RunSummary`
+    over ``results``)."""
+    from orchestrator.result import RunSummary
 
-    return {
-        "problems": len(results),
-        "graded": len(graded),
-        "accuracy": (sum(1 for r in graded if r.correct) / len(graded)) if graded else None,
-        "errors": sum(1 for r in results if r.error),
-        "tokens_estimated_from": sorted({s for r in results for s in r.usage.estimated_from}),
-        "no_answer": sum(1 for r in results if r.answer is None),
-        "prompt_tokens": sum(r.usage.prompt_tokens for r in results),
-        "cached_prompt_tokens": _sum_known(r.usage.cached_prompt_tokens for r in results),
-        "completion_tokens": sum(r.usage.completion_tokens for r in results),
-        "tokens_estimated": any(r.usage.estimated for r in results),
-        "solution_tokens": sum(r.solution_tokens for r in results),
-        "verification_tokens": sum(r.verification_tokens for r in results),
-        "requests": sum(r.requests for r in results),
-        "solutions": len(sol_lengths),
-        "verifications": len(ver_lengths),
-        "cancelled_samples": sum(1 for r in results for f in r.failed if f.reason == "cancelled"),
-        "failed_samples": sum(1 for r in results for f in r.failed if f.reason == "failed"),
-        "lambda": measure_lambda(sol_lengths, ver_lengths),
-        "wall_s": round(wall, 2),
-    }
+    tally = RunSummary()
+    for r in results:
+        tally.add(r)
+    return tally.as_dict(wall)
 
 
 def _sum_known(values) -> int | None:
@@ -181,19 +164,43 @@ def first_error(row: dict) -> str:
     return str(row.get("reason") or "error")
 
 
+class Outcomes:
+    """The rows of a run as they come, reduced to what its exit status needs (how many,
+    how many ended on an error, the first such row), so no row has to be kept."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.bad = 0
+        self.first_bad: dict | None = None
+
+    def add(self, row: dict) -> None:
+        self.rows += 1
+        if ended_on_error(row):
+            self.bad += 1
+            if self.first_bad is None:
+                self.first_bad = row
+
+    def lines(self, earlier: int) -> tuple[int, list[str]]:
+        """The exit status and the lines that explain it (``earlier``: of the rows,
+        those resumed from the file)."""
+        lines = []
+        if earlier:
+            lines.append(f"resumed           {earlier} problem(s) were already done; "
+                         f"{self.rows - earlier} run now")
+        if self.first_bad is None:
+            return EXIT_OK, lines
+        lines.append(f"ended on an error {self.bad} of {self.rows} problem(s); first: "
+                     f"{self.first_bad.get('id')}: {first_error(self.first_bad)}")
+        return EXIT_PROBLEM_ERRORS, lines
+
+
 def outcome_lines(rows: list[dict], earlier: int) -> tuple[int, list[str]]:
     """The exit status for these rows (this run's and ``earlier`` resumed ones) and the
     lines that explain it."""
-    bad = [r for r in rows if ended_on_error(r)]
-    lines = []
-    if earlier:
-        lines.append(f"resumed           {earlier} problem(s) were already done; "
-                     f"{len(rows) - earlier} run now")
-    if not bad:
-        return EXIT_OK, lines
-    lines.append(f"ended on an error {len(bad)} of {len(rows)} problem(s); first: "
-                 f"{bad[0].get('id')}: {first_error(bad[0])}")
-    return EXIT_PROBLEM_ERRORS, lines
+    outcomes = Outcomes()
+    for row in rows:
+        outcomes.add(row)
+    return outcomes.lines(earlier)
 
 
 def run_fingerprint(args, policy, task, budget) -> dict:
@@ -245,7 +252,14 @@ async def _run(args) -> int:
     if trace is not None:
         sinks.append(trace)
     progress = None
-    rows: list[dict] = list(earlier)
+    from orchestrator.result import RunSummary
+
+    outcomes = Outcomes()  # neither rows nor results are kept: they are in the file
+    for row in earlier:
+        outcomes.add(row)
+    resumed = len(earlier)
+    del earlier
+    tally = RunSummary()
     try:
         await backend.list_models()  # reachability: EndpointUnreachable after retries
         caps = await backend.probe(task.endpoint)  # a real tiny request: ModelNotFound etc.
@@ -269,7 +283,8 @@ async def _run(args) -> int:
             nonlocal correct, graded
             row = result.to_dict(texts=args.texts)
             writer.write(row, redact=redact_text)
-            rows.append(row)
+            outcomes.add(row)
+            tally.add(result)
             if result.correct is not None:
                 graded += 1
                 correct += int(result.correct)
@@ -278,21 +293,22 @@ async def _run(args) -> int:
                 if graded:
                     progress.set_postfix(acc=f"{correct / graded:.3f}", refresh=False)
 
-        results = await run_batch(todo, policy, budget, backend, task=task,
-                                  concurrency=args.concurrency, rate=args.rate,
-                                  sinks=sinks, on_result=on_result,
-                                  run_tokens=args.run_budget_tokens, verifier=verifier)
+        await run_batch(todo, policy, budget, backend, task=task,
+                        concurrency=args.concurrency, rate=args.rate,
+                        sinks=sinks, on_result=on_result,
+                        run_tokens=args.run_budget_tokens, verifier=verifier,
+                        keep_results=False)
         if progress is not None:
             progress.close()
             progress = None
-        summary = summarise(results, time.monotonic() - started)
+        summary = tally.as_dict(time.monotonic() - started)
         summary["capabilities"] = list(caps.describe())
         if verifier is not None:
             summary["verifier"] = f"{verifier.model} at {verifier.base_url}"
         print_summary(summary, policy.spec, args.out)
         print(f"probe tokens      {backend.probe_completion_tokens}  (the capability check "
               "at start-up; charged to no problem)")
-        rc, lines = outcome_lines(rows, len(earlier))
+        rc, lines = outcomes.lines(resumed)
         if lines:
             print(redact_text("\n".join(lines)))
         return rc

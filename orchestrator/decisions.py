@@ -17,6 +17,10 @@ StopCode = Literal["settled", "max", "budget", "failures", "error"]
 STOP_CODES: tuple[str, ...] = get_args(StopCode)
 
 
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
     """Launch ``k`` more solution samples (one request with ``n=k`` where the backend can)."""
@@ -24,8 +28,8 @@ class Sample:
     k: int = 1
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise PolicyError(f"Sample.k must be >= 1, got {self.k}")
+        if not _count(self.k):
+            raise PolicyError(f"Sample.k must be an integer >= 1, got {self.k!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +40,10 @@ class Verify:
     times: int = 1
 
     def __post_init__(self) -> None:
-        if self.times < 1:
-            raise PolicyError(f"Verify.times must be >= 1, got {self.times}")
+        if not _count(self.times):
+            raise PolicyError(f"Verify.times must be an integer >= 1, got {self.times!r}")
+        if not isinstance(self.solution, Solution):
+            raise PolicyError(f"Verify.solution must be a Solution, got {self.solution!r}")
         if not self.solution.has_answer:
             raise PolicyError("Verify: a solution without an extracted answer cannot be verified")
 

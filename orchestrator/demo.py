@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{STARTUP_TIMEOUT_S:.0f}); the wait goes on while the log moves")
     parser.add_argument("--out", type=Path, default=Path("demo-out"),
                         help="folder for results and the plot (default ./demo-out)")
+    from orchestrator.serve.cli import add_threads_arg
+
+    add_threads_arg(parser)
     return parser
 
 
@@ -289,6 +292,12 @@ def main(argv: Sequence[str] | None = None, *, server_factory=None,
 
     for spec in policies:  # a bad spec fails before provisioning or starting anything
         parse_policy(spec)
+    from benchmarks.plots import PLOT_EXTRA, have_matplotlib
+
+    figure = have_matplotlib()
+    if not figure:
+        print(f"solverify: note: matplotlib is not installed, so no figure will be written "
+              f"(the table is printed as usual); for one: {PLOT_EXTRA}", file=sys.stderr)
     started = time.monotonic()
     live = LiveLine()
     factory = None
@@ -312,9 +321,12 @@ def main(argv: Sequence[str] | None = None, *, server_factory=None,
             print(f"\nresults: {args.out}/results_*.jsonl   "
                   f"total wall time {time.monotonic() - started:.0f} s")
         else:
-            png = args.out / "demo.png"
-            plot(rows, png, title)
-            print(f"\nplot: {png}   results: {args.out}/results_*.jsonl   "
+            shown = ""
+            if figure:
+                png = args.out / "demo.png"
+                plot(rows, png, title)
+                shown = f"plot: {png}   "
+            print(f"\n{shown}results: {args.out}/results_*.jsonl   "
                   f"total wall time {time.monotonic() - started:.0f} s")
     if rc:
         print(f"solverify: interrupted; results of the finished problems are in {args.out}/",
@@ -355,7 +367,8 @@ async def _session(args: argparse.Namespace, factory, problems: Path,
                                api_key=os.environ.get("OPENAI_API_KEY") or "EMPTY",
                                live=live, rows=rows)
                 return 0, where
-            server = factory(startup_timeout=args.timeout, started_by="solverify demo")
+            server = factory(startup_timeout=args.timeout, started_by="solverify demo",
+                             threads=args.threads)
             if factory.__name__ != "VLLMServer":
                 where = f"{factory.__name__} at {server.base_url}"
             await _with_server(server, args, problems, policies, rows, live)
@@ -374,6 +387,8 @@ async def _with_server(server, args: argparse.Namespace, problems: Path,
     server.start()
     try:
         live.line(f"starting the {server.kind} on {server.base_url} (log: {server.log_path})")
+        if server.threads_note:
+            live.line(f"  threads: {server.threads_note}")
         took = await server.wait_healthy_async(
             on_progress=lambda s: live.update(f"  starting: {s}"))
         live.line(f"  healthy after {took:.1f} s")

@@ -11,14 +11,27 @@ the server's prefix cache are recorded when the server reports them
 When a request's server usage is unavailable its count is flagged ``estimated`` and
 ``Usage.estimated_from`` says from what (:data:`ESTIMATE_SOURCES`): the logprob entries
 received (one per token), one token per streamed chunk, or nothing at all received.
+
+Admission lives here too, in one place: :class:`ProblemLedger` knows its problem's
+:class:`~orchestrator.types.Budget`, the run's shared :class:`RunBudget` (if any) and what
+every unfinished sample may still generate (its reservation), so it alone says how much
+room is left (:meth:`ProblemLedger.budget_left`), how many samples may launch now
+(:meth:`ProblemLedger.admits`) and which cap refused one (:meth:`ProblemLedger.refusing_cap`).
+Its ``changed`` event is set whenever its problem's state or the run's shared room may
+have changed (a choice finished, a request closed, here or in another problem of the run);
+the runtime's decision loop waits on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import asyncio
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from orchestrator.types import Budget, RequestKind, Usage
+from orchestrator.errors import ConfigError
+from orchestrator.snapshot import BudgetCap, BudgetLeft
+from orchestrator.types import UNLIMITED, Budget, RequestKind, Usage
 
 #: λ assumed before both a solution and a verification length have been measured
 DEFAULT_LAMBDA = 1.0
@@ -37,6 +50,8 @@ class RequestRecord:
     request_id: int
     kind: RequestKind
     n: int
+    #: what each choice may generate (the request's ``max_tokens``; 0: nothing reserved)
+    max_tokens: int = 0
     counted_completion: int = 0
     counted_estimated: bool = False
     server_prompt: int | None = None
@@ -46,11 +61,25 @@ class RequestRecord:
     outcome: str | None = None  # None while open; "ok" | "cancelled" | "failed"
 
     counted_deltas: int = 0
+    #: per choice: tokens streamed while it was unfinished, and whether it is finished
+    choice_tokens: list[int] = field(default_factory=list)
+    choice_done: list[bool] = field(default_factory=list)
 
     def add_delta(self, tokens: int, estimated: bool) -> None:
         self.counted_completion += tokens
         self.counted_estimated = self.counted_estimated or estimated
         self.counted_deltas += 1
+
+    @property
+    def server_usage_seen(self) -> bool:
+        """The server has reported its own count for this request."""
+        return self.server_completion is not None
+
+    def reservation(self, choice: int) -> int:
+        """Tokens choice ``choice`` may still generate (0 once it is finished)."""
+        if self.choice_done[choice]:
+            return 0
+        return max(self.max_tokens - self.choice_tokens[choice], 0)
 
     @property
     def estimated_from(self) -> tuple[str, ...]:
@@ -135,35 +164,86 @@ def cost_units(solutions: int, verifications: int, lam: float | None) -> float:
     return solutions + (DEFAULT_LAMBDA if lam is None else lam) * verifications
 
 
-@dataclass(slots=True)
 class ProblemLedger:
-    """All requests of one problem."""
+    """All requests of one problem, and the admission of new ones (module docstring).
 
-    records: dict[int, RequestRecord] = field(default_factory=dict)
-    solutions_launched: int = 0
-    verifications_launched: int = 0
-    solution_lengths: list[int] = field(default_factory=list)
-    verification_lengths: list[int] = field(default_factory=list)
-    # a closed record never changes: its usage is summed once, so totals cost O(open)
-    _open: dict[int, RequestRecord] = field(default_factory=dict)
-    _closed_usage: Usage = field(default_factory=Usage)
+    ``sample_tokens`` / ``verify_tokens``: what one more solution sample / verification
+    reserves (shown to policies in :class:`~orchestrator.snapshot.BudgetLeft`).
+    """
 
-    def open(self, request_id: int, kind: RequestKind, n: int) -> RequestRecord:
-        record = RequestRecord(request_id, kind, n)
+    __slots__ = ("_closed_usage", "_open", "_reserved", "_sol_n", "_sol_sum", "_ver_n",
+                 "_ver_sum", "budget", "changed", "records", "run", "sample_tokens",
+                 "solutions_launched", "verifications_launched", "verify_tokens")
+
+    def __init__(self, budget: Budget = UNLIMITED, run: RunBudget | None = None, *,
+                 sample_tokens: int = 1, verify_tokens: int = 1) -> None:
+        self.budget = budget
+        self.run = run
+        self.sample_tokens = sample_tokens
+        self.verify_tokens = verify_tokens
+        self.records: dict[int, RequestRecord] = {}
+        self.solutions_launched = 0
+        self.verifications_launched = 0
+        #: set when this problem's state or the run's shared room may have changed
+        self.changed = asyncio.Event()
+        # a closed record never changes: its usage is summed once, so totals cost O(open)
+        self._open: dict[int, RequestRecord] = {}
+        self._closed_usage = Usage()
+        self._reserved = 0  # what every unfinished choice may still generate
+        self._sol_n = self._sol_sum = self._ver_n = self._ver_sum = 0
+
+    # ---- requests --------------------------------------------------------------------
+    def open(self, request_id: int, kind: RequestKind, n: int, max_tokens: int = 0
+             ) -> RequestRecord:
+        """Record a launched request of ``n`` choices, each reserving ``max_tokens``."""
+        record = RequestRecord(request_id, kind, n, max_tokens,
+                               choice_tokens=[0] * n, choice_done=[False] * n)
         self.records[request_id] = record
         self._open[request_id] = record
+        self._reserved += n * max_tokens
         if kind == "solve":
             self.solutions_launched += n
         else:
             self.verifications_launched += n
         return record
 
+    def add_delta(self, record: RequestRecord, choice: int, tokens: int,
+                  estimated: bool) -> None:
+        """Charge ``tokens`` streamed by unfinished choice ``choice`` of ``record``."""
+        before = record.reservation(choice)
+        record.choice_tokens[choice] += tokens
+        self._reserved += record.reservation(choice) - before
+        record.add_delta(tokens, estimated)
+
+    def finish(self, record: RequestRecord, choice: int) -> int:
+        """Choice ``choice`` of ``record`` finished (a solution or a verification); its
+        length counts toward λ. Returns its completion tokens."""
+        self._reserved -= record.reservation(choice)
+        record.choice_done[choice] = True
+        tokens = record.choice_tokens[choice]
+        if record.kind == "solve":
+            self._sol_n += 1
+            self._sol_sum += tokens
+        else:
+            self._ver_n += 1
+            self._ver_sum += tokens
+        self.changed.set()
+        return tokens
+
     def close(self, record: RequestRecord, outcome: str) -> None:
-        """Close a request exactly once; its charge is final from here on."""
+        """Close a request exactly once; its charge is final from here on, and what its
+        unfinished choices had reserved is released."""
         record.close(outcome)
+        for i in range(record.n):
+            self._reserved -= record.reservation(i)
+            record.choice_done[i] = True
         del self._open[record.request_id]
         self._closed_usage = self._closed_usage + record.usage
+        self.changed.set()
+        if self.run is not None:
+            self.run.notify()
 
+    # ---- totals ----------------------------------------------------------------------
     @property
     def usage(self) -> Usage:
         if not self._open:
@@ -180,6 +260,12 @@ class ProblemLedger:
                                                           for r in self._open.values())
 
     @property
+    def reserved(self) -> int:
+        """Tokens promised to work in flight: what each unfinished choice may still
+        generate (its request's ``max_tokens`` minus what it has streamed)."""
+        return self._reserved
+
+    @property
     def requests(self) -> int:
         return len(self.records)
 
@@ -189,41 +275,108 @@ class ProblemLedger:
 
     @property
     def lam(self) -> float | None:
-        return measure_lambda(self.solution_lengths, self.verification_lengths)
+        """λ = mean verification length / mean solution length (:func:`measure_lambda`
+        over the finished choices, kept as running sums)."""
+        if not self._sol_n or not self._ver_n:
+            return None
+        mean_sol = self._sol_sum / self._sol_n
+        if mean_sol <= 0:
+            return None
+        return (self._ver_sum / self._ver_n) / mean_sol
 
     @property
     def cost_units(self) -> float:
         return cost_units(self.solutions_launched, self.verifications_launched, self.lam)
 
-    def left(self, budget: Budget, reserved: int = 0
-             ) -> tuple[int | None, int | None, float | None]:
-        """Room left under each cap; ``reserved`` tokens are promised to work in flight."""
+    # ---- admission: the one place budget room is computed ------------------------------
+    def _own_left(self) -> tuple[int | None, int | None, float | None]:
+        """Room under this problem's own caps (tokens net of reservations)."""
+        budget = self.budget
         tokens = (None if budget.tokens is None
-                  else budget.tokens - self.completion_tokens - reserved)
+                  else budget.tokens - self.completion_tokens - self._reserved)
         requests = None if budget.requests is None else budget.requests - self.requests
         units = None if budget.cost_units is None else budget.cost_units - self.cost_units
         return tokens, requests, units
 
-    def admits(self, budget: Budget, kind: RequestKind, n: int, max_tokens: int,
-               reserved: int) -> int:
+    def left(self) -> tuple[int | None, int | None, float | None]:
+        """Room left now under each cap (``None`` = uncapped): completion tokens neither
+        charged nor reserved (the run's shared room included), requests, cost units."""
+        tokens, requests, units = self._own_left()
+        if self.run is not None:
+            room = self.run.room()
+            tokens = room if tokens is None else min(tokens, room)
+        return tokens, requests, units
+
+    def verify_units(self) -> float:
+        """Cost units one verification counts: λ as measured, 1 before."""
+        lam = self.lam
+        return DEFAULT_LAMBDA if lam is None else lam
+
+    def budget_left(self) -> BudgetLeft:
+        """What a snapshot shows a policy (:class:`~orchestrator.snapshot.BudgetLeft`)."""
+        tokens, requests, units = self.left()
+        return BudgetLeft(tokens, requests, units, self.sample_tokens, self.verify_tokens,
+                          self.verify_units())
+
+    def admits(self, kind: RequestKind, n: int, max_tokens: int) -> int:
         """How many of ``n`` samples of ``kind`` (each up to ``max_tokens``) may launch now.
 
-        Tokens: the worst case of everything in flight (``reserved``: the ``max_tokens``
-        each unfinished sample may still generate) plus the new samples must fit under the
-        cap, so a token cap is never exceeded. Requests and cost units are counted at
-        launch, so those caps are never exceeded either.
+        Tokens: the worst case of everything in flight (every unfinished choice's
+        reservation, in every problem of the run) plus the new samples must fit under
+        the problem's cap and the run's, so no token cap is ever exceeded. Requests and
+        cost units are counted at launch, so those caps are never exceeded either.
         """
-        tokens, requests, _ = self.left(budget, reserved)
+        tokens, requests, _ = self.left()
         if requests is not None and requests < 1:
             return 0
         if tokens is not None:
             n = min(n, max(tokens, 0) // max_tokens)
-        if budget.cost_units is not None and n > 0:
-            lam = DEFAULT_LAMBDA if self.lam is None else self.lam
-            per = 1.0 if kind == "solve" else lam
-            room = budget.cost_units - self.cost_units + 1e-9
+        if self.budget.cost_units is not None and n > 0:
+            per = 1.0 if kind == "solve" else self.verify_units()
+            room = self.budget.cost_units - self.cost_units + 1e-9
             n = min(n, int(room // per)) if per > 0 else n
         return max(n, 0)
+
+    def refusing_cap(self, kind: RequestKind) -> BudgetCap:
+        """The cap that keeps one more request of ``kind`` from launching now."""
+        max_tokens = self.sample_tokens if kind == "solve" else self.verify_tokens
+        tokens, requests, units = self._own_left()
+        if requests is not None and requests < 1:
+            return "requests"
+        if tokens is not None and tokens < max_tokens:
+            return "tokens"
+        per = 1.0 if kind == "solve" else self.verify_units()
+        if units is not None and units + 1e-9 < per:
+            return "cost_units"
+        return "run_tokens" if self.run is not None else "tokens"
+
+    def run_room_may_grow(self) -> bool:
+        """Blocked only by the run's shared budget while other problems still hold
+        reservations that may come back unspent?"""
+        if self.run is None:
+            return False
+        tokens, requests, _ = self._own_left()
+        if requests is not None and requests < 1:
+            return False
+        if tokens is not None and tokens < self.sample_tokens:
+            return False
+        if self.budget.cost_units is not None and \
+                self.budget.cost_units - self.cost_units + 1e-9 < 1.0:
+            return False
+        return self.run.others_in_flight(self)
+
+    @contextmanager
+    def in_run(self) -> Iterator[None]:
+        """While the problem runs, its charges and reservations count in the run's
+        shared budget (no-op without one)."""
+        if self.run is None:
+            yield
+            return
+        self.run.join(self)
+        try:
+            yield
+        finally:
+            self.run.leave(self)
 
 
 class RunBudget:
@@ -232,42 +385,42 @@ class RunBudget:
     Problems that settle early stop spending, which leaves the rest of the pool to the
     problems still contested. The same reservation rule as per problem applies: a sample
     launches only if the worst case of everything in flight, across all problems, plus the
-    new sample fits, so the run-level cap is never exceeded.
+    new sample fits, so the run-level cap is never exceeded. Problems take part through
+    their :class:`ProblemLedger` (``ProblemLedger(budget, run=...)``).
     """
+
+    __slots__ = ("_active", "_closed", "tokens")
 
     def __init__(self, tokens: int) -> None:
         if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
-            raise ValueError(f"RunBudget tokens must be a positive integer, got {tokens!r}")
+            raise ConfigError(f"RunBudget tokens must be a positive integer, got {tokens!r}")
         self.tokens = tokens
         self._closed = 0
-        self._active: dict[int, tuple[ProblemLedger, Callable[[], int], Callable[[], None]]] = {}
+        self._active: dict[int, ProblemLedger] = {}
 
-    def join(self, key: int, ledger: ProblemLedger, reserved: Callable[[], int],
-             wake: Callable[[], None]) -> None:
-        """Register a running problem: its ledger, its reservations, and how to wake it
-        when room may have been freed elsewhere."""
-        self._active[key] = (ledger, reserved, wake)
+    def join(self, ledger: ProblemLedger) -> None:
+        """A problem starts: its ledger's charges and reservations count from now."""
+        self._active[id(ledger)] = ledger
 
-    def leave(self, key: int) -> None:
-        entry = self._active.pop(key, None)
-        if entry is not None:
-            self._closed += entry[0].completion_tokens
+    def leave(self, ledger: ProblemLedger) -> None:
+        """A problem ended: its charge is final; the others may use what it left."""
+        if self._active.pop(id(ledger), None) is not None:
+            self._closed += ledger.completion_tokens
         self.notify()
 
     def notify(self) -> None:
         """A request finished somewhere: reservations shrank, so room may have grown."""
-        for _, _, wake in self._active.values():
-            wake()
+        for ledger in self._active.values():
+            ledger.changed.set()
 
-    def others_in_flight(self, key: int) -> bool:
-        """Could room still grow for ``key``: does another problem hold reservations?"""
-        return any(res() > 0 for k, (_, res, _) in self._active.items() if k != key)
+    def others_in_flight(self, ledger: ProblemLedger) -> bool:
+        """Could room still grow for ``ledger``: does another problem hold reservations?"""
+        return any(other.reserved > 0 for other in self._active.values() if other is not ledger)
 
     @property
     def spent(self) -> int:
-        active = sum(led.completion_tokens for led, _, _ in self._active.values())
-        return self._closed + active
+        return self._closed + sum(led.completion_tokens for led in self._active.values())
 
     def room(self) -> int:
         """Tokens neither charged nor promised to work in flight."""
-        return self.tokens - self.spent - sum(res() for _, res, _ in self._active.values())
+        return self.tokens - self.spent - sum(led.reserved for led in self._active.values())

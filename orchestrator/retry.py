@@ -1,6 +1,7 @@
-"""Retry decisions for talking to model servers, as small pure functions.
+"""Retry and pacing decisions for talking to model servers, as small pure functions.
 
-Every constant that shapes retrying lives here. The backend asks three questions:
+The constants that shape retrying are defined in :mod:`orchestrator.defaults` and named
+here too. The backend asks three questions:
 
 * :func:`is_retryable` — may this failure go away if the same request is sent again?
   Connection errors and timeouts, and the statuses in :data:`RETRYABLE_STATUS_CODES`.
@@ -9,6 +10,9 @@ Every constant that shapes retrying lives here. The backend asks three questions
   capped at :data:`RETRY_AFTER_CAP`; otherwise exponential backoff with full jitter.
 * :func:`build_retrying` — a ready ``tenacity.AsyncRetrying`` that puts both together and
   stops after ``max_attempts`` attempts, re-raising the last failure unchanged.
+
+:func:`make_throttler` is the one way a requests-per-second limit becomes a throttler (the
+runtime's run-wide ``rate`` and a backend's ``rate_limit``).
 
 The backend retries only while opening a stream, i.e. before the first event has been
 handed to its consumer; a failure after that is never retried. A stream whose data was
@@ -27,21 +31,24 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import tenacity
+from asyncio_throttle import Throttler
+
+from orchestrator import defaults
 
 RETRYABLE_STATUS_CODES: frozenset[int] = frozenset({408, 409, 429, 500, 502, 503, 504})
 """408 request timeout, 409 conflict (a lock timeout on some servers), 429 rate limited,
 500/502/503/504 server or gateway trouble."""
 
-DEFAULT_MAX_ATTEMPTS = 4
+DEFAULT_MAX_ATTEMPTS = defaults.MAX_ATTEMPTS
 """Attempts in all (the first one included)."""
 
-BACKOFF_BASE = 0.5
+BACKOFF_BASE = defaults.BACKOFF_BASE_S
 """Seconds; the n-th retry waits uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**(n-1)))."""
 
-BACKOFF_CAP = 8.0
+BACKOFF_CAP = defaults.BACKOFF_CAP_S
 """Seconds; the most a jittered backoff may wait."""
 
-RETRY_AFTER_CAP = 60.0
+RETRY_AFTER_CAP = defaults.RETRY_AFTER_CAP_S
 """Seconds; a longer ``Retry-After`` is shortened to this."""
 
 RandomFn = Callable[[], float]
@@ -205,3 +212,17 @@ def build_retrying(
         before_sleep=before_sleep,
         reraise=True,
     )
+
+
+def make_throttler(rate: float | None) -> Throttler | None:
+    """A throttler letting ``rate`` requests per second through (None: no limit).
+
+    The burst is ``floor(rate)`` requests (at least 1) per ``burst / rate`` seconds, so the
+    average rate is exact and no burst is larger than a second's worth: 2.5 -> 2 requests
+    every 0.8 s, 0.5 -> 1 request every 2 s."""
+    if rate is None:
+        return None
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"rate must be a positive number of requests/second, got {rate!r}")
+    burst = max(1, int(rate))
+    return Throttler(rate_limit=burst, period=burst / rate)

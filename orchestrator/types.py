@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from orchestrator.errors import ConfigError
+
 FinishReason = Literal["stop", "length", "cancelled", "failed"] | str
 RequestKind = Literal["solve", "verify"]
 
@@ -164,8 +166,12 @@ class Budget:
     def __post_init__(self) -> None:
         for name in ("tokens", "requests", "cost_units"):
             value = getattr(self, name)
-            if value is not None and (not math.isfinite(value) or value <= 0):
-                raise ValueError(f"Budget.{name} must be a positive number or None, got {value!r}")
+            if value is None:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or value <= 0):
+                raise ConfigError(f"Budget.{name} must be a positive number or None, "
+                                  f"got {value!r}")
 
     @property
     def unlimited(self) -> bool:

@@ -166,3 +166,17 @@ def test_bench_record_then_replay_from_the_command_line(server_url, tmp_path):
         "sc:n=all", "genrm:s=all,v=2", "ac"]
     bad = run_solverify("bench", "replay", "--pool", str(pool), "--policy", "nope")
     assert bad.returncode == 2 and "unknown policy" in bad.stderr
+
+
+def test_plot_without_matplotlib_fails_before_any_work(tmp_path, monkeypatch):
+    """--plot without the optional matplotlib: a ConfigError naming the extra, raised before
+    the replay runs (nothing written), not after a long sweep."""
+    from benchmarks import plots
+
+    monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
+    pool = write_pool(tmp_path / "toy.jsonl")
+    out = tmp_path / "r.json"
+    with pytest.raises(ConfigError, match=r"solverify\[plot\]"):
+        main(["replay", "--pool", str(pool), "--policy", "sc:n=3", "--orders", "2",
+              "--json", str(out), "--plot", str(tmp_path / "r.png")])
+    assert not out.exists()

@@ -49,3 +49,24 @@ def test_bad_arguments_are_config_errors(argv):
 
     with pytest.raises(ConfigError):
         main([*argv, "--problems", "x.jsonl"])
+
+
+def test_demo_without_matplotlib_prints_the_table_and_writes_no_figure(
+        server_url, tmp_path, monkeypatch, capsys):
+    """matplotlib is the optional ``plot`` extra: without it the demo says so once, runs,
+    prints its table and writes its results, but no PNG."""
+    from benchmarks import plots
+    from orchestrator.demo import main
+
+    monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"What is {i} + 1?",
+                                            "answer": str(i + 1)}) + "\n" for i in range(3)))
+    rc = main(["--base-url", server_url, "--model", "test-model", "--problems", str(problems),
+               "--policy", "sc:n=2", "--out", str(tmp_path / "out")], fast_exit=False)
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert "solverify[plot]" in err and "no figure" in err
+    assert "sc:n=2" in out and "plot:" not in out
+    assert not (tmp_path / "out" / "demo.png").exists()
+    assert len(list((tmp_path / "out").glob("results_*.jsonl"))) == 1

@@ -625,7 +625,6 @@ async def test_a_cut_run_is_charged_exactly_what_the_server_generated(max_n: int
     the short stream's last token waits until the client has read every long choice's
     first token; the long streams' second step waits for the ``Stop``; their third never
     comes (until the client closes)."""
-    from orchestrator import runtime
     from orchestrator.decisions import Stop
     from orchestrator.events import DecisionMade
     from orchestrator.runtime import solve
@@ -633,8 +632,6 @@ async def test_a_cut_run_is_charged_exactly_what_the_server_generated(max_n: int
     from tests.helpers import StopAtFirst, WordTask
     from tests.openai_server import Step
 
-    # a burst ends on the last running choice's usage, never on a quiet pause
-    monkeypatch.setattr(runtime, "CUT_QUIET_S", 30.0)
     reply = _OneShortReply()
     stopped = asyncio.Event()
     never = asyncio.Event()

@@ -13,6 +13,7 @@ from orchestrator.errors import ConfigError, ModelNotFound, PolicyError, StreamB
 from orchestrator.events import (
     DecisionMade,
     ProblemDone,
+    ProblemStarted,
     RequestFinished,
     RequestStarted,
     SampleCancelled,
@@ -239,7 +240,9 @@ async def test_fatal_backend_error_ends_problem_with_error_recorded():
     backend = FakeBackend(scripted([FakeReply.text(
         "x", fail_after=0, error=ModelNotFound("model 'nope' not served"))]))
     result = await solve(PROBLEM, SelfConsistency(4), backend=backend, task=TASK)
-    assert result.error is not None and "ModelNotFound" in result.error
+    assert isinstance(result.error, ModelNotFound)  # the exception itself, kept
+    assert result.error_text == "ModelNotFound: model 'nope' not served"
+    assert result.to_dict()["error"] == result.error_text  # text only when serialised
     assert result.answer is None and result.correct is False
 
 
@@ -432,10 +435,7 @@ class _GatedBackend:
         pass
 
 
-async def test_settled_cut_of_n_gt_1_reads_the_whole_burst(monkeypatch):
-    from orchestrator import runtime
-
-    monkeypatch.setattr(runtime, "CUT_QUIET_S", 30.0)  # bursts end on usage, not a pause
+async def test_settled_cut_of_n_gt_1_reads_the_whole_burst():
     backend = _GatedBackend()
 
     def release_on_stop(event):
@@ -453,20 +453,27 @@ async def test_settled_cut_of_n_gt_1_reads_the_whole_burst(monkeypatch):
     assert other_tasks() == set()
 
 
-async def test_a_stream_silent_after_the_cut_is_cancelled_after_cut_grace():
-    hold = asyncio.Event()  # never set
-    replies = [FakeReply.text("one two three"),
-               FakeReply.text("a b c d e f", hold=hold, hold_after=2)]
-    backend = FakeBackend(scripted(replies))
-    backend.cut_grace = 0.2
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    result = await solve(PROBLEM, StopAtFirst(2), backend=backend, task=TASK, max_n=1)
-    took = loop.time() - t0
-    assert 0.2 <= took < 2.0
+def test_a_stream_silent_after_the_cut_is_cancelled_after_cut_grace():
+    """On the simulated clock: the held stream neither sends nor ends after the cut, so
+    the settle ends after exactly cut_grace (simulated) seconds, by cancelling it."""
+    from orchestrator.simclock import simulated_runner
+
+    async def run():
+        hold = asyncio.Event()  # never set
+        replies = [FakeReply.text("one two three", delay=0.01),
+                   FakeReply.text("a b c d e f", hold=hold, hold_after=2)]
+        backend = FakeBackend(scripted(replies), cut_grace=0.2)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        result = await solve(PROBLEM, StopAtFirst(2), backend=backend, task=TASK, max_n=1)
+        return loop.time() - t0, result, backend
+
+    with simulated_runner() as runner:
+        took, result, backend = runner.run(run())
+    assert took == pytest.approx(0.03 + 0.2)
     assert [f.completion_tokens for f in result.failed] == [2]
     assert result.usage.completion_tokens == backend.generated_tokens == 5
-    assert backend.aborted_streams == 1 and other_tasks() == set()
+    assert backend.aborted_streams == 1
 
 
 async def test_a_choice_finishing_while_settling_is_not_a_solution():
@@ -489,25 +496,30 @@ async def test_a_choice_finishing_while_settling_is_not_a_solution():
 
 
 async def test_cancelling_solve_while_a_stream_settles_leaves_nothing_running():
-    """A stream that was behind at the cut is waited on for a live chunk; cancelling
-    ``solve`` then must end it cleanly (no ExceptionGroup, no task left)."""
+    """A stream that was cut but whose server neither sends nor closes keeps the settle
+    waiting (up to cut_grace); cancelling ``solve`` then must end it cleanly (no
+    ExceptionGroup, no task left)."""
     from contextlib import asynccontextmanager
 
-    from orchestrator.backends.base import TextDelta, UsageReport
+    from orchestrator.backends.base import Backend, EventStream, TextDelta, UsageReport
 
     stopped = asyncio.Event()
-    waiting_live = asyncio.Event()
+    waiting = asyncio.Event()
 
     def on_stop(event):
         if isinstance(event, DecisionMade) and any(isinstance(d, Stop) for d in event.decisions):
             stopped.set()
 
-    class Backlogged:
-        cut_grace = 30.0
+    class Deaf(Backend):
+        cut_grace = 3600.0
 
         def __init__(self) -> None:
             self.calls = 0
             self.closed_streams = 0
+            self.cuts = 0
+
+        def cut(self) -> None:
+            self.cuts += 1
 
         @asynccontextmanager
         async def stream(self, request):
@@ -523,15 +535,14 @@ async def test_cancelling_solve_while_a_stream_settles_leaves_nothing_running():
                 yield TextDelta(0, " w", 1)
                 yield UsageReport(3, 1, final=False)
                 await stopped.wait()
-                for i in range(1, 5):  # a backlog at the cut: all of it already received
-                    yield TextDelta(0, " w", 1)
-                    yield UsageReport(3, i + 1, final=False)
-                waiting_live.set()
-                await asyncio.sleep(3600)  # then silence: the settle waits for a live chunk
+                yield TextDelta(0, " w", 1)  # the step after the Stop: then the cut
+                yield UsageReport(3, 2, final=False)
+                waiting.set()
+                await asyncio.sleep(3600)  # the server ignores the cut
 
             gen = events()
             try:
-                yield gen
+                yield EventStream(gen, self.cut)
             finally:
                 await gen.aclose()
                 self.closed_streams += 1
@@ -539,14 +550,182 @@ async def test_cancelling_solve_while_a_stream_settles_leaves_nothing_running():
         async def aclose(self) -> None:
             pass
 
-    backend = Backlogged()
+    backend = Deaf()
     task = asyncio.create_task(solve(PROBLEM, StopAtFirst(2), backend=backend, task=TASK,
                                      max_n=1, sinks=[on_stop]))
-    await asyncio.wait_for(waiting_live.wait(), 5)
-    await asyncio.sleep(0.05)
-    assert not task.done()  # settling: the backlog read, waiting for a live chunk
+    await asyncio.wait_for(waiting.wait(), 30)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not task.done() and backend.cuts == 1  # cut after its step, waiting for its end
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert backend.closed_streams == 2
     assert other_tasks() == set()
+
+
+# ---- one error surface -------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda: Budget(tokens=0),
+    lambda: Budget(requests=-1),
+    lambda: Budget(cost_units=float("nan")),
+    lambda: Budget(tokens=True),
+    lambda: __import__("orchestrator.ledger", fromlist=["RunBudget"]).RunBudget(0),
+    lambda: __import__("orchestrator.backends.base", fromlist=["GenerationRequest"])
+    .GenerationRequest(kind="solve", max_tokens=0, prompt="q"),
+    lambda: __import__("orchestrator.backends.base", fromlist=["GenerationRequest"])
+    .GenerationRequest(kind="solve", max_tokens=8),
+])
+def test_every_validation_is_a_config_error_and_still_a_value_error(make):
+    from orchestrator.errors import SolverifyError
+
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert isinstance(info.value, SolverifyError) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("make", [lambda: Sample(0), lambda: Sample(1.5), lambda: Sample(True)])
+def test_a_bad_decision_is_a_policy_error(make):
+    with pytest.raises(PolicyError):
+        make()
+
+
+async def test_a_policy_returning_a_bare_decision_is_a_policy_error():
+    @dataclass(frozen=True)
+    class Bare:
+        spec: str = "bare"
+
+        def decide(self, s):
+            return Stop(None, "no list")
+
+    with pytest.raises(PolicyError, match="not a sequence of decisions"):
+        await solve(PROBLEM, Bare(), backend=FakeBackend(scripted([FakeReply.text("a")])),
+                    task=TASK)
+
+
+class _Bug(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _BuggyGrader:
+    where: str
+
+    def extract(self, text):
+        if self.where == "extract":
+            raise _Bug("extract")
+        return text.split()[-1]
+
+    def key(self, answer):
+        return answer
+
+    def is_correct(self, answer, problem):
+        if self.where == "is_correct":
+            raise _Bug("is_correct")
+        return answer == problem.answer
+
+
+@pytest.mark.parametrize("where", ["policy", "extract", "is_correct", "solve_request"])
+@pytest.mark.parametrize("batch", [False, True])
+async def test_a_bug_in_user_code_surfaces_as_itself_with_a_note(where, batch):
+    """Policy, grader (inside a request task) and task bugs all come out of solve and
+    run_batch the same way: the exception itself, not an ExceptionGroup, with a note
+    naming the code and the problem; nothing is left running."""
+    from dataclasses import replace
+
+    @dataclass(frozen=True)
+    class BuggyPolicy:
+        spec: str = "buggy"
+
+        def decide(self, s):
+            if where == "policy" and s.solutions:
+                raise _Bug("policy")
+            return [Stop(s.solutions[0].answer, "x", s.solutions[0].key)] if s.solutions \
+                else ([] if s.samples_launched else [Sample(2)])
+
+    @dataclass(frozen=True)
+    class BuggyTask(WordTask):
+        def solve_request(self, problem, n):
+            if where == "solve_request" and n == 2:
+                raise _Bug("solve_request")
+            return super().solve_request(problem, n)
+
+    task = BuggyTask(grader=_BuggyGrader(where)) if where != "policy" else TASK
+    backend = FakeBackend(scripted([FakeReply.text("one two three")]))
+    problem = replace(PROBLEM, answer="three")
+    with pytest.raises(_Bug) as info:
+        if batch:
+            await run_batch([problem], BuggyPolicy(), backend=backend, task=task)
+        else:
+            await solve(problem, BuggyPolicy(), backend=backend, task=task)
+    assert str(info.value) == where
+    assert any(f"on problem {problem.id!r}" in note for note in info.value.__notes__)
+    assert other_tasks() == set()
+
+
+async def test_an_object_that_is_not_a_backend_is_a_config_error():
+    class NoGrace:
+        def stream(self, request): ...
+
+        async def aclose(self): ...
+
+    with pytest.raises(ConfigError, match="cut_grace"):
+        await solve(PROBLEM, StopAtFirst(1), backend=NoGrace(), task=TASK)
+
+
+# ---- run_batch: lazy problem tasks, results not held -------------------------------------
+async def test_run_batch_makes_a_problem_task_only_when_it_may_start():
+    problems = [Problem(id=f"q{i}", problem="q", answer="three") for i in range(12)]
+    alive: list[int] = []
+
+    def count(event):
+        if isinstance(event, ProblemStarted):
+            alive.append(sum(1 for t in asyncio.all_tasks()
+                             if t.get_name().startswith("problem:")))
+
+    backend = FakeBackend(scripted([FakeReply.text("one two three")]))
+    got: list[str] = []
+    results = await run_batch(problems, StopAtFirst(1), backend=backend, task=TASK,
+                              problems_in_flight=3, sinks=[count],
+                              on_result=lambda r: got.append(r.problem.id))
+    assert len(alive) == 12 and max(alive) == 3
+    assert [r.problem.id for r in results] == [p.id for p in problems]
+    assert sorted(got) == sorted(p.id for p in problems)
+
+
+async def test_run_batch_without_keeping_results_hands_each_to_on_result_only():
+    problems = [Problem(id=f"q{i}", problem="q", answer="three") for i in range(5)]
+    backend = FakeBackend(scripted([FakeReply.text("one two three")]))
+    got = []
+    results = await run_batch(problems, StopAtFirst(1), backend=backend, task=TASK,
+                              on_result=got.append, keep_results=False)
+    assert results == [] and sorted(r.problem.id for r in got) == [p.id for p in problems]
+
+
+def test_the_run_summary_adds_up_what_the_results_hold():
+    from orchestrator.result import RunSummary
+
+    async def run():
+        backend = FakeBackend(scripted([FakeReply.text("one two three"),
+                                        FakeReply.text("x", fail_after=0,
+                                                       error=StreamBroken("boom")),
+                                        FakeReply.text("yes")]))
+        return await run_batch([Problem(id=f"q{i}", problem="q", answer="three")
+                                for i in range(3)], GenRM(2, 1), backend=backend,
+                               task=TASK, max_n=1)
+
+    results = asyncio.run(run())
+    tally = RunSummary()
+    for r in results:
+        tally.add(r)
+    d = tally.as_dict(1.234)
+    assert d["problems"] == 3 and d["wall_s"] == 1.23
+    assert d["completion_tokens"] == sum(r.usage.completion_tokens for r in results)
+    assert d["solutions"] == sum(len(r.solutions) for r in results)
+    assert d["verifications"] == sum(len(r.verifications) for r in results)
+    sol = [s.completion_tokens for r in results for s in r.solutions]
+    ver = [v.completion_tokens for r in results for v in r.verifications]
+    assert d["lambda"] == (sum(ver) / len(ver)) / (sum(sol) / len(sol))
+    assert d["failed_samples"] == sum(1 for r in results for f in r.failed
+                                      if f.reason == "failed")
+    assert d["accuracy"] == sum(bool(r.correct) for r in results) / 3

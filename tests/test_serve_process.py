@@ -166,12 +166,39 @@ def test_demo_stopped_by_a_signal_keeps_results_and_leaves_no_server(
     assert "server stopped" in stderr and "interrupted" in stderr
 
 
-def test_thread_defaults_pin_one_openmp_thread_on_two_cores(monkeypatch) -> None:
-    from orchestrator.serve.config import server_env, thread_env
+def test_auto_threads_pin_one_openmp_thread_on_a_busy_small_machine(monkeypatch) -> None:
+    from orchestrator.serve.config import BUSY_LOAD_PER_CPU, server_env, thread_env
 
-    assert thread_env([0, 1]) == {"VLLM_CPU_OMP_THREADS_BIND": "1"}
-    assert thread_env([3]) == {"VLLM_CPU_OMP_THREADS_BIND": "3"}
-    assert thread_env(list(range(8))) == {}  # more cores: vLLM's own binding
+    busy, quiet = 2 * BUSY_LOAD_PER_CPU, 0.99 * 2 * BUSY_LOAD_PER_CPU
+    assert thread_env([0, 1], load=busy) == {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+    assert thread_env([0, 1], load=quiet) == {}  # quiet: vLLM's two threads
+    assert thread_env([3], load=BUSY_LOAD_PER_CPU) == {"VLLM_CPU_OMP_THREADS_BIND": "3"}
+    assert thread_env(list(range(8)), load=50.0) == {}  # more cores: vLLM's own binding
+    assert thread_env([0, 1], "one", load=0.0) == {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+    assert thread_env(list(range(8)), "one") == {"VLLM_CPU_OMP_THREADS_BIND": "7"}
+    assert thread_env([0, 1], "all", load=9.0) == {}
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
     assert server_env()["VLLM_CPU_OMP_THREADS_BIND"] == "auto"  # the user's setting wins
     assert "VLLM_CPU_OMP_THREADS_BIND" not in server_env({"VLLM_CPU_OMP_THREADS_BIND": ""})
+
+
+def test_the_thread_choice_is_said_and_recorded(tmp_path, monkeypatch) -> None:
+    """What was chosen is made at start from the load then, in words, and a bad choice
+    is refused when the server is made, not when it starts."""
+    from orchestrator.serve import ServeError, ServerPaths, VLLMServer
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.5, 7.0, 6.0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    server = VLLMServer(ServerPaths.at(tmp_path), port=1)
+    env = server.environment()
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert "machine busy: load 7.5 on 2 CPUs" in server.threads_note
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.3, 0.4))
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in server.environment()
+    assert "machine quiet" in server.threads_note
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    server.environment()
+    assert server.threads_note == "VLLM_CPU_OMP_THREADS_BIND=0 (from the environment)"
+    with pytest.raises(ServeError, match="--threads"):
+        VLLMServer(ServerPaths.at(tmp_path), port=1, threads="many")

@@ -17,21 +17,28 @@ Token accounting contract
   to the last chunk received.
 * Retries happen inside the backend only before the first event of a stream has been
   yielded; after that a failure raises :class:`~orchestrator.errors.StreamBroken`.
-* Optional ``cut_grace`` attribute (seconds): a backend whose server counts tokens that
-  may still be on their way when a stream is closed (a real HTTP server) sets it > 0, and
-  the runtime then settles each stream it stops before closing it (read to the end of the
-  next burst of chunks, waiting at most ``cut_grace``; see :mod:`orchestrator.runtime`).
-  Backends that count only what they hand over (fake, replay) leave it out: their streams
-  are cancelled at once.
+* ``cut_grace`` (seconds, :class:`Backend` default 0): a backend whose server counts
+  tokens that may still be on their way when a stream is closed (a real HTTP server) sets
+  it > 0, and the runtime then *settles* each stream it stops instead of closing it at
+  once (:mod:`orchestrator.reader`): it reads the stream to the end of its next engine
+  step, then, if the stream is an :class:`EventStream` that can be cut, calls
+  :meth:`EventStream.cut` (the server is asked to stop; the HTTP backend half-closes the
+  connection) and reads every event the server still sends until the stream ends.
+  ``cut_grace`` bounds the wait for that next step: a stream whose step has not come by
+  then is cut at once (one that cannot be cut is cancelled). A cut stream is read until
+  it ends, which the backend must ensure happens (the server closes it, or the backend's
+  own idle timeout ends it). Backends that count only what they hand over (replay) keep
+  0: their streams are cancelled at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from orchestrator.errors import ConfigError
 from orchestrator.types import RequestKind, TokenLogprob
 
 
@@ -62,11 +69,12 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("GenerationRequest needs exactly one of prompt= or messages=")
-        if self.n < 1:
-            raise ValueError(f"GenerationRequest.n must be >= 1, got {self.n}")
-        if self.max_tokens < 1:
-            raise ValueError(f"GenerationRequest.max_tokens must be >= 1, got {self.max_tokens}")
+            raise ConfigError("GenerationRequest needs exactly one of prompt= or messages=")
+        if not _positive_int(self.n):
+            raise ConfigError(f"GenerationRequest.n must be an integer >= 1, got {self.n!r}")
+        if not _positive_int(self.max_tokens):
+            raise ConfigError(f"GenerationRequest.max_tokens must be an integer >= 1, "
+                              f"got {self.max_tokens!r}")
 
     @property
     def endpoint(self) -> str:
@@ -102,9 +110,65 @@ class UsageReport:
 StreamEvent = TextDelta | UsageReport
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+class EventStream:
+    """A stream's events, and a way to *cut* it: ask the server to stop generating while
+    what it already sent stays readable; the stream then ends (``StopAsyncIteration``, or
+    the backend's error for a connection closed mid-body) once the server has stopped.
+
+    A backend whose ``cut_grace`` is > 0 yields one from :meth:`Backend.stream` so the
+    runtime can end a stopped stream exactly where the server's count ends (module
+    docstring). ``cut`` is called at most once, synchronously; ``None``: the stream cannot
+    be cut (the runtime closes it after the step it reads).
+    """
+
+    __slots__ = ("_cut", "_events", "cut_requested")
+
+    def __init__(self, events: AsyncIterator[StreamEvent],
+                 cut: Callable[[], None] | None = None) -> None:
+        self._events = events
+        self._cut = cut
+        #: :meth:`cut` was called
+        self.cut_requested = False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    def __anext__(self):  # the wrapped iterator's awaitable, handed on as is
+        return self._events.__anext__()
+
+    @property
+    def cuttable(self) -> bool:
+        return self._cut is not None
+
+    def cut(self) -> None:
+        """Ask the server to stop this stream (once; a no-op when it cannot be cut)."""
+        if self.cut_requested or self._cut is None:
+            return
+        self.cut_requested = True
+        self._cut()
+
+    async def aclose(self) -> None:
+        if isinstance(self._events, AsyncGenerator | EventStream):
+            await self._events.aclose()
+
+
 @runtime_checkable
 class Backend(Protocol):
-    """What the runtime needs from a model server."""
+    """What the runtime needs from a model server.
+
+    Subclass it (``class MyBackend(Backend)``) to inherit the defaults; the runtime
+    refuses, with a :class:`~orchestrator.errors.ConfigError`, an object that lacks any
+    of its members.
+    """
+
+    #: seconds the runtime waits for a stopped stream's next step before cutting it anyway
+    #: (module docstring); 0: the server counts only what it hands over, so stopped
+    #: streams are cancelled at once
+    cut_grace: float = 0.0
 
     def stream(
         self, request: GenerationRequest

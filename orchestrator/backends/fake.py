@@ -8,6 +8,11 @@ test sets the event, so tests decide the order in which things happen without sl
 
 The backend counts, like a server's ``/metrics``, the tokens it actually generated and the
 streams open right now, so tests can compare the ledger with the "server's" own numbers.
+
+``cut_grace > 0`` makes it behave like a server the runtime must settle a stopped stream
+with (:mod:`orchestrator.reader`): its streams can then be cut, and a cut stream generates
+no token after the one in progress (a held one is released) and ends with its closing
+usage chunk.
 """
 
 from __future__ import annotations
@@ -18,8 +23,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from orchestrator.backends.base import GenerationRequest, StreamEvent, TextDelta, UsageReport
-from orchestrator.errors import BackendError, StreamBroken
+from orchestrator.backends.base import (
+    Backend,
+    EventStream,
+    GenerationRequest,
+    StreamEvent,
+    TextDelta,
+    UsageReport,
+)
+from orchestrator.errors import BackendError, ConfigError, StreamBroken
 from orchestrator.types import TokenLogprob
 
 _TOKEN_RE = re.compile(r"\s*\S+|\s+")
@@ -60,27 +72,30 @@ Responder = Callable[[GenerationRequest, int], FakeReply]
 
 
 @dataclass
-class FakeBackend:
+class FakeBackend(Backend):
     """In-memory :class:`~orchestrator.backends.base.Backend`.
 
     ``usage``: ``"continuous"`` (running usage after each token and a final chunk),
     ``"final"`` (only the closing usage chunk), or ``"none"`` (no usage: deltas carry
-    estimated counts).
+    estimated counts). ``cut_grace``: see the module docstring.
     """
 
     responder: Responder
     usage: str = "continuous"
+    cut_grace: float = 0.0
     requests: list[GenerationRequest] = field(default_factory=list)
     generated_tokens: int = 0
     open_streams: int = 0
     max_open_streams: int = 0
     closed_streams: int = 0
     aborted_streams: int = 0
+    #: streams the runtime cut (asked to stop) before they ended
+    cut_streams: int = 0
     closed: bool = False
 
     def __post_init__(self) -> None:
         if self.usage not in ("continuous", "final", "none"):
-            raise ValueError(f"usage must be continuous, final or none, got {self.usage!r}")
+            raise ConfigError(f"usage must be continuous, final or none, got {self.usage!r}")
 
     @asynccontextmanager
     async def stream(self, request: GenerationRequest) -> AsyncIterator[AsyncIterator[StreamEvent]]:
@@ -94,6 +109,14 @@ class FakeBackend:
         self.open_streams += 1
         self.max_open_streams = max(self.max_open_streams, self.open_streams)
         finished = False
+        stopped = False  # cut: generate nothing more
+        aborted = asyncio.Event()
+
+        def cut() -> None:
+            nonlocal stopped
+            stopped = True
+            aborted.set()
+            self.cut_streams += 1
 
         async def events() -> AsyncIterator[StreamEvent]:
             nonlocal finished
@@ -107,13 +130,18 @@ class FakeBackend:
             pos = [0] * n
             total = 0
             held = reply.hold is None
-            while any(pos[i] < len(scripts[i]) for i in range(n)):
+            while not stopped and any(pos[i] < len(scripts[i]) for i in range(n)):
                 if not held and all(pos[i] >= min(reply.hold_after, len(scripts[i]))
                                     for i in range(n)):
                     assert reply.hold is not None
-                    await reply.hold.wait()
+                    if self.cut_grace > 0:  # a cut ends the wait, as an abort would
+                        await _first_of(reply.hold, aborted)
+                    else:
+                        await reply.hold.wait()
                     held = True
                 for i in range(n):
+                    if stopped:
+                        break
                     if pos[i] >= len(scripts[i]):
                         continue
                     if not held and pos[i] >= reply.hold_after:
@@ -141,11 +169,11 @@ class FakeBackend:
                         yield UsageReport(reply.prompt_tokens, total, final=False)
             if self.usage != "none":
                 yield UsageReport(reply.prompt_tokens, total, final=True)
-            finished = True
+            finished = all(pos[i] >= len(scripts[i]) for i in range(n))
 
         gen = events()
         try:
-            yield gen
+            yield EventStream(gen, cut) if self.cut_grace > 0 else gen
         finally:
             await gen.aclose()
             self.open_streams -= 1
@@ -157,6 +185,17 @@ class FakeBackend:
         self.closed = True
 
 
+async def _first_of(*events: asyncio.Event) -> None:
+    """Wait until one of ``events`` is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+
+
 def scripted(replies: Sequence[FakeReply] | Callable[[GenerationRequest, int], FakeReply]
              ) -> Responder:
     """A responder from a list (request i gets ``replies[i]``; the last one repeats)."""
@@ -164,7 +203,7 @@ def scripted(replies: Sequence[FakeReply] | Callable[[GenerationRequest, int], F
         return replies
     items = list(replies)
     if not items:
-        raise ValueError("scripted() needs at least one reply")
+        raise ConfigError("scripted() needs at least one reply")
 
     def respond(request: GenerationRequest, index: int) -> FakeReply:
         return items[min(index, len(items) - 1)]

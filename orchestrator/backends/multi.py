@@ -85,7 +85,7 @@ def rendezvous_order(key: str, names: Sequence[str]) -> list[int]:
     return sorted(range(len(names)), key=weight, reverse=True)
 
 
-class MultiBackend:
+class MultiBackend(Backend):
     """One :class:`Backend` over several replicas serving the same model.
 
     ``names`` label the replicas in stats and logs (default: each child's ``base_url``,
@@ -103,6 +103,11 @@ class MultiBackend:
     ) -> None:
         if not backends:
             raise ConfigError("MultiBackend needs at least one backend")
+        for b in backends:
+            if not isinstance(b, Backend):
+                raise ConfigError(f"MultiBackend replica {b!r} is not a Backend: it needs "
+                                  "stream(request), aclose() and cut_grace (subclass "
+                                  "orchestrator.backends.base.Backend)")
         if names is not None and len(names) != len(backends):
             raise ConfigError(f"MultiBackend got {len(backends)} backends but {len(names)} names")
         if not cooldown >= 0:
@@ -117,7 +122,7 @@ class MultiBackend:
         self._stats = [ReplicaStats(n) for n in labels]
         self._cooldown = cooldown
         self._clock = clock
-        self.cut_grace = max(float(getattr(b, "cut_grace", 0.0) or 0.0) for b in backends)
+        self.cut_grace = max(b.cut_grace for b in backends)
 
     # ---- routing & health ---------------------------------------------------------------
     def _now(self) -> float:

@@ -26,7 +26,11 @@ Token counts (see :mod:`orchestrator.backends.base` for the contract):
   ``--enable-prompt-tokens-details``) becomes ``UsageReport.cached_prompt_tokens``.
 * ``cut_grace`` (default :data:`DEFAULT_CUT_GRACE`) tells the runtime to settle a stream it
   stops instead of closing it at once, because the server has counted tokens still on
-  their way (see :mod:`orchestrator.runtime`, "Cutting a stream exactly").
+  their way (see :mod:`orchestrator.reader`, "Cutting a stream exactly"). Streams are
+  :class:`~orchestrator.backends.base.EventStream` objects whose ``cut()`` half-closes the
+  connection (``shutdown(SHUT_WR)``): the server sees the client's end of input, aborts
+  the request and closes its side once what it wrote is flushed, so the runtime reads
+  every token the server sent and no more are generated.
 
 Streams are read as raw server-sent events (``with_streaming_response``), so that a
 malformed ``data:`` line (not JSON, truncated JSON) is a *broken stream* like a cut
@@ -47,6 +51,12 @@ stream, the same on its retries) and ``X-Solverify-Attempt`` headers, so a proxy
 log can tell a retry from a new request.
 
 Errors are translated at this boundary into :mod:`orchestrator.errors`, with ``from exc``.
+
+The parts, one module each: :mod:`~orchestrator.backends.openai_wire` (SSE lines -> chunks ->
+events), :mod:`~orchestrator.backends.openai_caps` (the probe, and downgrading on a 400),
+:mod:`~orchestrator.backends.openai_errors` (the one table of error translations). This
+module sends the requests, retries them and reads the streams; n-emulation is the last
+section of the class and of the module.
 """
 
 from __future__ import annotations
@@ -56,33 +66,50 @@ import dataclasses
 import itertools
 import json
 import math
-import re
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from fractions import Fraction
 from typing import Any, Literal, TypeVar
 
 import openai
 import structlog
 import tenacity
-from asyncio_throttle import Throttler
 
+from orchestrator import defaults
 from orchestrator.backends.base import (
+    Backend,
     Capabilities,
+    EventStream,
     GenerationRequest,
     StreamEvent,
     TextDelta,
     UsageReport,
 )
+from orchestrator.backends.openai_caps import downgraded, probe_kwargs, run_probe
+from orchestrator.backends.openai_errors import (
+    Failure,
+    Malformed,
+    describe,
+    error_message,
+    translate,
+    translate_deadline,
+)
+from orchestrator.backends.openai_wire import (
+    ChunkDecoder,
+    RawResponse,
+    SSEReader,
+    blind,
+    carries_tokens,
+    close_quietly,
+    parse_chunk,
+    probe_tokens,
+    snippet,
+)
 from orchestrator.errors import (
     BackendError,
     ConfigError,
-    EndpointUnreachable,
-    ModelNotFound,
     RequestRejected,
-    RetriesExhausted,
     StreamBroken,
 )
 from orchestrator.redact import redact_text, redact_url, secrets_of_url
@@ -93,11 +120,8 @@ from orchestrator.retry import (
     RETRY_AFTER_CAP,
     MalformedStream,
     build_retrying,
-    is_connection_error,
-    is_retryable_status,
-    status_code_of,
+    make_throttler,
 )
-from orchestrator.types import TokenLogprob
 
 __all__ = ["OpenAIBackend"]
 
@@ -106,30 +130,22 @@ T = TypeVar("T")
 
 _log = structlog.get_logger(__name__)
 
-DEFAULT_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = defaults.REQUEST_TIMEOUT_S
 """Request deadline (s): a stream's first event, retries included, or a small call's answer."""
 
-DEFAULT_IDLE_TIMEOUT = 20.0
+DEFAULT_IDLE_TIMEOUT = defaults.IDLE_TIMEOUT_S
 """Seconds a stream (or any response) may send no bytes before it counts as broken."""
 
-CONNECT_TIMEOUT = 10.0
+CONNECT_TIMEOUT = defaults.CONNECT_TIMEOUT_S
 """Seconds to establish a connection."""
 
-DEFAULT_CUT_GRACE = 1.0
+DEFAULT_CUT_GRACE = defaults.CUT_GRACE_S
 """Seconds the runtime waits for a stopped stream's next chunk before cancelling it."""
 
-PROBE_TOP_LOGPROBS: tuple[int, ...] = (20, 5, 1)
+PROBE_TOP_LOGPROBS = defaults.PROBE_TOP_LOGPROBS
 """``top_logprobs`` values the probe tries, largest first."""
 
-_PROBE_PROMPT = "Say OK."
-_DRAIN_S = 1.0  # the most a finished stream is read on after its [DONE]
 _MERGE_QUEUE_SIZE = 256
-_NEVER_CONNECTED = frozenset({"ConnectError", "ConnectTimeout", "gaierror"})
-_MODEL_MISSING = re.compile(
-    r"model\b.*\b(does not exist|not found|not exist|unknown|is not (served|available))"
-    r"|(unknown|invalid|no such) model",
-    re.IGNORECASE | re.DOTALL,
-)
 
 
 #: the header carrying ``GenerationRequest.affinity`` (the problem id): the first of the
@@ -139,7 +155,7 @@ AFFINITY_HEADER = "X-Session-ID"
 SOLUTION_HEADER = "X-Solverify-Solution"
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     """A :class:`~orchestrator.backends.base.Backend` for an OpenAI-compatible endpoint.
 
     ``capabilities=None`` makes the backend :meth:`probe` the endpoint on first use.
@@ -211,7 +227,7 @@ class OpenAIBackend:
         #: completion tokens the capability probe made the server generate (charged to no
         #: problem; the CLI prints them so a server-side count can be reconciled)
         self.probe_completion_tokens = 0
-        self._throttler = _make_throttler(rate_limit)
+        self._throttler = make_throttler(rate_limit)
         self._closed = False
         self.cut_grace = cut_grace
 
@@ -287,7 +303,7 @@ class OpenAIBackend:
             what = "JSON without a 'data' list" if body is not None else "not JSON"
             raise RequestRejected(
                 f"GET {self._base_url}/models answered {response.status_code} with {kind}, "
-                f"{what} ({_snippet(text)}): this does not look like an OpenAI-compatible "
+                f"{what} ({snippet(text)}): this does not look like an OpenAI-compatible "
                 f"API{self._v1_hint()}",
                 status_code=response.status_code,
             )
@@ -339,12 +355,12 @@ class OpenAIBackend:
         opened = await self._open(request)
         events = self._events(opened)
         try:
-            yield events
+            yield EventStream(events, opened.response.half_close)
         finally:
             try:
                 await events.aclose()
             finally:
-                await _close_quietly(opened.response)
+                await close_quietly(opened.response)
 
     async def _open(self, request: GenerationRequest) -> _Opened:
         """Send the request and read up to its first event, retrying failures."""
@@ -367,8 +383,8 @@ class OpenAIBackend:
                     raise
                 continue
             break
-        sse = _SSE(response)
-        decoder = _ChunkDecoder(n=request.n, chat=request.endpoint == "chat")
+        sse = SSEReader.of(response)
+        decoder = ChunkDecoder(n=request.n, chat=request.endpoint == "chat")
         opened = _Opened(response, sse, [], decoder)
         try:
             while not opened.first:
@@ -378,13 +394,13 @@ class OpenAIBackend:
                     break
                 try:
                     chunk = self._parse(item)
-                except _Malformed as exc:
+                except Malformed as exc:
                     opened.malformed = opened.malformed or exc
                     continue
                 events = opened.decoder.feed(chunk)
                 if opened.malformed is not None:
-                    events = [_blind(e) for e in events]
-                    if not any(_carries_tokens(e) for e in events):
+                    events = [blind(e) for e in events]
+                    if not any(carries_tokens(e) for e in events):
                         opened.held.extend(events)  # no token yet: a retry is still clean
                         continue
                 opened.first = opened.held + events
@@ -393,25 +409,13 @@ class OpenAIBackend:
                     f"stream from {self._base_url} sent malformed data before its first "
                     f"token: {opened.malformed}")
         except BaseException:
-            await _close_quietly(response)
+            await close_quietly(response)
             raise
         return opened
 
     def _parse(self, item: tuple[str | None, str]) -> dict[str, Any]:
-        """One SSE event's data as a chunk; :class:`_Malformed` when it is not a JSON
-        object; an error the server sent in the stream raises :class:`_ServerSaid`."""
-        event, data = item
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            chunk = None
-        if not isinstance(chunk, dict):
-            raise _Malformed(f"unreadable data line ({_snippet(data)})")
-        error = chunk.get("error")
-        if error or event == "error":
-            message = error.get("message") if isinstance(error, dict) else error
-            raise _ServerSaid(self._scrub(str(message or _snippet(data))))
-        return chunk
+        """One SSE event's data as a chunk (see :func:`~.openai_wire.parse_chunk`)."""
+        return parse_chunk(item, self._scrub)
 
     async def _events(self, opened: _Opened) -> AsyncIterator[StreamEvent]:
         for event in opened.first:
@@ -424,16 +428,16 @@ class OpenAIBackend:
                 if item is None:
                     break
                 chunk = self._parse(item)
-            except _Malformed as exc:
+            except Malformed as exc:
                 malformed = malformed or exc  # read on: what follows is still charged
                 continue
             except Exception as exc:
                 raise StreamBroken(self._scrub(
                     f"stream from {self._base_url} broke after {count} event(s): "
-                    f"{_describe(exc)}")) from exc
+                    f"{describe(exc)}")) from exc
             for event in opened.decoder.feed(chunk):
                 count += 1
-                yield _blind(event) if malformed is not None else event
+                yield blind(event) if malformed is not None else event
         if malformed is not None:
             raise StreamBroken(
                 f"stream from {self._base_url} carried malformed data: {malformed}; it was "
@@ -487,146 +491,33 @@ class OpenAIBackend:
         """Send a streaming request; returns the open raw response (status checked)."""
         api = self._client.chat.completions if endpoint == "chat" else self._client.completions
         manager = api.with_streaming_response.create(**kwargs)
-        return _RawResponse(manager, await manager.__aenter__())
+        return RawResponse(manager, await manager.__aenter__())
 
     def _downgrade(
         self, exc: openai.BadRequestError, request: GenerationRequest, caps: Capabilities
     ) -> bool:
         """Remember what a 400 says the server does not support; True to send again."""
-        message = _error_message(exc).lower()
-        new: Capabilities | None = None
-        if caps.stream_usage and caps.continuous_usage and "continuous_usage_stats" in message:
-            new = dataclasses.replace(caps, continuous_usage=False)
-        elif caps.stream_usage and "stream_options" in message:
-            new = dataclasses.replace(caps, stream_usage=False, continuous_usage=False)
-        elif request.top_logprobs is not None and caps.logprobs and "logprob" in message:
-            asked = request.top_logprobs
-            if caps.max_top_logprobs is not None:
-                asked = min(asked, caps.max_top_logprobs)
-            lower = [k for k in PROBE_TOP_LOGPROBS if k < asked]
-            if lower:
-                new = dataclasses.replace(caps, max_top_logprobs=lower[0])
-            else:
-                new = dataclasses.replace(caps, logprobs=False, max_top_logprobs=None)
+        new = downgraded(caps, error_message(exc), top_logprobs=request.top_logprobs)
         if new is None:
             return False
         _log.warning(
             "backend.downgrade",
             base_url=self._base_url,
             model=self._model,
-            reason=_error_message(exc),
+            reason=error_message(exc),
             capabilities=list(new.describe()),
         )
         self._caps = new
         return True
 
-    # ------------------------------------------------------------------ n emulation
-    @asynccontextmanager
-    async def _emulated_n(
-        self, request: GenerationRequest
-    ) -> AsyncIterator[AsyncIterator[StreamEvent]]:
-        """``n`` single-choice streams run concurrently and merged, choices renumbered.
-        A seeded request gives stream ``i`` the seed ``seed + i`` so the choices differ.
-
-        The pumps never raise (they hand failures to the merger), so the TaskGroup only
-        ever sees cancellation; the consumer's own exception is held while the group is
-        left and re-raised afterwards, unwrapped.
-        """
-        queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]] = asyncio.Queue(
-            _MERGE_QUEUE_SIZE
-        )
-        held: BaseException | None = None
-        async with asyncio.TaskGroup() as group:
-            pumps = [
-                group.create_task(self._pump(_single_choice(request, i), i, queue))
-                for i in range(request.n)
-            ]
-            merged = _merge(queue, request.n, self._base_url)
-            try:
-                yield merged
-            except BaseException as exc:
-                held = exc
-            finally:
-                for pump in pumps:
-                    pump.cancel()
-                await merged.aclose()
-        if held is not None:
-            raise held
-
-    async def _pump(
-        self,
-        request: GenerationRequest,
-        index: int,
-        queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]],
-    ) -> None:
-        try:
-            async with self._one_stream(request) as events:
-                async for event in events:
-                    await queue.put((index, event))
-        except Exception as exc:
-            await queue.put((index, exc))
-        else:
-            await queue.put((index, None))
-
     # ------------------------------------------------------------------ probe
     async def _run_probe(self, endpoint: Endpoint) -> Capabilities:
-        n = 2
-        options: dict[str, bool] | None = {"include_usage": True, "continuous_usage_stats": True}
-        while True:
-            try:
-                chunks = await self._probe_call(endpoint, n=n, stream_options=options)
-                break
-            except RequestRejected as exc:
-                message = _error_message(exc.__cause__ or exc).lower()
-                if exc.status_code != 400:
-                    raise
-                if (
-                    options
-                    and "continuous_usage_stats" in options
-                    and ("continuous_usage_stats" in message)
-                ):
-                    options = {"include_usage": True}
-                elif options is not None and "stream_options" in message:
-                    options = None
-                elif n > 1 and re.search(r"\bn\b", message):
-                    n = 1
-                else:
-                    raise
-        indices = {_int(_get(c, "index", 0)) for ch in chunks for c in _get(ch, "choices", [])}
-        n_ok = n > 1 and len(indices) >= n
-        usage_ok = any(_get(ch, "usage") is not None and not _get(ch, "choices") for ch in chunks)
-        continuous_ok = any(_get(ch, "usage") is not None and _get(ch, "choices")
-                            for ch in chunks)
-        # a server that counts on every chunk also closes with a count: a probe stream
-        # that lost its closing chunk (a flaky proxy) must not turn usage off for good
-        usage_ok = usage_ok or continuous_ok
+        async def call(*, n: int, stream_options: Mapping[str, bool] | None,
+                       top_logprobs: int | None = None) -> list[Any]:
+            return await self._probe_call(endpoint, n=n, stream_options=stream_options,
+                                          top_logprobs=top_logprobs)
 
-        logprobs_ok, max_top = False, None
-        for k in PROBE_TOP_LOGPROBS:
-            try:
-                chunks = await self._probe_call(endpoint, n=1, stream_options=None, top_logprobs=k)
-            except RequestRejected as exc:
-                if exc.status_code in (400, 422):
-                    continue
-                raise
-            decoder = _ChunkDecoder(n=1, chat=endpoint == "chat")
-            entries = [
-                lp
-                for ch in chunks
-                for ev in decoder.feed(ch)
-                if isinstance(ev, TextDelta)
-                for lp in ev.logprobs
-            ]
-            if entries:
-                logprobs_ok, max_top = True, k
-            break
-        return Capabilities(
-            n=n_ok,
-            stream_usage=usage_ok,
-            continuous_usage=continuous_ok,
-            logprobs=logprobs_ok,
-            max_top_logprobs=max_top,
-        )
+        return await run_probe(call, endpoint)
 
     async def _probe_call(
         self,
@@ -636,37 +527,25 @@ class OpenAIBackend:
         stream_options: Mapping[str, bool] | None,
         top_logprobs: int | None = None,
     ) -> list[Any]:
-        kwargs: dict[str, Any] = {"model": self._model, "stream": True, "max_tokens": 1}
-        if endpoint == "chat":
-            kwargs["messages"] = [{"role": "user", "content": _PROBE_PROMPT}]
-            if top_logprobs is not None:
-                kwargs["logprobs"] = True
-                kwargs["top_logprobs"] = top_logprobs
-        else:
-            kwargs["prompt"] = _PROBE_PROMPT
-            if top_logprobs is not None:
-                kwargs["logprobs"] = top_logprobs
-        if n != 1:
-            kwargs["n"] = n
-        if stream_options is not None:
-            kwargs["extra_body"] = {"stream_options": dict(stream_options)}
+        kwargs = probe_kwargs(self._model, endpoint, n=n, stream_options=stream_options,
+                              top_logprobs=top_logprobs)
 
         async def once() -> list[Any]:
             await self._throttle()
             response = await self._create(endpoint, kwargs)
             try:
-                sse = _SSE(response)
+                sse = SSEReader.of(response)
                 chunks = []
                 while (item := await sse.next()) is not None:
                     try:
                         chunks.append(self._parse(item))
-                    except _Malformed as exc:
+                    except Malformed as exc:
                         raise MalformedStream(f"probe stream sent malformed data: {exc}"
                                               ) from None
-                self.probe_completion_tokens += _probe_tokens(chunks, n, endpoint == "chat")
+                self.probe_completion_tokens += probe_tokens(chunks, n, endpoint == "chat")
                 return chunks
             finally:
-                await _close_quietly(response)
+                await close_quietly(response)
 
         return await self._with_retries(once)
 
@@ -697,17 +576,11 @@ class OpenAIBackend:
                 return await retrying(attempt)
         except BackendError:
             raise
-        except TimeoutError as exc:
-            within = f"within the {self._deadline:g} s request deadline (--timeout)"
-            if last is not None and _never_connected(last):
-                raise EndpointUnreachable(self._scrub(
-                    f"cannot reach {self._base_url} after {attempts} attempt(s) {within}: "
-                    f"{_describe(last)}")) from exc
-            tail = f"; last error: {_describe(last)}" if last is not None else ""
-            raise RetriesExhausted(self._scrub(
-                f"{self._base_url} (model {self._model!r}): no answer {within} after "
-                f"{attempts} attempt(s){tail}")) from exc
         except Exception as exc:
+            if isinstance(exc, TimeoutError) and self._deadline is not None:
+                raise self._scrubbed(translate_deadline(
+                    last, base_url=self._base_url, model=self._model, attempts=attempts,
+                    deadline=self._deadline)) from exc
             error = await self._translate(exc, attempts)
             raise error from exc
 
@@ -719,7 +592,7 @@ class OpenAIBackend:
             attempt=state.attempt_number,
             of=self._max_attempts,
             sleep=round(state.upcoming_sleep, 3),
-            error=self._scrub(_describe(exc)) if exc is not None else None,
+            error=self._scrub(describe(exc)) if exc is not None else None,
         )
 
     def _scrub(self, text: str) -> str:
@@ -727,47 +600,24 @@ class OpenAIBackend:
         return redact_text(text, self._secrets)
 
     async def _translate(self, exc: Exception, attempts: int) -> BackendError:
-        error = await self._translated(exc, attempts)
+        """The error users see for a failure that ended the retries (one table:
+        :data:`~.openai_errors.TRANSLATIONS`), without this backend's secrets."""
+        failure = Failure(exc, self._base_url, self._model, attempts, self._v1_hint())
+        return self._scrubbed(await translate(failure, self._served_models))
+
+    def _scrubbed(self, error: BackendError) -> BackendError:
         error.args = tuple(self._scrub(str(a)) for a in error.args)
         return error
 
-    async def _translated(self, exc: Exception, attempts: int) -> BackendError:
-        status = status_code_of(exc)
-        where = f"{self._base_url} (model {self._model!r})"
-        message = _error_message(exc)
-        if status is not None:
-            if _is_model_missing(status, exc):
-                return await self._model_not_found(message)
-            if is_retryable_status(status):
-                return RetriesExhausted(
-                    f"{where}: gave up after {attempts} attempt(s); last status {status}: {message}"
-                )
-            hint = self._v1_hint() if status == 404 else ""
-            return RequestRejected(f"{where} answered {status}: {message}{hint}",
-                                   status_code=status)
-        if _never_connected(exc):
-            return EndpointUnreachable(
-                f"cannot reach {self._base_url} after {attempts} attempt(s): {_describe(exc)}"
-            )
-        if is_connection_error(exc) or isinstance(exc, MalformedStream):
-            return RetriesExhausted(
-                f"{where}: gave up after {attempts} attempt(s); last error: {_describe(exc)}"
-            )
-        if isinstance(exc, _ServerSaid):
-            return RequestRejected(f"{where} sent an error in its stream: {exc}")
-        return RequestRejected(f"{where} failed: {_describe(exc)}")
-
-    async def _model_not_found(self, message: str) -> ModelNotFound:
-        available: list[str] | None = None
+    async def _served_models(self) -> list[str] | None:
+        """The models the endpoint lists, for a "model not served" message; None when the
+        lookup fails (a courtesy: its failure must not hide the real one)."""
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                available = await self._fetch_models()
-        except Exception as exc:  # a courtesy lookup: its failure must not hide the real one
-            _log.debug("backend.list_models_failed", error=_describe(exc))
-        served = f"; it serves: {', '.join(available)}" if available else ""
-        return ModelNotFound(
-            f"model {self._model!r} is not served at {self._base_url} ({message}){served}"
-        )
+                return await self._fetch_models()
+        except Exception as exc:
+            _log.debug("backend.list_models_failed", error=describe(exc))
+            return None
 
     # ------------------------------------------------------------------ helpers
     async def _throttle(self) -> None:
@@ -778,257 +628,88 @@ class OpenAIBackend:
         if self._closed:
             raise BackendError(f"{self!r} is closed")
 
+    # ------------------------------------------------------------------ n emulation
+    # Everything that emulates ``n`` on a server without it is here and in the functions
+    # after this class (``_merge``, ``_single_choice``): ``_emulated_n`` and ``_pump``.
+    @asynccontextmanager
+    async def _emulated_n(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+        """``n`` single-choice streams run concurrently and merged, choices renumbered.
+        A seeded request gives stream ``i`` the seed ``seed + i`` so the choices differ.
 
-# ---------------------------------------------------------------------- stream decoding
-class _Malformed(Exception):
-    """A data line that is not a JSON object (garbage, truncated JSON)."""
+        The pumps never raise (they hand failures to the merger), so the TaskGroup only
+        ever sees cancellation; the consumer's own exception is held while the group is
+        left and re-raised afterwards, unwrapped.
+        """
+        queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]] = asyncio.Queue(
+            _MERGE_QUEUE_SIZE
+        )
+        held: BaseException | None = None
+        streams: list[EventStream] = []  # the open single-choice streams, cut together
+        cut = [False]
 
+        def cut_all() -> None:
+            cut[0] = True
+            for one in streams:
+                one.cut()
 
-class _ServerSaid(Exception):
-    """An error object the server sent inside its stream."""
-
-
-class _RawResponse:
-    """An open streaming response and the context manager that closes it."""
-
-    __slots__ = ("_closed", "_manager", "response")
-
-    def __init__(self, manager: Any, response: Any) -> None:
-        self._manager = manager
-        self.response = response
-        self._closed = False
-
-    async def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._manager.__aexit__(None, None, None)
-
-
-class _SSE:
-    """Server-sent events of a response: ``(event, data)`` pairs; None at ``[DONE]`` or
-    at the end of the body. Transport failures (a cut, the idle timeout) propagate."""
-
-    __slots__ = ("_lines",)
-
-    def __init__(self, raw: _RawResponse) -> None:
-        self._lines = aiter(raw.response.iter_lines())
-
-    async def _drain(self) -> None:
-        """Read the body to its end after ``[DONE]`` (a moment at most), so the connection
-        can be reused and the reading generators finish instead of being left suspended."""
-        try:
-            async with asyncio.timeout(_DRAIN_S):
-                async for _ in self._lines:
-                    pass
-        except Exception as exc:  # a server that ends badly after [DONE]: nothing lost
-            _log.debug("backend.drain_failed", error=_describe(exc))
-
-    async def next(self) -> tuple[str | None, str] | None:
-        data: list[str] = []
-        event: str | None = None
-        while True:
+        async with asyncio.TaskGroup() as group:
+            pumps = [
+                group.create_task(self._pump(_single_choice(request, i), i, queue,
+                                             streams, cut))
+                for i in range(request.n)
+            ]
+            merged = EventStream(_merge(queue, request.n, self._base_url), cut_all)
             try:
-                line = await anext(self._lines)
-            except StopAsyncIteration:
-                return (event, "\n".join(data)) if data else None
-            if not line:
-                if data:
-                    payload = "\n".join(data)
-                    if payload.strip() == "[DONE]":
-                        await self._drain()
-                        return None
-                    return event, payload
-                continue
-            if line.startswith(":"):
-                continue  # an SSE comment (keep-alive)
-            field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if field == "data":
-                data.append(value)
-            elif field == "event":
-                event = value
+                yield merged
+            except BaseException as exc:
+                held = exc
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+                await merged.aclose()
+        if held is not None:
+            raise held
+
+    async def _pump(
+        self,
+        request: GenerationRequest,
+        index: int,
+        queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]],
+        streams: list[EventStream],
+        cut: list[bool],
+    ) -> None:
+        try:
+            async with self._one_stream(request) as events:
+                streams.append(events)
+                if cut[0]:  # opened after the request was cut
+                    events.cut()
+                async for event in events:
+                    await queue.put((index, event))
+        except Exception as exc:
+            await queue.put((index, exc))
+        else:
+            await queue.put((index, None))
 
 
 @dataclasses.dataclass(slots=True)
 class _Opened:
-    response: _RawResponse
-    sse: _SSE
+    """A stream opened up to its first event (what :meth:`OpenAIBackend._open` returns)."""
+
+    response: RawResponse
+    sse: SSEReader
     first: list[StreamEvent]
-    decoder: _ChunkDecoder
+    decoder: ChunkDecoder
     ended: bool = False
-    malformed: _Malformed | None = None  # bad data seen: read on, charge, then StreamBroken
+    malformed: Malformed | None = None  # bad data seen: read on, charge, then StreamBroken
     held: list[StreamEvent] = dataclasses.field(default_factory=list)
 
 
-def _blind(event: StreamEvent) -> StreamEvent:
-    """After malformed data a stream's text cannot be trusted: keep a delta's token count
-    (it is charged), drop its text, logprobs and finish (the sample stays unfinished)."""
-    if isinstance(event, TextDelta):
-        return TextDelta(choice=event.choice, text="", tokens=event.tokens,
-                         estimated=event.estimated)
-    return event
-
-
-def _carries_tokens(event: StreamEvent) -> bool:
-    if isinstance(event, TextDelta):
-        return event.tokens > 0
-    return event.completion_tokens > 0
-
-
-def _probe_tokens(chunks: list[Any], n: int, chat: bool) -> int:
-    """Completion tokens of a probe stream: its closing usage, else its running counts,
-    else its per-delta counts."""
-    for chunk in reversed(chunks):
-        usage = _get(chunk, "usage")
-        if usage is not None and not _get(chunk, "choices"):
-            return _int(_get(usage, "completion_tokens", 0))
-    decoder = _ChunkDecoder(n=n, chat=chat)
-    running = counted = 0
-    for chunk in chunks:
-        for event in decoder.feed(chunk):
-            if isinstance(event, UsageReport):
-                running = max(running, event.completion_tokens)
-            else:
-                counted += event.tokens
-    return running or counted
-
-
-def _snippet(text: str, limit: int = 60) -> str:
-    text = " ".join(str(text).split())
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-class _ChunkDecoder:
-    """Turns openai stream chunks into :data:`StreamEvent` values for one request."""
-
-    __slots__ = ("_chat", "_n", "_running")
-
-    def __init__(self, *, n: int, chat: bool) -> None:
-        self._n = n
-        self._chat = chat
-        self._running: dict[int, int] = {}
-
-    def feed(self, chunk: Any) -> list[StreamEvent]:
-        events: list[StreamEvent] = []
-        choices = list(_get(chunk, "choices") or [])
-        usage = _get(chunk, "usage")
-        completion = _int(_get(usage, "completion_tokens", 0)) if usage is not None else 0
-        for choice in choices:
-            index = _int(_get(choice, "index", 0))
-            if self._chat:
-                delta = _get(choice, "delta")
-                text = (_get(delta, "content") or "") if delta is not None else ""
-                logprobs = _chat_logprobs(_get(choice, "logprobs"))
-            else:
-                text = _get(choice, "text") or ""
-                logprobs = _completion_logprobs(_get(choice, "logprobs"))
-            finish = _get(choice, "finish_reason")
-            estimated = False
-            if logprobs:
-                tokens = len(logprobs)
-            elif usage is not None and len(choices) == 1:
-                tokens = max(0, completion - self._running.get(index, 0))
-            elif text:
-                tokens, estimated = 1, True
-            else:
-                tokens = 0
-            if text or tokens or finish or logprobs:
-                events.append(
-                    TextDelta(
-                        choice=index,
-                        text=text,
-                        tokens=tokens,
-                        estimated=estimated,
-                        logprobs=logprobs,
-                        finish_reason=finish,
-                    )
-                )
-        if usage is not None:
-            prompt = _int(_get(usage, "prompt_tokens", 0))
-            if not choices:
-                events.append(UsageReport(prompt, completion, final=True,
-                                          cached_prompt_tokens=_cached_tokens(usage)))
-            else:
-                if len(choices) == 1:
-                    self._running[_int(_get(choices[0], "index", 0))] = completion
-                    total = sum(self._running.values())
-                else:  # several choices in one chunk: treat the count as request-level
-                    total = completion
-                events.append(UsageReport(prompt, total, final=False))
-        return events
-
-
-def _cached_tokens(usage: Any) -> int | None:
-    """``usage.prompt_tokens_details.cached_tokens``, or None when the server left it out."""
-    details = _get(usage, "prompt_tokens_details")
-    if isinstance(details, Mapping):
-        cached = details.get("cached_tokens")
-    else:
-        cached = _get(details, "cached_tokens")
-    if cached is None or isinstance(cached, bool):
-        return None
-    try:
-        return int(cached)
-    except (TypeError, ValueError):
-        return None
-
-
-def _get(obj: Any, key: str, default: Any = None) -> Any:
-    """``obj[key]`` of a JSON object (or ``obj.key`` of an object); ``default`` if absent."""
-    if obj is None:
-        return default
-    if isinstance(obj, Mapping):
-        value = obj.get(key, default)
-    else:
-        value = getattr(obj, key, default)
-    return default if value is None else value
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def _float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return -math.inf
-
-
-def _chat_logprobs(logprobs: Any) -> tuple[TokenLogprob, ...]:
-    content = _get(logprobs, "content") if logprobs is not None else None
-    if not content:
-        return ()
-    out = []
-    for entry in content:
-        top = tuple(
-            (str(_get(alt, "token")), _float(_get(alt, "logprob")))
-            for alt in (_get(entry, "top_logprobs") or [])
-        )
-        out.append(TokenLogprob(str(_get(entry, "token")), _float(_get(entry, "logprob")), top))
-    return tuple(out)
-
-
-def _completion_logprobs(logprobs: Any) -> tuple[TokenLogprob, ...]:
-    if logprobs is None:
-        return ()
-    tokens = _get(logprobs, "tokens") or []
-    values = _get(logprobs, "token_logprobs") or []
-    tops = _get(logprobs, "top_logprobs") or []
-    out = []
-    for i, token in enumerate(tokens):
-        value = _float(values[i]) if i < len(values) else -math.inf
-        alternatives = tops[i] if i < len(tops) and tops[i] else {}
-        top = tuple(
-            sorted(((str(t), _float(lp)) for t, lp in alternatives.items()), key=lambda x: -x[1])
-        )
-        out.append(TokenLogprob(str(token), value, top))
-    return tuple(out)
-
-
+# ---------------------------------------------------------------------- n emulation
+# ``n`` on a server without it: ``OpenAIBackend._emulated_n`` runs n single-choice streams
+# (``_single_choice``) through ``OpenAIBackend._pump`` into one queue, ``_merge`` reads them
+# back as one n-choice stream.
 async def _merge(
     queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]],
     k: int,
@@ -1071,67 +752,6 @@ async def _merge(
         )
 
 
-# ---------------------------------------------------------------------- small helpers
 def _single_choice(request: GenerationRequest, index: int) -> GenerationRequest:
     seed = None if request.seed is None else request.seed + index
     return dataclasses.replace(request, n=1, seed=seed)
-
-
-def _make_throttler(rate_limit: float | None) -> Throttler | None:
-    """A throttler for ``rate_limit`` requests/s (0.5 -> 1 request every 2 s)."""
-    if rate_limit is None:
-        return None
-    ratio = Fraction(rate_limit).limit_denominator(100)
-    return Throttler(rate_limit=max(1, ratio.numerator), period=float(ratio.denominator))
-
-
-async def _close_quietly(raw: Any) -> None:
-    """Close an openai stream (its HTTP response and connection)."""
-    try:
-        await raw.close()
-    except Exception as exc:  # closing a broken connection may fail; nothing to do about it
-        _log.debug("backend.close_failed", error=_describe(exc))
-
-
-def _error_message(exc: BaseException) -> str:
-    body = getattr(exc, "body", None)
-    if isinstance(body, Mapping):
-        message = body.get("message")
-        if isinstance(message, str) and message:
-            return message
-        error = body.get("error")
-        if isinstance(error, Mapping) and isinstance(error.get("message"), str):
-            return str(error["message"])
-    return str(getattr(exc, "message", None) or exc) or type(exc).__name__
-
-
-def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {_error_message(exc)}"
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None and cause is not exc:
-        text += f" ({type(cause).__name__}: {cause})"
-    return text
-
-
-def _is_model_missing(status: int, exc: BaseException) -> bool:
-    if status not in (400, 404):
-        return False
-    body = getattr(exc, "body", None)
-    code = str(body.get("code") or "") if isinstance(body, Mapping) else ""
-    if code == "model_not_found":
-        return True
-    return bool(_MODEL_MISSING.search(_error_message(exc)))
-
-
-def _never_connected(exc: BaseException) -> bool:
-    """True when the chain of causes shows that no connection was ever made."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ConnectionRefusedError):
-            return True
-        if {cls.__name__ for cls in type(current).__mro__} & _NEVER_CONNECTED:
-            return True
-        current = current.__cause__ or current.__context__
-    return False

@@ -36,7 +36,13 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from orchestrator.backends.base import GenerationRequest, StreamEvent, TextDelta, UsageReport
+from orchestrator.backends.base import (
+    Backend,
+    GenerationRequest,
+    StreamEvent,
+    TextDelta,
+    UsageReport,
+)
 from orchestrator.errors import BackendError, ConfigError
 from orchestrator.types import Problem, Solution, TokenLogprob
 
@@ -171,7 +177,7 @@ class _OpenStream:
 
 
 @dataclass
-class ReplayBackend:
+class ReplayBackend(Backend):
     """Serves one order of a recorded pool (see the module docstring).
 
     ``decode_rate``: tokens per simulated second per sample; ``ttft``: seconds before the

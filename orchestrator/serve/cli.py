@@ -15,6 +15,7 @@ from orchestrator.serve.config import (
     DEFAULT_MAX_MODEL_LEN,
     INTERRUPT_GRACE_S,
     STARTUP_TIMEOUT_S,
+    THREAD_CHOICES,
     ServeError,
     ServerPaths,
 )
@@ -38,6 +39,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """``--threads``: how the bundled vLLM uses the CPU (serve start, demo)."""
+    p.add_argument("--threads", choices=THREAD_CHOICES, default="auto",
+                   help="vLLM's CPU threads: 'one' OpenMP thread (best when other work "
+                        "competes for a machine of 1-2 CPUs), 'all' (vLLM's default, one per "
+                        "CPU; best on a quiet machine), 'auto' (default: on 1-2 CPUs, 'one' "
+                        "when the load average at start says the machine is busy, else "
+                        "'all'); DEVELOPERS.md 'Under contention' has the measurements")
+
+
 def build_parser(prog: str = "solverify serve") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -56,6 +67,7 @@ def build_parser(prog: str = "solverify serve") -> argparse.ArgumentParser:
                             f"silent for S seconds (default {STARTUP_TIMEOUT_S:.0f}); the "
                             "wait goes on as long as the log moves")
     start.add_argument("--detach", action="store_true", help="run in the background")
+    add_threads_arg(start)
     sub.add_parser("status", help="list the servers solverify started and how they are")
     stop = sub.add_parser("stop", help="stop every server solverify started from this cache "
                                        "(detached, or left by a demo or VLLMServer)")
@@ -114,7 +126,8 @@ def _cmd_start(paths: ServerPaths, args: argparse.Namespace) -> int:
               f"{info.get('base_url')} (started by {info.get('started_by', '?')})",
               file=sys.stderr)
     server = VLLMServer(paths, port=args.port, max_model_len=args.max_model_len,
-                        startup_timeout=args.timeout, started_by="solverify serve start")
+                        startup_timeout=args.timeout, started_by="solverify serve start",
+                        threads=args.threads)
     return asyncio.run(_start(server, detach=args.detach))
 
 
@@ -140,6 +153,8 @@ async def _start_and_hold(server: VLLMServer, *, detach: bool) -> int:
     live = LiveLine()
     server.start(detach=detach)
     live.line(f"starting vLLM on {server.base_url} (log: {server.log_path})")
+    if server.threads_note:
+        live.line(f"  threads: {server.threads_note}")
     try:
         took = await server.wait_healthy_async(on_progress=lambda s: live.update(
             f"  starting: {s}"))

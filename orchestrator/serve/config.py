@@ -132,34 +132,73 @@ FIXED_ENV: dict[str, str] = {
     "PYTHONUNBUFFERED": "1",
 }
 
-def thread_env(cpus: list[int] | None = None) -> dict[str, str]:
-    """CPU threading defaults for the server; a variable already set in the environment
-    wins (see DEVELOPERS.md, "Under contention").
+#: ``--threads`` choices for the bundled server (see :func:`thread_env`).
+THREAD_CHOICES = ("auto", "one", "all")
+#: ``auto`` on at most two CPUs: one OpenMP thread when the 1-minute load average is at
+#: least this many runnable processes per CPU before the server starts (other work is
+#: there), else vLLM's own binding. Measured only at the two ends (DEVELOPERS.md "Under
+#: contention"): quiet (load < 1) vLLM's two threads were faster, busy (load >= 4) one
+#: thread was; the threshold in between is not measured.
+BUSY_LOAD_PER_CPU = 0.5
 
-    On a machine with at most two usable CPUs, vLLM's default (one OpenMP thread pinned
-    to every CPU, spin-waiting at each barrier) puts its matrix work in lock-step with
-    whatever else runs there, the engine and API processes included: a busy core stalls
-    both threads. One OpenMP thread pinned to the last CPU leaves the other to the rest.
-    With more CPUs vLLM's own binding is kept.
+
+def thread_choice(threads: str = "auto", cpus: list[int] | None = None,
+                  load: float | None = None) -> tuple[dict[str, str], str]:
+    """The server's CPU threading variables for ``threads`` and why, in words.
+
+    ``one``: one OpenMP thread pinned to the last usable CPU, leaving the others to the
+    engine core, the API server and everything else. ``all``: vLLM's default (one thread
+    pinned to every CPU, spin-waiting at each layer's barrier). ``auto``: ``all`` on more
+    than two CPUs; on at most two, ``one`` when the machine is already busy (1-minute load
+    average >= :data:`BUSY_LOAD_PER_CPU` per CPU) — there a busy core stalls both of
+    vLLM's threads at every barrier — else ``all``, which is faster on a quiet machine.
     """
+    if threads not in THREAD_CHOICES:
+        raise ServeError(f"--threads must be one of {', '.join(THREAD_CHOICES)}, not "
+                         f"{threads!r}", "auto picks by the machine's load")
     if cpus is None:
         try:
             cpus = sorted(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            return {}
-    if 0 < len(cpus) <= 2:
-        return {"VLLM_CPU_OMP_THREADS_BIND": str(cpus[-1])}
-    return {}
+        except AttributeError:  # not Linux: leave vLLM's default
+            return {}, "vLLM's default (CPU affinity unknown)"
+    if not cpus:
+        return {}, "vLLM's default"
+    one = {"VLLM_CPU_OMP_THREADS_BIND": str(cpus[-1])}
+    if threads == "one":
+        return one, f"one OpenMP thread on CPU {cpus[-1]} (--threads one)"
+    if threads == "all":
+        return {}, f"vLLM's default, a thread per CPU ({len(cpus)}) (--threads all)"
+    if len(cpus) > 2:
+        return {}, f"vLLM's default, a thread per CPU ({len(cpus)} CPUs)"
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = float("inf")  # unknown: the safe side on a small machine
+    if load >= BUSY_LOAD_PER_CPU * len(cpus):
+        return one, (f"one OpenMP thread on CPU {cpus[-1]} (machine busy: load {load:.1f} "
+                     f"on {len(cpus)} CPUs; --threads all for vLLM's default)")
+    return {}, (f"vLLM's default, a thread per CPU (machine quiet: load {load:.1f} on "
+                f"{len(cpus)} CPUs; --threads one if other work will start)")
 
 
-def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def thread_env(cpus: list[int] | None = None, threads: str = "auto",
+               load: float | None = None) -> dict[str, str]:
+    """The variables of :func:`thread_choice`; a variable already set in the environment
+    wins over them (see DEVELOPERS.md, "Under contention")."""
+    return thread_choice(threads, cpus, load)[0]
+
+
+def server_env(extra: dict[str, str] | None = None,
+               threads: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for provisioning and the server: this process's, minus its venv,
-    with :data:`FIXED_ENV`, the KV-cache size, :func:`thread_env` where not already set,
-    then ``extra`` (a value of ``""`` removes the variable)."""
+    with :data:`FIXED_ENV`, the KV-cache size, the threading variables ``threads``
+    (default: :func:`thread_env`'s) where not already set, then ``extra`` (a value of
+    ``""`` removes the variable)."""
     env = dict(os.environ)
     env.update(FIXED_ENV)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(DEFAULT_KVCACHE_GB)
-    for key, value in thread_env().items():
+    for key, value in (thread_env() if threads is None else threads).items():
         env.setdefault(key, value)
     env.pop("PYTHONPATH", None)
     env.pop("VIRTUAL_ENV", None)

@@ -52,6 +52,7 @@ from orchestrator.serve.config import (
     ServeError,
     ServerPaths,
     server_env,
+    thread_choice,
 )
 from orchestrator.serve.provisioning import is_provisioned, tail
 
@@ -306,8 +307,8 @@ class ManagedServer:
 
     ``async with server:`` starts it, waits until healthy and stops it on exit, also
     when the block is cancelled; ``start()`` / ``wait_healthy_async()`` /
-    ``stop_async()`` do the same by hand. (The sync ``with`` / ``wait_healthy()`` /
-    ``stop()`` remain for tests and scripts that have no event loop.)
+    ``stop_async()`` do the same by hand. Async only (code without an event loop wraps
+    them in ``asyncio.run``); ``start()`` and ``kill()`` are quick and plain.
     """
 
     #: what ``serve status`` calls it
@@ -326,6 +327,7 @@ class ManagedServer:
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
         started_by: str | None = None,
+        threads: str = "auto",
     ) -> None:
         self.paths = paths or ServerPaths.at()
         self.host = host
@@ -336,6 +338,11 @@ class ManagedServer:
         self.log_path = log_path or self.paths.log_dir / f"{self.kind}-{self.port}.log"
         self.started_by = started_by or " ".join([Path(sys.argv[0]).name, *sys.argv[1:3]])
         self.detached = False
+        #: how the server should use the CPU (``auto``/``one``/``all``, see
+        #: :func:`~orchestrator.serve.config.thread_choice`); each kind interprets it
+        self.threads = threads
+        #: what was chosen at start, in words (shown and kept in the server record)
+        self.threads_note: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- what to run (subclasses) --
@@ -436,6 +443,7 @@ class ManagedServer:
             "started_by": self.started_by,
             "owner_pid": os.getpid(),
             "detached": self.detached,
+            "threads": self.threads_note,
         }
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info) + "\n")
@@ -451,18 +459,6 @@ class ManagedServer:
                     return False
             status, body = await http_get_async(f"{self.base_url}/models")
         except (OSError, TimeoutError):
-            return False
-        return status == 200 and self._lists_model(body)
-
-    def healthy(self) -> bool:
-        """:meth:`healthy_async` for code without an event loop."""
-        try:
-            for path in self.health_paths:
-                status, _ = _http_get(self.root_url + path, timeout=2.0)
-                if status != 200:
-                    return False
-            status, body = _http_get(f"{self.base_url}/models", timeout=2.0)
-        except (OSError, urllib.error.URLError):
             return False
         return status == 200 and self._lists_model(body)
 
@@ -534,16 +530,6 @@ class ManagedServer:
                 on_progress(f"{time.monotonic() - t0:4.0f}s: {latest}")
             await asyncio.sleep(0.5)
 
-    def wait_healthy(self, timeout: float | None = None) -> float:
-        """:meth:`wait_healthy_async` for code without an event loop."""
-        step = self._watch(timeout)
-        t0 = time.monotonic()
-        while True:
-            step()
-            if self.healthy():
-                return time.monotonic() - t0
-            time.sleep(0.5)
-
     # -- stop --
     async def stop_async(self, grace: float = STOP_GRACE_S) -> None:
         """SIGTERM the group, wait up to ``grace`` s, then SIGKILL whatever is left.
@@ -559,22 +545,6 @@ class ManagedServer:
             while (proc.poll() is None or _group_alive(proc.pid)) and (  # noqa: ASYNC110
                     time.monotonic() < deadline):
                 await asyncio.sleep(0.05)  # child processes: nothing to await but time
-        finally:
-            self.kill()
-
-    def stop(self, grace: float = STOP_GRACE_S) -> None:
-        """:meth:`stop_async` for code without an event loop."""
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            if proc.poll() is None:
-                _kill_group(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=grace)
-            while _group_alive(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
         finally:
             self.kill()
 
@@ -608,23 +578,6 @@ class ManagedServer:
     ) -> None:
         await self.stop_async()
 
-    def __enter__(self) -> Self:
-        self.start()
-        try:
-            self.wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 # --- the bundled vLLM --------------------------------------------------------------------
 
@@ -655,10 +608,12 @@ class VLLMServer(ManagedServer):
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
         started_by: str | None = None,
+        threads: str = "auto",
     ) -> None:
         super().__init__(paths, port=port, host=host, model_name=SERVED_MODEL_NAME,
                          startup_timeout=startup_timeout, log_path=log_path, env=env,
-                         started_by=started_by)
+                         started_by=started_by, threads=threads)
+        thread_choice(threads, cpus=[0])  # a bad choice fails here, not at start
         self.max_model_len = max_model_len
         self.kvcache_gb = kvcache_gb
         self.block_size = block_size
@@ -696,7 +651,19 @@ class VLLMServer(ManagedServer):
         ]
 
     def environment(self) -> dict[str, str]:
-        return server_env({"VLLM_CPU_KVCACHE_SPACE": str(self.kvcache_gb), **self.env})
+        """The server's environment; the threading choice is made here, at start, from
+        the machine's load then (a ``VLLM_CPU_OMP_THREADS_BIND`` already set wins)."""
+        variables, note = thread_choice(self.threads)
+        env = server_env({"VLLM_CPU_KVCACHE_SPACE": str(self.kvcache_gb), **self.env},
+                         threads=variables)
+        key = "VLLM_CPU_OMP_THREADS_BIND"
+        given = self.env[key] if key in self.env else os.environ.get(key)
+        if given:
+            note = f"{key}={given} (from the environment)"
+        elif key in self.env:
+            note = f"vLLM's default ({key} removed by the caller)"
+        self.threads_note = note
+        return env
 
     def preflight(self) -> None:
         if not self.paths.python.exists() or not is_provisioned(self.paths):

@@ -9,6 +9,7 @@ error of every live test, with the server's message and what to do.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -36,13 +37,13 @@ def vllm_server(pytestconfig: pytest.Config) -> Iterator[VLLMServer]:
     say(f"starting vLLM on {server.base_url} (log: {server.log_path})")
     server.start()
     try:
-        healthy = server.wait_healthy()
+        healthy = asyncio.run(server.wait_healthy_async())
         note(f"server: provisioning check {provisioned:.1f}s, healthy after {healthy:.1f}s")
         say(f"healthy after {healthy:.1f}s")
         yield server
     finally:
         t1 = time.monotonic()
-        server.stop()
+        asyncio.run(server.stop_async())
         note(f"server: stopped in {time.monotonic() - t1:.1f}s")
 
 

@@ -92,7 +92,7 @@ async def one_setting(name: str, env: dict[str, str], results: dict) -> None:
                     p.kill()
                     p.wait()
     finally:
-        srv.stop()
+        await srv.stop_async()
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, str]]:

@@ -126,7 +126,7 @@ async def main(extra: list[str]) -> None:
         await throughput(srv, client)
         await cancellation(srv)
     finally:
-        srv.stop()
+        await srv.stop_async()
 
 
 if __name__ == "__main__":

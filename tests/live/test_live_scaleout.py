@@ -68,16 +68,16 @@ def replica_b(vllm_server: VLLMServer) -> Iterator[VLLMServer]:
     server = VLLMServer(vllm_server.paths)
     try:
         server.start()
-        healthy = server.wait_healthy()
+        healthy = asyncio.run(server.wait_healthy_async())
     except SolverifyError as exc:
-        server.stop()
+        asyncio.run(server.stop_async())
         pytest.skip(f"second replica could not start: {exc}")
     note(f"scale-out: replica B healthy after {healthy:.1f}s ({available:.1f} GiB available "
          "before it)")
     try:
         yield server
     finally:
-        server.stop()
+        asyncio.run(server.stop_async())
 
 
 def _backend(url: str, model: str) -> OpenAIBackend:

@@ -105,10 +105,10 @@ def test_start_refuses_when_memory_is_short(tmp_path: Path) -> None:
         VLLMServer(paths, min_available_memory_gb=1e6).start()
 
 
-def test_stop_is_idempotent_without_start(tmp_path: Path) -> None:
+async def test_stop_is_idempotent_without_start(tmp_path: Path) -> None:
     server = VLLMServer(ServerPaths.at(tmp_path))
-    server.stop()
-    server.stop()
+    await server.stop_async()
+    await server.stop_async()
     assert not server.running
 
 

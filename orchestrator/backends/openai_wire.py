@@ -1,0 +1,314 @@
+"""The OpenAI wire format, read by hand: server-sent event lines -> JSON chunks -> events.
+
+Nothing here sends a request. :class:`SSEReader` turns the lines of an open streaming
+response into ``(event, data)`` pairs, :func:`parse_chunk` turns one pair's data into a
+chunk (a plain ``dict``), and :class:`ChunkDecoder` turns chunks into
+:data:`~orchestrator.backends.base.StreamEvent` values following the token-count rules of
+:mod:`orchestrator.backends.openai_compat`. Chunks stay plain dicts from the JSON decoder
+all the way: no per-chunk model objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import structlog
+
+from orchestrator.backends.base import StreamEvent, TextDelta, UsageReport
+from orchestrator.backends.openai_errors import Malformed, ServerSaid, describe
+from orchestrator.types import TokenLogprob
+
+__all__ = [
+    "ChunkDecoder",
+    "Malformed",
+    "RawResponse",
+    "SSEReader",
+    "ServerSaid",
+    "blind",
+    "carries_tokens",
+    "close_quietly",
+    "parse_chunk",
+    "probe_tokens",
+    "snippet",
+]
+
+_log = structlog.get_logger("orchestrator.backends.openai_compat")
+
+DRAIN_S = 1.0
+"""The most a finished stream is read on after its ``[DONE]``."""
+
+
+class RawResponse:
+    """An open streaming response and the context manager that closes it."""
+
+    __slots__ = ("_closed", "_manager", "response")
+
+    def __init__(self, manager: Any, response: Any) -> None:
+        self._manager = manager
+        self.response = response
+        self._closed = False
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._manager.__aexit__(None, None, None)
+
+    def half_close(self) -> None:
+        """Shut down the sending side of the connection: the server reads the end of the
+        client's input (and aborts the request) while what it sent stays readable."""
+        try:
+            stream = self.response.http_response.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:  # already closed by the server: nothing to ask for
+            _log.debug("backend.half_close_failed", error=describe(exc))
+
+
+async def close_quietly(raw: Any) -> None:
+    """Close an open response (its HTTP response and connection); failures are logged."""
+    try:
+        await raw.close()
+    except Exception as exc:  # closing a broken connection may fail; nothing to do about it
+        _log.debug("backend.close_failed", error=describe(exc))
+
+
+class SSEReader:
+    """Server-sent events of a response: ``(event, data)`` pairs; None at ``[DONE]`` or
+    at the end of the body. Transport failures (a cut, the idle timeout) propagate."""
+
+    __slots__ = ("_lines",)
+
+    def __init__(self, lines: AsyncIterator[str]) -> None:
+        self._lines = lines
+
+    @classmethod
+    def of(cls, raw: RawResponse) -> SSEReader:
+        return cls(aiter(raw.response.iter_lines()))
+
+    async def _drain(self) -> None:
+        """Read the body to its end after ``[DONE]`` (a moment at most), so the connection
+        can be reused and the reading generators finish instead of being left suspended."""
+        try:
+            async with asyncio.timeout(DRAIN_S):
+                async for _ in self._lines:
+                    pass
+        except Exception as exc:  # a server that ends badly after [DONE]: nothing lost
+                _log.debug("backend.drain_failed", error=describe(exc))
+
+    async def next(self) -> tuple[str | None, str] | None:
+        data: list[str] = []
+        event: str | None = None
+        while True:
+            try:
+                line = await anext(self._lines)
+            except StopAsyncIteration:
+                return (event, "\n".join(data)) if data else None
+            if not line:
+                if data:
+                    payload = "\n".join(data)
+                    if payload.strip() == "[DONE]":
+                        await self._drain()
+                        return None
+                    return event, payload
+                continue
+            if line.startswith(":"):
+                continue  # an SSE comment (keep-alive)
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "data":
+                data.append(value)
+            elif field == "event":
+                event = value
+
+
+def parse_chunk(item: tuple[str | None, str], scrub: Callable[[str], str]) -> dict[str, Any]:
+    """One SSE event's data as a chunk; :class:`Malformed` when it is not a JSON object;
+    an error the server sent in the stream raises :class:`ServerSaid` (its message passed
+    through ``scrub``)."""
+    event, data = item
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        chunk = None
+    if not isinstance(chunk, dict):
+        raise Malformed(f"unreadable data line ({snippet(data)})")
+    error = chunk.get("error")
+    if error or event == "error":
+        message = error.get("message") if isinstance(error, dict) else error
+        raise ServerSaid(scrub(str(message or snippet(data))))
+    return chunk
+
+
+def blind(event: StreamEvent) -> StreamEvent:
+    """After malformed data a stream's text cannot be trusted: keep a delta's token count
+    (it is charged), drop its text, logprobs and finish (the sample stays unfinished)."""
+    if isinstance(event, TextDelta):
+        return TextDelta(choice=event.choice, text="", tokens=event.tokens,
+                         estimated=event.estimated)
+    return event
+
+
+def carries_tokens(event: StreamEvent) -> bool:
+    if isinstance(event, TextDelta):
+        return event.tokens > 0
+    return event.completion_tokens > 0
+
+
+def probe_tokens(chunks: list[Any], n: int, chat: bool) -> int:
+    """Completion tokens of a probe stream: its closing usage, else its running counts,
+    else its per-delta counts."""
+    for chunk in reversed(chunks):
+        usage = get(chunk, "usage")
+        if usage is not None and not get(chunk, "choices"):
+            return to_int(get(usage, "completion_tokens", 0))
+    decoder = ChunkDecoder(n=n, chat=chat)
+    running = counted = 0
+    for chunk in chunks:
+        for event in decoder.feed(chunk):
+            if isinstance(event, UsageReport):
+                running = max(running, event.completion_tokens)
+            else:
+                counted += event.tokens
+    return running or counted
+
+
+def snippet(text: str, limit: int = 60) -> str:
+    text = " ".join(str(text).split())
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+class ChunkDecoder:
+    """Turns stream chunks (JSON objects) into :data:`StreamEvent` values for one request."""
+
+    __slots__ = ("_chat", "_n", "_running")
+
+    def __init__(self, *, n: int, chat: bool) -> None:
+        self._n = n
+        self._chat = chat
+        self._running: dict[int, int] = {}
+
+    def feed(self, chunk: Any) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        choices = list(get(chunk, "choices") or [])
+        usage = get(chunk, "usage")
+        completion = to_int(get(usage, "completion_tokens", 0)) if usage is not None else 0
+        for choice in choices:
+            index = to_int(get(choice, "index", 0))
+            if self._chat:
+                delta = get(choice, "delta")
+                text = (get(delta, "content") or "") if delta is not None else ""
+                logprobs = chat_logprobs(get(choice, "logprobs"))
+            else:
+                text = get(choice, "text") or ""
+                logprobs = completion_logprobs(get(choice, "logprobs"))
+            finish = get(choice, "finish_reason")
+            estimated = False
+            if logprobs:
+                tokens = len(logprobs)
+            elif usage is not None and len(choices) == 1:
+                tokens = max(0, completion - self._running.get(index, 0))
+            elif text:
+                tokens, estimated = 1, True
+            else:
+                tokens = 0
+            if text or tokens or finish or logprobs:
+                events.append(
+                    TextDelta(
+                        choice=index,
+                        text=text,
+                        tokens=tokens,
+                        estimated=estimated,
+                        logprobs=logprobs,
+                        finish_reason=finish,
+                    )
+                )
+        if usage is not None:
+            prompt = to_int(get(usage, "prompt_tokens", 0))
+            if not choices:
+                events.append(UsageReport(prompt, completion, final=True,
+                                          cached_prompt_tokens=cached_tokens(usage)))
+            else:
+                if len(choices) == 1:
+                    self._running[to_int(get(choices[0], "index", 0))] = completion
+                    total = sum(self._running.values())
+                else:  # several choices in one chunk: treat the count as request-level
+                    total = completion
+                events.append(UsageReport(prompt, total, final=False))
+        return events
+
+
+def cached_tokens(usage: Any) -> int | None:
+    """``usage.prompt_tokens_details.cached_tokens``, or None when the server left it out."""
+    details = get(usage, "prompt_tokens_details")
+    if isinstance(details, Mapping):
+        cached = details.get("cached_tokens")
+    else:
+        cached = get(details, "cached_tokens")
+    if cached is None or isinstance(cached, bool):
+        return None
+    try:
+        return int(cached)
+    except (TypeError, ValueError):
+        return None
+
+
+def get(obj: Any, key: str, default: Any = None) -> Any:
+    """``obj[key]`` of a JSON object (or ``obj.key`` of an object); ``default`` if absent."""
+    if obj is None:
+        return default
+    if isinstance(obj, Mapping):
+        value = obj.get(key, default)
+    else:
+        value = getattr(obj, key, default)
+    return default if value is None else value
+
+
+def to_int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def to_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return -math.inf
+
+
+def chat_logprobs(logprobs: Any) -> tuple[TokenLogprob, ...]:
+    content = get(logprobs, "content") if logprobs is not None else None
+    if not content:
+        return ()
+    out = []
+    for entry in content:
+        top = tuple(
+            (str(get(alt, "token")), to_float(get(alt, "logprob")))
+            for alt in (get(entry, "top_logprobs") or [])
+        )
+        out.append(TokenLogprob(str(get(entry, "token")), to_float(get(entry, "logprob")), top))
+    return tuple(out)
+
+
+def completion_logprobs(logprobs: Any) -> tuple[TokenLogprob, ...]:
+    if logprobs is None:
+        return ()
+    tokens = get(logprobs, "tokens") or []
+    values = get(logprobs, "token_logprobs") or []
+    tops = get(logprobs, "top_logprobs") or []
+    out = []
+    for i, token in enumerate(tokens):
+        value = to_float(values[i]) if i < len(values) else -math.inf
+        alternatives = tops[i] if i < len(tops) and tops[i] else {}
+        top = tuple(
+            sorted(((str(t), to_float(lp)) for t, lp in alternatives.items()), key=lambda x: -x[1])
+        )
+        out.append(TokenLogprob(str(token), value, top))
+    return tuple(out)

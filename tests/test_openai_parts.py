@@ -1,0 +1,258 @@
+"""The OpenAI backend's parts on their own: the wire decoder, downgrading, error translation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from orchestrator.backends.base import Capabilities, TextDelta, UsageReport
+from orchestrator.backends.openai_caps import downgraded, run_probe, stream_options_of
+from orchestrator.backends.openai_errors import (
+    TRANSLATIONS,
+    Failure,
+    Malformed,
+    ServerSaid,
+    translate,
+    translate_deadline,
+)
+from orchestrator.backends.openai_wire import ChunkDecoder, SSEReader, parse_chunk
+from orchestrator.errors import (
+    EndpointUnreachable,
+    ModelNotFound,
+    RequestRejected,
+    RetriesExhausted,
+)
+from orchestrator.retry import MalformedStream, make_throttler
+
+
+async def _lines(lines: list[str]) -> AsyncIterator[str]:
+    for line in lines:
+        yield line
+
+
+async def _events(lines: list[str]) -> list[tuple[str | None, str]]:
+    sse = SSEReader(_lines(lines))
+    out = []
+    while (item := await sse.next()) is not None:
+        out.append(item)
+    return out
+
+
+# ---------------------------------------------------------------------- SSE lines
+async def test_sse_joins_data_lines_skips_comments_and_stops_at_done() -> None:
+    lines = [": keep-alive", "data: {\"a\":", "data: 1}", "", "event: error", "data:x", "",
+             "data: [DONE]", "", "data: {\"after\": 1}", ""]
+    assert await _events(lines) == [(None, '{"a":\n1}'), ("error", "x")]
+
+
+async def test_sse_returns_a_last_event_without_its_blank_line() -> None:
+    assert await _events(["data: {}", ""]) == [(None, "{}")]
+    assert await _events(["data: {\"x\": 2}"]) == [(None, '{"x": 2}')]
+    assert await _events([]) == []
+
+
+def test_parse_chunk_tells_garbage_from_a_server_error() -> None:
+    assert parse_chunk((None, '{"choices": []}'), str) == {"choices": []}
+    for bad in ("not json", '{"cut": ', "[1, 2]", "3"):
+        with pytest.raises(Malformed):
+            parse_chunk((None, bad), str)
+    with pytest.raises(ServerSaid, match="boom"):
+        parse_chunk((None, json.dumps({"error": {"message": "boom"}})), str)
+    with pytest.raises(ServerSaid, match="HIDDEN"):
+        parse_chunk(("error", '{"detail": "secret"}'),
+                    lambda text: text.replace("secret", "HIDDEN"))
+
+
+# ---------------------------------------------------------------------- chunks -> events
+def _chat_chunk(index: int, text: str, *, completion: int | None = None,
+                finish: str | None = None) -> dict[str, Any]:
+    chunk: dict[str, Any] = {"choices": [{"index": index, "delta": {"content": text},
+                                          "finish_reason": finish}]}
+    if completion is not None:
+        chunk["usage"] = {"prompt_tokens": 7, "completion_tokens": completion}
+    return chunk
+
+
+def test_decoder_counts_per_choice_running_usage_exactly() -> None:
+    decoder = ChunkDecoder(n=2, chat=True)
+    out = []
+    for chunk in (_chat_chunk(0, " a", completion=1), _chat_chunk(1, " b c", completion=2),
+                  _chat_chunk(0, " d", completion=3, finish="stop"),
+                  {"choices": [], "usage": {"prompt_tokens": 14, "completion_tokens": 5,
+                                            "prompt_tokens_details": {"cached_tokens": 6}}}):
+        out.extend(decoder.feed(chunk))
+    assert out == [
+        TextDelta(0, " a", 1), UsageReport(7, 1, final=False),
+        TextDelta(1, " b c", 2), UsageReport(7, 3, final=False),
+        TextDelta(0, " d", 2, finish_reason="stop"), UsageReport(7, 5, final=False),
+        UsageReport(14, 5, final=True, cached_prompt_tokens=6),
+    ]
+
+
+def test_decoder_estimates_without_usage_and_counts_logprobs() -> None:
+    decoder = ChunkDecoder(n=1, chat=False)
+    assert decoder.feed({"choices": [{"index": 0, "text": "hi"}]}) == [
+        TextDelta(0, "hi", 1, estimated=True)]
+    lp = {"tokens": ["a", "b"], "token_logprobs": [-0.5, None],
+          "top_logprobs": [{"a": -0.5, "z": -2.0}, None]}
+    (delta,) = decoder.feed({"choices": [{"index": 0, "text": "ab", "logprobs": lp}]})
+    assert delta.tokens == 2 and not delta.estimated
+    assert [(t.token, t.logprob) for t in delta.logprobs] == [("a", -0.5), ("b", float("-inf"))]
+    assert delta.logprobs[0].top == (("a", -0.5), ("z", -2.0))
+    assert decoder.feed({"choices": [{"index": 0, "text": ""}]}) == []
+
+
+# ---------------------------------------------------------------------- downgrading
+FULL = Capabilities()
+
+
+@pytest.mark.parametrize(("message", "kw", "expected"), [
+    ("Unknown field continuous_usage_stats", {},
+     Capabilities(continuous_usage=False)),
+    ("stream_options not supported", {},
+     Capabilities(stream_usage=False, continuous_usage=False)),
+    ("n must be 1", {"n": 2}, Capabilities(n=False)),
+    ("n must be 1", {}, None),  # a request with n=1 cannot drop n
+    ("top_logprobs must be <= 5", {"top_logprobs": 20}, Capabilities(max_top_logprobs=5)),
+    ("logprobs are not supported", {"top_logprobs": 1},
+     Capabilities(logprobs=False, max_top_logprobs=None)),
+    ("logprobs are not supported", {}, None),
+    ("something else entirely", {"n": 2, "top_logprobs": 5}, None),
+])
+def test_downgraded_reads_a_400_once(message: str, kw: dict[str, Any],
+                                     expected: Capabilities | None) -> None:
+    assert downgraded(FULL, message, **kw) == expected
+
+
+def test_downgraded_drops_the_continuous_counts_before_stream_options() -> None:
+    caps = downgraded(FULL, "stream_options.continuous_usage_stats is not allowed")
+    assert caps == Capabilities(continuous_usage=False)
+    assert stream_options_of(caps) == {"include_usage": True}
+    caps = downgraded(caps, "stream_options.continuous_usage_stats is not allowed")
+    assert caps == Capabilities(stream_usage=False, continuous_usage=False)
+    assert stream_options_of(caps) is None
+
+
+async def test_probe_downgrades_through_the_same_reading() -> None:
+    sent: list[tuple[int, Any, Any]] = []
+
+    async def call(*, n: int, stream_options: Any, top_logprobs: int | None = None
+                   ) -> list[Any]:
+        sent.append((n, stream_options, top_logprobs))
+        if top_logprobs is not None:
+            if top_logprobs > 5:
+                raise RequestRejected("top_logprobs too large", status_code=400)
+            return [{"choices": [{"index": 0, "text": "OK", "logprobs": {
+                "tokens": ["OK"], "token_logprobs": [-0.1], "top_logprobs": [{"OK": -0.1}]}}]}]
+        if stream_options and "continuous_usage_stats" in stream_options:
+            raise RequestRejected("unknown continuous_usage_stats", status_code=400)
+        if n > 1:
+            raise RequestRejected("'n' must be 1", status_code=400)
+        return [{"choices": [{"index": 0, "text": "OK"}]},
+                {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}]
+
+    caps = await run_probe(call, "completions")
+    assert caps == Capabilities(n=False, stream_usage=True, continuous_usage=False,
+                                logprobs=True, max_top_logprobs=5)
+    assert sent == [(2, {"include_usage": True, "continuous_usage_stats": True}, None),
+                    (2, {"include_usage": True}, None), (1, {"include_usage": True}, None),
+                    (1, None, 20), (1, None, 5)]
+
+
+async def test_probe_lets_a_400_it_cannot_read_stand() -> None:
+    async def call(**_: Any) -> list[Any]:
+        raise RequestRejected("bad key", status_code=400)
+
+    with pytest.raises(RequestRejected, match="bad key"):
+        await run_probe(call, "chat")
+
+
+# ---------------------------------------------------------------------- translation
+class _Status(Exception):
+    def __init__(self, status: int, body: Any = None) -> None:
+        super().__init__(f"status {status}")
+        self.status_code = status
+        self.body = body
+
+
+#: named like httpx's, which is how a failed connection is recognised
+ConnectError = type("ConnectError", (Exception,), {})
+
+
+async def _served() -> list[str]:
+    return ["m1", "m2"]
+
+
+async def _translate(exc: BaseException, hint: str = "") -> Any:
+    return await translate(Failure(exc, "http://h/v1", "m", 3, hint), _served)
+
+
+async def test_each_row_of_the_table_is_reached() -> None:
+    cases = [
+        (_Status(404, {"message": "The model `m` does not exist."}), ModelNotFound,
+         "model 'm' is not served at http://h/v1 (The model `m` does not exist.); "
+         "it serves: m1, m2"),
+        (_Status(503, {"message": "busy"}), RetriesExhausted,
+         "http://h/v1 (model 'm'): gave up after 3 attempt(s); last status 503: busy"),
+        (_Status(401, {"message": "no key"}), RequestRejected,
+         "http://h/v1 (model 'm') answered 401: no key"),
+        (ConnectError("refused"), EndpointUnreachable,
+         "cannot reach http://h/v1 after 3 attempt(s): ConnectError: refused"),
+        (MalformedStream("garbage"), RetriesExhausted,
+         "http://h/v1 (model 'm'): gave up after 3 attempt(s); last error: "
+         "MalformedStream: garbage"),
+        (ServerSaid("overloaded"), RequestRejected,
+         "http://h/v1 (model 'm') sent an error in its stream: overloaded"),
+        (KeyError("x"), RequestRejected, "http://h/v1 (model 'm') failed: KeyError: 'x'"),
+    ]
+    reached = set()
+    for exc, cls, message in cases:
+        error = await _translate(exc)
+        assert type(error) is cls and str(error) == message
+        reached.add(next(t.name for t in TRANSLATIONS if t.matches(
+            Failure(exc, "http://h/v1", "m", 3))))
+    assert reached == {t.name for t in TRANSLATIONS}
+
+
+async def test_a_rejection_keeps_its_status_and_a_404_its_hint() -> None:
+    error = await _translate(_Status(404, {"message": "no route"}), hint="; try /v1")
+    assert isinstance(error, RequestRejected) and error.status_code == 404
+    assert str(error).endswith("no route; try /v1")
+    error = await _translate(_Status(400, {"message": "bad"}), hint="; try /v1")
+    assert str(error).endswith("answered 400: bad")
+
+
+async def test_model_not_found_without_a_model_list() -> None:
+    async def nothing() -> None:
+        return None
+
+    error = await translate(Failure(_Status(400, {"code": "model_not_found", "message": "x"}),
+                                    "http://h/v1", "m", 1), nothing)
+    assert isinstance(error, ModelNotFound) and str(error).endswith("(x)")
+
+
+def test_deadline_errors() -> None:
+    refused = ConnectionRefusedError("refused")
+    error = translate_deadline(refused, base_url="u", model="m", attempts=2, deadline=1.5)
+    assert isinstance(error, EndpointUnreachable)
+    assert str(error) == ("cannot reach u after 2 attempt(s) within the 1.5 s request deadline "
+                          "(--timeout): ConnectionRefusedError: refused")
+    error = translate_deadline(None, base_url="u", model="m", attempts=1, deadline=30)
+    assert isinstance(error, RetriesExhausted)
+    assert str(error) == ("u (model 'm'): no answer within the 30 s request deadline "
+                          "(--timeout) after 1 attempt(s)")
+
+
+# ---------------------------------------------------------------------- pacing
+@pytest.mark.parametrize(("rate", "burst", "period"),
+                         [(2.5, 2, 0.8), (0.5, 1, 2.0), (1.0, 1, 1.0), (10.0, 10, 1.0)])
+def test_one_throttler_builder(rate: float, burst: int, period: float) -> None:
+    throttler = make_throttler(rate)
+    assert throttler is not None
+    assert (throttler.rate_limit, throttler.period) == (burst, pytest.approx(period))
+    assert make_throttler(None) is None
+    with pytest.raises(ValueError):
+        make_throttler(0.0)
