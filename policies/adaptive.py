@@ -31,9 +31,15 @@ split needs more samples than that to settle — up to ``wide`` are kept in flig
 hard problem does not take many waves; on ``Stop`` the runtime cancels the stragglers,
 which in reasoning models are the long — and more often wrong — traces.
 
-``confidence`` is the knob: it is the target probability of agreeing with ``sc:n=max`` per
-decision; ``solverify bench calibrate --folds model`` chooses it by leave-one-model-out
-cross-validation over recorded pools.
+An overturn between two answers of nearly equal share changes little, so the policy also
+stops when the *expected accuracy lost* by stopping is at most ``loss``: under
+Self-Consistency's own assumption (an answer is right with the probability of its share),
+stopping at shares (u, v) instead of going on to the horizon loses P(overturn | u, v)·(v - u),
+averaged over the posterior (:func:`posterior_risk`).
+
+``confidence`` and ``loss`` are the knobs: the target probability of agreeing with
+``sc:n=max`` per decision, and the accuracy a stop may cost; ``solverify bench calibrate
+--folds model`` chooses them by leave-one-model-out cross-validation over recorded pools.
 """
 
 from __future__ import annotations
@@ -309,6 +315,10 @@ class Adaptive:
         problems, in problems (default 4).
       * ``learn`` [learn]: learn the prior from the run (default true; false = the flat
         Dirichlet(``prior``) prior throughout).
+      * ``loss`` [loss]: also stop when the expected accuracy lost against going on to
+        ``max`` (Self-Consistency's assumption: an answer is right with the probability of
+        its share) is at most ``loss`` per problem (default 0.01, chosen by
+        leave-one-model-out cross-validation, README "Calibration"; 0 turns it off).
       * ``max_failures`` [max_failures]: broken samples replaced (default ``max``).
     """
 
@@ -321,7 +331,7 @@ class Adaptive:
     wide: int | None = 32
     shrink: float = 4.0
     learn: bool = True
-    loss: float | None = None
+    loss: float = 0.01
 
     def __post_init__(self) -> None:
         _check("width", isinstance(self.width, int) and self.width >= 1, self.width,
@@ -335,8 +345,7 @@ class Adaptive:
             _check("wide", isinstance(self.wide, int) and self.wide >= self.width, self.wide,
                    f"an integer >= width ({self.width})")
         _check("shrink", self.shrink > 0, self.shrink, "> 0")
-        if self.loss is not None:
-            _check("loss", 0.0 <= self.loss < 1.0, self.loss, "in [0, 1)")
+        _check("loss", 0.0 <= self.loss < 1.0, self.loss, "in [0, 1) (0: off)")
         if self.max_failures is not None:
             _check("max_failures", self.max_failures >= 0, self.max_failures, ">= 0")
 
@@ -345,8 +354,7 @@ class Adaptive:
         return (f"adaptive:width={self.width},wide={self.widest},"
                 f"confidence={self.confidence:g},max={self.max},min_votes={self.min_votes},"
                 f"prior={self.prior:g},shrink={self.shrink:g},"
-                f"learn={'true' if self.learn else 'false'}"
-                + ("" if self.loss is None else f",loss={self.loss:g}"))
+                f"learn={'true' if self.learn else 'false'},loss={self.loss:g}")
 
     @property
     def widest(self) -> int:
@@ -372,7 +380,7 @@ class Adaptive:
         p, lost = self.risk(a, b, rest, remaining, log_prior)
         if p <= 1.0 - self.confidence:
             return f"P(overturn by {remaining} more) = {p:.3f} at {a}-{b}"
-        if self.loss is not None and lost <= self.loss:
+        if self.loss > 0 and lost <= self.loss:
             return (f"expected accuracy lost = {lost:.4f} (P(overturn by {remaining} more) "
                     f"= {p:.3f}) at {a}-{b}")
         return None

@@ -127,9 +127,9 @@ ADAPTIVE_PARAMS: tuple[Param, ...] = (
 
 #: ``adaptive``'s accuracy-loss stop (not yet passed through by policies.verifying, whose
 #: inner ``adaptive`` takes this default)
-ADAPTIVE_LOSS = Param("loss", "loss", float, allow_all=False,
+ADAPTIVE_LOSS = Param("loss", "loss", float, default=0.01,
                       help="also stop when the expected accuracy lost against going on to max "
-                           "is at most this (omit: off)")
+                           "is at most this (0: off)")
 
 
 def _ensure_builtins() -> None:

@@ -98,9 +98,12 @@ def test_budget_exhausted_waits_then_stops():
 
 def test_higher_confidence_needs_more_votes():
     snap = make_snapshot(["7", "7", "7", "7", "7", "7", "3"], in_flight=8)  # P ~ 0.03
-    (stop,) = Adaptive(confidence=0.9).decide(snap)
+    (stop,) = Adaptive(confidence=0.9, loss=0).decide(snap)
     assert stop.answer == "7"
-    assert Adaptive(confidence=0.99).decide(snap) == []
+    assert Adaptive(confidence=0.99, loss=0).decide(snap) == []
+    # the loss rule (default 0.01) settles it anyway: 6-1 risks 0.003 accuracy
+    (stop,) = Adaptive(confidence=0.99).decide(snap)
+    assert "expected accuracy lost" in stop.reason
 
 
 @pytest.mark.parametrize(
@@ -203,7 +206,7 @@ def test_expected_loss_weighs_an_overturn_by_what_it_changes():
 
 def test_loss_rule_stops_a_near_tie_the_confidence_rule_keeps_sampling():
     tie = make_snapshot(["7", "3"] * 28 + ["7", "7", None, None], in_flight=4)
-    assert Adaptive(confidence=0.9).decide(tie) == []
+    assert Adaptive(confidence=0.9, loss=0).decide(tie) == []
     (stop,) = Adaptive(confidence=0.9, loss=0.005).decide(tie)
     assert isinstance(stop, Stop) and stop.answer == "7"
     assert "expected accuracy lost" in stop.reason
@@ -259,11 +262,18 @@ def test_learned_prior_changes_the_decision():
     snap = make_snapshot(["7", "7", "7"], in_flight=8)
     snap = type(snap)(**{**{f: getattr(snap, f) for f in snap.__dataclass_fields__},
                          "history": history})
-    policy = Adaptive(width=8, wide=8, confidence=0.97, max=64)
+    policy = Adaptive(width=8, wide=8, confidence=0.97, max=64, loss=0)
     assert policy.decide(make_snapshot(["7", "7", "7"], in_flight=8)) == []  # flat: go on
     (stop,) = policy.decide(snap)  # twelve unanimous problems: 3-0 is settled
     assert isinstance(stop, Stop) and stop.answer == "7"
-    assert Adaptive(width=8, wide=8, confidence=0.97, max=64, learn=False).decide(snap) == []
+    assert Adaptive(width=8, wide=8, confidence=0.97, max=64, learn=False,
+                    loss=0).decide(snap) == []
+    # the loss rule reads the same prior: 3-0 risks 0.008 accuracy under the flat prior,
+    # far less after twelve unanimous problems
+    assert Adaptive(width=8, wide=8, confidence=0.999, max=64, loss=0.005).decide(
+        make_snapshot(["7", "7", "7"], in_flight=8)) == []
+    (stop,) = Adaptive(width=8, wide=8, confidence=0.999, max=64, loss=0.005).decide(snap)
+    assert "expected accuracy lost" in stop.reason
 
 
 async def test_online_prior_on_a_deterministic_fake_run():
@@ -278,8 +288,9 @@ async def test_online_prior_on_a_deterministic_fake_run():
         assert all(r.answer == "seven" for r in results)
         return [len(r.solutions) for r in results]
 
-    learned = await samples(Adaptive(width=1, wide=1, confidence=0.98, max=64))
-    flat = await samples(Adaptive(width=1, wide=1, confidence=0.98, max=64, learn=False))
+    learned = await samples(Adaptive(width=1, wide=1, confidence=0.98, max=64, loss=0))
+    flat = await samples(Adaptive(width=1, wide=1, confidence=0.98, max=64, learn=False,
+                                  loss=0))
     assert len(set(flat)) == 1  # no history: every problem the same
     assert learned[0] == flat[0]
     assert learned[-1] < flat[-1]
@@ -288,7 +299,7 @@ async def test_online_prior_on_a_deterministic_fake_run():
     history = RunHistory()
     alone = []
     for p in problems:
-        r = await solve(p, Adaptive(width=1, wide=1, confidence=0.98, max=64),
+        r = await solve(p, Adaptive(width=1, wide=1, confidence=0.98, max=64, loss=0),
                         backend=backend, task=WordTask(), history=history)
         alone.append(len(r.solutions))
     assert alone == learned
