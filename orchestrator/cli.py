@@ -103,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def streams_line(stats: dict) -> str:
+    """The summary's line about the endpoint's HTTP streams (and a server that cut them)."""
+    line = (f"streams           {stats['streams_opened']} opened, at most "
+            f"{stats['peak_streams']} at once (limit {stats['configured_max_streams'] or 'none'})")
+    if stats.get("one_stream_at_a_time"):
+        line += (f"; the server cut {stats['cut_streams']} running stream(s) when another "
+                 "arrived: one stream at a time from then on")
+    return line
+
+
 def summarise(results, wall: float) -> dict:
     """Run-level numbers for the closing summary (:class:`orchestrator.result.RunSummary`
     over ``results``)."""
@@ -139,7 +149,10 @@ def print_summary(summary: dict, policy: str, out: Path, file=sys.stdout) -> Non
         f"prompt tokens     {summary['prompt_tokens']}"
         + (f"  ({cached} served from the prefix cache)" if cached is not None else ""),
         f"requests          {summary['requests']}"
-        f"  (cancelled samples {summary['cancelled_samples']}, failed {summary['failed_samples']})",
+        + (f"  ({summary['http_requests']} HTTP requests)"
+           if summary.get("http_requests", 0) > summary["requests"] else "")
+        + f"  (cancelled samples {summary['cancelled_samples']}, failed "
+        f"{summary['failed_samples']})",
         "lambda (measured) " + (f"{lam:.3f}" if lam is not None else "n/a (no verifications)")
         + (f"  (verifier {summary['verifier']})" if summary.get("verifier") else ""),
         f"wall time         {summary['wall_s']:.1f} s",
@@ -308,6 +321,10 @@ async def _run(args) -> int:
         print_summary(summary, policy.spec, args.out)
         print(f"probe tokens      {backend.probe_completion_tokens}  (the capability check "
               "at start-up; charged to no problem)")
+        from orchestrator.backends.openai_compat import OpenAIBackend
+
+        if isinstance(backend, OpenAIBackend):
+            print(streams_line(backend.stats()))
         rc, lines = outcomes.lines(resumed)
         if lines:
             print(redact_text("\n".join(lines)))

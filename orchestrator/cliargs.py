@@ -116,6 +116,11 @@ def add_endpoint_args(p: argparse.ArgumentParser) -> None:
                         "it for several replicas of one model: each problem's requests stay "
                         "on one replica, with failover (README: Scaling out)")
     p.add_argument("--model", required=True, help="model name as the server knows it")
+    p.add_argument("--max-streams", type=positive_int, default=None, metavar="N",
+                   help="most HTTP streams open at once per endpoint, each stream of an "
+                        "emulated n (a server without n) counted (default: --concurrency); "
+                        "a server seen cutting a running stream when another arrives is "
+                        "served one stream at a time")
     p.add_argument("--api-key-env", default=None, metavar="VAR",
                    help="environment variable holding the API key (default: "
                         "$OPENAI_API_KEY if set, as the openai client reads it, else "
@@ -143,8 +148,10 @@ def endpoint_backend(args, api_key: str):
     from orchestrator.backends.openai_compat import OpenAIBackend
 
     urls = base_urls(args)
+    max_streams = getattr(args, "max_streams", None) or getattr(args, "concurrency", None)
     backends = [OpenAIBackend(base_url=u, model=args.model, api_key=api_key,
-                              timeout=args.timeout, idle_timeout=args.idle_timeout)
+                              timeout=args.timeout, idle_timeout=args.idle_timeout,
+                              max_streams=max_streams)
                 for u in urls]
     if len(backends) == 1:
         return backends[0]

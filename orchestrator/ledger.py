@@ -42,6 +42,12 @@ ESTIMATE_SOURCES = {
     "chunks": "one token per streamed chunk; no server usage",
     "prompt": "prompt size unknown: the server sent no usage",
     "nothing": "no usage and no tokens received",
+    "tokenize-text": "prompt counted with the server's tokenizer endpoint on the message "
+                     "text: the chat template's own tokens are not included",
+    "tokenize-stop": "completion counted with the server's tokenizer endpoint on the text "
+                     "received, plus one token per choice that ended at a stop sequence "
+                     "(the server generates and counts that token but does not send it; "
+                     "one too many where it ended at its end-of-sequence token instead)",
 }
 
 
@@ -61,6 +67,11 @@ class RequestRecord:
     outcome: str | None = None  # None while open; "ok" | "cancelled" | "failed"
 
     counted_deltas: int = 0
+    #: generation HTTP requests sent for this logical request (retries and each stream of
+    #: an emulated ``n`` included), as the backend counted them; 0 for backends without HTTP
+    http_requests: int = 0
+    #: the backend's own reasons why the usage it reported is inexact (see ESTIMATE_SOURCES)
+    server_estimated: tuple[str, ...] = ()
     #: per choice: tokens streamed while it was unfinished, and whether it is finished
     choice_tokens: list[int] = field(default_factory=list)
     choice_done: list[bool] = field(default_factory=list)
@@ -85,14 +96,17 @@ class RequestRecord:
     def estimated_from(self) -> tuple[str, ...]:
         """Why this record's usage is an estimate (empty when it is the server's own)."""
         if self.server_completion is not None:
-            return () if self.server_prompt is not None else ("prompt",)
+            return self.server_estimated if self.server_prompt is not None else ("prompt",)
+        # no server report at all: the prompt's size is unknown too (charged as 0)
         if self.counted_estimated:
-            return ("chunks",)
-        return ("logprobs",) if self.counted_deltas else ("nothing",)
+            return ("chunks", "prompt")
+        return ("logprobs", "prompt") if self.counted_deltas else ("nothing", "prompt")
 
     def add_usage(self, prompt: int, completion: int, final: bool,
-                  cached_prompt: int | None = None) -> None:
+                  cached_prompt: int | None = None,
+                  estimated_from: tuple[str, ...] = ()) -> None:
         self.server_prompt = prompt
+        self.server_estimated = estimated_from
         if cached_prompt is not None:
             self.server_cached = cached_prompt
         # running counts only grow; a final report is authoritative
@@ -111,7 +125,7 @@ class RequestRecord:
     def usage(self) -> Usage:
         if self.server_completion is not None:
             completion = self.server_completion
-            estimated = False
+            estimated = bool(self.server_estimated)
         else:
             completion = self.counted_completion
             estimated = self.counted_estimated
@@ -268,6 +282,11 @@ class ProblemLedger:
     @property
     def requests(self) -> int:
         return len(self.records)
+
+    @property
+    def http_requests(self) -> int:
+        """HTTP requests the backend sent for this problem's requests (see RequestRecord)."""
+        return sum(r.http_requests for r in self.records.values())
 
     @property
     def open_requests(self) -> int:

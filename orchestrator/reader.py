@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from orchestrator.backends.base import (
+    HTTP_REQUESTS,
     Backend,
     EventStream,
     GenerationRequest,
@@ -130,6 +131,7 @@ async def read_request(req: Request, ledger: ProblemLedger, limiter: Limiter,
     reservations released)."""
     outcome = "failed"
     error: BackendError | None = None
+    counting = HTTP_REQUESTS.set(req.record)  # the backend counts its HTTP requests
     try:
         async with limiter.slot():
             req.sent = True
@@ -156,6 +158,7 @@ async def read_request(req: Request, ledger: ProblemLedger, limiter: Limiter,
         else:
             error = exc
     finally:
+        HTTP_REQUESTS.reset(counting)
         if outcome == "ok" and req.pending():
             outcome = "failed"
             error = BackendError("stream ended without a finish_reason for every choice")
@@ -183,7 +186,7 @@ def _on_event(req: Request, ledger: ProblemLedger, owner: RequestOwner | None,
             ledger.finish(record, event.choice)
     elif isinstance(event, UsageReport):
         req.record.add_usage(event.prompt_tokens, event.completion_tokens, event.final,
-                             event.cached_prompt_tokens)
+                             event.cached_prompt_tokens, event.estimated_from)
 
 
 class _Ended(Exception):

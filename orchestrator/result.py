@@ -45,6 +45,9 @@ class SolveResult:
     error: BaseException | None = None
     #: the structured stop reason (``Stop.code``): settled, max, budget, failures, error
     stop_code: StopCode = "settled"
+    #: generation HTTP requests sent for ``requests`` logical ones (retries and emulated
+    #: ``n`` included; 0 for backends without HTTP)
+    http_requests: int = 0
 
     @property
     def ok(self) -> bool:
@@ -76,6 +79,7 @@ class SolveResult:
             "solution_tokens": self.solution_tokens,
             "verification_tokens": self.verification_tokens,
             "requests": self.requests,
+            "http_requests": self.http_requests,
             "cost_units": round(self.cost_units, 4),
             "lambda": self.lam,
             "elapsed_s": round(self.elapsed, 4),
@@ -108,14 +112,33 @@ class RunSummary:
     writes its results as they come need not hold them all (:meth:`as_dict` is the CLI's
     closing summary)."""
 
-    __slots__ = ("_cached", "_cached_any", "_estimated", "_sources", "cancelled",
-                 "completion_tokens", "correct", "errors", "failed", "graded", "no_answer",
-                 "problems", "prompt_tokens", "requests", "sol_n", "sol_sum",
-                 "solution_tokens", "ver_n", "ver_sum", "verification_tokens")
+    __slots__ = (
+        "_cached",
+        "_cached_any",
+        "_estimated",
+        "_sources",
+        "cancelled",
+        "completion_tokens",
+        "correct",
+        "errors",
+        "failed",
+        "graded",
+        "http_requests",
+        "no_answer",
+        "problems",
+        "prompt_tokens",
+        "requests",
+        "sol_n",
+        "sol_sum",
+        "solution_tokens",
+        "ver_n",
+        "ver_sum",
+        "verification_tokens",
+    )
 
     def __init__(self) -> None:
         self.problems = self.graded = self.correct = self.errors = self.no_answer = 0
-        self.prompt_tokens = self.completion_tokens = self.requests = 0
+        self.prompt_tokens = self.completion_tokens = self.requests = self.http_requests = 0
         self.solution_tokens = self.verification_tokens = 0
         self.sol_n = self.sol_sum = self.ver_n = self.ver_sum = 0
         self.cancelled = self.failed = 0
@@ -141,6 +164,7 @@ class RunSummary:
         self.solution_tokens += r.solution_tokens
         self.verification_tokens += r.verification_tokens
         self.requests += r.requests
+        self.http_requests += r.http_requests
         self.sol_n += len(r.solutions)
         self.sol_sum += sum(s.completion_tokens for s in r.solutions)
         self.ver_n += len(r.verifications)
@@ -171,6 +195,7 @@ class RunSummary:
             "solution_tokens": self.solution_tokens,
             "verification_tokens": self.verification_tokens,
             "requests": self.requests,
+            "http_requests": self.http_requests,
             "solutions": self.sol_n,
             "verifications": self.ver_n,
             "cancelled_samples": self.cancelled,

@@ -25,6 +25,18 @@ alternatives). Faults are injected with :meth:`OpenAIServer.fail_next` (status, 
 :meth:`OpenAIServer.garble_next` sends a malformed ``data:`` line (not JSON) at a chosen
 event of the next streams, the stream going on after it.
 
+``llamacpp=True`` behaves like llama-cpp-python's server on its default settings (the
+one fact set solverify must cope with on "any OpenAI-compatible server"): ``n`` ignored,
+``stream_options`` ignored (no usage in streams; a plain JSON body still has usage), one
+generation at a time, and a running stream *cut* (``[DONE]`` without a finish reason)
+right after its next chunk whenever another request waits (``--interrupt_requests``,
+on by default there). ``POST /extras/tokenize`` (``{"input": text}`` -> ``{"tokens":
+[...]}``, a ``<bos>`` id first, as llama-cpp-python) and ``POST /tokenize`` (vLLM's
+shape: ``prompt`` or ``messages`` -> ``{"count", "tokens", "max_model_len"}``) count
+whitespace-led words, the server's own token unit; like llama-cpp-python's, the
+tokenizer waits for (and interrupts) a running generation. ``tokenize_paths`` chooses which
+of the two are served (default: ``/extras/tokenize`` in ``llamacpp`` mode, none otherwise).
+
 ``step_gate`` makes a test's timing explicit instead of wall-clock: an async callable given
 a :class:`Step` (stream number, step index, script length) that each stream awaits before
 generating each step (one token per running choice), so a test decides exactly which
@@ -43,6 +55,7 @@ import contextlib
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,6 +126,23 @@ class _ClientGone(Exception):
 
 class _Drop(Exception):
     """Injected fault: cut the connection now."""
+
+
+class _Interrupted(Exception):
+    """llamacpp mode: another request waits; end this stream with ``[DONE]`` now."""
+
+
+BOS_ID = 2
+_WORD_RE = re.compile(r"\s*\S+")
+
+
+def _word_tokens(text: str) -> list[str]:
+    """The test server's token unit: whitespace-led words (a prompt's count is the same)."""
+    return _WORD_RE.findall(text)
+
+
+def _token_id(word: str) -> int:
+    return 3 + int.from_bytes(hashlib.sha256(word.encode()).digest()[:3], "big")
 
 
 def echo_responder(body: Mapping[str, Any]) -> list[list[Scripted]]:
@@ -186,6 +216,8 @@ class OpenAIServer:
         reject_continuous_usage: bool = False,
         reject_stream_options: bool = False,
         prefix_cache_block: int | None = None,
+        llamacpp: bool = False,
+        tokenize_paths: Sequence[str] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -197,6 +229,20 @@ class OpenAIServer:
         self.reject_continuous_usage = reject_continuous_usage
         self.reject_stream_options = reject_stream_options
         self.prefix_cache_block = prefix_cache_block
+        self.llamacpp = llamacpp
+        if llamacpp:
+            self.ignore_n = True
+        if tokenize_paths is None:
+            tokenize_paths = ("/extras/tokenize",) if llamacpp else ()
+        self.tokenize_paths = tuple(tokenize_paths)
+        # llama-cpp-python's double lock: a request takes the outer lock, then the inner
+        # one, then lets the outer go; a stream that sees the outer lock taken (another
+        # request waits) is cut
+        self._outer = asyncio.Lock()
+        self._inner = asyncio.Lock()
+        #: streams this server cut because another request arrived (llamacpp mode)
+        self.streams_cut = 0
+        self.tokenize_calls = 0
         self._seen_prompts: list[list[str]] = []
         self.host = host
         self._port = port
@@ -217,6 +263,8 @@ class OpenAIServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health)  # as vLLM: 200, empty body
+        for path in self.tokenize_paths:
+            app.router.add_post(path, self._tokenize)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self._port)
@@ -298,7 +346,8 @@ class OpenAIServer:
 
     def generation_requests(self) -> list[ReceivedRequest]:
         """Received POSTs to the chat or completions endpoints, in order."""
-        return [r for r in self._stats.received if r.method == "POST"]
+        return [r for r in self._stats.received if r.method == "POST"
+                and r.path.endswith("/completions")]
 
     async def wait_until(self, predicate: Callable[[], bool], within: float = 2.0) -> bool:
         """Wait until ``predicate()`` holds (checked whenever the counters change)."""
@@ -336,6 +385,47 @@ class OpenAIServer:
     # ------------------------------------------------------------------ handlers
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
+
+    @contextlib.asynccontextmanager
+    async def _model_lock(self):
+        """llamacpp mode: one request on the model at a time (llama-cpp-python's locks)."""
+        if not self.llamacpp:
+            yield
+            return
+        await self._outer.acquire()
+        outer_held = True
+        try:
+            await self._inner.acquire()
+            try:
+                self._outer.release()
+                outer_held = False
+                yield
+            finally:
+                self._inner.release()
+        finally:
+            if outer_held:
+                self._outer.release()
+
+    def _someone_waits(self) -> bool:
+        return self.llamacpp and self._outer.locked()
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self._stats.received.append(ReceivedRequest("POST", request.path, body, time.time(),
+                                                    {k.lower(): v for k, v
+                                                     in request.headers.items()}))
+        self.tokenize_calls += 1
+        self._touch()
+        async with self._model_lock():
+            if request.path == "/tokenize":  # vLLM's shape
+                text = prompt_text(body)
+                ids = [_token_id(w) for w in _word_tokens(text)]
+                return web.json_response({"count": len(ids), "max_model_len": 2048,
+                                          "tokens": ids})
+            if not isinstance(body.get("input"), str):
+                return _error_response(422, "input: field required", "BadRequestError")
+            ids = [BOS_ID] + [_token_id(w) for w in _word_tokens(body["input"])]
+            return web.json_response({"tokens": ids})
 
     async def _models(self, request: web.Request) -> web.Response:
         self._stats.received.append(ReceivedRequest("GET", request.path, None, time.time()))
@@ -379,7 +469,7 @@ class OpenAIServer:
             return _error_response(400, "messages: field required", "BadRequestError")
         if not chat and "prompt" not in body:
             return _error_response(400, "prompt: field required", "BadRequestError")
-        options = body.get("stream_options")
+        options = None if self.llamacpp else body.get("stream_options")
         if options is not None:
             if self.reject_stream_options:
                 return _error_response(
@@ -418,6 +508,13 @@ class OpenAIServer:
         return None if value is None else int(value)
 
     def _script(self, body: Mapping[str, Any], n: int) -> list[list[Tok]]:
+        return self._script_and_hidden(body, n)[0]
+
+    def _script_and_hidden(self, body: Mapping[str, Any], n: int
+                           ) -> tuple[list[list[Tok]], list[int]]:
+        """The tokens each choice sends, and (llamacpp mode) the tokens it generates
+        without sending them: the one that completed a stop sequence (llama-cpp-python
+        counts it in its usage; its end-of-sequence token it does not count)."""
         scripted = [list(choice) for choice in self.responder(body)]
         if not scripted:
             scripted = [[]]
@@ -426,17 +523,22 @@ class OpenAIServer:
         if isinstance(stops, str):
             stops = [stops]
         out: list[list[Tok]] = []
+        hidden: list[int] = []
         for i in range(n):
             tokens = [t if isinstance(t, Tok) else Tok(t) for t in scripted[i % len(scripted)]]
             kept: list[Tok] = []
             text = ""
+            stopped = False
             for tok in tokens:
                 if any(s in text + tok.text for s in stops):
+                    stopped = True
                     break
                 kept.append(tok)
                 text += tok.text
             out.append(kept[: int(max_tokens)])
-        return out
+            hidden.append(1 if self.llamacpp and stopped and len(kept) < int(max_tokens)
+                          else 0)
+        return out, hidden
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         try:
@@ -452,13 +554,16 @@ class OpenAIServer:
             self._stats.requests_failed += 1
             return rejection
         n = 1 if self.ignore_n else int(body.get("n") or 1)
-        script = self._script(body, n)
-        prompt_tokens = _count_prompt_tokens(body)
+        script, hidden = self._script_and_hidden(body, n)
+        prompt_tokens = _count_prompt_tokens(body) + (1 if self.llamacpp else 0)  # <bos>
         cached = self._cached_tokens(body)
         self._stats.prompt_tokens_total += prompt_tokens
-        if body.get("stream"):
-            return await self._stream(request, body, script, prompt_tokens, cached, chat=chat)
-        return await self._full(body, script, prompt_tokens, cached, chat=chat)
+        async with self._model_lock():
+            if body.get("stream"):
+                return await self._stream(request, body, script, prompt_tokens, cached,
+                                          chat=chat, hidden=hidden)
+            return await self._full(body, script, prompt_tokens, cached, chat=chat,
+                                    hidden=hidden)
 
     def _lp_k(self, body: Mapping[str, Any], chat: bool) -> int | None:
         return self._requested_logprobs(body, chat)
@@ -471,13 +576,14 @@ class OpenAIServer:
         cached: int | None,
         *,
         chat: bool,
+        hidden: Sequence[int] = (),
     ) -> web.Response:
         self._stats.requests_running += 1
         try:
             for _ in range(max((len(c) for c in script), default=0)):
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
-            generated = sum(len(c) for c in script)
+            generated = sum(len(c) for c in script) + sum(hidden)
             self._stats.generation_tokens_total += generated
         finally:
             self._stats.requests_running -= 1
@@ -526,8 +632,9 @@ class OpenAIServer:
         cached: int | None,
         *,
         chat: bool,
+        hidden: Sequence[int] = (),
     ) -> web.StreamResponse:
-        options = body.get("stream_options") or {}
+        options = {} if self.llamacpp else (body.get("stream_options") or {})
         include_usage = bool(options.get("include_usage"))
         continuous = bool(options.get("continuous_usage_stats"))
         k = self._lp_k(body, chat)
@@ -573,6 +680,8 @@ class OpenAIServer:
                 await response.write(data)
             except (ConnectionError, RuntimeError) as exc:
                 raise _ClientGone from exc
+            if self._someone_waits() and data != b"data: [DONE]\n\n":
+                raise _Interrupted
 
         def running_usage(i: int) -> dict[str, int] | None:
             return _usage(prompt_tokens, produced[i]) if continuous else None
@@ -610,6 +719,9 @@ class OpenAIServer:
                     finish = None
                     if last:
                         finish = "length" if len(tokens) >= max_tokens else "stop"
+                        extra = hidden[i] if i < len(hidden) else 0
+                        produced[i] += extra
+                        self._stats.generation_tokens_total += extra
                     text = tok.text if tok is not None else ""
                     if chat:
                         choice = {
@@ -638,6 +750,13 @@ class OpenAIServer:
             await send(b"data: [DONE]\n\n")
             await response.write_eof()
             self._stats.requests_finished += 1
+        except _Interrupted:
+            # llama-cpp-python with --interrupt_requests: end the stream as if complete
+            if any(produced[i] < len(tokens) for i, tokens in enumerate(script)):
+                self.streams_cut += 1
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
         except _Drop:
             # Simulate a crashed server: cut the TCP connection in the middle of the body.
             if request.transport is not None:
@@ -763,13 +882,15 @@ class MathResponder:
 
 
 async def _serve(
-    host: str, port: int, delay: float, models: Sequence[str] | None, block: int | None
+    host: str, port: int, delay: float, models: Sequence[str] | None, block: int | None,
+    llamacpp: bool = False,
 ) -> None:
     server = OpenAIServer(
         MathResponder(),
         models=models,
         token_delay=delay,
         prefix_cache_block=block,
+        llamacpp=llamacpp,
         host=host,
         port=port,
     )
@@ -797,10 +918,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="report prompt_tokens_details.cached_tokens, imitating a prefix cache with "
         "blocks of B words (default: not reported)",
     )
+    parser.add_argument("--llamacpp", action="store_true",
+                        help="behave like llama-cpp-python's server on its defaults (n and "
+                             "stream usage ignored, a running stream cut when another "
+                             "request waits, /extras/tokenize)")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
-            _serve(args.host, args.port, args.delay, args.model, args.prefix_cache_block)
+            _serve(args.host, args.port, args.delay, args.model, args.prefix_cache_block,
+                   args.llamacpp)
         )
 
 

@@ -76,3 +76,48 @@ def test_bad_input_is_one_clear_line(server_url, tmp_path, args, message):
 def test_policies_lists_the_grammar():
     r = run_solverify("policies")
     assert r.returncode == 0 and "sc:n=16" in r.stdout and "genrm" in r.stdout
+
+
+def test_run_against_a_llamacpp_like_server_counts_http_requests_and_streams(tmp_path):
+    """``--max-streams`` caps the HTTP streams of an emulated n; the summary says how many
+    HTTP requests the logical ones took and how the streams went."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.openai_server", "--port", str(port), "--model",
+         "test-model", "--llamacpp"], cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        out = tmp_path / "results.jsonl"
+        r = run_solverify("run", "--base-url", f"http://127.0.0.1:{port}/v1", "--model",
+                          "test-model", "--problems", str(problems_file(tmp_path)),
+                          "--policy", "sc:n=4", "--out", str(out), "--no-progress",
+                          "--concurrency", "4", "--max-streams", "2")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    http = sum(row["http_requests"] for row in rows)
+    assert http >= 4 * sum(row["requests"] for row in rows)
+    assert f"({http} HTTP requests)" in r.stdout
+    streams = next(line for line in r.stdout.splitlines() if line.startswith("streams"))
+    peak = int(streams.split("at most ")[1].split()[0])
+    assert peak <= 2 and "(limit 2)" in streams
+    # counted with the server's tokenizer: chat prompts from their message text (flagged)
+    assert all(row["prompt_tokens"] > 0 for row in rows)
+    assert {s for row in rows for s in row["tokens_estimated_from"]} <= {"tokenize-text",
+                                                                         "tokenize-stop"}
+

@@ -103,7 +103,8 @@ async def test_without_server_usage_the_count_says_it_is_estimated_and_from_what
             result = await solve(Problem(id="p", problem="q"), SelfConsistency(1),
                                  backend=backend, task=WordTask(), max_n=1)
     assert result.usage.estimated and result.usage.completion_tokens == 7
-    assert result.to_dict()["tokens_estimated_from"] == ["chunks"]
+    # and the prompt's size is unknown (charged as 0): said too, never silently 0
+    assert result.to_dict()["tokens_estimated_from"] == ["chunks", "prompt"]
 
 
 # ---- endpoints that are not what they seem -----------------------------------------------

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from orchestrator.defaults import MAX_TOP_LOGPROBS
 from orchestrator.errors import ConfigError
 from orchestrator.types import RequestKind, TokenLogprob
 
@@ -105,9 +107,34 @@ class UsageReport:
     completion_tokens: int
     final: bool
     cached_prompt_tokens: int | None = None
+    #: not the server's own usage but a count the backend made (e.g. with the server's
+    #: tokenizer endpoint) that is known to be inexact: keys of
+    #: :data:`orchestrator.ledger.ESTIMATE_SOURCES` saying how
+    estimated_from: tuple[str, ...] = ()
 
 
 StreamEvent = TextDelta | UsageReport
+
+
+class HttpCounter(Protocol):
+    """What counts the HTTP requests made for one logical request (the runtime's ledger
+    record: :class:`orchestrator.ledger.RequestRecord`)."""
+
+    http_requests: int
+
+
+#: The counter of the logical request being served in this task (None: count nowhere).
+#: A backend adds 1 for every generation HTTP request it sends for a stream: retries and
+#: each stream of an emulated ``n`` included. Tasks a backend starts inherit it.
+HTTP_REQUESTS: ContextVar[HttpCounter | None] = ContextVar("solverify_http_requests",
+                                                           default=None)
+
+
+def count_http_request(count: int = 1) -> None:
+    """Add ``count`` HTTP requests to the logical request served in this task, if any."""
+    counter = HTTP_REQUESTS.get()
+    if counter is not None:
+        counter.http_requests += count
 
 
 def _positive_int(value: object) -> bool:
@@ -189,7 +216,7 @@ class Capabilities:
     stream_usage: bool = True
     continuous_usage: bool = True
     logprobs: bool = True
-    max_top_logprobs: int | None = 20
+    max_top_logprobs: int | None = MAX_TOP_LOGPROBS
 
     def describe(self) -> Sequence[str]:
         return [

@@ -20,6 +20,7 @@ from orchestrator.serve.config import (
     ServerPaths,
 )
 from orchestrator.serve.process import (
+    ManagedServer,
     VLLMServer,
     _http_get,
     parse_prometheus,
@@ -58,8 +59,13 @@ def build_parser(prog: str = "solverify serve") -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="default: $SOLVERIFY_CACHE or ~/.cache/solverify")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("provision", help="build the server venv and the model (idempotent)")
+    prov = sub.add_parser("provision", help="build the server venv and the model (idempotent)")
     start = sub.add_parser("start", help="start the server (foreground until Ctrl-C)")
+    for p in (prov, start):
+        p.add_argument("--server", choices=("vllm", "llamacpp"), default="vllm",
+                       help="vllm: the bundled vLLM (default); llamacpp: llama.cpp's OpenAI "
+                            "server (llama-cpp-python, on its default settings) serving the "
+                            "same GGUF; its first provisioning compiles llama.cpp (minutes)")
     start.add_argument("--port", type=int, default=None, help="default: a free port")
     start.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
     start.add_argument("--timeout", type=_positive, default=STARTUP_TIMEOUT_S, metavar="S",
@@ -81,7 +87,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "solverify serve") -> in
     try:
         if args.cmd == "provision":
             with terminate_as_interrupt():
-                VLLMServer.prepare(paths)
+                _server_class(args.server).prepare(paths)
         elif args.cmd == "start":
             return _cmd_start(paths, args)
         elif args.cmd == "status":
@@ -125,13 +131,29 @@ def _cmd_start(paths: ServerPaths, args: argparse.Namespace) -> int:
         print(f"note: another solverify server is running: pid {info['pid']} "
               f"{info.get('base_url')} (started by {info.get('started_by', '?')})",
               file=sys.stderr)
-    server = VLLMServer(paths, port=args.port, max_model_len=args.max_model_len,
-                        startup_timeout=args.timeout, started_by="solverify serve start",
-                        threads=args.threads)
+    server: ManagedServer
+    if args.server == "llamacpp":
+        from orchestrator.serve.llamacpp import LlamaCppPaths, LlamaCppServer
+
+        server = LlamaCppServer(LlamaCppPaths(paths.cache_dir), port=args.port,
+                                n_ctx=args.max_model_len, startup_timeout=args.timeout,
+                                started_by="solverify serve start --server llamacpp")
+    else:
+        server = VLLMServer(paths, port=args.port, max_model_len=args.max_model_len,
+                            startup_timeout=args.timeout, started_by="solverify serve start",
+                            threads=args.threads)
     return asyncio.run(_start(server, detach=args.detach))
 
 
-async def _start(server: VLLMServer, *, detach: bool) -> int:
+def _server_class(name: str) -> type[ManagedServer]:
+    if name == "llamacpp":
+        from orchestrator.serve.llamacpp import LlamaCppServer
+
+        return LlamaCppServer
+    return VLLMServer
+
+
+async def _start(server: ManagedServer, *, detach: bool) -> int:
     from orchestrator.interrupt import cancel_on_signals
 
     def hurry(sig: signal.Signals) -> None:
@@ -147,12 +169,13 @@ async def _start(server: VLLMServer, *, detach: bool) -> int:
             return sig.exit_status
 
 
-async def _start_and_hold(server: VLLMServer, *, detach: bool) -> int:
+async def _start_and_hold(server: ManagedServer, *, detach: bool) -> int:
     from orchestrator.progress import LiveLine
 
     live = LiveLine()
     server.start(detach=detach)
-    live.line(f"starting vLLM on {server.base_url} (log: {server.log_path})")
+    label = "vLLM" if isinstance(server, VLLMServer) else server.kind
+    live.line(f"starting {label} on {server.base_url} (log: {server.log_path})")
     if server.threads_note:
         live.line(f"  threads: {server.threads_note}")
     try:

@@ -1,0 +1,317 @@
+"""HTTP streams per endpoint: a limit on how many are open at once, and ``n`` emulated with
+one stream per choice, for any :class:`~orchestrator.backends.base.Backend`.
+
+:class:`StreamSlots` is an endpoint's limit: every stream opened through it holds one slot
+from before its request is sent until it is closed (each stream of an emulated ``n`` takes
+its own slot). ``limit=None`` leaves the number open; :meth:`StreamSlots.degrade` drops it to
+one, once, and says so (a warning log line, and ``stats()``).
+
+A server that *cuts* a running stream when another request arrives (llama-cpp-python's
+server by default: ``--interrupt_requests True`` ends the running stream with ``[DONE]``
+and no finish reason whenever another request waits) is detected from what it does: a
+stream that ends normally while a choice has no finish reason, while another stream to the
+same endpoint is open, degrades the endpoint to one stream at a time. The cut samples are
+charged and recorded as failed (replaceable) by the runtime; later streams are not cut.
+
+:class:`EmulatedN` is a backend wrapper: a request with ``n > 1`` for which ``native_n``
+says no is sent as ``n`` single-choice requests run concurrently (as the slots allow) and
+merged into one ``n``-choice stream, choices renumbered. A seeded request gives choice
+``i`` the seed ``seed + i`` so the choices differ. A request with ``n == 1`` (or a native
+``n``) is one stream, in one slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+
+from orchestrator.backends.base import (
+    Backend,
+    EventStream,
+    GenerationRequest,
+    StreamEvent,
+    TextDelta,
+    UsageReport,
+)
+from orchestrator.errors import ConfigError, StreamBroken
+
+__all__ = ["EmulatedN", "StreamSlots", "limited_stream"]
+
+_log = structlog.get_logger(__name__)
+
+_MERGE_QUEUE_SIZE = 256
+
+NativeN = bool | Callable[[GenerationRequest], Awaitable[bool]]
+
+
+class StreamSlots:
+    """How many HTTP streams may be open at once on one endpoint (``None``: any number).
+
+    Waiters are served in arrival order. :meth:`degrade` lowers the limit to 1 for good.
+    """
+
+    def __init__(self, limit: int | None = None, *, name: str = "") -> None:
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+            raise ConfigError(f"max_streams must be a positive integer or None, got {limit!r}")
+        self.name = name
+        self.configured = limit
+        self._limit = limit
+        self._in_use = 0
+        self._waiting = 0
+        self.peak = 0
+        self.opened = 0
+        self.cut_streams = 0
+        #: why the endpoint went down to one stream at a time (None: it did not)
+        self.degraded: str | None = None
+        self._cond = asyncio.Condition()
+
+    @property
+    def limit(self) -> int | None:
+        return self._limit
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def _room(self) -> bool:
+        return self._limit is None or self._in_use < self._limit
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one stream slot for the body of the ``async with``."""
+        async with self._cond:
+            self._waiting += 1
+            try:
+                await self._cond.wait_for(self._room)
+            finally:
+                self._waiting -= 1
+            self._in_use += 1
+            self.opened += 1
+            self.peak = max(self.peak, self._in_use)
+        try:
+            yield
+        finally:
+            self._in_use -= 1
+            await self._notify()
+
+    async def _notify(self) -> None:
+        # shielded: a slot freed by a cancelled stream must still wake the next waiter
+        async def wake() -> None:
+            async with self._cond:
+                self._cond.notify_all()
+
+        await asyncio.shield(wake())
+
+    def degrade(self, reason: str) -> None:
+        """One stream at a time from now on; logged once, shown in :meth:`stats`."""
+        if self.degraded is not None:
+            return
+        self.degraded = reason
+        self._limit = 1
+        _log.warning("backend.one_stream_at_a_time", endpoint=self.name, reason=reason,
+                     limit_before=self.configured)
+
+    def stats(self) -> dict[str, Any]:
+        return {"max_streams": self._limit, "configured_max_streams": self.configured,
+                "streams_opened": self.opened, "peak_streams": self.peak,
+                "cut_streams": self.cut_streams, "one_stream_at_a_time": self.degraded}
+
+
+@asynccontextmanager
+async def limited_stream(
+    backend: Backend, request: GenerationRequest, slots: StreamSlots | None
+) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+    """``backend.stream(request)`` in one slot of ``slots``, watched for server-side cuts."""
+    if slots is None:
+        async with backend.stream(request) as events:
+            yield events
+        return
+    async with slots.slot(), backend.stream(request) as events:
+        watched = _watch(events, request.n, slots)
+        cut = events.cut if isinstance(events, EventStream) and events.cuttable else None
+        try:
+            yield EventStream(watched, cut)
+        finally:
+            await watched.aclose()
+
+
+async def _watch(events: AsyncIterator[StreamEvent], n: int,
+                 slots: StreamSlots) -> AsyncIterator[StreamEvent]:
+    finished: set[int] = set()
+    async for event in events:
+        if isinstance(event, TextDelta) and event.finish_reason is not None:
+            finished.add(event.choice)
+        yield event
+    # the stream ended by itself (not closed, nor cut, by its reader): did the server cut it?
+    if len(finished) < n and not (isinstance(events, EventStream) and events.cut_requested):
+        slots.cut_streams += 1
+        others = slots.in_use - 1
+        if others > 0 and (slots.limit is None or slots.limit > 1):
+            slots.degrade(
+                f"a stream from {slots.name or 'the endpoint'} ended without a finish "
+                f"reason while {others} other stream(s) were open: the server cuts a "
+                "running stream when another request arrives (llama-cpp-python's default "
+                "--interrupt_requests); sending one stream at a time from now on")
+
+
+class EmulatedN(Backend):
+    """A :class:`~orchestrator.backends.base.Backend` that serves ``n > 1`` with ``n``
+    single-choice streams of ``backend`` when ``native_n`` (a bool, or an async callable of
+    the request) says the backend cannot, every stream in a slot of ``slots`` (or of a new
+    :class:`StreamSlots` of ``max_streams``)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        native_n: NativeN = False,
+        max_streams: int | None = None,
+        slots: StreamSlots | None = None,
+        name: str = "",
+    ) -> None:
+        self.backend = backend
+        self._native_n = native_n
+        self.slots = slots if slots is not None else StreamSlots(max_streams, name=name)
+
+    @property
+    def cut_grace(self) -> float:
+        """The wrapped backend's (see :mod:`orchestrator.backends.base`)."""
+        return float(getattr(self.backend, "cut_grace", 0.0))
+
+    def stats(self) -> dict[str, Any]:
+        return self.slots.stats()
+
+    async def _native(self, request: GenerationRequest) -> bool:
+        if isinstance(self._native_n, bool):
+            return self._native_n
+        return await self._native_n(request)
+
+    @asynccontextmanager
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+        if request.n == 1 or await self._native(request):
+            async with limited_stream(self.backend, request, self.slots) as events:
+                yield events
+        else:
+            async with self._emulated(request) as events:
+                yield events
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+    @asynccontextmanager
+    async def _emulated(self, request: GenerationRequest
+                        ) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+        """``n`` single-choice streams run concurrently and merged, choices renumbered.
+
+        The pumps never raise (they hand failures to the merger), so the TaskGroup only
+        ever sees cancellation; the consumer's own exception is held while the group is
+        left and re-raised afterwards, unwrapped.
+        """
+        queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]] = asyncio.Queue(
+            _MERGE_QUEUE_SIZE)
+        held: BaseException | None = None
+        where = self.slots.name or repr(self.backend)
+        streams: list[EventStream] = []  # the open single-choice streams, cut together
+        cut = [False]
+
+        def cut_all() -> None:
+            cut[0] = True
+            for one in streams:
+                one.cut()
+
+        async with asyncio.TaskGroup() as group:
+            pumps = [group.create_task(self._pump(single_choice(request, i), i, queue,
+                                                  streams, cut))
+                     for i in range(request.n)]
+            merged = EventStream(merge_streams(queue, request.n, where), cut_all)
+            try:
+                yield merged
+            except BaseException as exc:
+                held = exc
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+                await merged.aclose()
+        if held is not None:
+            raise held
+
+    async def _pump(
+        self,
+        request: GenerationRequest,
+        index: int,
+        queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]],
+        streams: list[EventStream],
+        cut: list[bool],
+    ) -> None:
+        try:
+            async with limited_stream(self.backend, request, self.slots) as events:
+                if isinstance(events, EventStream):
+                    streams.append(events)
+                    if cut[0]:  # opened after the request was cut
+                        events.cut()
+                async for event in events:
+                    await queue.put((index, event))
+        except Exception as exc:
+            await queue.put((index, exc))
+        else:
+            await queue.put((index, None))
+
+
+def single_choice(request: GenerationRequest, index: int) -> GenerationRequest:
+    """Choice ``index`` of ``request`` as a request of its own (seed ``seed + index``)."""
+    seed = None if request.seed is None else request.seed + index
+    return dataclasses.replace(request, n=1, seed=seed)
+
+
+async def merge_streams(
+    queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]],
+    k: int,
+    where: str,
+) -> AsyncIterator[StreamEvent]:
+    """Events of ``k`` single-choice streams as one ``n=k`` stream."""
+    finished = 0
+    yielded = False
+    latest: dict[int, UsageReport] = {}
+    while finished < k:
+        index, item = await queue.get()
+        if item is None:
+            finished += 1
+        elif isinstance(item, BaseException):
+            if yielded and not isinstance(item, StreamBroken):
+                raise StreamBroken(
+                    f"choice {index} of an n={k} request emulated on {where} failed: {item}"
+                ) from item
+            raise item
+        elif isinstance(item, TextDelta):
+            yielded = True
+            yield dataclasses.replace(item, choice=index)
+        else:
+            latest[index] = item
+            yielded = True
+            yield _sum_reports(latest.values(), final=False)
+    if len(latest) == k and all(r.final for r in latest.values()):
+        yield _sum_reports(latest.values(), final=True)
+
+
+def _sum_reports(reports: Any, *, final: bool) -> UsageReport:
+    reports = list(reports)
+    cached = [r.cached_prompt_tokens for r in reports]
+    sources = sorted({s for r in reports for s in r.estimated_from})
+    return UsageReport(
+        sum(r.prompt_tokens for r in reports),
+        sum(r.completion_tokens for r in reports),
+        final=final,
+        cached_prompt_tokens=None if not final or all(c is None for c in cached)
+        else sum(c or 0 for c in cached),
+        estimated_from=tuple(sources),
+    )

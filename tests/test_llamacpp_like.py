@@ -1,0 +1,209 @@
+"""The local test server's llama.cpp-like mode (what llama-cpp-python's server does on its
+defaults), and the tokenizer-endpoint client against it (gates, not sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from orchestrator.backends.tokenizer import ServerTokenizer, root_url
+from tests.openai_server import OpenAIServer, Step
+
+
+def words(text: str) -> list[str]:
+    out = text.split(" ")
+    return [out[0]] + [" " + w for w in out[1:]]
+
+
+def answer(body):
+    return [words("The final answer is seven")]
+
+
+async def sse(response: aiohttp.ClientResponse) -> list[dict]:
+    out = []
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if line.startswith("data: ") and line != "data: [DONE]":
+            out.append(json.loads(line[6:]))
+    return out
+
+
+def post_of(client: aiohttp.ClientSession, root: str):
+    async def post(path: str, body: dict):
+        async with client.post(root + path, json=body) as reply:
+            reply.raise_for_status()
+            return await reply.json()
+    return post
+
+
+def test_root_url():
+    assert root_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000"
+    assert root_url("http://h:1/api/v1/") == "http://h:1/api"
+    assert root_url("http://h:1") == "http://h:1"
+
+
+async def test_llamacpp_mode_ignores_n_and_usage():
+    async with OpenAIServer(answer, llamacpp=True) as server, aiohttp.ClientSession() as client:
+        async with client.post(server.url + "/completions", json={
+                "model": "test-model", "prompt": "q", "n": 3, "max_tokens": 8}) as reply:
+            plain = await reply.json()
+        assert len(plain["choices"]) == 1 and plain["usage"]["completion_tokens"] == 5
+        async with client.post(server.url + "/completions", json={
+                "model": "test-model", "prompt": "q", "n": 2, "max_tokens": 8, "stream": True,
+                "stream_options": {"include_usage": True}}) as response:
+            chunks = await sse(response)
+        assert {c["choices"][0]["index"] for c in chunks if c["choices"]} == {0}
+        assert not any(c.get("usage") for c in chunks)
+
+
+async def test_llamacpp_mode_cuts_the_running_stream_when_another_waits():
+    first_at_step_2 = asyncio.Event()
+    go = asyncio.Event()
+
+    async def gate(step: Step) -> None:
+        if step.stream == 1 and step.step == 2:
+            first_at_step_2.set()
+            await go.wait()
+
+    server = OpenAIServer(answer, llamacpp=True)
+    server.step_gate = gate
+    async with server, aiohttp.ClientSession() as client:
+        body = {"model": "test-model", "prompt": "q", "max_tokens": 8, "stream": True}
+
+        async def read() -> list[dict]:
+            async with client.post(server.url + "/completions", json=body) as response:
+                return await sse(response)
+
+        first = asyncio.create_task(read())
+        await first_at_step_2.wait()
+        second = asyncio.create_task(read())
+        assert await server.wait_until(lambda: len(server.generation_requests()) == 2)
+        go.set()
+        cut, whole = await first, await second
+        assert [c["choices"][0]["text"] for c in cut] == ["The", " final", " answer"]
+        assert not any(c["choices"][0]["finish_reason"] for c in cut)
+        assert whole[-1]["choices"][0]["finish_reason"] == "stop"
+        assert server.streams_cut == 1
+
+
+async def test_tokenizer_finds_llamacpp_python_shape_and_counts_without_bos():
+    async with OpenAIServer(answer, llamacpp=True) as server, aiohttp.ClientSession() as client:
+        tokenizer = ServerTokenizer(post_of(client, root_url(server.url)), "test-model")
+        assert await tokenizer.probe() == "llamacpp-python"
+        assert await tokenizer.count_text(" The final answer") == 3
+        assert await tokenizer.count_prompt("a b c d", None) == (5, False)  # <bos> + 4
+        count, estimated = await tokenizer.count_prompt(None, ({"role": "user",
+                                                                "content": "a b"},))
+        assert (count, estimated) == (3, True)  # the chat template's tokens not known
+        calls = tokenizer.calls
+        assert await tokenizer.count_prompt("a b c d", None) == (5, False)  # cached
+        # every call the server answered, plus the probe's 404 on /tokenize
+        assert tokenizer.calls == calls == server.tokenize_calls + 1
+
+
+async def test_tokenizer_finds_vllm_shape_with_exact_chat_prompts():
+    async with OpenAIServer(answer, tokenize_paths=("/tokenize",)) as server, \
+            aiohttp.ClientSession() as client:
+        tokenizer = ServerTokenizer(post_of(client, root_url(server.url)), "test-model")
+        assert await tokenizer.probe() == "vllm"
+        assert await tokenizer.count_text(" The final") == 2
+        assert await tokenizer.count_prompt(None, ({"role": "user", "content": "a b"},)) == (
+            2, False)
+
+
+async def test_no_tokenizer_is_none():
+    async with OpenAIServer(answer) as server, aiohttp.ClientSession() as client:
+        tokenizer = ServerTokenizer(post_of(client, root_url(server.url)), "test-model")
+        assert await tokenizer.probe() is None
+        assert await tokenizer.probe() is None and tokenizer.calls == 2  # probed once
+
+
+# ---------------------------------------------------------------------- through solverify
+from orchestrator.backends.openai_compat import OpenAIBackend  # noqa: E402
+from orchestrator.runtime import run_batch  # noqa: E402
+from orchestrator.types import Problem  # noqa: E402
+from policies import SelfConsistency  # noqa: E402
+from tests.helpers import WordTask  # noqa: E402
+
+
+def seven(body):
+    return [words("so seven")]
+
+
+async def test_sc8_on_a_llamacpp_like_server_with_its_defaults():
+    """``sc:n=8`` with 16 streams allowed, on a server that ignores ``n``, sends no usage
+    and cuts the running stream when another arrives: the cut is seen, the endpoint goes
+    down to one stream at a time, every problem is answered; every POST is counted; the
+    tokens come from the server's tokenizer and equal the server's own counts."""
+    server = OpenAIServer(seven, llamacpp=True)
+    released = asyncio.Event()
+    held: list[OpenAIBackend] = []
+
+    async def gate(step: Step) -> None:
+        # the first stream after the probe waits until another request queues behind it
+        if not released.is_set() and held and held[0].capabilities is not None:
+            released.set()
+            assert await server.wait_until(lambda: server._outer.locked(), within=60.0)
+
+    server.step_gate = gate
+    problems = [Problem(id=f"p{i}", problem="q", answer="seven") for i in range(4)]
+    async with server, OpenAIBackend(server.url, "test-model", max_streams=16) as backend:
+        held.append(backend)
+        results = await run_batch(problems, SelfConsistency(8), backend=backend,
+                                  task=WordTask(), concurrency=16)
+        stats = backend.stats()
+        caps = backend.capabilities
+    assert caps is not None and not caps.n and not caps.stream_usage
+    assert all(r.correct for r in results), [(r.answer, r.error) for r in results]
+    assert server.streams_cut >= 1 and stats["cut_streams"] == server.streams_cut
+    assert stats["max_streams"] == 1 and stats["configured_max_streams"] == 16
+    assert "ended without a finish reason" in stats["one_stream_at_a_time"]
+    assert stats["peak_streams"] <= 16
+    # every generation POST is on some problem's ledger, or the probe's
+    posts = [r for r in server.generation_requests() if r.path.endswith("/completions")]
+    assert sum(r.http_requests for r in results) + stats["probe_requests"] == len(posts)
+    assert sum(r.requests for r in results) < sum(r.http_requests for r in results)
+    # tokens: exactly what the server generated (the probe's apart), prompts with <bos>
+    completion = sum(r.usage.completion_tokens for r in results)
+    assert completion == server.generation_tokens_total - backend.probe_completion_tokens
+    for r in results:
+        streams = len(r.solutions) + len(r.failed)
+        assert r.usage.prompt_tokens == 2 * streams  # "q" and <bos>, once per stream
+        assert not r.usage.estimated
+    assert stats["tokenizer"] == "llamacpp-python"
+    assert stats["tokenize_calls"] == server.tokenize_calls + 1  # + the probe's 404
+
+
+async def test_a_stop_sequence_token_is_charged_and_flagged():
+    """llama-cpp-python counts the token that completed a stop sequence but does not send
+    it: solverify charges it too (one per choice), and says the count is an estimate."""
+    def stopping(body):
+        return [["so", " seven", "\n", "Q:"]]
+
+    task = WordTask()
+    async with OpenAIServer(stopping, llamacpp=True) as server, \
+            OpenAIBackend(server.url, "test-model", max_streams=1) as backend:
+        from orchestrator.backends.base import GenerationRequest, UsageReport
+
+        request = GenerationRequest(kind="solve", prompt="q", n=2, max_tokens=task.max_tokens,
+                                    stop=("\n",))
+        async with backend.stream(request) as events:
+            got = [e async for e in events]
+        final = [e for e in got if isinstance(e, UsageReport) and e.final]
+    assert len(final) == 1
+    assert final[0].completion_tokens == 6 == server.generation_tokens_total - \
+        backend.probe_completion_tokens
+    assert final[0].estimated_from == ("tokenize-stop",)
+
+
+async def test_without_a_tokenizer_counts_stay_flagged_estimates():
+    server = OpenAIServer(seven, llamacpp=True, tokenize_paths=())
+    async with server, OpenAIBackend(server.url, "test-model", max_streams=1) as backend:
+        results = await run_batch([Problem(id="p", problem="q", answer="seven")],
+                                  SelfConsistency(2), backend=backend, task=WordTask())
+        assert backend.stats()["tokenizer"] is None
+    usage = results[0].usage
+    assert usage.estimated and "prompt" in usage.estimated_from
+    assert usage.completion_tokens == 4

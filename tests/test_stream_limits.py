@@ -1,0 +1,136 @@
+"""Emulated ``n`` as a wrapper of any backend, the per-endpoint stream limit, and the
+detection of a server that cuts a running stream when another arrives (on the fake
+backend, with gates: no test here waits on the clock)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from orchestrator.backends.base import GenerationRequest, TextDelta, UsageReport
+from orchestrator.backends.fake import FakeBackend, FakeReply, scripted
+from orchestrator.backends.streams import EmulatedN, StreamSlots
+from orchestrator.errors import ConfigError
+from orchestrator.runtime import run_batch, solve
+from orchestrator.types import Problem
+from policies import SelfConsistency
+from tests.helpers import WordTask
+
+PROBLEM = Problem(id="p1", problem="q", answer="seven")
+
+
+async def spin_until(predicate, turns: int = 100_000) -> None:
+    """Let the event loop run until ``predicate()`` holds (loop turns, not time)."""
+    for _ in range(turns):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
+def request(n: int, seed: int | None = None) -> GenerationRequest:
+    return GenerationRequest(kind="solve", prompt="q", n=n, max_tokens=8, seed=seed)
+
+
+async def test_emulated_n_merges_single_choice_streams():
+    fake = FakeBackend(scripted(lambda req, i: FakeReply.text(f"so {i}")))
+    backend = EmulatedN(fake)
+    async with backend.stream(request(3, seed=10)) as events:
+        got = [e async for e in events]
+    assert [r.n for r in fake.requests] == [1, 1, 1]
+    assert sorted(r.seed for r in fake.requests) == [10, 11, 12]
+    finished = {e.choice for e in got if isinstance(e, TextDelta) and e.finish_reason}
+    assert finished == {0, 1, 2}
+    final = [e for e in got if isinstance(e, UsageReport) and e.final]
+    assert len(final) == 1 and final[0].completion_tokens == 6 == fake.generated_tokens
+    assert final[0].prompt_tokens == 30
+
+
+async def test_native_n_is_one_stream():
+    fake = FakeBackend(scripted([FakeReply.text("so a")]))
+    backend = EmulatedN(fake, native_n=True, max_streams=1)
+    async with backend.stream(request(4)) as events:
+        _ = [e async for e in events]
+    assert [r.n for r in fake.requests] == [4]
+
+
+async def test_every_emulated_stream_takes_a_slot():
+    gate = asyncio.Event()
+    fake = FakeBackend(scripted(lambda req, i: FakeReply.text("so seven", hold=gate,
+                                                              hold_after=1)))
+    backend = EmulatedN(fake, max_streams=2)
+
+    async def read() -> list:
+        async with backend.stream(request(8)) as events:
+            return [e async for e in events]
+
+    task = asyncio.create_task(read())
+    await spin_until(lambda: fake.open_streams >= 2)  # the first two hold after one token
+    for _ in range(20):  # and nothing else gets a slot while they hold theirs
+        await asyncio.sleep(0)
+    assert fake.open_streams == 2 and len(fake.requests) == 2
+    assert backend.slots.waiting == 6
+    gate.set()
+    got = await task
+    assert len(fake.requests) == 8 and fake.max_open_streams == 2
+    assert len({e.choice for e in got if isinstance(e, TextDelta) and e.finish_reason}) == 8
+    assert backend.stats()["peak_streams"] == 2 and backend.stats()["streams_opened"] == 8
+
+
+async def test_concurrency_16_with_n_8_holds_at_most_max_streams():
+    """``run_batch(concurrency=16)`` with ``sc:n=8`` on a server without ``n``: 128
+    streams would be open without the stream limit; with it, 16."""
+    fake = FakeBackend(scripted(lambda req, i: FakeReply.text("so seven")))
+    backend = EmulatedN(fake, max_streams=16)
+    problems = [Problem(id=f"p{i}", problem="q", answer="seven") for i in range(20)]
+    results = await run_batch(problems, SelfConsistency(8), backend=backend, task=WordTask(),
+                              concurrency=16)
+    assert all(r.correct for r in results)
+    assert len(fake.requests) == 160 and fake.max_open_streams <= 16
+    assert backend.slots.peak <= 16
+
+
+def test_max_streams_is_validated():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError):
+            StreamSlots(bad)  # type: ignore[arg-type]
+
+
+async def test_a_server_that_cuts_streams_is_detected_and_degraded_once():
+    """The first stream ends without a finish reason while the second is open: from then
+    on one stream at a time; the cut sample is replaced and the problem answered."""
+    gate = asyncio.Event()
+
+    def respond(req: GenerationRequest, i: int) -> FakeReply:
+        if i == 0:  # cut: ends after one token, no finish reason
+            return FakeReply(choices=(("so",),), finish_reason=None, hold=gate, hold_after=1)
+        return FakeReply.text("so seven")
+
+    fake = FakeBackend(scripted(respond))
+    backend = EmulatedN(fake, max_streams=4)
+
+    async def release() -> None:
+        await spin_until(lambda: fake.open_streams >= 2)
+        gate.set()
+
+    releaser = asyncio.create_task(release())
+    result = await solve(PROBLEM, SelfConsistency(4), backend=backend, task=WordTask())
+    await releaser
+    assert result.correct is True
+    assert len(result.failed) == 1 and "finish_reason" in (result.failed[0].error or "")
+    stats = backend.stats()
+    assert stats["max_streams"] == 1 and stats["cut_streams"] == 1
+    assert "ended without a finish reason" in stats["one_stream_at_a_time"]
+    # the replacement came after the degrade: never more than one stream open after it
+    assert len(fake.requests) == 5
+
+
+async def test_an_unfinished_stream_alone_is_not_a_cutting_server():
+    fake = FakeBackend(scripted([FakeReply(choices=(("so",),), finish_reason=None),
+                                 FakeReply.text("so seven")]))
+    backend = EmulatedN(fake, max_streams=4)
+    result = await solve(PROBLEM, SelfConsistency(1), backend=backend, task=WordTask())
+    assert result.correct is True and len(result.failed) == 1
+    assert backend.stats()["max_streams"] == 4
+    assert backend.stats()["one_stream_at_a_time"] is None
