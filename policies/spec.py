@@ -209,6 +209,13 @@ ADAPTIVE_HELP: dict[str, str] = {
     "learn": "learn the prior from the problems already finished in the run",
 }
 
+#: help of ``adaptive``'s accuracy-loss stop (not yet passed through by policies.verifying,
+#: whose inner ``adaptive`` takes its default)
+ADAPTIVE_OWN_HELP: dict[str, str] = {
+    "loss": "also stop when the expected accuracy lost against going on to max is at most "
+            "this (0: off)",
+}
+
 #: help of the parameters the verifying policies add
 VERIFYING_HELP: dict[str, str] = {
     **ADAPTIVE_HELP,
@@ -224,10 +231,12 @@ VERIFYING_HELP: dict[str, str] = {
 
 
 def __getattr__(name: str) -> Any:
-    if name == "ADAPTIVE_PARAMS":  # adaptive's parameters, derived from its dataclass
+    if name == "ADAPTIVE_PARAMS":  # the parameters the verifying policies share with adaptive
         from policies.adaptive import Adaptive
 
-        return params_of(Adaptive, helps=ADAPTIVE_HELP)
+        return tuple(p for p in params_of(Adaptive, helps={**ADAPTIVE_HELP,
+                                                            **ADAPTIVE_OWN_HELP})
+                     if p.arg not in ADAPTIVE_OWN_HELP)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -272,7 +281,7 @@ def _ensure_builtins() -> None:
     _builtin("adaptive", adaptive.Adaptive,
              "Adaptive: finite-horizon posterior stop with a prior learned from the run, "
              "in-flight width following the evidence, stragglers cancelled",
-             helps=ADAPTIVE_HELP)
+             helps={**ADAPTIVE_HELP, **ADAPTIVE_OWN_HELP})
     _builtin("optimal", optimal.Optimal,
              "compute-optimal fixed allocation: SC or GenRM(S,V) from the fitted power law",
              factory=optimal.optimal_from_spec, keys={"compute": "c"},
