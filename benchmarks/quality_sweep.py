@@ -13,7 +13,10 @@ one-reading AUC) and each λ, on the ``--pool`` files:
 * the given ``--policy`` specs (e.g. ``adaptive``, ``verify-contested``, ``solverify``),
   replayed through the runtime with the same simulated readings; ``{profile}`` in a spec
   is replaced by the setting's profile (fitted on the ``--fit-pool`` files: Beta fits of
-  4 readings a solution, λ, the law), e.g. ``solverify:profile={profile}``.
+  4 readings a solution, λ, the law), e.g. ``solverify:profile={profile}``. Specs of one
+  policy at several operating points form a curve (:mod:`benchmarks.sweep_analysis`:
+  the gap to the fixed grid at every compute level, verification-token savings, and the
+  operating point chosen by cross-validation).
 
 Compute is in units of C(S, V) = S(1 + λV): one unit is one mean-length solution of the
 pool, so a replayed policy's compute is its tokens per problem over the pool's mean
@@ -40,6 +43,7 @@ from benchmarks.compute_matched import (
 from benchmarks.pools import Pool
 from benchmarks.replay import ReplayConfig, sweep
 from benchmarks.source import ReplaySource, SimulatedVerifier
+from benchmarks.sweep_analysis import analysis_markdown, curve_name, point_name
 from benchmarks.verifier import scaling_profile
 from orchestrator.errors import ConfigError
 from policies.optimal import allocate
@@ -156,10 +160,14 @@ def quality_sweep(pools: Sequence[Pool], fit_pools: Sequence[Pool],
                 r = {**r, "policy": named.get(r["policy"], r["policy"])}
                 runs.append({**{k: r[k] for k in ("pool", "policy", "accuracy",
                                                   "tokens_per_problem",
+                                                  "verification_tokens_per_problem",
+                                                  "verifications_per_problem",
                                                   "samples_per_problem", "engine",
                                                   "verifier")},
-                             "compute": c_units, "best_fixed_at_compute": best,
-                             "best_fixed_config": what})
+                             "compute": c_units,
+                             "verify_compute": r["verification_tokens_per_problem"]
+                             / sol[r["pool"]],
+                             "best_fixed_at_compute": best, "best_fixed_config": what})
             law = prof.scaling
             assert law is not None
             settings.append({
@@ -244,7 +252,7 @@ def sweep_markdown(report: dict[str, Any], command: str | None = None,
         lines.append(f"| Beta{tuple(s['correct'])} / Beta{tuple(s['wrong'])} | "
                      f"{s['one_reading_auc']:.3f} | {s['lambda']:g} | "
                      f"{'never' if med is None else f'{med:g}'} | {k}/{n} | {law_s} |")
-    lines += ["", *summary_table(report)]
+    lines += ["", *summary_table(report), *analysis_markdown(report)]
     for s in report["settings"]:
         lines += ["", f"**SIMULATED verifier Beta{tuple(s['correct'])} / "
                       f"Beta{tuple(s['wrong'])}, one-reading AUC {s['one_reading_auc']:.3f}, "
@@ -265,8 +273,10 @@ def sweep_markdown(report: dict[str, Any], command: str | None = None,
 
 def summary_table(report: dict[str, Any], levels: Sequence[float] = (16, 64)) -> list[str]:
     """One row per setting: crossover, SC / best fixed / optimal at a few compute levels,
-    and each replayed policy's accuracy (compute; Δ against the best fixed at it)."""
-    replayed = [p for p in report["policies"]]
+    and each replayed policy's accuracy (compute; Δ against the best fixed at it); of a
+    policy replayed at several operating points, its default point only (the curves are
+    in :func:`benchmarks.sweep_analysis.analysis_markdown`)."""
+    replayed = [p for p in report["policies"] if point_name(p) == "default"]
     head = ["AUC", "λ", "crossover C"]
     for c in levels:
         head += [f"SC@{c:g}", f"best fixed@{c:g}", f"optimal:c={c:g}"]
@@ -318,10 +328,14 @@ def plot_sweep(report: dict[str, Any], path: str | Path) -> Path:
             ax.plot([r["compute"] for r in opt], [r["accuracy"] for r in opt], "^--", ms=4,
                     lw=1, label="optimal:c=C")
         markers = "DPX*vh"
-        others = [r for r in rows if not r["policy"].startswith("optimal")]
-        for k, r in enumerate(others):
-            ax.plot([r["compute"]], [r["accuracy"]], markers[k % len(markers)], ms=7,
-                    label=r["policy"])
+        lines: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            if not r["policy"].startswith("optimal"):
+                lines.setdefault(curve_name(r["policy"]), []).append(r)
+        for k, (name, pts) in enumerate(lines.items()):
+            pts.sort(key=lambda r: r["compute"])
+            ax.plot([r["compute"] for r in pts], [r["accuracy"] for r in pts],
+                    markers[k % len(markers)] + "-", ms=6, lw=1, label=name)
         med, _, _ = _median_crossover(s)
         if med is not None:
             ax.axvline(med, color="grey", lw=0.8, ls=":")

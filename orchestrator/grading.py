@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Protocol, runtime_checkable
 
-import sympy
-from math_verify import LatexExtractionConfig, parse, verify
-
 from orchestrator.types import Problem
+
+# sympy and math_verify (about a second of CPU to import) are imported where an answer first
+# needs them, not here: a run whose answers are numbers, letters or words never loads them.
 
 __all__ = ["Grader", "MathGrader", "TextGrader", "grader_for", "math_key", "text_key"]
 
@@ -194,6 +194,8 @@ def _parse_timeout() -> int | None:
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _parse_latex(latex: str) -> tuple[Any, ...]:
     """math_verify's parse of ``$latex$``: sympy objects first, then string fallbacks."""
+    from math_verify import LatexExtractionConfig, parse
+
     return tuple(
         parse(
             f"${latex}$",
@@ -205,6 +207,8 @@ def _parse_latex(latex: str) -> tuple[Any, ...]:
 
 def _rationalise(expr: Any) -> Any:
     """Replace every float in ``expr`` by the exact rational of its printed decimal."""
+    import sympy
+
     floats = expr.atoms(sympy.Float) if hasattr(expr, "atoms") else set()
     if not floats:
         return expr
@@ -217,6 +221,8 @@ def _evaluate(expr: Any) -> Any:
     math_verify returns some products unevaluated (``6-5i`` as ``-1*5*i + 6``); rebuilding
     gives the one canonical form (``6 - 5*i``) whichever way the answer was written.
     """
+    import sympy
+
     if not isinstance(expr, sympy.Basic) or not expr.args:
         return expr
     return expr.func(*(_evaluate(arg) for arg in expr.args))
@@ -229,6 +235,8 @@ def _symbolic_key(cleaned: str) -> str | None:
     with a constant right side keys as that constant (``x=5`` → ``5``); a one-column or
     one-row matrix keys as the tuple of its entries.
     """
+    import sympy
+
     parsed = _parse_latex(cleaned)
     if not parsed or not isinstance(parsed[0], sympy.Basic | sympy.MatrixBase):
         return None
@@ -292,12 +300,16 @@ def _as_latex_input(answer: str) -> str:
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _parse_for_verify(answer: str) -> tuple[Any, ...]:
     """math_verify's parse of a gold or predicted answer, for :func:`verify`."""
+    from math_verify import parse
+
     return tuple(parse(_as_latex_input(answer), parsing_timeout=_parse_timeout()))  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _math_verify(gold: str, pred: str) -> bool:
     """math_verify.verify(gold, pred) on parsed answers; False when either fails to parse."""
+    from math_verify import verify
+
     gold_parsed = _parse_for_verify(gold)
     pred_parsed = _parse_for_verify(_clean_latex(pred))
     if not gold_parsed or not pred_parsed:

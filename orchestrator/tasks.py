@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from orchestrator import defaults
 from orchestrator.backends.base import GenerationRequest
 from orchestrator.errors import ConfigError
 from orchestrator.grading import Grader, MathGrader, TextGrader
@@ -40,7 +41,7 @@ __all__ = [
 
 Endpoint = Literal["chat", "completions"]
 
-MAX_TOP_LOGPROBS = 20
+MAX_TOP_LOGPROBS = defaults.MAX_TOP_LOGPROBS
 """The most alternatives an OpenAI-compatible server returns per token (vLLM's default)."""
 
 MATH_INSTRUCTION = (
@@ -133,7 +134,7 @@ class Task:
     temperature: float
     verify_max_tokens: int
     stop: tuple[str, ...] = ()
-    verify_top_logprobs: int | None = 20
+    verify_top_logprobs: int | None = MAX_TOP_LOGPROBS
     examples: tuple[Example, ...] = ()
     verify_examples: tuple[VerificationExample, ...] = ()
     instruction: str | None = None
@@ -209,7 +210,7 @@ class Task:
         temperature: float = 0.7,
         top_p: float | None = None,
         verify_max_tokens: int | None = None,
-        verify_top_logprobs: int | None = 20,
+        verify_top_logprobs: int | None = MAX_TOP_LOGPROBS,
         verify_step_by_step: bool | None = None,
         verify_temperature: float | None = None,
         instruction: str = MATH_INSTRUCTION,
@@ -261,7 +262,7 @@ class Task:
         max_tokens: int = 12,
         temperature: float = 1.0,
         verify_max_tokens: int = 2,
-        verify_top_logprobs: int | None = 20,
+        verify_top_logprobs: int | None = MAX_TOP_LOGPROBS,
         verify_temperature: float | None = None,
     ) -> Task:
         """A one-line text-answer task through the completions endpoint, graded by

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from scipy import special, stats
+from scipy import special
 
 from orchestrator.snapshot import AnswerStats, ProblemSnapshot
 from policies.profile import VerifierProfile
@@ -154,6 +154,8 @@ def evidence(s: ProblemSnapshot, profile: VerifierProfile | None, prior: float =
 def _reading_grid(profile: VerifierProfile) -> tuple[np.ndarray, np.ndarray]:
     """Quadrature nodes of P(Yes) under the correct and the wrong density (``GRID``
     quantiles each, equal weights)."""
+    from scipy import stats  # here, not at the top: about a second of CPU to import
+
     q = (np.arange(GRID) + 0.5) / GRID
     good = stats.beta.ppf(q, profile.correct.a, profile.correct.b)
     bad = stats.beta.ppf(q, profile.wrong.a, profile.wrong.b)

@@ -12,22 +12,23 @@ it is, never better). They are also circular once a policy lets the readings cho
 answer; the verifying policies therefore collect the readings they learn from while
 their answers are still the vote's (see :mod:`policies.verifying`).
 
-The estimate is *usable* once each class has ``min_per_class`` readings and says the
-verifier is useful with margin: the AUC's one-sided 95% lower bound (Hanley-McNeil
-standard error) above ``min_auc``.
+The pseudo-labels and the profile come from :meth:`VerifierProfile.from_history` (one
+estimator for policies and for ``solverify bench verifier``); this module adds when a
+policy may trust it. The estimate is *usable* once each class has ``min_per_class``
+readings and says the verifier is useful with margin: the AUC's one-sided 95% lower
+bound (Hanley-McNeil standard error) above ``min_auc``.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orchestrator.history import ProblemRecord
 from policies.profile import VerifierProfile
 
-__all__ = ["OnlineEstimate", "auc_lower_bound", "estimate_online", "pseudo_labelled"]
+__all__ = ["OnlineEstimate", "auc_lower_bound", "estimate_online"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,23 +55,6 @@ class OnlineEstimate:
         return self.profile if self.auc_low > self.min_auc else None
 
 
-def pseudo_labelled(records: Sequence[ProblemRecord]
-                    ) -> list[tuple[tuple[str, int], bool, float]]:
-    """``(solution id, pseudo-label, P(Yes))`` for every reading of a settled problem; the
-    id is (problem id, the solution's completion index) when the record says which
-    solution was read, else (problem id, -1 - reading position)."""
-    out = []
-    for rec in records:
-        if rec.stop_code != "settled" or rec.answer_key is None:
-            continue
-        where = rec.reading_solutions if len(rec.reading_solutions) == len(rec.readings) \
-            else None
-        for i, (key, p) in enumerate(rec.readings):
-            sid = (rec.problem_id, where[i] if where is not None else -1 - i)
-            out.append((sid, key is not None and key == rec.answer_key, p))
-    return out
-
-
 def auc_lower_bound(auc: float, positives: int, negatives: int, z: float = 1.645) -> float:
     """AUC - z · SE, with the Hanley-McNeil (1982) standard error."""
     if positives < 1 or negatives < 1:
@@ -84,19 +68,13 @@ def auc_lower_bound(auc: float, positives: int, negatives: int, z: float = 1.645
 
 def _estimate(records: tuple[ProblemRecord, ...], min_per_class: int, min_auc: float
               ) -> OnlineEstimate:
-    labelled = pseudo_labelled(records)
-    solutions: dict[object, bool] = {}
-    for sid, label, _ in labelled:
-        solutions[sid] = label
-    pos = sum(1 for label in solutions.values() if label)
-    neg = len(solutions) - pos
-    profile = None
-    low = None
-    if pos and neg:
-        profile = VerifierProfile.from_readings(labelled, source="online (pseudo-labels)")
-        if profile.auc is not None:
-            low = auc_lower_bound(profile.auc, profile.n_correct, profile.n_wrong)
-    return OnlineEstimate(profile, pos, neg, low, min_per_class, min_auc)
+    profile = VerifierProfile.from_history(records, source="online (pseudo-labels)")
+    if profile is None:
+        return OnlineEstimate(None, 0, 0, None, min_per_class, min_auc)
+    pos, neg = profile.n_correct, profile.n_wrong
+    low = None if profile.auc is None else auc_lower_bound(profile.auc, pos, neg)
+    return OnlineEstimate(profile if pos and neg else None, pos, neg, low, min_per_class,
+                          min_auc)
 
 
 _CACHE: OrderedDict[tuple[int, int, float], tuple[tuple[ProblemRecord, ...], OnlineEstimate]] \

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -203,33 +203,29 @@ class VerifierProfile:
         source: str = "online (pseudo-labels from settled majorities)",
     ) -> VerifierProfile | None:
         """Estimate a profile without ground truth, from a run's finished problems
-        (:class:`orchestrator.history.ProblemRecord`): a reading is labelled correct when
-        the verified solution's answer is the answer its problem settled on (records whose
-        ``stop_code`` is in ``settled``), wrong otherwise. ``None`` when no settled record
-        has a reading. λ is measured from the records' token counts; ``repeat_icc`` and
-        ``within_sd`` stay unknown (a record does not say which readings share a solution).
-        The pseudo-labels are only as good as the majorities: see ``solverify bench
-        verifier`` for how far this estimate lies from the true-label one.
+        (:class:`orchestrator.history.ProblemRecord`), by :func:`pseudo_labelled`: a
+        reading is labelled correct when the verified solution's answer is the answer its
+        problem settled on (records whose ``stop_code`` is in ``settled``), wrong
+        otherwise. ``None`` when no settled record has a reading. λ is measured from the
+        records' token counts; ``repeat_icc``/``within_sd`` are measured when records say
+        which solution each reading is of (``reading_solutions``), else unknown. The
+        pseudo-labels are only as good as the majorities: see ``solverify bench verifier``
+        for how far this estimate lies from the true-label one. This is the one online
+        estimator; :mod:`policies.online` adds the margin a policy needs to trust it.
         """
-        codes = set(settled)
-        readings: list[tuple[Any, bool, float | None]] = []
-        v_tokens = sol_tokens = n_solutions = 0
-        for r in records:
-            if r.stop_code not in codes or r.answer_key is None or not r.readings:
-                continue
-            for j, (key, p) in enumerate(r.readings):
-                if key is not None:
-                    readings.append(((r.problem_id, j), key == r.answer_key, p))
-            v_tokens += r.verification_tokens
-            sol_tokens += r.solution_tokens
-            n_solutions += len(r.keys)
+        codes = frozenset(settled)
+        used = [r for r in records
+                if r.stop_code in codes and r.answer_key is not None and r.readings]
+        readings = pseudo_labelled(used, codes)
         if not readings:
             return None
+        v_tokens = sum(r.verification_tokens for r in used)
+        sol_tokens = sum(r.solution_tokens for r in used)
+        n_solutions = sum(len(r.keys) for r in used)
         lam = None
         if sol_tokens > 0 and n_solutions > 0:
             lam = (v_tokens / len(readings)) / (sol_tokens / n_solutions)
-        prof = cls.from_readings(readings, lam=lam, source=source)
-        return replace(prof, repeat_icc=None, within_sd=None)
+        return cls.from_readings(readings, lam=lam, source=source)
 
     # ---- files ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -277,6 +273,27 @@ class VerifierProfile:
 
 def _opt_float(v: Any) -> float | None:
     return None if v is None else float(v)
+
+
+def pseudo_labelled(records: Iterable[Any], settled: Iterable[str] = ("settled",)
+                    ) -> list[tuple[tuple[str, int], bool, float]]:
+    """``(solution id, pseudo-label, P(Yes))`` for every reading of a record whose
+    ``stop_code`` is in ``settled`` and that has an answer: the label is whether the read
+    solution's answer is the record's answer (a solution without an answer is never
+    right). The id is (problem id, the solution's completion index) when the record says
+    which solution each reading is of, else (problem id, -1 - reading position), so
+    repeated readings of one solution are grouped only when the record says so."""
+    codes = frozenset(settled)
+    out = []
+    for rec in records:
+        if rec.stop_code not in codes or rec.answer_key is None:
+            continue
+        where = rec.reading_solutions if len(rec.reading_solutions) == len(rec.readings) \
+            else None
+        for i, (key, p) in enumerate(rec.readings):
+            sid = (rec.problem_id, where[i] if where is not None else -1 - i)
+            out.append((sid, key is not None and key == rec.answer_key, float(p)))
+    return out
 
 
 def auc(positives: Iterable[float], negatives: Iterable[float]) -> float | None:

@@ -670,3 +670,45 @@ async def test_a_cut_run_is_charged_exactly_what_the_server_generated(max_n: int
             assert await server.wait_until(lambda: server.requests_running == 0, within=30)
             assert server.generation_tokens_total - before == 3 + 3 * 2
             assert result.usage.completion_tokens == server.generation_tokens_total - before
+
+
+async def test_one_retry_policy_serves_interleaved_requests(make_backend: MakeBackend) -> None:
+    """The backend builds its retry policy once; calls that interleave (each failing and
+    sleeping while the other runs) keep their own attempt counts and outcomes."""
+    backend = make_backend(max_attempts=3, backoff_base=0.0, backoff_cap=0.0)
+    turn = {"a": asyncio.Event(), "b": asyncio.Event()}
+    attempts: dict[str, int] = {"a": 0, "b": 0}
+
+    def flaky(me: str, other: str, succeed_on: int | None) -> Callable[[], Any]:
+        async def once() -> str:
+            attempts[me] += 1
+            await turn[me].wait()  # take turns: a1, b1, a2, b2, a3, b3
+            turn[me].clear()
+            turn[other].set()
+            if attempts[me] == succeed_on:
+                return f"{me} after {attempts[me]}"
+            raise ConnectionResetError(f"{me} attempt {attempts[me]} reset")
+
+        return once
+
+    turn["a"].set()
+    with capture_logs() as logs:
+        async with asyncio.TaskGroup() as tg:
+            a = tg.create_task(backend._with_retries(flaky("a", "b", succeed_on=3)))
+            b = tg.create_task(_failure(backend._with_retries(flaky("b", "a", None))))
+    assert a.result() == "a after 3"
+    error = b.result()
+    assert isinstance(error, RetriesExhausted)
+    assert "gave up after 3 attempt(s)" in str(error) and "b attempt 3 reset" in str(error)
+    assert attempts == {"a": 3, "b": 3}
+    retries = sorted((e["error"].split(": ")[1].split()[0], e["attempt"])
+                     for e in logs if e["event"] == "backend.retry")
+    assert retries == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+
+
+async def _failure(call: Any) -> BaseException:
+    try:
+        await call
+    except Exception as exc:
+        return exc
+    raise AssertionError("expected a failure")

@@ -453,9 +453,9 @@ async def test_settled_cut_of_n_gt_1_reads_the_whole_burst():
     assert other_tasks() == set()
 
 
-def test_a_stream_silent_after_the_cut_is_cancelled_after_cut_grace():
-    """On the simulated clock: the held stream neither sends nor ends after the cut, so
-    the settle ends after exactly cut_grace (simulated) seconds, by cancelling it."""
+def test_a_stream_silent_after_the_stop_is_cut_after_cut_grace():
+    """On the simulated clock: the held stream sends no step after the Stop, so after
+    exactly cut_grace (simulated) seconds it is cut (the fake server then ends it)."""
     from orchestrator.simclock import simulated_runner
 
     async def run():
@@ -473,7 +473,7 @@ def test_a_stream_silent_after_the_cut_is_cancelled_after_cut_grace():
     assert took == pytest.approx(0.03 + 0.2)
     assert [f.completion_tokens for f in result.failed] == [2]
     assert result.usage.completion_tokens == backend.generated_tokens == 5
-    assert backend.aborted_streams == 1
+    assert backend.aborted_streams == 1 and backend.cut_streams == 1
 
 
 async def test_a_choice_finishing_while_settling_is_not_a_solution():

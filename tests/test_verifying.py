@@ -22,8 +22,8 @@ from orchestrator.types import Budget, Problem
 from policies import parse_policy
 from policies.adaptive import Adaptive
 from policies.evidence import evidence, mode_probabilities, sample_gain, verify_gain
-from policies.online import estimate_online, pseudo_labelled
-from policies.profile import BetaFit, VerifierProfile
+from policies.online import estimate_online
+from policies.profile import BetaFit, VerifierProfile, pseudo_labelled
 from policies.verifying import Solverify, VerifyContested
 from tests.helpers import WordTask
 
@@ -269,6 +269,43 @@ def test_online_estimate_from_settled_majorities():
     assert not few.enough and few.usable is None
     useless = estimate_online(fake_history(60, good=False), min_per_class=10)
     assert useless.enough and useless.usable is None
+
+
+def test_the_policies_online_estimate_is_the_profiles_own_estimator():
+    """One estimator: the online estimate's profile is ``VerifierProfile.from_history`` of
+    the same records (counts, Beta fits, AUC, λ), and repeated readings of one solution
+    (``reading_solutions``) are grouped into a measured repeat ICC."""
+    hist = fake_history(40, good=True, seed=4)
+    rng = np.random.default_rng(9)
+    # records reading their winner (solution 0) three times: nearly the same within a
+    # solution, different between solutions
+    hist = (*hist, *(ProblemRecord(f"r{i}", "settled", "a", ("a", "b"), (10, 10),
+                                   (*(("a", 0.5 + 0.08 * i + 0.005 * j) for j in range(3)),
+                                    ("b", float(rng.beta(2, 6)))),
+                                   20, 8, (0, 0, 0, 1)) for i in range(6)))
+    est = estimate_online(hist, min_per_class=10)
+    ref = VerifierProfile.from_history(hist)
+    assert est.profile is not None and ref is not None
+    assert (est.positives, est.negatives) == (ref.n_correct, ref.n_wrong) == (46, 46)
+    assert (est.profile.correct, est.profile.wrong, est.profile.auc) == \
+        (ref.correct, ref.wrong, ref.auc)
+    settled = [r for r in hist if r.stop_code == "settled"]
+    assert est.profile.lam == ref.lam == pytest.approx(
+        (sum(r.verification_tokens for r in settled) / sum(len(r.readings) for r in settled))
+        / (sum(r.solution_tokens for r in settled) / sum(len(r.keys) for r in settled)))
+    assert ref.repeat_icc is not None and ref.repeat_icc > 0.9  # grouped: 0.80/0.81/0.82
+    # without reading_solutions, readings are not grouped: the ICC stays unknown
+    ungrouped = tuple(ProblemRecord(r.problem_id, r.stop_code, r.answer_key, r.keys,
+                                    r.lengths, r.readings, r.solution_tokens,
+                                    r.verification_tokens) for r in hist)
+    assert VerifierProfile.from_history(ungrouped).repeat_icc is None
+
+
+def test_a_reading_of_a_solution_without_an_answer_is_a_pseudo_negative():
+    rec = ProblemRecord("p", "settled", "a", ("a", None), (5, 5), (("a", 0.9), (None, 0.7)),
+                        10, 4, (0, 1))
+    assert [(lab, p) for _, lab, p in pseudo_labelled([rec])] == [(True, 0.9), (False, 0.7)]
+    assert pseudo_labelled([rec], settled=("max",)) == []
 
 
 def test_online_estimate_turns_the_verifier_on_only_when_it_is_useful():

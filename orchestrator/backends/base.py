@@ -39,6 +39,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from orchestrator.defaults import MAX_TOP_LOGPROBS
 from orchestrator.errors import ConfigError
 from orchestrator.types import RequestKind, TokenLogprob
 
@@ -215,7 +216,7 @@ class Capabilities:
     stream_usage: bool = True
     continuous_usage: bool = True
     logprobs: bool = True
-    max_top_logprobs: int | None = 20
+    max_top_logprobs: int | None = MAX_TOP_LOGPROBS
 
     def describe(self) -> Sequence[str]:
         return [

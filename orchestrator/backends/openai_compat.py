@@ -90,6 +90,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeVar
 
 import openai
+import openai._base_client as openai_base
 import structlog
 import tenacity
 
@@ -166,6 +167,12 @@ DEFAULT_CUT_GRACE = defaults.CUT_GRACE_S
 PROBE_TOP_LOGPROBS = defaults.PROBE_TOP_LOGPROBS
 """``top_logprobs`` values the probe tries, largest first."""
 
+_PATHS: dict[str, str] = {"chat": "/chat/completions", "completions": "/completions"}
+#: the HTTP response class of the HTTP package the openai client sits on (httpx, or httpx2
+#: in recent releases): asked for as ``cast_to``, the client hands the response back unread
+_HTTP_RESPONSE: type = next(
+    getattr(openai_base, name).Response for name in ("httpx2", "httpx")
+    if hasattr(getattr(openai_base, name, None), "Response"))
 
 
 #: the header carrying ``GenerationRequest.affinity`` (the problem id): the first of the
@@ -233,7 +240,16 @@ class OpenAIBackend(Backend):
         self._base_url = redact_url(base_url)  # what messages and logs show
         self._model = model
         self._max_attempts = max_attempts
-        self._backoff = (backoff_base, backoff_cap, retry_after_cap)
+        # one retry policy for every request of this backend: tenacity keeps each call's
+        # state in its own RetryCallState, and every hook here is synchronous, so calls
+        # that interleave do not share anything that matters (tested)
+        self._retrying = build_retrying(
+            max_attempts,
+            base=backoff_base,
+            cap=backoff_cap,
+            retry_after_cap=retry_after_cap,
+            before_sleep=self._log_retry,
+        )
         self._deadline = timeout
         self._idle = idle_timeout
         connect = min(x for x in (timeout, idle_timeout, CONNECT_TIMEOUT) if x is not None)
@@ -586,11 +602,21 @@ class OpenAIBackend(Backend):
             kwargs["extra_headers"] = headers
         return kwargs
 
-    async def _create(self, endpoint: Endpoint, kwargs: dict[str, Any]) -> Any:
-        """Send a streaming request; returns the open raw response (status checked)."""
-        api = self._client.chat.completions if endpoint == "chat" else self._client.completions
-        manager = api.with_streaming_response.create(**kwargs)
-        return RawResponse(manager, await manager.__aenter__())
+    async def _create(self, endpoint: Endpoint, kwargs: dict[str, Any]) -> RawResponse:
+        """Send a streaming request; returns the open response (status checked, body not
+        read). The body goes through the openai client's ``post`` as it is (our
+        ``kwargs`` are already plain JSON): the client still applies its base URL, auth
+        headers, timeouts and status-error types, but skips the per-request parameter
+        transform of ``create`` (about 0.4 ms of CPU per request here)."""
+        body = {k: v for k, v in kwargs.items() if k not in ("extra_body", "extra_headers")}
+        body.update(kwargs.get("extra_body") or {})
+        options: dict[str, Any] = {}
+        if kwargs.get("extra_headers"):
+            options["headers"] = kwargs["extra_headers"]
+        path = _PATHS[endpoint]
+        response = await self._client.post(path, cast_to=_HTTP_RESPONSE, body=body,
+                                           options=options, stream=True)
+        return RawResponse(response)
 
     def _downgrade(
         self, exc: openai.BadRequestError, request: GenerationRequest, caps: Capabilities
@@ -663,17 +689,9 @@ class OpenAIBackend(Backend):
                 last = exc
                 raise
 
-        base, cap, retry_after_cap = self._backoff
-        retrying = build_retrying(
-            self._max_attempts,
-            base=base,
-            cap=cap,
-            retry_after_cap=retry_after_cap,
-            before_sleep=self._log_retry,
-        )
         try:
             async with asyncio.timeout(self._deadline):
-                return await retrying(attempt)
+                return await self._retrying(attempt)
         except BackendError:
             raise
         except Exception as exc:

@@ -44,25 +44,28 @@ DRAIN_S = 1.0
 
 
 class RawResponse:
-    """An open streaming response and the context manager that closes it."""
+    """An open streaming HTTP response (the openai client's HTTP package's ``Response``,
+    status already checked); :meth:`close` closes it and its connection, once."""
 
-    __slots__ = ("_closed", "_manager", "response")
+    __slots__ = ("_closed", "http_response")
 
-    def __init__(self, manager: Any, response: Any) -> None:
-        self._manager = manager
-        self.response = response
+    def __init__(self, http_response: Any) -> None:
+        self.http_response = http_response
         self._closed = False
+
+    def iter_lines(self) -> AsyncIterator[str]:
+        return self.http_response.aiter_lines()
 
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            await self._manager.__aexit__(None, None, None)
+            await self.http_response.aclose()
 
     def half_close(self) -> None:
         """Shut down the sending side of the connection: the server reads the end of the
         client's input (and aborts the request) while what it sent stays readable."""
         try:
-            stream = self.response.http_response.extensions.get("network_stream")
+            stream = self.http_response.extensions.get("network_stream")
             sock = stream.get_extra_info("socket") if stream is not None else None
             if sock is not None:
                 sock.shutdown(socket.SHUT_WR)
@@ -89,7 +92,7 @@ class SSEReader:
 
     @classmethod
     def of(cls, raw: RawResponse) -> SSEReader:
-        return cls(aiter(raw.response.iter_lines()))
+        return cls(aiter(raw.iter_lines()))
 
     async def _drain(self) -> None:
         """Read the body to its end after ``[DONE]`` (a moment at most), so the connection
