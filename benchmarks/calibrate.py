@@ -271,12 +271,30 @@ def cross_validate(sources: Sequence[Any], specs: Sequence[str], cfg: ReplayConf
         "folds_by": folds, "rule": rule, "candidates": list(specs),
         "folds": fold_rows,
         "pooled_holdout": pooled,
+        "pooled_holdout_by": {"by": other_grouping(folds),
+                              "groups": held_out_by(fold_rows, other_grouping(folds))},
         "fold_spread": spread,
         "chosen_on_all": final, "chosen_on_all_met": met,
         "in_sample": [aggregate(s, table[s]) for s in specs],
         "per_pool": {s: [vars_of(x) for x in table[s]] for s in specs},
         "config": report["config"],
     }
+
+
+def other_grouping(folds: str) -> str:
+    return "dataset" if folds == "model" else "model"
+
+
+def held_out_by(fold_rows: Sequence[dict[str, Any]], by: str) -> dict[str, dict[str, Any]]:
+    """The pooled held-out figures split by another grouping of the pools (e.g. the held-out
+    AIME pools alone, each scored with the choice made without its model)."""
+    groups: dict[str, list[PoolScore]] = {}
+    for f in fold_rows:
+        for x in f["holdout_pools"]:
+            groups.setdefault(pool_group(x["pool"], by), []).append(PoolScore(
+                x["pool"], x["agreement_with_full_sc"], x["accuracy_delta"],
+                x["token_saving_x"], x["latency_ratio"]))
+    return {g: aggregate("cross-validated choice", xs) for g, xs in groups.items()}
 
 
 def vars_of(x: PoolScore) -> dict[str, Any]:
@@ -324,6 +342,21 @@ def cv_markdown(result: dict[str, Any]) -> str:
         f"latency ratio {sp['median_latency_ratio'][0]:.2f} to "
         f"{sp['median_latency_ratio'][1]:.2f}.",
         "",
+    ]
+    other = other_grouping(result["folds_by"])
+    by = result.get("pooled_holdout_by", {}).get("groups") or held_out_by(result["folds"], other)
+    if len(by) > 1:
+        lines += [f"Held-out pools by {other} (each scored with the choice made without its "
+                  f"{result['folds_by']}):", "",
+                  f"| {other} | pools | saving | Δ accuracy (pp) | latency ratio | agreement "
+                  "| worst pool Δ (pp) |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for g, a in by.items():
+            lines.append(f"| {g} | {a['pools']} | {a['median_token_saving_x']:.2f}x | "
+                         f"{100 * a['accuracy_delta']:+.2f} | {a['median_latency_ratio']:.2f} "
+                         f"| {a['agreement_with_full_sc']:.4f} | "
+                         f"{100 * a['worst_accuracy_delta']:+.2f} ({a['worst_pool']}) |")
+        lines.append("")
+    lines += [
         f"Chosen on all pools (the default to ship): `{result['chosen_on_all']}`"
         + ("" if result["chosen_on_all_met"] else " (rule not met)") + ".",
         "",

@@ -31,9 +31,15 @@ split needs more samples than that to settle — up to ``wide`` are kept in flig
 hard problem does not take many waves; on ``Stop`` the runtime cancels the stragglers,
 which in reasoning models are the long — and more often wrong — traces.
 
-``confidence`` is the knob: it is the target probability of agreeing with ``sc:n=max`` per
-decision; ``solverify bench calibrate --folds model`` chooses it by leave-one-model-out
-cross-validation over recorded pools.
+An overturn between two answers of nearly equal share changes little, so the policy also
+stops when the *expected accuracy lost* by stopping is at most ``loss``: under
+Self-Consistency's own assumption (an answer is right with the probability of its share),
+stopping at shares (u, v) instead of going on to the horizon loses P(overturn | u, v)·(v - u),
+averaged over the posterior (:func:`posterior_risk`).
+
+``confidence`` and ``loss`` are the knobs: the target probability of agreeing with
+``sc:n=max`` per decision, and the accuracy a stop may cost; ``solverify bench calibrate
+--folds model`` chooses them by leave-one-model-out cross-validation over recorded pools.
 """
 
 from __future__ import annotations
@@ -257,6 +263,31 @@ def posterior_overturn(a: int, b: int, rest: int, remaining: int, log_prior: np.
     return float(post @ table[lead] / post.sum())
 
 
+def posterior_risk(a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray,
+                   horizon: int) -> tuple[float, float]:
+    """(P(overturn), expected accuracy lost by stopping now) within ``remaining`` samples.
+
+    The loss takes Self-Consistency's own assumption that an answer is correct with the
+    probability of its share of the model's answers: at shares (u, v) stopping with the
+    leader rather than going on to the horizon's winner loses ``P(overturn | u, v) (v - u)``
+    (positive where the runner-up is really the more likely answer, negative where an
+    overturn would replace the better answer by the worse), averaged over the posterior."""
+    if remaining <= 0:
+        return (0.0, 0.0) if a > b else (1.0, 0.0)
+    lead = a - b
+    if lead > remaining:
+        return 0.0, 0.0
+    g = _grid()
+    lp = log_prior + _log_lik(g, a, b, rest)
+    top = lp.max()
+    if not math.isfinite(top):
+        return 1.0, 1.0
+    post = np.exp(lp - top)
+    post /= post.sum()
+    ot = _overturn_tables(max(horizon, remaining))[remaining][lead]
+    return float(post @ ot), float(post @ (ot * (g.v - g.u)))
+
+
 def _check(name: str, ok: bool, value: object, what: str) -> None:
     if not ok:
         raise ConfigError(f"adaptive: {name} must be {what}, got {value!r}")
@@ -284,6 +315,10 @@ class Adaptive:
         problems, in problems (default 4).
       * ``learn`` [learn]: learn the prior from the run (default true; false = the flat
         Dirichlet(``prior``) prior throughout).
+      * ``loss`` [loss]: also stop when the expected accuracy lost against going on to
+        ``max`` (Self-Consistency's assumption: an answer is right with the probability of
+        its share) is at most ``loss`` per problem (default 0.01, chosen by
+        leave-one-model-out cross-validation, README "Calibration"; 0 turns it off).
       * ``max_failures`` [max_failures]: broken samples replaced (default ``max``).
     """
 
@@ -296,6 +331,7 @@ class Adaptive:
     wide: int | None = 32
     shrink: float = 4.0
     learn: bool = True
+    loss: float = 0.01
 
     def __post_init__(self) -> None:
         _check("width", isinstance(self.width, int) and self.width >= 1, self.width,
@@ -309,6 +345,7 @@ class Adaptive:
             _check("wide", isinstance(self.wide, int) and self.wide >= self.width, self.wide,
                    f"an integer >= width ({self.width})")
         _check("shrink", self.shrink > 0, self.shrink, "> 0")
+        _check("loss", 0.0 <= self.loss < 1.0, self.loss, "in [0, 1) (0: off)")
         if self.max_failures is not None:
             _check("max_failures", self.max_failures >= 0, self.max_failures, ">= 0")
 
@@ -317,7 +354,7 @@ class Adaptive:
         return (f"adaptive:width={self.width},wide={self.widest},"
                 f"confidence={self.confidence:g},max={self.max},min_votes={self.min_votes},"
                 f"prior={self.prior:g},shrink={self.shrink:g},"
-                f"learn={'true' if self.learn else 'false'}")
+                f"learn={'true' if self.learn else 'false'},loss={self.loss:g}")
 
     @property
     def widest(self) -> int:
@@ -331,6 +368,22 @@ class Adaptive:
     def overturn(self, a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray
                  ) -> float:
         return posterior_overturn(a, b, rest, remaining, log_prior, self.max)
+
+    def risk(self, a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray
+             ) -> tuple[float, float]:
+        return posterior_risk(a, b, rest, remaining, log_prior, self.max)
+
+    def stop_reason(self, a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray
+                    ) -> str | None:
+        """Why the probabilistic rule stops at these counts (``a >= min_votes`` checked by
+        the caller), or None."""
+        p, lost = self.risk(a, b, rest, remaining, log_prior)
+        if p <= 1.0 - self.confidence:
+            return f"P(overturn by {remaining} more) = {p:.3f} at {a}-{b}"
+        if self.loss > 0 and lost <= self.loss:
+            return (f"expected accuracy lost = {lost:.4f} (P(overturn by {remaining} more) "
+                    f"= {p:.3f}) at {a}-{b}")
+        return None
 
     def _counts(self, s: ProblemSnapshot) -> tuple[int, int, int]:
         votes = s.votes()
@@ -352,10 +405,7 @@ class Adaptive:
         if a < self.min_votes:
             return None
         lp = self.log_prior(s) if log_prior is None else log_prior
-        p = self.overturn(a, b, rest, remaining, lp)
-        if p <= 1.0 - self.confidence:
-            return f"P(overturn by {remaining} more) = {p:.3f} at {a}-{b}"
-        return None
+        return self.stop_reason(a, b, rest, remaining, lp)
 
     def need(self, a: int, b: int, rest: int, log_prior: np.ndarray) -> int:
         """Further samples after which the rule would stop if they split like the votes so
@@ -371,8 +421,8 @@ class Adaptive:
             rem = self.max - n - k
             if rem <= 0 or ka - kb > rem:
                 return True
-            return ka >= self.min_votes and self.overturn(ka, kb, kr, rem, log_prior) <= (
-                1.0 - self.confidence)
+            return ka >= self.min_votes and self.stop_reason(ka, kb, kr, rem,
+                                                             log_prior) is not None
 
         lo, hi = 0, 1
         while hi < left and not stops(hi):

@@ -125,6 +125,13 @@ ADAPTIVE_PARAMS: tuple[Param, ...] = (
 )
 
 
+#: ``adaptive``'s accuracy-loss stop (not yet passed through by policies.verifying, whose
+#: inner ``adaptive`` takes this default)
+ADAPTIVE_LOSS = Param("loss", "loss", float, default=0.01,
+                      help="also stop when the expected accuracy lost against going on to max "
+                           "is at most this (0: off)")
+
+
 def _ensure_builtins() -> None:
     if _REGISTRY:
         return
@@ -183,7 +190,7 @@ def _ensure_builtins() -> None:
 
     register(
         "adaptive", adaptive.Adaptive,
-        ADAPTIVE_PARAMS,
+        (*ADAPTIVE_PARAMS, ADAPTIVE_LOSS),
         "Adaptive: finite-horizon posterior stop with a prior learned from the run, "
         "in-flight width following the evidence, stragglers cancelled",
     )

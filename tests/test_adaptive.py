@@ -98,9 +98,12 @@ def test_budget_exhausted_waits_then_stops():
 
 def test_higher_confidence_needs_more_votes():
     snap = make_snapshot(["7", "7", "7", "7", "7", "7", "3"], in_flight=8)  # P ~ 0.03
-    (stop,) = Adaptive(confidence=0.9).decide(snap)
+    (stop,) = Adaptive(confidence=0.9, loss=0).decide(snap)
     assert stop.answer == "7"
-    assert Adaptive(confidence=0.99).decide(snap) == []
+    assert Adaptive(confidence=0.99, loss=0).decide(snap) == []
+    # the loss rule (default 0.01) settles it anyway: 6-1 risks 0.003 accuracy
+    (stop,) = Adaptive(confidence=0.99).decide(snap)
+    assert "expected accuracy lost" in stop.reason
 
 
 @pytest.mark.parametrize(
@@ -129,14 +132,16 @@ from policies.adaptive import (  # noqa: E402
     checkpoint,
     fit_prior,
     posterior_overturn,
+    posterior_risk,
     record_counts,
 )
 from tests.helpers import WordTask  # noqa: E402
 
 
-def grid_overturn_brute_force(a, b, rest, remaining, log_prior):
+def grid_overturn_brute_force(a, b, rest, remaining, log_prior, gain=False):
     """Exact for the discrete prior: posterior weight of each grid point times the
-    probability of every multinomial split of the remaining samples, enumerated."""
+    probability of every multinomial split of the remaining samples, enumerated (times
+    the point's accuracy difference v - u with ``gain``)."""
     g = _grid()
     total = 0.0
     norm = 0.0
@@ -154,7 +159,7 @@ def grid_overturn_brute_force(a, b, rest, remaining, log_prior):
             p += (math.factorial(remaining) / (math.factorial(xa) * math.factorial(xb)
                                                * math.factorial(xr))
                   * u ** xa * v ** xb * s ** xr)
-        total += w * p
+        total += w * p * ((v - u) if gain else 1.0)
         norm += w
     return total / norm
 
@@ -166,6 +171,45 @@ def test_posterior_overturn_matches_brute_force_on_the_grid(a, b, rest, remainin
     for lp in (_base_log_weights(1.0), learned):
         assert posterior_overturn(a, b, rest, remaining, lp, 16) == pytest.approx(
             grid_overturn_brute_force(a, b, rest, remaining, lp), abs=1e-10)
+
+
+@pytest.mark.parametrize(("a", "b", "rest", "remaining"),
+                         [(3, 0, 0, 5), (4, 2, 1, 6), (2, 2, 0, 4), (5, 1, 3, 8), (3, 1, 0, 7)])
+def test_posterior_risk_matches_brute_force_on_the_grid(a, b, rest, remaining):
+    """The expected accuracy lost by stopping: sum over grid points of posterior weight x
+    P(overturn) x (v - u), enumerated."""
+    learned = fit_prior([(5, 0, 0)] * 6 + [(3, 2, 1)] * 3)
+    for lp in (_base_log_weights(1.0), learned):
+        p, lost = posterior_risk(a, b, rest, remaining, lp, 16)
+        assert p == pytest.approx(grid_overturn_brute_force(a, b, rest, remaining, lp),
+                                  abs=1e-10)
+        assert lost == pytest.approx(
+            grid_overturn_brute_force(a, b, rest, remaining, lp, gain=True), abs=1e-10)
+
+
+def test_expected_loss_weighs_an_overturn_by_what_it_changes():
+    """An overturn between two answers of about equal share costs little accuracy, so per
+    unit of overturn probability a near tie risks less than a lead the votes cannot yet
+    tell from a tie (where the runner-up may be the better answer); a clear lead is
+    rarely overturned at all."""
+    flat = _base_log_weights(1.0)
+    tie_p, tie_loss = posterior_risk(30, 28, 2, 4, flat, 64)
+    mid_p, mid_loss = posterior_risk(3, 1, 0, 60, flat, 64)
+    lead_p, lead_loss = posterior_risk(12, 1, 0, 40, flat, 64)
+    assert tie_p > 0.2 and tie_loss < 0.005
+    assert tie_loss / tie_p < 0.1 * (mid_loss / mid_p)
+    assert lead_p < 0.001 and 0 <= lead_loss < 1e-4
+    # no sample left, or a lead no remaining sample can close: nothing to lose
+    assert posterior_risk(5, 2, 0, 0, flat, 64) == (0.0, 0.0)
+    assert posterior_risk(9, 2, 0, 6, flat, 64) == (0.0, 0.0)
+
+
+def test_loss_rule_stops_a_near_tie_the_confidence_rule_keeps_sampling():
+    tie = make_snapshot(["7", "3"] * 28 + ["7", "7", None, None], in_flight=4)
+    assert Adaptive(confidence=0.9, loss=0).decide(tie) == []
+    (stop,) = Adaptive(confidence=0.9, loss=0.005).decide(tie)
+    assert isinstance(stop, Stop) and stop.answer == "7"
+    assert "expected accuracy lost" in stop.reason
 
 
 @pytest.mark.parametrize(("a", "b", "rest", "remaining"),
@@ -218,11 +262,18 @@ def test_learned_prior_changes_the_decision():
     snap = make_snapshot(["7", "7", "7"], in_flight=8)
     snap = type(snap)(**{**{f: getattr(snap, f) for f in snap.__dataclass_fields__},
                          "history": history})
-    policy = Adaptive(width=8, wide=8, confidence=0.97, max=64)
+    policy = Adaptive(width=8, wide=8, confidence=0.97, max=64, loss=0)
     assert policy.decide(make_snapshot(["7", "7", "7"], in_flight=8)) == []  # flat: go on
     (stop,) = policy.decide(snap)  # twelve unanimous problems: 3-0 is settled
     assert isinstance(stop, Stop) and stop.answer == "7"
-    assert Adaptive(width=8, wide=8, confidence=0.97, max=64, learn=False).decide(snap) == []
+    assert Adaptive(width=8, wide=8, confidence=0.97, max=64, learn=False,
+                    loss=0).decide(snap) == []
+    # the loss rule reads the same prior: 3-0 risks 0.008 accuracy under the flat prior,
+    # far less after twelve unanimous problems
+    assert Adaptive(width=8, wide=8, confidence=0.999, max=64, loss=0.005).decide(
+        make_snapshot(["7", "7", "7"], in_flight=8)) == []
+    (stop,) = Adaptive(width=8, wide=8, confidence=0.999, max=64, loss=0.005).decide(snap)
+    assert "expected accuracy lost" in stop.reason
 
 
 async def test_online_prior_on_a_deterministic_fake_run():
@@ -237,8 +288,9 @@ async def test_online_prior_on_a_deterministic_fake_run():
         assert all(r.answer == "seven" for r in results)
         return [len(r.solutions) for r in results]
 
-    learned = await samples(Adaptive(width=1, wide=1, confidence=0.98, max=64))
-    flat = await samples(Adaptive(width=1, wide=1, confidence=0.98, max=64, learn=False))
+    learned = await samples(Adaptive(width=1, wide=1, confidence=0.98, max=64, loss=0))
+    flat = await samples(Adaptive(width=1, wide=1, confidence=0.98, max=64, learn=False,
+                                  loss=0))
     assert len(set(flat)) == 1  # no history: every problem the same
     assert learned[0] == flat[0]
     assert learned[-1] < flat[-1]
@@ -247,7 +299,7 @@ async def test_online_prior_on_a_deterministic_fake_run():
     history = RunHistory()
     alone = []
     for p in problems:
-        r = await solve(p, Adaptive(width=1, wide=1, confidence=0.98, max=64),
+        r = await solve(p, Adaptive(width=1, wide=1, confidence=0.98, max=64, loss=0),
                         backend=backend, task=WordTask(), history=history)
         alone.append(len(r.solutions))
     assert alone == learned

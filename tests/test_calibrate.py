@@ -105,3 +105,75 @@ def test_cross_validation_holds_each_model_out():
                                       for p in other["pools"]}
     assert res["pooled_holdout"]["pools"] == len(srcs)
     assert "pooled held-out" in cv_markdown(res)
+
+
+def _write_pool(path, problems):
+    import json
+    with open(path, "w") as f:
+        for i, samples in enumerate(problems):
+            f.write(json.dumps({"id": f"p{i}", "problem": "q", "answer": "1", "samples": [
+                {"pred": pred, "correct": pred == "1", "tokens": tok}
+                for pred, tok in samples]}) + "\n")
+
+
+def test_length_and_order_analysis_on_a_hand_built_pool(tmp_path):
+    """Short traces right, long ones wrong and in the majority: the length quintiles, the
+    first finishers and the length-weighted vote all see it; plain majority does not."""
+    from benchmarks.length_order import analyse
+    from benchmarks.length_order import markdown as lo_markdown
+
+    short_right = [("1", 100 + j) for j in range(5)]
+    long_wrong = [("2", 1000 + j) for j in range(6)]
+    mixed = [short_right + long_wrong] * 4
+    plain = [[("1", 100 + j) for j in range(11)]] * 4  # unanimous: nothing to learn
+    _write_pool(tmp_path / "boinf_t_A.jsonl", mixed)
+    _write_pool(tmp_path / "boinf_t_B.jsonl", plain)
+    res = analyse([tmp_path / "boinf_t_A.jsonl", tmp_path / "boinf_t_B.jsonl"], k=3, wave=8,
+                  draws=20, seed=1)
+    a, b = res["pools"]
+    q = a["length_quintile_accuracy"]
+    assert q[0] == 1.0 and q[4] == 0.0 and a["no_answer_share"] == 0.0
+    assert a["weighted_vote"]["0.0"] == 0.0  # majority: the long wrong answer
+    assert a["weighted_vote"]["1.0"] == 1.0  # 1 - rank weights: the short right one
+    # every wave of 8 from 11 holds >= 2 short samples; the first finishers are them
+    assert a["order"]["accuracy_first"] > a["order"]["accuracy_random"]
+    # B's choice of beta is made on A (and vice versa); unanimous B loses nothing
+    assert b["cv_beta"] == 0.5 and b["cv_delta_vs_majority"] == 0.0  # first beta >= 0.5
+    assert "more accurate than 3 random samples in 1 of 2" in lo_markdown(res)
+
+
+def test_held_out_figures_split_by_the_other_grouping():
+    from benchmarks.calibrate import held_out_by, other_grouping
+
+    def pool(name, delta, saving):
+        return {"pool": name, "agreement_with_full_sc": 1.0, "accuracy_delta": delta,
+                "token_saving_x": saving, "latency_ratio": 0.5}
+
+    folds = [{"holdout_pools": [pool("boinf_aime2024_A", -0.02, 4.0),
+                                pool("boinf_math500_A", 0.0, 9.0)]},
+             {"holdout_pools": [pool("boinf_aime2024_B", 0.01, 6.0)]}]
+    assert other_grouping("model") == "dataset" and other_grouping("dataset") == "model"
+    by = held_out_by(folds, "dataset")
+    assert set(by) == {"aime2024", "math500"}
+    assert by["aime2024"]["pools"] == 2
+    assert by["aime2024"]["median_token_saving_x"] == pytest.approx(5.0)
+    assert by["aime2024"]["accuracy_delta"] == pytest.approx(-0.005)
+    assert by["aime2024"]["worst_pool"] == "boinf_aime2024_A"
+    assert by["math500"]["median_token_saving_x"] == pytest.approx(9.0)
+
+
+def _margin_problems():
+    return [[("1", 10)] * 6 + [("2", 10)] * 4,  # 0.6 vs 0.4, top right
+            [("2", 10)] * 5 + [("1", 10)] * 5,  # tie: "2" seen first wins, wrong
+            [("1", 10)] * 10]  # one answer: skipped
+
+
+def test_share_margins_on_a_hand_built_pool(tmp_path):
+    from benchmarks.length_order import margin_table, share_margins
+    from benchmarks.pools import load_pool
+
+    _write_pool(tmp_path / "boinf_t_A.jsonl", _margin_problems())
+    rows = share_margins(load_pool(tmp_path / "boinf_t_A.jsonl").arrays)
+    assert rows == [(pytest.approx(0.2), True, False), (0.0, False, True)]
+    table = margin_table(rows)
+    assert [(r["from"], r["problems"]) for r in table] == [(0.0, 1), (0.2, 1)]
