@@ -134,3 +134,39 @@ async def test_an_unfinished_stream_alone_is_not_a_cutting_server():
     assert result.correct is True and len(result.failed) == 1
     assert backend.stats()["max_streams"] == 4
     assert backend.stats()["one_stream_at_a_time"] is None
+
+
+async def test_a_stream_cut_by_its_reader_is_not_a_cutting_server():
+    """The runtime's settled cut asks the server to stop (``EventStream.cut``); the stream
+    then ends without a finish reason, which must not count as the server cutting it."""
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    from orchestrator.backends.base import Backend, EventStream
+    from orchestrator.backends.streams import limited_stream
+
+    class Cuttable(Backend):
+        @asynccontextmanager
+        async def stream(self, request):
+            stopped = asyncio.Event()
+
+            async def events() -> AsyncIterator:
+                yield TextDelta(choice=0, text="so", tokens=1)
+                await stopped.wait()  # the server stops once asked to
+
+            yield EventStream(events(), stopped.set)
+
+        async def aclose(self) -> None:
+            pass
+
+    slots = StreamSlots(4)
+    backend = Cuttable()
+    async with limited_stream(backend, request(1), slots) as first, \
+            limited_stream(backend, request(1), slots) as second:
+        assert isinstance(first, EventStream) and first.cuttable
+        assert (await anext(first)).text == "so"
+        first.cut()
+        assert [e async for e in first] == []
+        second.cut()
+        _ = [e async for e in second]
+    assert slots.degraded is None and slots.cut_streams == 0 and slots.limit == 4
