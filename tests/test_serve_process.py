@@ -202,3 +202,23 @@ def test_the_thread_choice_is_said_and_recorded(tmp_path, monkeypatch) -> None:
     assert server.threads_note == "VLLM_CPU_OMP_THREADS_BIND=0 (from the environment)"
     with pytest.raises(ServeError, match="--threads"):
         VLLMServer(ServerPaths.at(tmp_path), port=1, threads="many")
+
+
+class _WarmServer(LocalTestServer):
+    warmup = ("/completions", {"prompt": "Hello", "max_tokens": 1, "logprobs": 1})
+
+
+class _BadWarmServer(LocalTestServer):
+    warmup = ("/no-such-endpoint", {"prompt": "Hello"})
+
+
+async def test_a_server_is_ready_only_after_its_warm_up_request(tmp_path: Path) -> None:
+    """A kind with a warm-up request (vLLM: the first logprobs request) counts as ready
+    once that request was answered; a refused one is a ServeError naming it."""
+    async with _WarmServer(ServerPaths.at(tmp_path)) as server:
+        assert server.running
+    bad = _BadWarmServer(ServerPaths.at(tmp_path))
+    with pytest.raises(ServeError, match=r"warm-up request to /no-such-endpoint was refused"):
+        async with bad:
+            pass
+    assert not bad.running
