@@ -11,8 +11,9 @@ here too. The backend asks three questions:
 * :func:`build_retrying` — a ready ``tenacity.AsyncRetrying`` that puts both together and
   stops after ``max_attempts`` attempts, re-raising the last failure unchanged.
 
-:func:`make_throttler` is the one way a requests-per-second limit becomes a throttler (the
-runtime's run-wide ``rate`` and a backend's ``rate_limit``).
+:func:`make_throttler` turns a requests-per-second limit into a throttler (a backend's
+``rate_limit``); it rounds as the run-wide ``rate`` of :mod:`orchestrator.limiter` does,
+which still builds its own.
 
 The backend retries only while opening a stream, i.e. before the first event has been
 handed to its consumer; a failure after that is never retried. A stream whose data was
