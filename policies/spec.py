@@ -148,15 +148,15 @@ def _convert(entry: PolicyEntry, param: Param, raw: str, size: int | None) -> An
 
 def parse_spec(spec: str) -> tuple[PolicyEntry, dict[str, str]]:
     """The registry entry of a spec and its raw ``key=value`` pairs (checked: a known
-    name, known keys, each once, required ones present)."""
-    _ensure_builtins()
+    name, known keys, each once, required ones present). Only the module of the policy
+    named is imported (``sc`` does not pull in numpy and scipy for the others)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError("empty policy spec; try e.g. 'sc:n=16' (see `solverify policies`)")
     name, _, rest = spec.strip().partition(":")
     name = name.strip().lower()
-    entry = _REGISTRY.get(name)
+    entry = _lookup(name)
     if entry is None:
-        names = ", ".join(sorted(_REGISTRY))
+        names = ", ".join(sorted(set(_REGISTRY) | set(_BUILTINS)))
         raise ConfigError(f"unknown policy '{name}' in spec {spec!r}; known policies: {names}")
     by_key = {p.key: p for p in entry.params}
     raw: dict[str, str] = {}
@@ -245,43 +245,88 @@ def _builtin(name: str, cls: type, help: str, **options: Any) -> None:
         register_dataclass(name, cls, help, **options)
 
 
+def _lookup(name: str) -> PolicyEntry | None:
+    """The entry registered under ``name``, loading that built-in first if it is one."""
+    if name not in _REGISTRY and name in _BUILTINS:
+        _BUILTINS[name]()
+    return _REGISTRY.get(name)
+
+
 def _ensure_builtins() -> None:
     global _BUILTINS_LOADED
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    from policies import adaptive, fixed, literature, optimal, verifying
+    for load in _BUILTINS.values():
+        load()
+
+
+# one loader per built-in policy: each imports only its own module
+def _load_sc() -> None:
+    from policies import fixed
 
     _builtin("sc", fixed.SelfConsistency,
              "Self-Consistency: majority vote over n samples",
              helps={"n": "number of samples", "max_failures": f"{_FAILURES} (default n)"})
+
+
+def _load_genrm() -> None:
+    from policies import fixed
+
     _builtin("genrm", fixed.GenRM,
              "GenRM Best-of-N: s solutions x v verifications, score = mean P(Yes)",
              keys={"solutions": "s", "verifications": "v"},
              helps={"solutions": "solutions sampled",
                     "verifications": "verifications per solution",
                     "max_failures": f"{_FAILURES} (default s)"})
-    cap = {"max": "most samples ('all': no cap)",
-           "max_failures": f"{_FAILURES} (default max, or 8)"}
+
+
+_CAP = {"max": "most samples ('all': no cap)",
+        "max_failures": f"{_FAILURES} (default max, or 8)"}
+
+
+def _load_ac() -> None:
+    from policies import literature
+
     _builtin("ac", literature.AdaptiveConsistency,
              "Adaptive-Consistency (Aggarwal et al. 2023): sample until the vote is settled",
              allow_all=("max",),
              helps={"threshold": "stop when P(leader is the mode) >= threshold",
-                    "criterion": "beta (top two votes) or dirichlet (all votes)", **cap})
+                    "criterion": "beta (top two votes) or dirichlet (all votes)", **_CAP})
+
+
+def _load_esc() -> None:
+    from policies import literature
+
     _builtin("esc", literature.EarlyStoppingSC,
              "Early-Stopping SC (Li et al. 2024): stop when a window of samples is unanimous",
-             allow_all=("max",), helps={"window": "samples per window", **cap})
+             allow_all=("max",), helps={"window": "samples per window", **_CAP})
+
+
+def _load_boinf() -> None:
+    from policies import literature
+
     _builtin("boinf", literature.BestOfInfinity,
              "Best-of-infinity (Komiyama et al. 2025): one sample at a time until the Bayes "
              "factor of the leader is large enough",
              allow_all=("max",),
              helps={"bayes_factor": "stop when the leader's Bayes factor >= this",
                     "alpha": "Dirichlet pseudo-votes per answer and for the unseen-answer "
-                             "bucket", **cap})
+                             "bucket", **_CAP})
+
+
+def _load_adaptive() -> None:
+    from policies import adaptive
+
     _builtin("adaptive", adaptive.Adaptive,
              "Adaptive: finite-horizon posterior stop with a prior learned from the run, "
              "in-flight width following the evidence, stragglers cancelled",
              helps={**ADAPTIVE_HELP, **ADAPTIVE_OWN_HELP})
+
+
+def _load_optimal() -> None:
+    from policies import optimal
+
     _builtin("optimal", optimal.Optimal,
              "compute-optimal fixed allocation: SC or GenRM(S,V) from the fitted power law",
              factory=optimal.optimal_from_spec, keys={"compute": "c"},
@@ -290,11 +335,35 @@ def _ensure_builtins() -> None:
                     "profile": "verifier profile with the scaling law (bench compute-matched "
                                "--profile-out); required",
                     "max_failures": f"{_FAILURES} (default S)"})
+
+
+def _load_verify_contested() -> None:
+    from policies import verifying
+
     _builtin("verify-contested", verifying.VerifyContested,
              "adaptive + verify the answers that can still win until the posterior settles",
              helps={**VERIFYING_HELP, "floor": "verify answers whose posterior >= floor"})
+
+
+def _load_solverify() -> None:
+    from policies import verifying
+
     _builtin("solverify", verifying.Solverify,
              "sample, verify or stop by expected gain in P(right) per token; with a useless "
              "verifier it is adaptive",
              helps={**VERIFYING_HELP,
                     "min_gain": "least expected gain in P(right) a verification must add"})
+
+
+#: the built-in policies by name, each loaded on first use
+_BUILTINS: dict[str, Callable[[], None]] = {
+    "sc": _load_sc,
+    "genrm": _load_genrm,
+    "ac": _load_ac,
+    "esc": _load_esc,
+    "boinf": _load_boinf,
+    "adaptive": _load_adaptive,
+    "optimal": _load_optimal,
+    "verify-contested": _load_verify_contested,
+    "solverify": _load_solverify,
+}

@@ -226,3 +226,18 @@ class TestSharedPieces:
         assert wait_or_stop(make_snapshot(["1"], in_flight=1), stop) == []
         assert wait_or_stop(make_snapshot(["1"], verifying={0: 1}), stop) == []
         assert wait_or_stop(make_snapshot(["1"]), stop) == [Stop("1", "done")]
+
+
+def test_parsing_a_spec_imports_only_that_policys_module():
+    """The registry loads a built-in on first use: `solverify run --policy sc:n=8` does not
+    import the other policies (nor numpy/scipy through them); listing them loads all."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import policies.spec as s; s.parse_policy('sc:n=2'); "
+            "print(sorted(m for m in ('policies.adaptive', 'policies.literature', "
+            "'policies.verifying', 'scipy') if m in sys.modules)); "
+            "s.registered(); print('policies.verifying' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[0] == "[]" and out[1] == "True"
