@@ -41,7 +41,14 @@ from orchestrator.serve.config import (
     ServerPaths,
 )
 from orchestrator.serve.process import ManagedServer
-from orchestrator.serve.provisioning import _PipWatch, _throttled, run_logged, tail
+from orchestrator.serve.provisioning import (
+    _PipWatch,
+    marker_valid,
+    progress_outputs,
+    run_logged,
+    run_steps,
+    tail,
+)
 
 Progress = Callable[[str], None]
 
@@ -110,7 +117,7 @@ class LlamaCppPaths:
 
     @property
     def provisioned(self) -> bool:
-        return all(_marker_valid(self.marker(step)) for step in STEPS)
+        return all(marker_valid(self.marker(step), fingerprint) for step in STEPS)
 
 
 def fingerprint(step: str) -> str:
@@ -118,13 +125,6 @@ def fingerprint(step: str) -> str:
     if step != "llama-venv":
         parts["assemble"] = ASSEMBLE_SCRIPT
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _marker_valid(marker: Path) -> bool:
-    try:
-        return json.loads(marker.read_text())["fingerprint"] == fingerprint(marker.stem)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def build_env() -> dict[str, str]:
@@ -237,38 +237,9 @@ def provision_llamacpp(
     """Build the llama.cpp server venv and the GGUF under ``cache_dir``; idempotent (a step
     whose marker holds the current fingerprint is skipped; a redone step redoes the ones
     after it). Progress as :func:`orchestrator.serve.provisioning.provision`."""
-    if progress is None:
-        from orchestrator.progress import LiveLine
-
-        live = LiveLine()
-        progress, status = live.line, status or live.update
-    elif status is None:
-        status = _throttled(progress, 15.0)
     paths = LlamaCppPaths.at(cache_dir)
-    paths.cache_dir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    redo = False
-    for step, run in STEPS.items():
-        marker = paths.marker(step)
-        if not redo and _marker_valid(marker):
-            progress(f"[{time.monotonic() - started:6.1f}s] {step}: already done, skipped")
-            continue
-        redo = True
-        marker.unlink(missing_ok=True)
-        t0 = time.monotonic()
-
-        def say(msg: str, _step: str = step, _out: Progress = progress) -> None:
-            _out(f"[{time.monotonic() - started:6.1f}s] {_step}: {msg}")
-
-        def live(msg: str, _step: str = step, _out: Progress = status) -> None:
-            _out(f"[{time.monotonic() - started:6.1f}s] {_step}: {msg.strip()}")
-
-        run(paths, say, live)
-        took = time.monotonic() - t0
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"fingerprint": fingerprint(step),
-                                      "seconds": round(took, 1)}) + "\n")
-        say(f"done in {took:.1f}s")
+    progress, status = progress_outputs(progress, status)
+    started = run_steps(paths, STEPS, fingerprint, progress, status)
     progress(f"[{time.monotonic() - started:6.1f}s] llama.cpp server provisioned in "
              f"{paths.venv_dir}")
     return paths

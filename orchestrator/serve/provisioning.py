@@ -22,8 +22,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from orchestrator.serve.config import (
     BROKEN_EXTRAS,
@@ -108,9 +109,12 @@ def fingerprint(step: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def marker_valid(marker: Path) -> bool:
+def marker_valid(marker: Path, fingerprint_of: Callable[[str], str] | None = None) -> bool:
+    """Does the step marker hold the step's current fingerprint (default: this module's
+    pins; llama.cpp's server passes its own)?"""
+    fp = fingerprint if fingerprint_of is None else fingerprint_of
     try:
-        return json.loads(marker.read_text())["fingerprint"] == fingerprint(marker.stem)
+        return json.loads(marker.read_text())["fingerprint"] == fp(marker.stem)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -385,20 +389,37 @@ def provision(
     :class:`~orchestrator.progress.LiveLine` on stderr; with only ``progress`` given,
     live progress goes there too, at most every 15 s). Raises :class:`ServeError`.
     """
+    paths = ServerPaths.at(cache_dir)
+    progress, status = progress_outputs(progress, status)
+    started = run_steps(paths, STEPS, fingerprint, progress, status)
+    progress(f"[{time.monotonic() - started:6.1f}s] provisioned in {paths.cache_dir}")
+    return paths
+
+
+def progress_outputs(progress: Progress | None, status: Progress | None
+                     ) -> tuple[Progress, Progress]:
+    """Where provisioning reports: both on a LiveLine on stderr by default; with only
+    ``progress`` given, live progress goes there too, at most every 15 s."""
     if progress is None:
         from orchestrator.progress import LiveLine
 
         live = LiveLine()
-        progress, status = live.line, status or live.update
-    elif status is None:
-        status = _throttled(progress, 15.0)
-    paths = ServerPaths.at(cache_dir)
+        return live.line, status or live.update
+    return progress, status or _throttled(progress, 15.0)
+
+
+def run_steps(paths: Any, steps: Mapping[str, Callable[[Any, Progress, Progress], None]],
+              fingerprint_of: Callable[[str], str], progress: Progress,
+              status: Progress) -> float:
+    """Run the provisioning ``steps`` in order into ``paths`` (anything with ``cache_dir``
+    and ``marker(step)``): a step whose marker holds its current fingerprint is skipped,
+    and a redone step redoes the ones after it. Returns the start time (monotonic)."""
     paths.cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     redo = False  # a redone step invalidates the ones after it
-    for step, run in STEPS.items():
+    for step, run in steps.items():
         marker = paths.marker(step)
-        if not redo and marker_valid(marker):
+        if not redo and marker_valid(marker, fingerprint_of):
             progress(f"[{time.monotonic() - started:6.1f}s] {step}: already done, skipped")
             continue
         redo = True
@@ -415,11 +436,10 @@ def provision(
         took = time.monotonic() - t0
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(
-            json.dumps({"fingerprint": fingerprint(step), "seconds": round(took, 1)}) + "\n"
+            json.dumps({"fingerprint": fingerprint_of(step), "seconds": round(took, 1)}) + "\n"
         )
         say(f"done in {took:.1f}s")
-    progress(f"[{time.monotonic() - started:6.1f}s] provisioned in {paths.cache_dir}")
-    return paths
+    return started
 
 
 def _throttled(out: Progress, every_s: float) -> Progress:
