@@ -64,7 +64,8 @@ def test_simulated_clock_jumps_to_the_next_timer():
 
     started = time.perf_counter()
     assert run_sim(main()) == pytest.approx(3600)
-    assert time.perf_counter() - started < 2
+    # a hang guard, not a speed limit: a loop that really slept would take an hour
+    assert time.perf_counter() - started < 600
 
 
 # ---- the backend through the runtime -----------------------------------------------------------
