@@ -703,6 +703,7 @@ class _Engine:
                 completion_tokens=rec.choice_tokens[i],
                 solution_id=st.solution.id if st.solution else None),)
         p.open.pop(st.request_id, None)
+        st.handle = None  # no cycle stream <-> timer: freed by reference counting
         p.ledger.close(rec, outcome)
         p.closed_usage = p.closed_usage + rec.usage
         self._set_changed(p)
