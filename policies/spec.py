@@ -207,11 +207,6 @@ ADAPTIVE_HELP: dict[str, str] = {
     "wide": "most samples in flight when the votes are contested (= width: off)",
     "shrink": "weight of the base prior against the run's finished problems",
     "learn": "learn the prior from the problems already finished in the run",
-}
-
-#: help of ``adaptive``'s accuracy-loss stop (not yet passed through by policies.verifying,
-#: whose inner ``adaptive`` takes its default)
-ADAPTIVE_OWN_HELP: dict[str, str] = {
     "loss": "also stop when the expected accuracy lost against going on to max is at most "
             "this (0: off)",
 }
@@ -234,9 +229,7 @@ def __getattr__(name: str) -> Any:
     if name == "ADAPTIVE_PARAMS":  # the parameters the verifying policies share with adaptive
         from policies.adaptive import Adaptive
 
-        return tuple(p for p in params_of(Adaptive, helps={**ADAPTIVE_HELP,
-                                                            **ADAPTIVE_OWN_HELP})
-                     if p.arg not in ADAPTIVE_OWN_HELP)
+        return params_of(Adaptive, helps=ADAPTIVE_HELP)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -321,7 +314,7 @@ def _load_adaptive() -> None:
     _builtin("adaptive", adaptive.Adaptive,
              "Adaptive: finite-horizon posterior stop with a prior learned from the run, "
              "in-flight width following the evidence, stragglers cancelled",
-             helps={**ADAPTIVE_HELP, **ADAPTIVE_OWN_HELP})
+             helps=ADAPTIVE_HELP)
 
 
 def _load_optimal() -> None:

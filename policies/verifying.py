@@ -2,7 +2,8 @@
 verifying a candidate: ``verify-contested`` and ``solverify``.
 
 Both sample like :class:`~policies.adaptive.Adaptive` (an ``Adaptive`` inside decides
-the samples and the vote-based stop) and add a verifier on top of it:
+the samples and the vote-based stop; every parameter of ``Adaptive`` is one of theirs, with
+``Adaptive``'s default, read from its dataclass) and add a verifier on top of it:
 
 * **Where the verifier's quality comes from.** ``profile=FILE`` (a
   :class:`~policies.profile.VerifierProfile` measured on labelled data), else an online
@@ -36,6 +37,7 @@ verifies the answers whose gain per token beats one more sample's (and is at lea
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -56,6 +58,12 @@ def _check(policy: str, name: str, ok: bool, value: object, what: str) -> None:
         raise ConfigError(f"{policy}: {name} must be {what}, got {value!r}")
 
 
+#: ``Adaptive``'s constructor parameters and their defaults: the inner ``adaptive``'s
+#: parameters of the verifying policies take their defaults from here, so they are written
+#: once, in ``Adaptive``
+_ADAPTIVE = {f.name: f.default for f in dataclasses.fields(Adaptive) if f.init}
+
+
 def _stop_of(decisions: Sequence[Decision]) -> Stop | None:
     return next((d for d in decisions if isinstance(d, Stop)), None)
 
@@ -74,15 +82,17 @@ class _Verifying:
     """What both policies share: the inner ``adaptive``, the verifier profile and the
     evidence."""
 
-    width: int = 8
-    confidence: float = 0.9
-    max: int = 64
-    min_votes: int = 3
-    prior: float = 1.0
-    max_failures: int | None = None
-    wide: int = 32
-    shrink: float = 4.0
-    learn: bool = True
+    # the inner adaptive's parameters (all of Adaptive's, defaults read from it)
+    width: int = _ADAPTIVE["width"]
+    confidence: float = _ADAPTIVE["confidence"]
+    max: int = _ADAPTIVE["max"]
+    min_votes: int = _ADAPTIVE["min_votes"]
+    prior: float = _ADAPTIVE["prior"]
+    max_failures: int | None = _ADAPTIVE["max_failures"]
+    wide: int | None = _ADAPTIVE["wide"]
+    shrink: float = _ADAPTIVE["shrink"]
+    learn: bool = _ADAPTIVE["learn"]
+    loss: float = _ADAPTIVE["loss"]
     profile: str | None = None
     settle: float = 0.95
     max_reads: int = 4
@@ -106,10 +116,7 @@ class _Verifying:
                self.explore, "an integer >= 0")
         _check(name, "min_auc", 0.0 <= self.min_auc < 1.0, self.min_auc, "in [0, 1)")
         _check(name, "max_icc", 0.0 <= self.max_icc <= 1.0, self.max_icc, "in [0, 1]")
-        inner = Adaptive(width=self.width, confidence=self.confidence, max=self.max,
-                         min_votes=self.min_votes, prior=self.prior,
-                         max_failures=self.max_failures, wide=self.wide, shrink=self.shrink,
-                         learn=self.learn)
+        inner = Adaptive(**{key: getattr(self, key) for key in _ADAPTIVE})
         object.__setattr__(self, "_adaptive", inner)
         loaded = None
         if self.profile:
@@ -120,8 +127,8 @@ class _Verifying:
     def _spec_parts(self) -> list[str]:
         parts = [f"width={self.width}", f"confidence={self.confidence:g}", f"max={self.max}",
                  f"min_votes={self.min_votes}", f"prior={self.prior:g}",
-                 f"wide={self.wide}", f"shrink={self.shrink:g}",
-                 f"learn={'true' if self.learn else 'false'}",
+                 f"wide={self._adaptive.widest}", f"shrink={self.shrink:g}",
+                 f"learn={'true' if self.learn else 'false'}", f"loss={self.loss:g}",
                  f"settle={self.settle:g}", f"max_reads={self.max_reads}"]
         if self.profile:
             parts.append(f"profile={self.profile}")

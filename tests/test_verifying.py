@@ -146,6 +146,41 @@ def test_a_useless_verifier_profile_makes_it_exactly_adaptive(tmp_path, cls):
         assert list(policy.decide(snap)) == list(adaptive.decide(snap))
 
 
+@pytest.mark.parametrize("cls", [Solverify, VerifyContested])
+def test_the_inner_adaptive_takes_every_adaptive_parameter_with_its_default(cls):
+    """Each of Adaptive's parameters is one of the policy's, with Adaptive's default, in the
+    registry too (so ``solverify`` with no keys samples exactly as ``adaptive`` does)."""
+    import dataclasses
+
+    from policies.spec import parse_policy, registered
+
+    mine = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+    theirs = {f.name: f.default for f in dataclasses.fields(Adaptive) if f.init}
+    assert {k: mine.get(k, "missing") for k in theirs} == theirs
+    assert cls()._adaptive == Adaptive()
+    parse_policy(cls.NAME)  # loads the built-in
+    entry = next(e for e in registered() if e.name == cls.NAME)
+    defaults = {p.arg: p.default for p in entry.params}
+    assert {k: defaults.get(k, "missing") for k in theirs} == theirs
+
+
+@pytest.mark.parametrize("cls", [Solverify, VerifyContested])
+def test_a_useless_verifier_follows_adaptive_given_any_stopping_parameters(tmp_path, cls):
+    from policies.spec import parse_policy
+
+    keys = "width=4,wide=16,confidence=0.99,min_votes=2,loss=0.2,shrink=2,prior=0.5"
+    adaptive = parse_policy(f"adaptive:{keys}")
+    policy = parse_policy(f"{cls.NAME}:profile={saved(tmp_path, USELESS)},{keys}")
+    assert policy._adaptive == adaptive
+    assert "loss=0.2" in policy.spec and "wide=16" in policy.spec
+    for snap in snapshots():
+        assert list(policy.decide(snap)) == list(adaptive.decide(snap))
+    # loss reaches the inner adaptive: at 8-8 of 24 it stops only with a loss that large
+    assert isinstance(policy.decide(snapshots()[5])[0], Stop)
+    assert not any(isinstance(d, Stop) for d in cls(profile=saved(tmp_path, USELESS),
+                                                     loss=0.0).decide(snapshots()[5]))
+
+
 def test_without_profile_or_history_it_only_adds_exploratory_verifications():
     policy, adaptive = Solverify(), Adaptive()
     for snap in snapshots():
