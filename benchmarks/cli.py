@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from orchestrator import defaults
 from orchestrator.cliargs import (
     add_endpoint_args,
     add_resume_args,
@@ -218,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--verifications", type=non_negative_int, default=0,
                      help="verifications per answered solution (default 0)")
     rec.add_argument("--limit", type=positive_int, default=None, help="first N problems")
-    rec.add_argument("--concurrency", type=positive_int, default=16,
-                     help="requests in flight (default 16)")
+    rec.add_argument("--concurrency", type=positive_int, default=defaults.CONCURRENCY,
+                     help=f"requests in flight (default {defaults.CONCURRENCY})")
     rec.add_argument("--rate", type=positive_float, default=None, help="requests per second")
     rec.add_argument("--no-texts", action="store_true", help="do not store texts")
     add_resume_args(rec)

@@ -43,9 +43,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.source import ReplaySource
-from orchestrator.backends.replay import parse_sample_text, sample_text
+from orchestrator.backends.replay import PoolExhausted, parse_sample_text, sample_text
 from orchestrator.decisions import Sample, Stop, Verify
-from orchestrator.errors import ConfigError, PolicyError
+from orchestrator.errors import BackendError, ConfigError, PolicyError
 from orchestrator.history import ProblemRecord, RunHistory
 from orchestrator.ledger import DEFAULT_LAMBDA, ProblemLedger
 from orchestrator.result import SolveResult, policy_name
@@ -540,8 +540,8 @@ class _Engine:
         if not served:
             self._poke(p, None)
             what = "sample" if st.kind == "solve" else "verification"
-            self._close(st, "failed", f"PoolExhausted: no recorded {what} left for problem "
-                                      f"{pid!r}")
+            self._close(st, "failed", PoolExhausted(
+                f"no recorded {what} left for problem {pid!r}"))
             return
         st.state = "open"
         st.start = now
@@ -644,8 +644,9 @@ class _Engine:
         if st.n_served < len(choices):  # short: PoolExhausted after the last one
             self._poke(p, st)
             what = "solve" if st.kind == "solve" else "verify"
-            self._close(st, "failed", f"PoolExhausted: only {st.n_served} recorded {what} "
-                                      f"items were left for problem {p.problem.id!r}")
+            self._close(st, "failed", PoolExhausted(
+                f"only {st.n_served} recorded {what} items were left for problem "
+                f"{p.problem.id!r}"))
             return
         self._close(st, "ok", None)
 
@@ -682,7 +683,7 @@ class _Engine:
             self._cancel_timer(st.handle)
         self._close(st, "cancelled", None)
 
-    def _close(self, st: _Stream, outcome: str, error: str | None) -> None:
+    def _close(self, st: _Stream, outcome: str, error: BackendError | None) -> None:
         """The stream's exit and the runtime's ``_close_request``."""
         p = st.prob
         if st.state == "open":
@@ -690,7 +691,7 @@ class _Engine:
         st.state = "closed"
         if outcome == "ok" and any(not c.done for c in st.choices):
             outcome = "failed"
-            error = "BackendError: stream ended without a finish_reason for every choice"
+            error = BackendError("stream ended without a finish_reason for every choice")
         reason = "cancelled" if outcome == "cancelled" else "failed"
         rec = st.record
         for i, c in enumerate(st.choices):

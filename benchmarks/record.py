@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.pools import read_pool_ids
+from orchestrator import defaults
 from orchestrator.backends.base import Backend
 from orchestrator.errors import ConfigError
 from orchestrator.runtime import SolveResult, run_batch
@@ -89,11 +90,11 @@ async def record(
     *,
     samples: int,
     verifications: int = 0,
-    concurrency: int | None = 16,
+    concurrency: int | None = defaults.CONCURRENCY,
     rate: float | None = None,
     model: str | None = None,
     texts: bool = True,
-    max_n: int = 16,
+    max_n: int = defaults.MAX_N,
     on_problem: Callable[[SolveResult], None] | None = None,
 ) -> RecordSummary:
     """Record ``samples`` solutions (and ``verifications`` per answered solution) for every

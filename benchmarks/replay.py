@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.source import ReplaySource
+from orchestrator import defaults
 from orchestrator.backends.replay import PoolExhausted, ReplayBackend
 from orchestrator.errors import ConfigError
 from orchestrator.history import RunHistory
@@ -421,7 +422,8 @@ async def _run_problems(src: ReplaySource, policy: Any, order: int, cfg: ReplayC
     async with asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(solve(p, policy, backend=backend, task=src.task,
                                       limiter=ProblemLimiter(cfg.concurrency),
-                                      max_n=1 if cfg.concurrency else 16, history=history))
+                                      max_n=1 if cfg.concurrency else defaults.MAX_N,
+                                      history=history))
                  for p in src.problems]
     return [t.result() for t in tasks]
 

@@ -39,7 +39,7 @@ RETRY_AFTER_CAP_S = 60.0
 # ---------------------------------------------------------------------- a run
 CONCURRENCY = 16
 """Requests in flight across a run (``run_batch``, ``solverify run --concurrency``,
-``bench record``)."""
+``bench record``, ``solverify demo``)."""
 
 MAX_N = 16
 """Largest ``n`` put in one request; a bigger ``Sample(k)`` is split."""

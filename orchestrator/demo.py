@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator import defaults
 from orchestrator.errors import ConfigError
 from orchestrator.events import Event, RequestFinished, RequestStarted
 from orchestrator.problems import load_problems
@@ -258,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", action="append", default=None, metavar="SPEC",
                         help="policies to compare, first is the baseline (default: "
                              + ", ".join(DEFAULT_POLICIES) + "; solverify policies lists them)")
-    parser.add_argument("--concurrency", type=int, default=32,
-                        help="requests in flight (default 32)")
+    parser.add_argument("--concurrency", type=int, default=defaults.CONCURRENCY,
+                        help=f"requests in flight (default {defaults.CONCURRENCY}, as "
+                             "solverify run)")
     parser.add_argument("--timeout", type=float, default=STARTUP_TIMEOUT_S, metavar="S",
                         help="give up starting the bundled server when it is not healthy "
                              f"and its log has been silent for S seconds (default "

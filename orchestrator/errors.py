@@ -60,3 +60,8 @@ class StreamBroken(BackendError):
 
 class PolicyError(SolverifyError):
     """A policy returned a decision the runtime cannot carry out."""
+
+
+def error_text(error: BaseException) -> str:
+    """How an error is written down: ``"ErrorType: message"``."""
+    return f"{type(error).__name__}: {error}"

@@ -134,6 +134,9 @@ def event_to_dict(event: Event) -> dict[str, Any]:
         value = getattr(event, f.name)
         if f.name == "decisions":
             out[f.name] = [_decision_dict(d) for d in value]
+        elif isinstance(value, FailedSample):  # the error as text, not the exception
+            out[f.name] = {g.name: getattr(value, g.name) for g in dataclasses.fields(value)
+                           if g.name != "error_text"} | {"error": value.error_text}
         elif dataclasses.is_dataclass(value):
             out[f.name] = dataclasses.asdict(value)
         else:

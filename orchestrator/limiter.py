@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from asyncio_throttle import Throttler
-
 from orchestrator.defaults import CONCURRENCY
 from orchestrator.errors import ConfigError
+from orchestrator.retry import make_throttler
 
 __all__ = ["DEFAULT_CONCURRENCY", "Limiter"]
 
@@ -25,17 +23,11 @@ class Limiter:
     def __init__(self, concurrency: int | None = None, rate: float | None = None) -> None:
         if concurrency is not None and concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1 or None, got {concurrency}")
-        if rate is not None and not (rate > 0 and math.isfinite(rate)):
-            raise ConfigError(f"rate must be a positive number of requests/second, got {rate}")
         self.concurrency = concurrency
         self.rate = rate
         self._sem = asyncio.Semaphore(concurrency) if concurrency else None
-        if rate is None:
-            self._throttler = None
-        elif rate >= 1:
-            self._throttler = Throttler(rate_limit=int(rate), period=int(rate) / rate)
-        else:
-            self._throttler = Throttler(rate_limit=1, period=1.0 / rate)
+        # the same builder as a backend's own rate limit (one rounding of the burst)
+        self._throttler = make_throttler(rate)
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

@@ -302,8 +302,7 @@ class ProblemRun:
                 continue
             sample = FailedSample(
                 id=choice.sample_id, request_id=req.request_id, kind=req.kind, reason=reason,
-                error=None if error is None else error_text(error),
-                partial_text=choice.text, completion_tokens=req.tokens(i),
+                error=error, partial_text=choice.text, completion_tokens=req.tokens(i),
                 solution_id=req.solution.id if req.solution else None,
             )
             self.failed.append(sample)

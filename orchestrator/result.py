@@ -5,14 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.decisions import StopCode
+from orchestrator.errors import error_text
 from orchestrator.types import FailedSample, Problem, Solution, Usage, Verification
 
 __all__ = ["RunSummary", "SolveResult", "error_text", "policy_name"]
-
-
-def error_text(error: BaseException) -> str:
-    """How an error is written down: ``"ErrorType: message"``."""
-    return f"{type(error).__name__}: {error}"
 
 
 def policy_name(policy: object) -> str:
@@ -100,7 +96,7 @@ class SolveResult:
                 for v in self.verifications
             ],
             "failed": [
-                {"kind": f.kind, "reason": f.reason, "error": f.error,
+                {"kind": f.kind, "reason": f.reason, "error": f.error_text,
                  "completion_tokens": f.completion_tokens}
                 for f in self.failed
             ],

@@ -35,6 +35,7 @@ import tenacity
 from asyncio_throttle import Throttler
 
 from orchestrator import defaults
+from orchestrator.errors import ConfigError
 
 RETRYABLE_STATUS_CODES: frozenset[int] = frozenset({408, 409, 429, 500, 502, 503, 504})
 """408 request timeout, 409 conflict (a lock timeout on some servers), 429 rate limited,
@@ -224,6 +225,6 @@ def make_throttler(rate: float | None) -> Throttler | None:
     if rate is None:
         return None
     if not (math.isfinite(rate) and rate > 0):
-        raise ValueError(f"rate must be a positive number of requests/second, got {rate!r}")
+        raise ConfigError(f"rate must be a positive number of requests/second, got {rate!r}")
     burst = max(1, int(rate))
     return Throttler(rate_limit=burst, period=burst / rate)

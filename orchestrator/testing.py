@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from orchestrator.errors import StreamBroken
 from orchestrator.history import ProblemRecord
 from orchestrator.snapshot import Blocked, BudgetLeft, InFlight, ProblemSnapshot
 from orchestrator.types import (
@@ -86,14 +87,14 @@ def make_snapshot(
             vers.append(make_verification(len(vers), sid, p))
     broken = [
         FailedSample(id=10_000 + i, request_id=10_000 + i, kind="solve", reason="failed",
-                     error="StreamBroken: test", partial_text="", completion_tokens=3)
+                     error=StreamBroken("test"), partial_text="", completion_tokens=3)
         for i in range(failed)
     ]
     for sid, count in (failed_verifications or {}).items():
         for _ in range(count):
             broken.append(FailedSample(
                 id=20_000 + len(broken), request_id=20_000 + len(broken), kind="verify",
-                reason="failed", error="StreamBroken: test", partial_text="",
+                reason="failed", error=StreamBroken("test"), partial_text="",
                 completion_tokens=1, solution_id=sid))
     completion = sum(s.completion_tokens for s in sols) + sum(v.completion_tokens for v in vers)
     flight_tokens = tuple(in_flight_tokens) if in_flight_tokens is not None else (0,) * in_flight

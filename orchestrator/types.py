@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, error_text
 
 FinishReason = Literal["stop", "length", "cancelled", "failed"] | str
 RequestKind = Literal["solve", "verify"]
@@ -113,16 +113,26 @@ class Solution:
 
 @dataclass(frozen=True, slots=True)
 class FailedSample:
-    """A sample that did not produce a solution: cut by a stream failure or cancelled."""
+    """A sample that did not produce a solution: cut by a stream failure or cancelled.
+
+    ``error`` is the exception its stream failed with (``None`` when cancelled, or when
+    it ended without one); :attr:`error_text` is that error written down (``"ErrorType:
+    message"``), which is what equality compares and what results files store.
+    """
 
     id: int
     request_id: int
     kind: RequestKind
     reason: Literal["failed", "cancelled"]
-    error: str | None
+    error: BaseException | None = field(compare=False)
     partial_text: str
     completion_tokens: int
     solution_id: int | None = None  # for verifications: the solution being verified
+    error_text: str | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "error_text",
+                           None if self.error is None else error_text(self.error))
 
 
 @dataclass(frozen=True, slots=True)

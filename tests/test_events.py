@@ -54,3 +54,25 @@ async def test_structlog_bridge_never_configures_and_logs_outcomes():
     done = next(e for e in logs if e["event"] == "ProblemDone")
     assert done["log_level"] == "info" and done["answer"] == "b"
     assert structlog.get_config() == before
+
+
+async def test_a_failed_sample_keeps_its_exception_and_the_trace_writes_it_as_text(tmp_path):
+    """The stream's exception object stays on the FailedSample (isinstance works, no
+    matching of class names in strings); results and traces write it as text."""
+    from orchestrator.errors import StreamBroken
+
+    path = tmp_path / "trace.jsonl"
+    backend = FakeBackend(scripted([FakeReply.text("a b c d", fail_after=2),
+                                    FakeReply.text("a b", "x b")]))
+    with JsonlTraceSink(path) as sink:
+        result = await solve(PROBLEM, SelfConsistency(2), backend=backend, task=WordTask(),
+                             sinks=[sink])
+    failed = [f for f in result.failed if f.reason == "failed"]
+    assert failed and all(isinstance(f.error, StreamBroken) for f in failed)
+    broken = failed[0]
+    assert broken.error_text == f"StreamBroken: {broken.error}"
+    assert result.to_dict()["failed"][0]["error"] == broken.error_text
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    failed_rows = [r for r in rows if r["event"] == "SampleFailed"]
+    assert [r["sample"]["error"] for r in failed_rows] == [f.error_text for f in failed]
+    assert all("error_text" not in r["sample"] for r in failed_rows)

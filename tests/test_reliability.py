@@ -86,7 +86,7 @@ async def test_a_malformed_first_chunk_is_a_replaceable_sample() -> None:
                                  backend=backend, task=WordTask(), max_n=1)
     assert result.error is None and len(result.solutions) == 2
     assert [f.reason for f in result.failed] == ["failed"]
-    assert "malformed" in (result.failed[0].error or "")
+    assert "malformed" in (result.failed[0].error_text or "")
     assert result.usage.completion_tokens == server.generation_tokens_total == 3 * 7
 
 

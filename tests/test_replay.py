@@ -64,7 +64,8 @@ def test_simulated_clock_jumps_to_the_next_timer():
 
     started = time.perf_counter()
     assert run_sim(main()) == pytest.approx(3600)
-    assert time.perf_counter() - started < 2
+    # a hang guard, not a speed limit: a loop that really slept would take an hour
+    assert time.perf_counter() - started < 600
 
 
 # ---- the backend through the runtime -----------------------------------------------------------
@@ -100,7 +101,7 @@ def test_an_exhausted_pool_is_a_visible_failure_not_a_resample():
                            backend=backend, task=src.task, max_n=1))
     assert len(result.solutions) == 3
     failed = [f for f in result.failed if f.reason == "failed"]
-    assert len(failed) == 4 and all(PoolExhausted.__name__ in f.error for f in failed)
+    assert len(failed) == 4 and all(isinstance(f.error, PoolExhausted) for f in failed)
     assert result.answer == "4" and "too many failed samples" in result.reason
 
 
@@ -156,7 +157,7 @@ def test_verifications_return_the_recorded_p_yes_and_run_out_visibly():
     assert all(v.source == "logprobs" for v in result.verifications)
     assert result.verification_tokens == 20 and result.lam == pytest.approx(0.5)
     exhausted = [f for f in result.failed if f.kind == "verify"]
-    assert len(exhausted) == 2 and all(PoolExhausted.__name__ in f.error for f in exhausted)
+    assert len(exhausted) == 2 and all(isinstance(f.error, PoolExhausted) for f in exhausted)
 
 
 def test_a_single_p_yes_reading_is_a_deterministic_verifier():

@@ -117,7 +117,8 @@ async def test_mid_stream_failure_is_a_visible_event_and_is_replaced():
     failed = [e for e in events if isinstance(e, SampleFailed)]
     assert len(failed) == 1
     assert failed[0].sample.completion_tokens == 2
-    assert "StreamBroken" in failed[0].sample.error
+    assert isinstance(failed[0].sample.error, StreamBroken)
+    assert failed[0].sample.error_text.startswith("StreamBroken: ")
     assert failed[0].sample.partial_text == "a b"
     assert max(seen_failures) == 1  # the policy saw it
     assert result.answer == "seven" and len(result.failed) == 1

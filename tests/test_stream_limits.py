@@ -118,7 +118,7 @@ async def test_a_server_that_cuts_streams_is_detected_and_degraded_once():
     result = await solve(PROBLEM, SelfConsistency(4), backend=backend, task=WordTask())
     await releaser
     assert result.correct is True
-    assert len(result.failed) == 1 and "finish_reason" in (result.failed[0].error or "")
+    assert len(result.failed) == 1 and "finish_reason" in (result.failed[0].error_text or "")
     stats = backend.stats()
     assert stats["max_streams"] == 1 and stats["cut_streams"] == 1
     assert "ended without a finish reason" in stats["one_stream_at_a_time"]

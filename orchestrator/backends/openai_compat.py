@@ -83,6 +83,7 @@ import dataclasses
 import itertools
 import json
 import math
+import sys
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -90,7 +91,6 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeVar
 
 import openai
-import openai._base_client as openai_base
 import structlog
 import tenacity
 
@@ -170,9 +170,13 @@ PROBE_TOP_LOGPROBS = defaults.PROBE_TOP_LOGPROBS
 _PATHS: dict[str, str] = {"chat": "/chat/completions", "completions": "/completions"}
 #: the HTTP response class of the HTTP package the openai client sits on (httpx, or httpx2
 #: in recent releases): asked for as ``cast_to``, the client hands the response back unread
+#: (the openai README's way for undocumented endpoints). Found through the public
+#: ``openai.DefaultAsyncHttpxClient``, whose base class is that package's ``AsyncClient``.
 _HTTP_RESPONSE: type = next(
-    getattr(openai_base, name).Response for name in ("httpx2", "httpx")
-    if hasattr(getattr(openai_base, name, None), "Response"))
+    sys.modules[cls.__module__.partition(".")[0]].Response
+    for cls in openai.DefaultAsyncHttpxClient.__mro__
+    if cls.__name__ == "AsyncClient"
+    and hasattr(sys.modules.get(cls.__module__.partition(".")[0]), "Response"))
 
 
 #: the header carrying ``GenerationRequest.affinity`` (the problem id): the first of the

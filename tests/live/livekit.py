@@ -58,7 +58,7 @@ async def settled_tokens(server: VLLMServer, within: float = 10.0) -> float:
 
 
 async def seconds_until_idle(server: VLLMServer, limit: float) -> float:
-    """Seconds until ``num_requests_running`` reads 0 (fails past ``limit``)."""
+    """Seconds until ``num_requests_running`` reads 0 (fails past ``limit``: a hang guard)."""
     t0 = time.monotonic()
     while server.metrics()[RUNNING] > 0:
         took = time.monotonic() - t0
