@@ -278,32 +278,45 @@ class VoteTally:
     """The votes of a problem's solutions, kept up to date as solutions finish.
 
     ``add`` each solution in completion order; :meth:`ranked` is then exactly what
-    :meth:`ProblemSnapshot.votes` computes from the same solutions, re-ranked only after a
-    new vote arrived (O(answers)), instead of recounted on every decision (O(solutions)).
+    :meth:`ProblemSnapshot.votes` computes from the same solutions. The ranking is kept
+    incrementally: a new vote changes one answer's count, which can only move that answer
+    up past answers with fewer votes, or as many but a later first vote (a new answer
+    enters last: one vote, the latest first vote), so ``add`` is O(answers it passes) and
+    one new :class:`VoteCount`, instead of a re-sort of every answer.
     """
 
-    __slots__ = ("_counts", "_first", "_ranked")
+    __slots__ = ("_at", "_order", "_ranked")
 
     def __init__(self) -> None:
-        self._counts: dict[str, int] = {}
-        self._first: dict[str, Solution] = {}
+        self._order: list[VoteCount] = []  # most votes first; ties: earliest first vote
+        self._at: dict[str, int] = {}  # key -> its position in _order
         self._ranked: tuple[VoteCount, ...] | None = ()
 
     def add(self, solution: Solution) -> None:
         key = solution.key
         if key is None:
             return
-        if key in self._counts:
-            self._counts[key] += 1
+        order, at = self._order, self._at
+        i = at.get(key)
+        if i is None:
+            at[key] = len(order)
+            order.append(VoteCount(key, solution.answer, 1, solution.index))
         else:
-            self._counts[key] = 1
-            self._first[key] = solution
+            old = order[i]
+            vc = VoteCount(key, old.answer, old.votes + 1, old.first_index)
+            votes, first = vc.votes, vc.first_index
+            while i > 0:
+                prev = order[i - 1]
+                if prev.votes > votes or (prev.votes == votes and prev.first_index < first):
+                    break
+                order[i] = prev
+                at[prev.key] = i
+                i -= 1
+            order[i] = vc
+            at[key] = i
         self._ranked = None
 
     def ranked(self) -> tuple[VoteCount, ...]:
         if self._ranked is None:
-            counts, first = self._counts, self._first
-            order = sorted(counts, key=lambda k: (-counts[k], first[k].index))
-            self._ranked = tuple(VoteCount(k, first[k].answer, counts[k], first[k].index)
-                                 for k in order)
+            self._ranked = tuple(self._order)
         return self._ranked

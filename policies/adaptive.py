@@ -121,7 +121,21 @@ def _grid() -> _Grid:
 
 
 def _log_lik(g: _Grid, a: int, b: int, r: int) -> np.ndarray:
-    """log u^a v^b s^r at every grid point (0^0 = 1)."""
+    """log u^a v^b s^r at every grid point (0^0 = 1); read-only, memoised by the counts
+    (:func:`_log_lik_cached`) for the grid of :func:`_grid`."""
+    if g is _grid():
+        return _log_lik_cached(a, b, r)
+    return _log_lik_raw(g, a, b, r)
+
+
+@lru_cache(maxsize=4096)
+def _log_lik_cached(a: int, b: int, r: int) -> np.ndarray:
+    out = _log_lik_raw(_grid(), a, b, r)
+    out.flags.writeable = False
+    return out
+
+
+def _log_lik_raw(g: _Grid, a: int, b: int, r: int) -> np.ndarray:
     out = np.zeros_like(g.u)
     with np.errstate(invalid="ignore"):
         for n, lg in ((a, g.log_u), (b, g.log_v), (r, g.log_s)):
@@ -141,7 +155,9 @@ def _base_log_weights(prior: float) -> np.ndarray:
                               + np.where(g.u + g.v < 1, g.log_s, -50.0))
     lw = lw - lw.max()
     w = np.exp(lw)
-    return np.log(w / w.sum())
+    out = np.log(w / w.sum())
+    out.flags.writeable = False  # shared by every caller (and a key of _RiskMemo)
+    return out
 
 
 @lru_cache(maxsize=16)
@@ -225,6 +241,7 @@ class _PriorCache:
             self._entries.move_to_end(key)
             return hit[1]
         lw = fit_prior([record_counts(r) for r in history[:n]], prior, shrink)
+        lw.flags.writeable = False  # shared by every caller (and a key of _RiskMemo)
         self._entries[key] = (last, lw)
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
@@ -271,12 +288,22 @@ def posterior_risk(a: int, b: int, rest: int, remaining: int, log_prior: np.ndar
     probability of its share of the model's answers: at shares (u, v) stopping with the
     leader rather than going on to the horizon's winner loses ``P(overturn | u, v) (v - u)``
     (positive where the runner-up is really the more likely answer, negative where an
-    overturn would replace the better answer by the worse), averaged over the posterior."""
+    overturn would replace the better answer by the worse), averaged over the posterior.
+
+    A read-only ``log_prior`` (the priors :class:`Adaptive` uses are) is memoised with the
+    counts (:class:`_RiskMemo`): the value is a pure function of them."""
     if remaining <= 0:
         return (0.0, 0.0) if a > b else (1.0, 0.0)
     lead = a - b
     if lead > remaining:
         return 0.0, 0.0
+    if log_prior.flags.writeable:
+        return _posterior_risk(a, b, rest, remaining, log_prior, horizon)
+    return _RISKS.get(a, b, rest, remaining, log_prior, horizon)
+
+
+def _posterior_risk(a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray,
+                    horizon: int) -> tuple[float, float]:
     g = _grid()
     lp = log_prior + _log_lik(g, a, b, rest)
     top = lp.max()
@@ -284,8 +311,36 @@ def posterior_risk(a: int, b: int, rest: int, remaining: int, log_prior: np.ndar
         return 1.0, 1.0
     post = np.exp(lp - top)
     post /= post.sum()
-    ot = _overturn_tables(max(horizon, remaining))[remaining][lead]
+    ot = _overturn_tables(max(horizon, remaining))[remaining][a - b]
     return float(post @ ot), float(post @ (ot * (g.v - g.u)))
+
+
+class _RiskMemo:
+    """:func:`posterior_risk` by (prior, counts, horizon), for read-only priors only.
+
+    The prior is keyed by identity; each entry holds the array, so its id cannot be reused
+    by another array while the entry lives. Bounded: the oldest entries go first."""
+
+    def __init__(self, size: int = 1 << 16) -> None:
+        self._entries: dict[tuple[int, int, int, int, int, int],
+                            tuple[np.ndarray, tuple[float, float]]] = {}
+        self._size = size
+
+    def get(self, a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray,
+            horizon: int) -> tuple[float, float]:
+        key = (id(log_prior), a, b, rest, remaining, horizon)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is log_prior:
+            return hit[1]
+        value = _posterior_risk(a, b, rest, remaining, log_prior, horizon)
+        entries = self._entries
+        if len(entries) >= self._size:
+            del entries[next(iter(entries))]
+        entries[key] = (log_prior, value)
+        return value
+
+
+_RISKS = _RiskMemo()
 
 
 def _check(name: str, ok: bool, value: object, what: str) -> None:

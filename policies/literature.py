@@ -150,6 +150,25 @@ def _room(s: ProblemSnapshot, max_samples: int | None, wanted: int) -> int:
     return max(0, min(wanted, max_samples - len(s.solutions) - s.in_flight.samples))
 
 
+def _ac_confidence(criterion: str, counts: Sequence[int]) -> float:
+    """Adaptive-Consistency's stopping confidence for vote counts in decreasing order."""
+    if not counts or counts[0] == 0:
+        return 0.0
+    if criterion == "beta":
+        return beta_confidence(counts[0], counts[1] if len(counts) > 1 else 0)
+    return dirichlet_confidence(counts)
+
+
+@lru_cache(maxsize=65536)
+def _optimistic_need(criterion: str, threshold: float, counts: tuple[int, ...]) -> int:
+    """Fewest further votes for ``counts[0]`` after which the confidence reaches
+    ``threshold`` (a pure function of its arguments: memoised)."""
+    extra = 0
+    while _ac_confidence(criterion, [counts[0] + extra, *counts[1:]]) < threshold:
+        extra += 1
+    return extra
+
+
 @dataclass(frozen=True, slots=True)
 class AdaptiveConsistency:
     """Adaptive-Consistency: sample until the leader is the mode with confidence >= threshold.
@@ -184,19 +203,14 @@ class AdaptiveConsistency:
 
     def confidence(self, counts: Sequence[int]) -> float:
         """Stopping confidence for vote counts sorted in decreasing order."""
-        if not counts or counts[0] == 0:
-            return 0.0
-        if self.criterion == "beta":
-            return beta_confidence(counts[0], counts[1] if len(counts) > 1 else 0)
-        return dirichlet_confidence(counts)
+        return _ac_confidence(self.criterion, counts)
 
     def optimistic_need(self, counts: Sequence[int]) -> int:
         """Fewest further votes (all for the leader) after which the criterion holds."""
-        cs = list(counts) or [0]
-        extra = 0
-        while self.confidence([cs[0] + extra, *cs[1:]]) < self.threshold:
-            extra += 1
-        return extra
+        cs = tuple(counts) or (0,)
+        if self.criterion == "beta":  # the criterion reads the top two counts only
+            cs = cs[:2]
+        return _optimistic_need(self.criterion, self.threshold, cs)
 
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
         counts = [v.votes for v in s.votes()]
