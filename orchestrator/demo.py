@@ -142,7 +142,10 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
 
 
 class PolicyProgress:
-    """Live counts of one policy's run: a sink (requests, tokens) and ``on_result``."""
+    """Live counts of one policy's run: a sink (requests, tokens) and ``on_result``.
+
+    A request is *open* from the policy's decision to its stream's end, so the count
+    includes requests still waiting for one of the ``--concurrency`` slots."""
 
     def __init__(self, spec: str, total: int, show: Callable[[str], None]) -> None:
         self.spec, self.total, self.show = spec, total, show
@@ -170,7 +173,7 @@ class PolicyProgress:
         acc = f", accuracy {self.correct / self.graded:.2f}" if self.graded else ""
         rate = f" ({self.tokens / elapsed:.0f} tok/s)" if elapsed >= 1 and self.tokens else ""
         return (f"  {self.spec}: {self.done}/{self.total} problems{acc}, {self.tokens} tokens"
-                f"{rate}, {self.in_flight} requests in flight, {elapsed:.0f} s")
+                f"{rate}, {self.in_flight} requests open, {elapsed:.0f} s")
 
     def refresh(self) -> None:
         self.show(self.text())
