@@ -364,7 +364,8 @@ class _Engine:
                     if verifying is None:
                         verifying = {}
                     verifying[sid] = verifying.get(sid, 0) + k
-        lam = p.lam
+        sums = p.lam_sums
+        lam = p.lam if sums[0] and sums[2] else None  # no verification finished: no λ
         budget_left = self.budget_left.get(lam)
         if budget_left is None:
             budget_left = self.budget_left[lam] = BudgetLeft(
@@ -473,16 +474,20 @@ class _Engine:
             verification_tokens=verification_tokens, policy=self.name, error=None,
             stop_code=stop.code,
         )
-        by_id = {s.id: s.key for s in p.solutions}
-        index_of = {s.id: s.index for s in p.solutions}
+        readings: tuple = ()
+        reading_solutions: tuple = ()
+        if p.verifications:
+            by_id = {s.id: s.key for s in p.solutions}
+            index_of = {s.id: s.index for s in p.solutions}
+            readings = tuple((by_id.get(v.solution_id), v.p_yes) for v in p.verifications
+                             if v.p_yes is not None)
+            reading_solutions = tuple(index_of[v.solution_id] for v in p.verifications
+                                      if v.p_yes is not None)
         self.history.add(ProblemRecord(
             problem_id=prob.id, stop_code=stop.code, answer_key=stop.key,
-            keys=tuple(s.key for s in p.solutions),
-            lengths=tuple(s.completion_tokens for s in p.solutions),
-            readings=tuple((by_id.get(v.solution_id), v.p_yes) for v in p.verifications
-                           if v.p_yes is not None),
-            reading_solutions=tuple(index_of[v.solution_id] for v in p.verifications
-                                    if v.p_yes is not None),
+            keys=tuple([s.key for s in p.solutions]),
+            lengths=tuple([s.completion_tokens for s in p.solutions]),
+            readings=readings, reading_solutions=reading_solutions,
             solution_tokens=solution_tokens,
             verification_tokens=verification_tokens,
         ))
