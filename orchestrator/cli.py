@@ -152,7 +152,11 @@ def print_summary(summary: dict, policy: str, out: Path, file=sys.stdout) -> Non
         + (f"  ({summary['http_requests']} HTTP requests)"
            if summary.get("http_requests", 0) > summary["requests"] else "")
         + f"  (cancelled samples {summary['cancelled_samples']}, failed "
-        f"{summary['failed_samples']})",
+        f"{summary['failed_samples']})"
+        + (f"\n                  {summary['abandoned_http_requests']} HTTP requests given up "
+           "before a first token: the server may have generated tokens for them that no "
+           "stream reported, so the token counts are a lower bound"
+           if summary.get("abandoned_http_requests") else ""),
         "lambda (measured) " + (f"{lam:.3f}" if lam is not None else "n/a (no verifications)")
         + (f"  (verifier {summary['verifier']})" if summary.get("verifier") else ""),
         f"wall time         {summary['wall_s']:.1f} s",

@@ -70,6 +70,10 @@ class RequestRecord:
     #: generation HTTP requests sent for this logical request (retries and each stream of
     #: an emulated ``n`` included), as the backend counted them; 0 for backends without HTTP
     http_requests: int = 0
+    #: of those, the ones given up before their first token (timeout, dropped connection,
+    #: cancellation): the server may have generated tokens for them that nothing reported
+    #: (``backends.base.count_abandoned_request``), so the usage is then a lower bound
+    abandoned_http_requests: int = 0
     #: the backend's own reasons why the usage it reported is inexact (see ESTIMATE_SOURCES)
     server_estimated: tuple[str, ...] = ()
     #: per choice: tokens streamed while it was unfinished, and whether it is finished
@@ -287,6 +291,11 @@ class ProblemLedger:
     def http_requests(self) -> int:
         """HTTP requests the backend sent for this problem's requests (see RequestRecord)."""
         return sum(r.http_requests for r in self.records.values())
+
+    @property
+    def abandoned_http_requests(self) -> int:
+        """HTTP requests given up before their first token (see RequestRecord)."""
+        return sum(r.abandoned_http_requests for r in self.records.values())
 
     @property
     def open_requests(self) -> int:

@@ -463,6 +463,7 @@ class ProblemRun:
             verification_tokens=ledger.usage_of("verify").completion_tokens,
             policy=name, error=error, stop_code=stop.code,
             http_requests=ledger.http_requests,
+            abandoned_http_requests=ledger.abandoned_http_requests,
         )
         if self.history is not None:
             by_id = {s.id: s.key for s in self.solutions}

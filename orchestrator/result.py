@@ -44,6 +44,10 @@ class SolveResult:
     #: generation HTTP requests sent for ``requests`` logical ones (retries and emulated
     #: ``n`` included; 0 for backends without HTTP)
     http_requests: int = 0
+    #: of those, the ones given up before their first token (a timeout, a dropped
+    #: connection, a cancellation): the server may have generated tokens for them that no
+    #: stream reported, so ``usage`` is a lower bound when this is > 0
+    abandoned_http_requests: int = 0
 
     @property
     def ok(self) -> bool:
@@ -76,6 +80,7 @@ class SolveResult:
             "verification_tokens": self.verification_tokens,
             "requests": self.requests,
             "http_requests": self.http_requests,
+            "abandoned_http_requests": self.abandoned_http_requests,
             "cost_units": round(self.cost_units, 4),
             "lambda": self.lam,
             "elapsed_s": round(self.elapsed, 4),
@@ -113,6 +118,7 @@ class RunSummary:
         "_cached_any",
         "_estimated",
         "_sources",
+        "abandoned",
         "cancelled",
         "completion_tokens",
         "correct",
@@ -137,7 +143,7 @@ class RunSummary:
         self.prompt_tokens = self.completion_tokens = self.requests = self.http_requests = 0
         self.solution_tokens = self.verification_tokens = 0
         self.sol_n = self.sol_sum = self.ver_n = self.ver_sum = 0
-        self.cancelled = self.failed = 0
+        self.cancelled = self.failed = self.abandoned = 0
         self._cached = 0
         self._cached_any = self._estimated = False
         self._sources: set[str] = set()
@@ -161,6 +167,7 @@ class RunSummary:
         self.verification_tokens += r.verification_tokens
         self.requests += r.requests
         self.http_requests += r.http_requests
+        self.abandoned += r.abandoned_http_requests
         self.sol_n += len(r.solutions)
         self.sol_sum += sum(s.completion_tokens for s in r.solutions)
         self.ver_n += len(r.verifications)
@@ -192,6 +199,7 @@ class RunSummary:
             "verification_tokens": self.verification_tokens,
             "requests": self.requests,
             "http_requests": self.http_requests,
+            "abandoned_http_requests": self.abandoned,
             "solutions": self.sol_n,
             "verifications": self.ver_n,
             "cancelled_samples": self.cancelled,

@@ -88,3 +88,34 @@ async def test_a_stop_through_the_router_aborts_the_requests_on_the_replica():
             assert await s1.wait_until(
                 lambda: sum(s.requests_aborted for s in servers) == 3
                 and sum(s.requests_running for s in servers) == 0, within=60)
+
+
+async def test_a_request_given_up_before_its_first_token_is_counted_as_abandoned():
+    """A client that gives up before the first token (here: its first-token deadline)
+    closes the connection. vllm-router 0.1.17 notices only when it has a chunk to forward,
+    so the replica generates at least that first token, which no stream reports: the
+    ledger cannot count it, so the result says how many requests were abandoned (the
+    usage is a lower bound then) instead of claiming an exact count."""
+    def words(body):
+        return [[" w"] * 50] * int(body.get("n", 1))
+
+    # the first token comes 2 s after the request; the client waits 0.4 s for it (the
+    # margin keeps a slow event loop on a saturated machine from reordering the two)
+    async with OpenAIServer(words, token_delay=2.0) as server:
+        async with vllm_router("round_robin", [server.url]) as url:
+            backend = OpenAIBackend(url, "test-model", max_attempts=2, timeout=0.4,
+                                    idle_timeout=0.4, capabilities=Capabilities())
+            try:
+                result = await solve(Problem(id="p", problem="q"), SelfConsistency(1),
+                                     backend=backend, task=TASK, max_n=1)
+            finally:
+                await backend.aclose()
+            assert await server.wait_until(lambda: server.requests_running == 0, within=120)
+    assert result.answer is None and result.failed
+    assert result.http_requests >= 2  # every attempt of every replacement sample
+    assert result.abandoned_http_requests == result.http_requests
+    assert result.usage.completion_tokens == 0
+    # what the abandoned requests cost upstream, and no stream reported
+    assert server.generation_tokens_total >= result.abandoned_http_requests
+    assert result.to_dict()["abandoned_http_requests"] == result.abandoned_http_requests
+

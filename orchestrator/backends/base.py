@@ -121,6 +121,7 @@ class HttpCounter(Protocol):
     record: :class:`orchestrator.ledger.RequestRecord`)."""
 
     http_requests: int
+    abandoned_http_requests: int
 
 
 #: The counter of the logical request being served in this task (None: count nowhere).
@@ -135,6 +136,18 @@ def count_http_request(count: int = 1) -> None:
     counter = HTTP_REQUESTS.get()
     if counter is not None:
         counter.http_requests += count
+
+
+def count_abandoned_request() -> None:
+    """Note that an HTTP request of the logical request served in this task was given up
+    (a timeout, a dropped connection, a cancellation) before its first token: the server
+    may have generated tokens for it that no stream reported. A server that aborts a
+    request when its client goes (vLLM, directly) generates none; a proxy that notices
+    the client is gone only when it has a chunk to forward (vllm-router 0.1.17, measured:
+    tests/test_router.py) lets it run until its first chunk."""
+    counter = HTTP_REQUESTS.get()
+    if counter is not None:
+        counter.abandoned_http_requests += 1
 
 
 def _positive_int(value: object) -> bool:

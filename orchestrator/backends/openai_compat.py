@@ -104,6 +104,7 @@ from orchestrator.backends.base import (
     StreamEvent,
     TextDelta,
     UsageReport,
+    count_abandoned_request,
     count_http_request,
 )
 from orchestrator.backends.openai_caps import downgraded, probe_kwargs, run_probe
@@ -142,6 +143,7 @@ from orchestrator.retry import (
     RETRY_AFTER_CAP,
     MalformedStream,
     build_retrying,
+    is_connection_error,
     make_throttler,
 )
 
@@ -184,6 +186,15 @@ _HTTP_RESPONSE: type = next(
 AFFINITY_HEADER = "X-Session-ID"
 #: for verifications, the id of the verified solution (informational)
 SOLUTION_HEADER = "X-Solverify-Solution"
+
+
+def _note_abandoned(exc: BaseException) -> None:
+    """Count an HTTP request given up before its first token (a timeout, a dropped
+    connection, a cancellation; not a status error: the server answered that one), whose
+    generation the server may have gone on with (``count_abandoned_request``)."""
+    if isinstance(exc, asyncio.CancelledError) or (
+            isinstance(exc, Exception) and is_connection_error(exc)):
+        count_abandoned_request()
 
 
 class OpenAIBackend(Backend):
@@ -451,6 +462,9 @@ class OpenAIBackend(Backend):
                 if not self._downgrade(exc, request, caps):
                     raise
                 continue
+            except BaseException as exc:
+                _note_abandoned(exc)
+                raise
             break
         sse = SSEReader.of(response)
         decoder = ChunkDecoder(n=request.n, chat=request.endpoint == "chat")
@@ -477,7 +491,8 @@ class OpenAIBackend(Backend):
                 raise MalformedStream(
                     f"stream from {self._base_url} sent malformed data before its first "
                     f"token: {opened.malformed}")
-        except BaseException:
+        except BaseException as exc:
+            _note_abandoned(exc)
             await close_quietly(response)
             raise
         return opened

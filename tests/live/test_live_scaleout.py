@@ -90,8 +90,9 @@ async def _settled(*servers: VLLMServer) -> float:
 
 
 async def _measure(url: str, servers: tuple[VLLMServer, ...], problems: list[Problem], policy
-                   ) -> tuple[float, float, float]:
-    """(cached prompt share, tokens/s, ledger - sum of /metrics deltas) of one run."""
+                   ) -> tuple[float, float, float, int]:
+    """(cached prompt share, tokens/s, ledger - sum of /metrics deltas, HTTP requests
+    abandoned before a first token) of one run."""
     before = await _settled(*servers)
     backend = _backend(url, servers[0].model_name)
     t0 = time.monotonic()
@@ -106,7 +107,8 @@ async def _measure(url: str, servers: tuple[VLLMServer, ...], problems: list[Pro
     prompt = sum(r.usage.prompt_tokens for r in results)
     cached = sum(r.usage.cached_prompt_tokens or 0 for r in results)
     charged = sum(r.usage.completion_tokens for r in results)
-    return cached / max(prompt, 1), charged / wall, charged - generated
+    abandoned = sum(r.abandoned_http_requests for r in results)
+    return cached / max(prompt, 1), charged / wall, charged - generated, abandoned
 
 
 @needs_capitals
@@ -123,11 +125,15 @@ async def test_affinity_serves_more_prompt_tokens_from_cache_than_round_robin(
                                 ("round_robin", problems[20:30], GenRM(4, 1)),
                                 ("consistent_hash", problems[30:40], GenRM(4, 1))):
         async with vllm_router(name, urls) as url:
-            share, speed, gap = await _measure(url, servers, chunk, policy)
+            share, speed, gap, abandoned = await _measure(url, servers, chunk, policy)
         rows[(name, policy.spec)] = share
         note(f"scale-out: router {name:15s} {policy.spec:14s} cached prompt share "
-             f"{share:.3f}, {speed:.1f} tok/s, ledger - /metrics = {gap:+.0f}")
-        assert gap == 0
+             f"{share:.3f}, {speed:.1f} tok/s, ledger - /metrics = {gap:+.0f}, "
+             f"{abandoned} HTTP requests abandoned before a first token")
+        # exact unless requests were given up before a first token (on a busy machine,
+        # the first-token deadline): the router lets those run to their first chunk,
+        # which no stream reports (tests/test_router.py), and the results say so
+        assert gap == 0 if abandoned == 0 else gap <= 0, (gap, abandoned)
     for spec in ("sc:n=8", "genrm:s=4,v=1"):
         assert rows[("consistent_hash", spec)] > rows[("round_robin", spec)], rows
 
