@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{spec:32s} {out.engine:10s} {time.process_time() - t0:8.2f} s CPU", flush=True)
     total = time.process_time() - total0
     load1 = os.getloadavg()
-    print(f"total {total:.2f} s CPU (replay only) for {len(specs)} policies x {args.orders} orders x "
-          f"{len(src.problems)} problems ({args.engine}); load average "
+    print(f"total {total:.2f} s CPU (replay only) for {len(specs)} policies x "
+          f"{args.orders} orders x {len(src.problems)} problems ({args.engine}); load average "
           f"{load0[0]:.1f} before, {load1[0]:.1f} after")
     return 0
 
