@@ -47,7 +47,7 @@ from orchestrator.backends.replay import PoolExhausted, parse_sample_text, sampl
 from orchestrator.decisions import Sample, Stop, Verify
 from orchestrator.errors import BackendError, ConfigError, PolicyError
 from orchestrator.history import ProblemRecord, RunHistory
-from orchestrator.ledger import DEFAULT_LAMBDA, ProblemLedger
+from orchestrator.ledger import DEFAULT_LAMBDA, cost_units
 from orchestrator.result import SolveResult, policy_name
 from orchestrator.snapshot import BudgetLeft, InFlight, ProblemSnapshot, VoteTally
 from orchestrator.types import (
@@ -63,6 +63,8 @@ from orchestrator.types import (
 __all__ = ["run_order"]
 
 _EPS = 1e-9  # as orchestrator.backends.replay
+#: the estimated_from of a request that closed without any usage report
+_UNREPORTED = ("nothing", "prompt")
 #: asyncio.base_events: the cancelled-timer clean-up rule and the longest select timeout
 _MIN_SCHEDULED = 100
 _MIN_CANCELLED_FRACTION = 0.5
@@ -110,18 +112,16 @@ class _Stream:
     """One request: the runtime's request task and the backend's stream in one."""
 
     __slots__ = ("armed", "cancel", "choices", "emitted", "handle", "kind", "n_served",
-                 "pending",
-                 "prob", "record", "request_id", "resume", "solution", "start",
+                 "pending", "prob", "reported", "request_id", "resume", "solution", "start",
                  "started_at", "state", "waiting", "wakeups")
 
     def __init__(self, prob: _Problem, request_id: int, kind: str, choices: list[_Choice],
-                 solution: Solution | None, record: Any, started_at: float) -> None:
+                 solution: Solution | None, started_at: float) -> None:
         self.prob = prob
         self.request_id = request_id
         self.kind = kind
         self.choices = choices
         self.solution = solution
-        self.record = record
         self.started_at = started_at
         self.state = "new"  # new -> open -> closed
         self.cancel = False  # Task.cancel() asked (asyncio's _must_cancel / cancelled waiter)
@@ -129,23 +129,30 @@ class _Stream:
         self.resume = False  # a wake-up is queued
         self.handle: _Timer | None = None
         self.armed = math.inf
-        self.pending: list[int] = []
+        self.pending: list[_Choice] = []
         self.wakeups: list[float] = []
         self.start = 0.0
         self.n_served = 0
+        # The request's ledger record (orchestrator.ledger.RequestRecord) reduced to what a
+        # replay sets: every delta is followed by a usage report of the tokens streamed so
+        # far (prompt 0), so the record's completion is ``emitted`` once ``reported``, and
+        # a choice's streamed tokens are its ``emitted``.
         self.emitted = 0  # tokens the stream has reported, all choices
+        self.reported = False
 
 
 class _Problem:
     __slots__ = (
         "changed",
-        "closed_usage",
+        "closed_tokens",
+        "closed_unreported",
         "cursor",
         "decide_queued",
         "done",
         "failed",
         "index",
-        "ledger",
+        "lam_sums",
+        "launched",
         "next_request",
         "next_sample",
         "open",
@@ -163,12 +170,16 @@ class _Problem:
         "waiting_tg",
     )
 
-    def __init__(self, index: int, problem: Problem, sample_tokens: int,
-                 verify_tokens: int) -> None:
+    def __init__(self, index: int, problem: Problem) -> None:
         self.index = index
         self.problem = problem
-        self.ledger = ProblemLedger(UNLIMITED, None, sample_tokens=sample_tokens,
-                                    verify_tokens=verify_tokens)
+        # The problem's ledger (orchestrator.ledger.ProblemLedger, no budget) as totals:
+        # choices launched per kind, finished choices' (count, tokens) per kind (for λ),
+        # closed requests' completion tokens per kind and whether any closed unreported.
+        self.launched = {"solve": 0, "verify": 0}
+        self.lam_sums = [0, 0, 0, 0]  # solutions n, sum; verifications n, sum
+        self.closed_tokens = {"solve": 0, "verify": 0}
+        self.closed_unreported = False
         self.tally = VoteTally()
         # tuples, extended as work finishes: a snapshot holds them without copying
         self.solutions: tuple[Solution, ...] = ()
@@ -189,7 +200,26 @@ class _Problem:
         self.cursor = 0  # samples served
         self.served: list[int] | None = None
         self.verified: dict[int, int] = {}
-        self.closed_usage = Usage()
+
+    @property
+    def lam(self) -> float | None:
+        """``ProblemLedger.lam``: mean verification / mean solution length, finished ones."""
+        sol_n, sol_sum, ver_n, ver_sum = self.lam_sums
+        if not sol_n or not ver_n:
+            return None
+        mean_sol = sol_sum / sol_n
+        if mean_sol <= 0:
+            return None
+        return (ver_sum / ver_n) / mean_sol
+
+    def usage(self, open_tokens: int = 0, open_unreported: bool = False) -> Usage:
+        """``ProblemLedger.usage``: the closed requests' usage summed, plus the open ones'.
+
+        A reported record's usage is Usage(0, its tokens) and an unreported one's
+        Usage(0, 0, estimated, sources "nothing" and "prompt"), so the sum is this."""
+        est = self.closed_unreported or open_unreported
+        return Usage(0, self.closed_tokens["solve"] + self.closed_tokens["verify"] + open_tokens,
+                     est, None, _UNREPORTED if est else ())
 
 
 class _Engine:
@@ -221,14 +251,15 @@ class _Engine:
         self.samples = _served_samples(src)
         self.budget_left: dict[float | None, BudgetLeft] = {}  # by λ: the same every time
         self.clock = 0.0
-        self.timers: list[_Timer] = []
+        # (deadline, timer): heapq then compares deadlines in C, and only equal ones call
+        # _Timer.__lt__ (False), so every comparison, hence the heap, is asyncio's
+        self.timers: list[tuple[float, _Timer]] = []
         self.cancelled_timers = 0
         self.ready: deque[tuple[int, Any]] = deque()
 
     # ---- the loop (asyncio.BaseEventLoop._run_once, for our callbacks) ---------------
     def run(self) -> list[SolveResult]:
-        probs = [_Problem(i, p, self.sample_max_tokens, self.verify_max_tokens)
-                 for i, p in enumerate(self.src.problems)]
+        probs = [_Problem(i, p) for i, p in enumerate(self.src.problems)]
         ready = self.ready
         for p in probs:  # _run_problems creates one task per problem, in order
             ready.append((_DECIDE, p))
@@ -236,45 +267,43 @@ class _Engine:
         timers = self.timers
         handlers = (self._decide, self._wake, self._resume, self._start, self._task_done,
                     self._parent)
+        heappop = heapq.heappop
+        popleft = ready.popleft
+        append = ready.append
         while ready or timers:
             sched = len(timers)
             if sched > _MIN_SCHEDULED and self.cancelled_timers / sched > _MIN_CANCELLED_FRACTION:
                 kept = []
-                for h in timers:
-                    if h.cancelled:
-                        h.scheduled = False
+                for e in timers:
+                    if e[1].cancelled:
+                        e[1].scheduled = False
                     else:
-                        kept.append(h)
+                        kept.append(e)
                 heapq.heapify(kept)
                 self.timers = timers = kept
                 self.cancelled_timers = 0
             else:
-                while timers and timers[0].cancelled:
+                while timers and timers[0][1].cancelled:
                     self.cancelled_timers -= 1
-                    heapq.heappop(timers).scheduled = False
+                    heappop(timers)[1].scheduled = False
             if not ready:
                 if not timers:
                     break
-                timeout = min(max(0.0, timers[0].when - self.clock), _MAX_SELECT_TIMEOUT)
+                timeout = min(max(0.0, timers[0][0] - self.clock), _MAX_SELECT_TIMEOUT)
                 if timeout > 0:
                     self.clock += timeout
             end_time = self.clock + _RESOLUTION
-            while timers and timers[0].when < end_time:
-                h = heapq.heappop(timers)
+            while timers and timers[0][0] < end_time:
+                h = heappop(timers)[1]
                 h.scheduled = False
-                ready.append((_TIMER, h))
+                append((_TIMER, h))
             for _ in range(len(ready)):
-                kind, obj = ready.popleft()
+                kind, obj = popleft()
                 handlers[kind](obj)
         missing = [p.problem.id for p in probs if p.result is None]
         if missing:
             raise RuntimeError(f"lean replay engine: problems never finished: {missing[:5]}")
         return [p.result for p in probs]  # type: ignore[misc]
-
-    def _push_timer(self, st: _Stream, when: float) -> _Timer:
-        h = _Timer(when, st)
-        heapq.heappush(self.timers, h)
-        return h
 
     def _cancel_timer(self, h: _Timer) -> None:
         if not h.cancelled:
@@ -313,60 +342,45 @@ class _Engine:
         in_flight = 0
         sample_tokens: list[int] = []
         verifying: dict[int, int] | None = None
+        open_tokens = 0
+        open_unreported = False
         for st in p.open.values():
-            rec = st.record
+            if st.reported:
+                open_tokens += st.emitted
+            else:
+                open_unreported = True
             if st.kind == "solve":
-                done, toks = rec.choice_done, rec.choice_tokens
-                for i in range(rec.n):
-                    if not done[i]:
+                for c in st.choices:
+                    if not c.done:
                         in_flight += 1
-                        sample_tokens.append(toks[i])
+                        sample_tokens.append(c.emitted)
             elif st.solution is not None:
-                k = rec.choice_done.count(False)
+                k = 0
+                for c in st.choices:
+                    if not c.done:
+                        k += 1
                 if k:
                     sid = st.solution.id
                     if verifying is None:
                         verifying = {}
                     verifying[sid] = verifying.get(sid, 0) + k
-        led = p.ledger
-        lam = led.lam
+        sums = p.lam_sums
+        lam = p.lam if sums[0] and sums[2] else None  # no verification finished: no λ
         budget_left = self.budget_left.get(lam)
         if budget_left is None:
             budget_left = self.budget_left[lam] = BudgetLeft(
                 None, None, None, self.sample_max_tokens, self.verify_max_tokens,
                 DEFAULT_LAMBDA if lam is None else lam)
-        # positional, in the field order of ProblemSnapshot (checked in __init__)
+        launched = p.launched
+        # positional, in the field order of ProblemSnapshot (tests/test_snapshot_tally.py)
         return ProblemSnapshot(
             p.problem, p.solutions, p.verifications, p.failed,
             InFlight(in_flight, () if verifying is None else tuple(sorted(verifying.items())),
                      tuple(sample_tokens)),
-            led.solutions_launched, led.verifications_launched, len(led.records),
-            self._usage(p), UNLIMITED, budget_left, self.clock, lam, self.history.records,
-            None, p.tally.ranked(),
+            launched["solve"], launched["verify"], p.next_request,
+            p.usage(open_tokens, open_unreported), UNLIMITED, budget_left, self.clock, lam,
+            self.history.records, None, p.tally.ranked(),
         )
-
-    @staticmethod
-    def _usage(p: _Problem) -> Usage:
-        """``ProblemLedger.usage`` (closed records summed once, plus the open ones), without
-        building a Usage per record."""
-        if not p.open:
-            return p.closed_usage
-        completion = 0
-        estimated = False
-        sources: set[str] = set()
-        for st in p.open.values():
-            r = st.record
-            if r.server_completion is not None:
-                completion += r.server_completion
-                if r.server_prompt is None:
-                    estimated = True
-                    sources.add("prompt")
-            else:
-                completion += r.counted_completion
-                estimated = True
-                sources.update(r.estimated_from)
-        # prompt tokens: a replay reports 0; cached: never reported
-        return p.closed_usage + Usage(0, completion, estimated, None, tuple(sorted(sources)))
 
     def _decide(self, p: _Problem) -> None:
         p.decide_queued = False
@@ -419,10 +433,8 @@ class _Engine:
         for _ in range(n):
             choices.append(_Choice(p.next_sample))
             p.next_sample += 1
-        record = p.ledger.open(rid, kind, n,  # type: ignore[arg-type]
-                               self.sample_max_tokens if kind == "solve"
-                               else self.verify_max_tokens)
-        st = _Stream(p, rid, kind, choices, solution, record, self.clock)
+        p.launched[kind] += n
+        st = _Stream(p, rid, kind, choices, solution, self.clock)
         p.open[rid] = st
         p.tg_tasks += 1
         self.ready.append((_START, st))
@@ -448,28 +460,34 @@ class _Engine:
         correct = None
         if prob.answer is not None or prob.aliases:
             correct = False if stop.answer is None else self.grader.is_correct(stop.answer, prob)
-        led = p.ledger
-        solution_tokens = led.usage_of("solve").completion_tokens
-        verification_tokens = led.usage_of("verify").completion_tokens
+        # every request is closed by now
+        solution_tokens = p.closed_tokens["solve"]
+        verification_tokens = p.closed_tokens["verify"]
+        lam = p.lam
         result = SolveResult(
             problem=prob, answer=stop.answer, key=stop.key, reason=stop.reason,
-            correct=correct, usage=led.usage, requests=len(led.records),
+            correct=correct, usage=p.usage(), requests=p.next_request,
             solutions=p.solutions, verifications=p.verifications,
-            failed=p.failed, elapsed=self.clock, lam=led.lam,
-            cost_units=led.cost_units, solution_tokens=solution_tokens,
+            failed=p.failed, elapsed=self.clock, lam=lam,
+            cost_units=cost_units(p.launched["solve"], p.launched["verify"], lam),
+            solution_tokens=solution_tokens,
             verification_tokens=verification_tokens, policy=self.name, error=None,
             stop_code=stop.code,
         )
-        by_id = {s.id: s.key for s in p.solutions}
-        index_of = {s.id: s.index for s in p.solutions}
+        readings: tuple = ()
+        reading_solutions: tuple = ()
+        if p.verifications:
+            by_id = {s.id: s.key for s in p.solutions}
+            index_of = {s.id: s.index for s in p.solutions}
+            readings = tuple((by_id.get(v.solution_id), v.p_yes) for v in p.verifications
+                             if v.p_yes is not None)
+            reading_solutions = tuple(index_of[v.solution_id] for v in p.verifications
+                                      if v.p_yes is not None)
         self.history.add(ProblemRecord(
             problem_id=prob.id, stop_code=stop.code, answer_key=stop.key,
-            keys=tuple(s.key for s in p.solutions),
-            lengths=tuple(s.completion_tokens for s in p.solutions),
-            readings=tuple((by_id.get(v.solution_id), v.p_yes) for v in p.verifications
-                           if v.p_yes is not None),
-            reading_solutions=tuple(index_of[v.solution_id] for v in p.verifications
-                                    if v.p_yes is not None),
+            keys=tuple([s.key for s in p.solutions]),
+            lengths=tuple([s.completion_tokens for s in p.solutions]),
+            readings=readings, reading_solutions=reading_solutions,
             solution_tokens=solution_tokens,
             verification_tokens=verification_tokens,
         ))
@@ -498,22 +516,24 @@ class _Engine:
         start = now + self.ttft
         src = self.src
         pid = p.problem.id
-        served: list[tuple[str, int, float, tuple[TokenLogprob, ...]]] = []
+        choices = st.choices
+        rate = self.rate
         if st.kind == "solve":
             if p.served is None:
                 p.served = list(src.served_order(pid, self.order))
-            picked = p.served[p.cursor: p.cursor + len(st.choices)]
-            p.cursor += len(picked)
+            picked = p.served[p.cursor: p.cursor + len(choices)]
+            n_served = len(picked)
+            p.cursor += n_served
             known = self.samples.get(pid)
             if known is None:
                 known = self.samples[pid] = {}
-            rate = self.rate
-            for c, idx in zip(st.choices, picked, strict=False):
+            for c, idx in zip(choices, picked, strict=False):
                 got = known.get(idx)
                 if got is None:
                     got = known[idx] = self._served_sample(pid, idx)
-                text, tokens, c.answer, c.key = got
-                served.append((text, tokens, start + tokens / rate, ()))
+                c.text, tokens, c.answer, c.key = got
+                c.total = tokens
+                c.end = start + tokens / rate
         else:
             assert st.solution is not None
             parsed = parse_sample_text(st.solution.text)
@@ -521,7 +541,8 @@ class _Engine:
                 raise ConfigError(f"solution {st.solution.id} was not served by a "
                                   "ReplayBackend")
             index = parsed[0]
-            for _ in range(len(st.choices)):
+            n_served = 0
+            for c in choices:
                 j = p.verified.get(index, 0)
                 reading = src.verification(pid, index, j)
                 if reading is None:
@@ -531,13 +552,15 @@ class _Engine:
                 if tokens is None:
                     tokens = src.verify_tokens
                 if pr is None:
-                    text, lps = "unparsable", ()
+                    c.text = "unparsable"
                 else:
-                    text = "Yes" if pr >= 0.5 else "No"
-                    lps = (TokenLogprob(text, _log(pr if text == "Yes" else 1 - pr),
-                                        (("Yes", _log(pr)), ("No", _log(1 - pr)))),)
-                served.append((text, tokens, start + tokens / self.rate, lps))
-        if not served:
+                    c.text = text = "Yes" if pr >= 0.5 else "No"
+                    c.logprobs = (TokenLogprob(text, _log(pr if text == "Yes" else 1 - pr),
+                                               (("Yes", _log(pr)), ("No", _log(1 - pr)))),)
+                c.total = tokens
+                c.end = start + tokens / rate
+                n_served += 1
+        if not n_served:
             self._poke(p, None)
             what = "sample" if st.kind == "solve" else "verification"
             self._close(st, "failed", PoolExhausted(
@@ -545,17 +568,20 @@ class _Engine:
             return
         st.state = "open"
         st.start = now
-        st.n_served = len(served)
-        for c, (text, tokens, end, lps) in zip(st.choices, served, strict=False):
-            c.text, c.total, c.end, c.logprobs = text, tokens, end, lps
+        st.n_served = n_served
         p.streams.append(st)
-        wakeups = {c.end for c in st.choices[: st.n_served]}
+        served = choices[:n_served]
         if self.chunks > 1:
-            for c in st.choices[: st.n_served]:
+            wakeups = {c.end for c in served}
+            for c in served:
                 step = (c.end - now - self.ttft) / self.chunks
                 wakeups.update(now + self.ttft + step * k for k in range(1, self.chunks))
-        st.wakeups = sorted(wakeups)
-        st.pending = list(range(st.n_served))
+            st.wakeups = sorted(wakeups)
+        elif n_served == 1:
+            st.wakeups = [served[0].end]
+        else:
+            st.wakeups = sorted({c.end for c in served})
+        st.pending = served  # the unfinished served choices, in choice order
         self._step(st, top=True)
 
     def _served_sample(self, pid: str, idx: int) -> tuple[str, int, str | None, str | None]:
@@ -578,70 +604,56 @@ class _Engine:
         """The backend's ``_events`` loop, with the runtime reading each event (its
         ``_on_delta``, ``_finish_choice`` and usage reports), up to the stream's next wait."""
         p = st.prob
-        choices = st.choices
         pending = st.pending
-        rec = st.record
-        ledger = p.ledger
         while pending:
             now = self.clock
             lim = now + _EPS
+            ending = False
+            for c in pending:
+                if c.end <= lim:
+                    ending = True
+                    break
             if top:
                 wakeups = st.wakeups
                 while wakeups and wakeups[0] <= lim:
                     wakeups.pop(0)
-                for i in pending:
-                    if choices[i].end <= lim:
-                        break
-                else:  # nothing ends now: (re)arm the timer and wait
+                if not ending:  # nothing ends now: (re)arm the timer and wait
                     when = wakeups[0]
                     if st.armed != when:
                         if st.handle is not None:
                             self._cancel_timer(st.handle)
                         st.armed = when
                         st.handle = h = _Timer(when, st)
-                        heapq.heappush(self.timers, h)
+                        heapq.heappush(self.timers, (when, h))
                     st.waiting = True
                     return
             top = True
-            ending = False
-            for i in pending:
-                if choices[i].end <= lim:
-                    ending = True
-                    break
             if ending:
                 self._poke(p, st)
             changed = ending
             got = -1
             keep = []
-            for i in pending:
-                c = choices[i]
+            for c in pending:
                 if c.end <= lim:
-                    new = c.total - c.emitted
+                    st.emitted += c.total - c.emitted
                     c.emitted = c.total
-                    st.emitted += new
-                    self._final(st, i, c, new)
+                    self._final(st, c)
                 else:
                     if got < 0:
                         got = max(0, math.floor((now - st.start - self.ttft) * self.rate + _EPS))
                     g = min(got, c.total - 1)
                     if g > c.emitted:
                         changed = True
-                        d = g - c.emitted
-                        ledger.add_delta(rec, i, d, False)  # the reader's _on_event
+                        st.emitted += g - c.emitted  # the reader's _on_event
                         c.emitted = g
-                        st.emitted += d
-                    keep.append(i)
+                    keep.append(c)
             st.pending = pending = keep
             if changed:  # UsageReport(0, emitted, final): RequestRecord.add_usage
-                final = not pending
-                rec.server_prompt = 0
-                if final or rec.server_completion is None or st.emitted >= rec.server_completion:
-                    rec.server_completion = st.emitted
-                rec.server_final = rec.server_final or final
+                st.reported = True
         # the stream ended
         if st.handle is not None:
             self._cancel_timer(st.handle)
-        if st.n_served < len(choices):  # short: PoolExhausted after the last one
+        if st.n_served < len(st.choices):  # short: PoolExhausted after the last one
             self._poke(p, st)
             what = "solve" if st.kind == "solve" else "verify"
             self._close(st, "failed", PoolExhausted(
@@ -650,31 +662,31 @@ class _Engine:
             return
         self._close(st, "ok", None)
 
-    def _final(self, st: _Stream, i: int, c: _Choice, tokens: int) -> None:
+    def _final(self, st: _Stream, c: _Choice) -> None:
         """The reader's ``_on_event`` of a choice's last delta: the loop's
         ``on_finished``, then the ledger's ``finish``."""
-        rec = st.record
         p = st.prob
-        led = p.ledger
-        led.add_delta(rec, i, tokens, False)
         c.done = True
-        tokens = rec.choice_tokens[i]
-        now = self.clock
+        tokens = c.emitted
+        sums = p.lam_sums  # ProblemLedger.finish: the lengths λ is measured from
         if st.kind == "solve":
-            sol = Solution(
-                id=c.sample_id, index=len(p.solutions), text=c.text, answer=c.answer, key=c.key,
-                finish_reason="stop", completion_tokens=tokens, started_at=st.started_at,
-                finished_at=now, request_id=st.request_id, mean_logprob=None)
+            # positional, in Solution's field order (tests/test_snapshot_tally.py)
+            sol = Solution(c.sample_id, len(p.solutions), c.text, c.answer, c.key, "stop",
+                           tokens, st.started_at, self.clock, st.request_id, None)
             p.solutions += (sol,)
             p.tally.add(sol)
+            sums[0] += 1
+            sums[1] += tokens
         else:
             assert st.solution is not None
             verdict, p_yes, source = self.task.parse_verdict(c.text, c.logprobs)
             p.verifications += (Verification(
                 id=c.sample_id, solution_id=st.solution.id, text=c.text, verdict=verdict,
                 p_yes=p_yes, source=source, completion_tokens=tokens,
-                started_at=st.started_at, finished_at=now, request_id=st.request_id),)
-        led.finish(rec, i)
+                started_at=st.started_at, finished_at=self.clock,
+                request_id=st.request_id),)
+            sums[2] += 1
+            sums[3] += tokens
         self._set_changed(p)
 
     def _cancelled(self, st: _Stream) -> None:
@@ -693,20 +705,21 @@ class _Engine:
             outcome = "failed"
             error = BackendError("stream ended without a finish_reason for every choice")
         reason = "cancelled" if outcome == "cancelled" else "failed"
-        rec = st.record
-        for i, c in enumerate(st.choices):
-            if rec.choice_done[i]:
+        for c in st.choices:
+            if c.done:
                 continue
             c.done = True
             p.failed += (FailedSample(
                 id=c.sample_id, request_id=st.request_id, kind=st.kind,  # type: ignore[arg-type]
                 reason=reason, error=error, partial_text="",
-                completion_tokens=rec.choice_tokens[i],
+                completion_tokens=c.emitted,
                 solution_id=st.solution.id if st.solution else None),)
         p.open.pop(st.request_id, None)
         st.handle = None  # no cycle stream <-> timer: freed by reference counting
-        p.ledger.close(rec, outcome)
-        p.closed_usage = p.closed_usage + rec.usage
+        if st.reported:  # ProblemLedger.close: the record's usage joins the closed total
+            p.closed_tokens[st.kind] += st.emitted
+        else:
+            p.closed_unreported = True
         self._set_changed(p)
         self.ready.append((_TASK_DONE, st))
 

@@ -197,16 +197,28 @@ def fit_prior(counts: Sequence[tuple[int, int, int]], prior: float = 1.0,
     posterior over the problems, plus ``shrink`` pseudo-problems drawn from the base
     measure, then symmetrises them in (u, v). With no counts it is the base measure.
     """
-    base = np.exp(_base_log_weights(prior))
     if not counts:
-        return np.log(base)
-    g = _grid()
+        return np.log(np.exp(_base_log_weights(prior)))
+    return _fit(_distinct(counts), prior, shrink, iterations)
+
+
+def _distinct(counts: Sequence[tuple[int, int, int]]
+              ) -> tuple[tuple[tuple[int, int, int], int], ...]:
+    """Each distinct count triple with its multiplicity, in order of first occurrence:
+    all that :func:`fit_prior` depends on (in that order)."""
     distinct: dict[tuple[int, int, int], int] = {}
     for c in counts:
         distinct[c] = distinct.get(c, 0) + 1
-    keys = list(distinct)
-    mult = np.array([distinct[k] for k in keys], dtype=float)
-    loglik = np.stack([_log_lik(g, *k) for k in keys])  # (T, G)
+    return tuple(distinct.items())
+
+
+def _fit(items: tuple[tuple[tuple[int, int, int], int], ...], prior: float, shrink: float,
+         iterations: int) -> np.ndarray:
+    """:func:`fit_prior` of the counts summarised by :func:`_distinct` (not empty)."""
+    base = np.exp(_base_log_weights(prior))
+    g = _grid()
+    mult = np.array([m for _, m in items], dtype=float)
+    loglik = np.stack([_log_lik(g, *k) for k, _ in items])  # (T, G)
     loglik -= loglik.max(axis=1, keepdims=True)
     lik = np.exp(loglik)
     w = base.copy()
@@ -218,6 +230,17 @@ def fit_prior(counts: Sequence[tuple[int, int, int]], prior: float = 1.0,
         w = 0.5 * (w + w[g.mirror])
     with np.errstate(divide="ignore"):
         return np.log(w)
+
+
+@lru_cache(maxsize=1024)
+def _fit_shared(items: tuple[tuple[tuple[int, int, int], int], ...], prior: float,
+                shrink: float) -> np.ndarray:
+    """:func:`_fit` memoised by what it depends on, read-only: runs whose finished problems
+    so far have the same counts (often: the first problems of every order of a pool settle
+    alike) get the very same prior array, so :class:`_RiskMemo` entries serve them all."""
+    lw = _fit(items, prior, shrink, 50)
+    lw.flags.writeable = False
+    return lw
 
 
 class _PriorCache:
@@ -240,8 +263,7 @@ class _PriorCache:
         if hit is not None and hit[0] is last:
             self._entries.move_to_end(key)
             return hit[1]
-        lw = fit_prior([record_counts(r) for r in history[:n]], prior, shrink)
-        lw.flags.writeable = False  # shared by every caller (and a key of _RiskMemo)
+        lw = _fit_shared(_distinct([record_counts(r) for r in history[:n]]), prior, shrink)
         self._entries[key] = (last, lw)
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
@@ -304,15 +326,24 @@ def posterior_risk(a: int, b: int, rest: int, remaining: int, log_prior: np.ndar
 
 def _posterior_risk(a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray,
                     horizon: int) -> tuple[float, float]:
-    g = _grid()
-    lp = log_prior + _log_lik(g, a, b, rest)
-    top = lp.max()
+    post = log_prior + _log_lik(_grid(), a, b, rest)
+    top = post.max()
     if not math.isfinite(top):
         return 1.0, 1.0
-    post = np.exp(lp - top)
+    post -= top  # in place: the same arithmetic as exp(lp - top), one array fewer
+    np.exp(post, out=post)
     post /= post.sum()
     ot = _overturn_tables(max(horizon, remaining))[remaining][a - b]
-    return float(post @ ot), float(post @ (ot * (g.v - g.u)))
+    return float(post @ ot), float(post @ (ot * _lead_gap()))
+
+
+@lru_cache(maxsize=1)
+def _lead_gap() -> np.ndarray:
+    """v - u at every grid point (the accuracy an overturn costs there)."""
+    g = _grid()
+    gap = g.v - g.u
+    gap.flags.writeable = False
+    return gap
 
 
 class _RiskMemo:

@@ -77,3 +77,41 @@ def test_optimistic_need_is_the_fewest_extra_votes_that_reach_the_threshold(crit
         assert ac.confidence([cs[0] + need, *cs[1:]]) >= threshold
         if need:
             assert ac.confidence([cs[0] + need - 1, *cs[1:]]) < threshold
+
+
+def _risk_reference(a, b, rest, remaining, log_prior, horizon):
+    """posterior_risk written plainly (the arithmetic its faster form must repeat)."""
+    from policies.adaptive import _overturn_tables
+
+    g = _grid()
+    lp = log_prior + _log_lik_raw(g, a, b, rest)
+    top = lp.max()
+    if not np.isfinite(top):
+        return 1.0, 1.0
+    post = np.exp(lp - top)
+    post /= post.sum()
+    ot = _overturn_tables(max(horizon, remaining))[remaining][a - b]
+    return float(post @ ot), float(post @ (ot * (g.v - g.u)))
+
+
+def test_posterior_risk_is_bit_identical_to_the_plain_arithmetic():
+    learned = fit_prior([(5, 0, 0)] * 6 + [(3, 2, 1)] * 3 + [(2, 2, 4)])
+    for lp in (_base_log_weights(1.0), learned, _base_log_weights(0.5)):
+        for a, b, rest, remaining in _counts(30):
+            if remaining <= 0 or a - b > remaining:
+                continue
+            assert _posterior_risk(a, b, rest, remaining, lp, 30) == _risk_reference(
+                a, b, rest, remaining, lp, 30)
+
+
+def test_the_shared_fit_is_fit_prior_of_the_same_counts():
+    from policies.adaptive import _distinct, _fit_shared
+
+    for counts in ([(3, 0, 0)], [(3, 0, 0)] * 5, [(4, 1, 0), (3, 0, 0), (4, 1, 0)],
+                   [(6, 2, 1), (2, 2, 0), (3, 0, 0), (6, 2, 1)] * 7):
+        shared = _fit_shared(_distinct(counts), 1.0, 4.0)
+        assert not shared.flags.writeable
+        np.testing.assert_array_equal(shared, fit_prior(counts, 1.0, 4.0))
+        assert _fit_shared(_distinct(counts), 1.0, 4.0) is shared
+    # the order of first occurrence is part of what the fit depends on
+    assert _distinct([(1, 0, 0), (2, 0, 0), (1, 0, 0)]) == (((1, 0, 0), 2), ((2, 0, 0), 1))

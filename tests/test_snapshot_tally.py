@@ -49,8 +49,11 @@ def test_vote_tally_ties_go_to_the_earliest_first_vote():
         ("b", 2, 0), ("a", 2, 1), ("c", 2, 7)]
 
 
-def test_the_lean_engine_builds_snapshots_in_field_order():
-    # benchmarks.engine passes ProblemSnapshot's fields positionally, in this order
+def test_the_lean_engine_builds_snapshots_and_solutions_in_field_order():
+    # benchmarks.engine passes these fields positionally, in this order
+    assert [f.name for f in dataclasses.fields(Solution)] == [
+        "id", "index", "text", "answer", "key", "finish_reason", "completion_tokens",
+        "started_at", "finished_at", "request_id", "mean_logprob"]
     assert [f.name for f in dataclasses.fields(ProblemSnapshot)] == [
         "problem", "solutions", "verifications", "failed", "in_flight", "samples_launched",
         "verifications_launched", "requests_launched", "usage", "budget", "budget_left",
