@@ -72,6 +72,10 @@ def test_verification_savings_against_the_cheapest_genrm_that_reaches_the_accura
     # the cheapest point reaching 0.8 is p2 at 3 units: 5.3x
     assert goal["best_genrm"] == "genrm:s=4,v=4" and goal["point"] == "p2"
     assert goal["ratio"] == pytest.approx(16 / 3) and goal["met"]
+    assert goal["pools_reached"] == [0, 0]  # no per-pool runs of p2 in this setting
+    # per pool: p2 reaches GenRM(4, 4)'s 0.8 on pool a, not on b (the mean 0.8 hides it)
+    st = setting([run("a", "p2", 0.9, 10.0, 3.0, 0.8), run("b", "p2", 0.7, 10.0, 3.0, 0.8)])
+    assert verification_savings(pts, st)["goal"]["pools_reached"] == [1, 2]
     pts[1]["verify_compute"] = 4.5  # 3.6x: not met
     assert not verification_savings(pts, st)["goal"]["met"]
     assert verification_savings(pts[:1], st)["goal"]["point"] is None  # never reached
