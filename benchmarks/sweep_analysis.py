@@ -16,8 +16,8 @@ together here:
   how many pools one by one);
 * :func:`cross_validate`: choose one operating point per curve on some pools (or some
   verifier qualities) by mean Δ against the best fixed at compute, and score the choice on
-  the held-out ones (leave-one-pool-out and leave-one-AUC-level-out), against the
-  policy's default point.
+  the held-out ones (leave-one-pool-out, leave-one-AUC-level-out and leave-one-λ-out),
+  against the policy's default point.
 
 Means are over the scored pools, as in the sweep's tables. A GenRM(S, V) configuration's
 verification compute is its nominal S·λ·V units (a simulated verification of a solution of
@@ -212,14 +212,17 @@ def cross_validate(report: dict[str, Any], curve: str, default: str = "default"
                    ) -> dict[str, Any] | None:
     """Choose the curve's operating point on training cells by mean Δ (pp) against the best
     fixed configuration at its own compute, score it on held-out cells: folds leave one
-    pool out, then one verifier AUC level out. None when the curve has < 2 points."""
+    pool out, then one verifier AUC level out, then one λ out. None when the curve has < 2
+    points."""
     cells = _cells(report, curve)
     points = sorted({p for c in cells.values() for p in c})
     if len(points) < 2:
         return None
     cells = {k: v for k, v in cells.items() if set(v) == set(points)}
     aucs = [round(st["one_reading_auc"], 2) for st in report["settings"]]
-    groupings = {"pool": lambda key: key[1], "auc": lambda key: aucs[key[0]]}
+    lams = [float(st["lambda"]) for st in report["settings"]]
+    groupings = {"pool": lambda key: key[1], "auc": lambda key: aucs[key[0]],
+                 "lambda": lambda key: lams[key[0]]}
     out: dict[str, Any] = {"curve": curve, "points": points,
                            "in_sample": {p: float(np.mean([c[p] for c in cells.values()]))
                                          for p in points}}
@@ -287,8 +290,10 @@ def analysis_markdown(report: dict[str, Any]) -> list[str]:
                   "Δ (pp) | in-sample Δ per point (pp) |", "|---|---|---|---:|---:|---|"]
         for cv in cvs:
             ins = "; ".join(f"{p}: {v:+.2f}" for p, v in cv["in_sample"].items())
-            for gname in ("pool", "auc"):
+            for gname in ("pool", "auc", "lambda"):
                 g = cv[gname]
+                if not g["folds"]:  # one λ (or one AUC level): nothing to hold out
+                    continue
                 chosen = ", ".join(f"{f['held_out']}→{f['chosen']}" for f in g["folds"])
                 dflt = "n/a" if g["default_delta_pp"] is None else \
                     f"{g['default_delta_pp']:+.2f}"

@@ -102,7 +102,20 @@ def test_cross_validation_scores_the_choice_on_held_out_cells_only():
     assert cv["pool"]["default_delta_pp"] == pytest.approx(0.5)
     # the two AUC levels hold the same cells: each fold picks the overall winner
     assert {f["chosen"] for f in cv["auc"]["folds"]} == {"settle=0.99"}
+    assert cv["lambda"]["folds"] == []  # one λ: nothing to hold out
     assert cross_validate(rep, "adaptive") is None
+    # two λ: "x" wins at λ 0.5, "y" at λ 2; leaving one λ out picks the other's winner
+    by_lam = {0.5: {"x": 2.0, "y": 1.0}, 2.0: {"x": -1.0, "y": 0.0}}
+    settings = []
+    for lam, ds in by_lam.items():
+        rs = [run(pool, "solverify:profile={profile}" + ("" if pt == "x" else ",settle=0.99"),
+                  0.7 + d / 100, 10.0, 1.0, 0.7) for pool in ("a", "b") for pt, d in ds.items()]
+        settings.append(setting(rs, lam=lam))
+    cv = cross_validate({"settings": settings}, "solverify:profile")
+    folds = {f["held_out"]: f for f in cv["lambda"]["folds"]}
+    assert folds[0.5]["chosen"] == "settle=0.99" and folds[2.0]["chosen"] == "default"
+    assert cv["lambda"]["held_out_delta_pp"] == pytest.approx((1.0 - 1.0) / 2)
+    assert cv["lambda"]["default_delta_pp"] == pytest.approx((2.0 - 1.0) / 2)
 
 
 def test_curves_and_markdown_from_a_setting():
