@@ -12,11 +12,12 @@ together here:
   every GenRM(S, V) costing at most C (:func:`frontier_gaps`);
 * :func:`verification_savings`: how many times fewer verification tokens an operating
   point spends than the cheapest fixed GenRM(S, V) reaching its accuracy, and whether the
-  best fixed GenRM accuracy is reached with ≥ 4× fewer;
+  best fixed GenRM accuracy is reached with ≥ 4× fewer (by the mean over pools, and on
+  how many pools one by one);
 * :func:`cross_validate`: choose one operating point per curve on some pools (or some
   verifier qualities) by mean Δ against the best fixed at compute, and score the choice on
-  the held-out ones (leave-one-pool-out and leave-one-AUC-level-out), against the
-  policy's default point.
+  the held-out ones (leave-one-pool-out, leave-one-AUC-level-out and leave-one-λ-out),
+  against the policy's default point.
 
 Means are over the scored pools, as in the sweep's tables. A GenRM(S, V) configuration's
 verification compute is its nominal S·λ·V units (a simulated verification of a solution of
@@ -165,7 +166,19 @@ def verification_savings(points: Sequence[dict[str, Any]], setting: dict[str, An
                 "ratio": None if fewest is None or fewest["verify_compute"] <= 0 else
                 best["verify_compute"] / fewest["verify_compute"]}
         goal["met"] = goal["ratio"] is not None and goal["ratio"] >= 4.0
+        goal["pools_reached"] = None if fewest is None else \
+            _pools_reached(setting, fewest["spec"], best["S"], best["V"])
     return {"points": rows, "goal": goal}
+
+
+def _pools_reached(setting: dict[str, Any], spec: str, s: int, v: int) -> list[int]:
+    """[pools where ``spec``'s accuracy reaches GenRM(s, v)'s on the same pool, pools]: a
+    mean reached on the mean alone may hide pools it falls short on."""
+    genrm = {res["pool"]: next(p["success"] for p in res["genrm"]
+                               if int(p["S"]) == s and int(p["V"]) == v)
+             for res in setting["compute_matched"]}
+    rs = [r for r in _by_spec(setting).get(spec, []) if r["pool"] in genrm]
+    return [sum(r["accuracy"] >= genrm[r["pool"]] - 1e-12 for r in rs), len(rs)]
 
 
 def curves(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -199,14 +212,17 @@ def cross_validate(report: dict[str, Any], curve: str, default: str = "default"
                    ) -> dict[str, Any] | None:
     """Choose the curve's operating point on training cells by mean Δ (pp) against the best
     fixed configuration at its own compute, score it on held-out cells: folds leave one
-    pool out, then one verifier AUC level out. None when the curve has < 2 points."""
+    pool out, then one verifier AUC level out, then one λ out. None when the curve has < 2
+    points."""
     cells = _cells(report, curve)
     points = sorted({p for c in cells.values() for p in c})
     if len(points) < 2:
         return None
     cells = {k: v for k, v in cells.items() if set(v) == set(points)}
     aucs = [round(st["one_reading_auc"], 2) for st in report["settings"]]
-    groupings = {"pool": lambda key: key[1], "auc": lambda key: aucs[key[0]]}
+    lams = [float(st["lambda"]) for st in report["settings"]]
+    groupings = {"pool": lambda key: key[1], "auc": lambda key: aucs[key[0]],
+                 "lambda": lambda key: lams[key[0]]}
     out: dict[str, Any] = {"curve": curve, "points": points,
                            "in_sample": {p: float(np.mean([c[p] for c in cells.values()]))
                                          for p in points}}
@@ -241,7 +257,8 @@ def analysis_markdown(report: dict[str, Any]) -> list[str]:
              "pools). Worst gap: over every compute level C in the curve's range, the best "
              "point costing ≤ C minus the best SC or GenRM(S,V) costing ≤ C. Verification "
              "goal: a point reaching the grid's best GenRM accuracy with ≥ 4× fewer "
-             "verification tokens (verification compute in mean-solution units).", "",
+             "verification tokens (verification compute in mean-solution units); pools: "
+             "on how many scored pools that point reaches the same GenRM's accuracy.", "",
              "| AUC | λ | curve | points: C → accuracy (verification C) | worst gap (pp) | "
              "best GenRM (verif. C) | reached by (verif. C) | ratio | ≥ 4× |",
              "|---:|---:|---|---|---:|---|---|---:|:---:|"]
@@ -257,7 +274,9 @@ def analysis_markdown(report: dict[str, Any]) -> list[str]:
                     + ("not reached | — | no" if g["point"] is None else
                        f"{g['point']} ({g['point_verify_compute']:.1f}) | "
                        + ("∞" if g["ratio"] is None else f"{g['ratio']:.1f}×") + " | "
-                       + ("yes" if g["met"] else "no")))
+                       + ("yes" if g["met"] else "no")
+                       + ("" if not g.get("pools_reached") else
+                          " ({}/{} pools)".format(*g["pools_reached"]))))
         worst = "n/a" if c["worst_gap_pp"] is None else f"{c['worst_gap_pp']:+.2f}"
         lines.append(f"| {c['auc']:.2f} | {c['lambda']:g} | `{c['curve']}` | {pts} | "
                      f"{worst} | {tail} |")
@@ -271,8 +290,10 @@ def analysis_markdown(report: dict[str, Any]) -> list[str]:
                   "Δ (pp) | in-sample Δ per point (pp) |", "|---|---|---|---:|---:|---|"]
         for cv in cvs:
             ins = "; ".join(f"{p}: {v:+.2f}" for p, v in cv["in_sample"].items())
-            for gname in ("pool", "auc"):
+            for gname in ("pool", "auc", "lambda"):
                 g = cv[gname]
+                if not g["folds"]:  # one λ (or one AUC level): nothing to hold out
+                    continue
                 chosen = ", ".join(f"{f['held_out']}→{f['chosen']}" for f in g["folds"])
                 dflt = "n/a" if g["default_delta_pp"] is None else \
                     f"{g['default_delta_pp']:+.2f}"

@@ -222,6 +222,10 @@ VERIFYING_HELP: dict[str, str] = {
                "(0: never verify without a profile)",
     "min_auc": "use the verifier only when its AUC (online: 95% lower bound) > this",
     "max_icc": "read one solution again only when the profile's repeat ICC < this",
+    "doubt": "prior probability that the most frequent answer is not the right one "
+             "(0: the votes' mode is right, as SC assumes)",
+    "extend": "sample on past adaptive's stop, up to max, while the posterior is not "
+              "settled",
 }
 
 

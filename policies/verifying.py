@@ -22,7 +22,12 @@ the samples and the vote-based stop; every parameter of ``Adaptive`` is one of t
   verifier has read at least one of its solutions (without a reading, the vote-based rule
   of ``adaptive`` decides, as it would alone); when ``adaptive`` stops sampling, the
   policy finishes the verifications it still wants and stops with the posterior's best
-  answer. Only work that fits the budget is asked for (``budget_left.can_sample`` /
+  answer — or, with ``extend``, samples on (``width`` in flight, up to ``max``) while the
+  posterior is not settled: the votes settled, the verifier doubts them, and the right
+  answer may not have been drawn yet. ``doubt`` (the vote prior's probability that the
+  most frequent answer is wrong, :func:`policies.evidence.vote_prior`) is what lets the
+  verifier's readings overturn a large majority; at 0 they rarely can. Only work that
+  fits the budget is asked for (``budget_left.can_sample`` /
   ``can_verify``); told that the budget blocks (``snapshot.blocked``), it stops with
   code ``budget``.
 
@@ -41,7 +46,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from orchestrator.decisions import Decision, Stop, StopCode, Verify
+from orchestrator.decisions import Decision, Sample, Stop, StopCode, Verify
 from orchestrator.errors import ConfigError
 from orchestrator.snapshot import AnswerStats, ProblemSnapshot
 from orchestrator.types import Solution
@@ -99,6 +104,8 @@ class _Verifying:
     explore: int = 10
     min_auc: float = 0.55
     max_icc: float = 0.5
+    doubt: float = 0.0
+    extend: bool = False
     _adaptive: Adaptive = field(init=False, repr=False, compare=False)
     _profile: VerifierProfile | None = field(init=False, repr=False, compare=False)
 
@@ -116,6 +123,7 @@ class _Verifying:
                self.explore, "an integer >= 0")
         _check(name, "min_auc", 0.0 <= self.min_auc < 1.0, self.min_auc, "in [0, 1)")
         _check(name, "max_icc", 0.0 <= self.max_icc <= 1.0, self.max_icc, "in [0, 1]")
+        _check(name, "doubt", 0.0 <= self.doubt < 1.0, self.doubt, "in [0, 1)")
         inner = Adaptive(**{key: getattr(self, key) for key in _ADAPTIVE})
         object.__setattr__(self, "_adaptive", inner)
         loaded = None
@@ -129,7 +137,8 @@ class _Verifying:
                  f"min_votes={self.min_votes}", f"prior={self.prior:g}",
                  f"wide={self._adaptive.widest}", f"shrink={self.shrink:g}",
                  f"learn={'true' if self.learn else 'false'}", f"loss={self.loss:g}",
-                 f"settle={self.settle:g}", f"max_reads={self.max_reads}"]
+                 f"settle={self.settle:g}", f"max_reads={self.max_reads}",
+                 f"doubt={self.doubt:g}", f"extend={'true' if self.extend else 'false'}"]
         if self.profile:
             parts.append(f"profile={self.profile}")
         else:
@@ -197,7 +206,7 @@ class _Verifying:
         profile, exploring = self.verifier(s)
         if profile is None:
             return self._explore(s, base) if exploring else base
-        ev = evidence(s, profile, self.prior)
+        ev = evidence(s, profile, self.prior, self.doubt)
         if s.blocked is not None:
             return [self._finish(s, ev, s.blocked.reason, "budget")]
         best = ev.best
@@ -209,8 +218,25 @@ class _Verifying:
             return base if verifies is None else verifies
         if verifies or s.in_flight.verification_total:
             return verifies or []  # adaptive's stop waits for the evidence still wanted
+        more = self._extension(s, base_stop)
+        if more is not None:
+            return more
         code = base_stop.code
         return [self._finish(s, ev, f"sampling over ({base_stop.reason})", code)]
+
+    def _extension(self, s: ProblemSnapshot, base_stop: Stop) -> list[Decision] | None:
+        """With ``extend``: when the votes settled ``adaptive`` but the posterior is not
+        settled and no verification is wanted, sample on, ``width`` in flight, up to
+        ``max`` (None: stop now)."""
+        if not self.extend or base_stop.code != "settled":
+            return None
+        finished = len(s.solutions)
+        if finished >= self.max:
+            return None
+        want = min(self.width, self.max - finished) - s.in_flight.samples
+        if want > 0 and s.budget_left.can_sample:
+            return [Sample(want)]
+        return [] if s.in_flight.samples else None
 
     def _verifications(self, s: ProblemSnapshot, ev: Evidence, profile: VerifierProfile,
                        base: Sequence[Decision] | None) -> list[Decision] | None:
@@ -273,7 +299,7 @@ class Solverify(_Verifying):
         tokens = _mean_solution_tokens(s)
         lam = s.lam if s.lam is not None else (profile.lam if profile.lam else 1.0)
         verify_cost = max(lam * tokens, 1e-9)
-        bar = sample_gain(ev, self.prior) / tokens if sampling else 0.0
+        bar = sample_gain(ev, self.prior, self.doubt) / tokens if sampling else 0.0
         out: list[Decision] = []
         for i, a in enumerate(ev.answers):
             target = self._target(a, profile)

@@ -72,6 +72,10 @@ def test_verification_savings_against_the_cheapest_genrm_that_reaches_the_accura
     # the cheapest point reaching 0.8 is p2 at 3 units: 5.3x
     assert goal["best_genrm"] == "genrm:s=4,v=4" and goal["point"] == "p2"
     assert goal["ratio"] == pytest.approx(16 / 3) and goal["met"]
+    assert goal["pools_reached"] == [0, 0]  # no per-pool runs of p2 in this setting
+    # per pool: p2 reaches GenRM(4, 4)'s 0.8 on pool a, not on b (the mean 0.8 hides it)
+    st = setting([run("a", "p2", 0.9, 10.0, 3.0, 0.8), run("b", "p2", 0.7, 10.0, 3.0, 0.8)])
+    assert verification_savings(pts, st)["goal"]["pools_reached"] == [1, 2]
     pts[1]["verify_compute"] = 4.5  # 3.6x: not met
     assert not verification_savings(pts, st)["goal"]["met"]
     assert verification_savings(pts[:1], st)["goal"]["point"] is None  # never reached
@@ -98,7 +102,20 @@ def test_cross_validation_scores_the_choice_on_held_out_cells_only():
     assert cv["pool"]["default_delta_pp"] == pytest.approx(0.5)
     # the two AUC levels hold the same cells: each fold picks the overall winner
     assert {f["chosen"] for f in cv["auc"]["folds"]} == {"settle=0.99"}
+    assert cv["lambda"]["folds"] == []  # one λ: nothing to hold out
     assert cross_validate(rep, "adaptive") is None
+    # two λ: "x" wins at λ 0.5, "y" at λ 2; leaving one λ out picks the other's winner
+    by_lam = {0.5: {"x": 2.0, "y": 1.0}, 2.0: {"x": -1.0, "y": 0.0}}
+    settings = []
+    for lam, ds in by_lam.items():
+        rs = [run(pool, "solverify:profile={profile}" + ("" if pt == "x" else ",settle=0.99"),
+                  0.7 + d / 100, 10.0, 1.0, 0.7) for pool in ("a", "b") for pt, d in ds.items()]
+        settings.append(setting(rs, lam=lam))
+    cv = cross_validate({"settings": settings}, "solverify:profile")
+    folds = {f["held_out"]: f for f in cv["lambda"]["folds"]}
+    assert folds[0.5]["chosen"] == "settle=0.99" and folds[2.0]["chosen"] == "default"
+    assert cv["lambda"]["held_out_delta_pp"] == pytest.approx((1.0 - 1.0) / 2)
+    assert cv["lambda"]["default_delta_pp"] == pytest.approx((2.0 - 1.0) / 2)
 
 
 def test_curves_and_markdown_from_a_setting():

@@ -21,7 +21,13 @@ from orchestrator.testing import make_snapshot
 from orchestrator.types import Budget, Problem
 from policies import parse_policy
 from policies.adaptive import Adaptive
-from policies.evidence import evidence, mode_probabilities, sample_gain, verify_gain
+from policies.evidence import (
+    evidence,
+    mode_probabilities,
+    sample_gain,
+    verify_gain,
+    vote_prior,
+)
 from policies.online import estimate_online
 from policies.profile import BetaFit, VerifierProfile, pseudo_labelled
 from policies.verifying import Solverify, VerifyContested
@@ -63,16 +69,19 @@ def test_mode_probabilities_match_quadrature(counts):
     assert sum(got) == pytest.approx(1.0)
 
 
-def brute_posterior(answers, scores, profile, prior=1.0):
+def brute_posterior(answers, scores, profile, prior=1.0, doubt=0.0):
     """Enumerate the hypotheses "answer c is right" (and "none of them"): vote prior x the
     product over every solution of its readings' densities (correct for c's solutions,
-    wrong for the others), each solution's product raised to effective/k."""
+    wrong for the others), each solution's product raised to effective/k. The vote prior:
+    c is the mode (probability 1 - doubt), or it is not and is as likely as the next
+    sample's answer (doubt)."""
     keys = sorted({a for a in answers if a is not None}, key=answers.index)
     counts = [answers.count(k) for k in keys] + [answers.count(None)]
     hyps = [*keys, None]
     out = []
     for j, c in enumerate(hyps):
-        like = mode_probability_by_quad(counts, j, prior)
+        share = (counts[j] + prior) / (len(answers) + len(counts) * prior)
+        like = (1 - doubt) * mode_probability_by_quad(counts, j, prior) + doubt * share
         for i, a in enumerate(answers):
             ps = scores.get(i, ())
             if a is None or not ps:
@@ -94,6 +103,26 @@ def brute_posterior(answers, scores, profile, prior=1.0):
 def test_posterior_of_votes_and_readings_matches_enumeration(answers, scores, profile):
     ev = evidence(make_snapshot(answers, scores=scores), profile)
     assert ev.post == pytest.approx(brute_posterior(answers, scores, profile), abs=5e-4)
+    for doubt in (0.1, 0.5):
+        ev = evidence(make_snapshot(answers, scores=scores), profile, doubt=doubt)
+        assert ev.post == pytest.approx(
+            brute_posterior(answers, scores, profile, doubt=doubt), abs=5e-4)
+
+
+def test_doubt_lets_the_verifier_overturn_a_large_majority():
+    """20 votes against 2, one poor reading of the mode and one good reading of the
+    minority: under the pure premise (doubt 0) the mode stays right (0.97); with doubt 0.1
+    the minority wins (0.91)."""
+    answers = ["7"] * 20 + ["8"] * 2
+    snap = make_snapshot(answers, scores={0: [0.3], 20: [0.7]})
+    pure, doubted = evidence(snap, GOOD), evidence(snap, GOOD, doubt=0.1)
+    assert pure.answers[pure.best].key == "7" and pure.value > 0.95
+    assert doubted.answers[doubted.best].key == "8" and doubted.value > 0.9
+    # without readings, doubt moves mass from the mode to the others, more to the one
+    # with more votes; the mode stays the best
+    pure, base = vote_prior((20, 2, 0)), vote_prior((20, 2, 0), doubt=0.1)
+    assert sum(base) == pytest.approx(1.0)
+    assert 0.85 < base[0] < pure[0] and base[1] > base[2] > pure[2]
 
 
 def test_verifier_evidence_can_overturn_the_majority_and_repeats_count_once():
@@ -139,8 +168,9 @@ def snapshots():
 
 
 @pytest.mark.parametrize("cls", [Solverify, VerifyContested])
-def test_a_useless_verifier_profile_makes_it_exactly_adaptive(tmp_path, cls):
-    policy = cls(profile=saved(tmp_path, USELESS))
+@pytest.mark.parametrize("kw", [{}, {"doubt": 0.2, "extend": True, "max_reads": 16}])
+def test_a_useless_verifier_profile_makes_it_exactly_adaptive(tmp_path, cls, kw):
+    policy = cls(profile=saved(tmp_path, USELESS), **kw)
     adaptive = Adaptive()
     for snap in snapshots():
         assert list(policy.decide(snap)) == list(adaptive.decide(snap))
@@ -231,6 +261,30 @@ def test_verify_contested_verifies_each_live_answer_one_at_a_time(tmp_path):
 
 
 @pytest.mark.parametrize("cls", [Solverify, VerifyContested])
+def test_extend_samples_on_while_the_verifier_doubts_what_the_votes_settled(tmp_path, cls):
+    """Twelve votes for "4" settle adaptive; four damning readings of "4" (max_reads
+    spent) leave the posterior unsettled under doubt: with extend it samples on, width at a
+    time, up to max; without, it stops where adaptive does; a settled posterior stops."""
+    path = saved(tmp_path, GOOD)
+    damned = make_snapshot(["4"] * 12, scores={i: [0.05] for i in range(4)})
+    (base,) = Adaptive().decide(damned)
+    assert isinstance(base, Stop) and base.code == "settled"
+    kw = {"profile": path, "doubt": 0.2, "max_reads": 4}
+    if cls is Solverify:
+        kw["min_gain"] = 0.5  # no reading is worth that much: only sampling is left
+    assert cls(**kw, extend=True).decide(damned) == [Sample(8)]
+    (stop,) = cls(**kw).decide(damned)
+    assert isinstance(stop, Stop) and stop.key == "4"
+    (stop,) = cls(**kw, extend=True, max=12).decide(damned)
+    assert isinstance(stop, Stop) and stop.code == "max" and stop.key == "4"
+    sampling = make_snapshot(["4"] * 12, scores={i: [0.05] for i in range(4)}, in_flight=8)
+    assert cls(**kw, extend=True).decide(sampling) == []  # waits for its own samples
+    blessed = make_snapshot(["4"] * 12, scores={0: [0.9]})
+    (stop,) = cls(**kw, extend=True).decide(blessed)
+    assert isinstance(stop, Stop) and stop.code == "settled" and stop.key == "4"
+
+
+@pytest.mark.parametrize("cls", [Solverify, VerifyContested])
 def test_no_verification_is_asked_for_that_the_budget_cannot_hold(tmp_path, cls):
     policy = cls(profile=saved(tmp_path, GOOD))
     tight = BudgetLeft(tokens=20, requests=None, cost_units=None, sample_tokens=10,
@@ -267,7 +321,8 @@ def test_bad_profile_file_is_a_data_error(tmp_path):
 
 def test_specs_round_trip(tmp_path):
     path = saved(tmp_path, GOOD)
-    for spec in (f"solverify:profile={path},min_gain=0.01", "verify-contested:floor=0.1"):
+    for spec in (f"solverify:profile={path},min_gain=0.01", "verify-contested:floor=0.1",
+                 f"verify-contested:profile={path},doubt=0.1,extend=true,max_reads=16"):
         policy = parse_policy(spec)
         assert parse_policy(policy.spec) == policy
 
