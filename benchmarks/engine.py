@@ -47,7 +47,7 @@ from orchestrator.backends.replay import PoolExhausted, parse_sample_text, sampl
 from orchestrator.decisions import Sample, Stop, Verify
 from orchestrator.errors import BackendError, ConfigError, PolicyError
 from orchestrator.history import ProblemRecord, RunHistory
-from orchestrator.ledger import DEFAULT_LAMBDA, cost_units
+from orchestrator.ledger import DEFAULT_LAMBDA, cost_units, lambda_of_sums
 from orchestrator.result import SolveResult, policy_name
 from orchestrator.snapshot import BudgetLeft, InFlight, ProblemSnapshot, VoteTally
 from orchestrator.types import (
@@ -204,13 +204,7 @@ class _Problem:
     @property
     def lam(self) -> float | None:
         """``ProblemLedger.lam``: mean verification / mean solution length, finished ones."""
-        sol_n, sol_sum, ver_n, ver_sum = self.lam_sums
-        if not sol_n or not ver_n:
-            return None
-        mean_sol = sol_sum / sol_n
-        if mean_sol <= 0:
-            return None
-        return (ver_sum / ver_n) / mean_sol
+        return lambda_of_sums(*self.lam_sums)
 
     def usage(self, open_tokens: int = 0, open_unreported: bool = False) -> Usage:
         """``ProblemLedger.usage``: the closed requests' usage summed, plus the open ones'.

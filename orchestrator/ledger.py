@@ -169,12 +169,18 @@ def measure_lambda(
     """λ = mean verification completion tokens / mean solution completion tokens."""
     sol = list(solution_lengths)
     ver = list(verification_lengths)
-    if not sol or not ver:
+    return lambda_of_sums(len(sol), sum(sol), len(ver), sum(ver))
+
+
+def lambda_of_sums(sol_n: int, sol_sum: int, ver_n: int, ver_sum: int) -> float | None:
+    """:func:`measure_lambda` from running sums: the count and total length of the
+    solutions and of the verifications (None without both, or with empty solutions)."""
+    if not sol_n or not ver_n:
         return None
-    mean_sol = sum(sol) / len(sol)
+    mean_sol = sol_sum / sol_n
     if mean_sol <= 0:
         return None
-    return (sum(ver) / len(ver)) / mean_sol
+    return (ver_sum / ver_n) / mean_sol
 
 
 def cost_units(solutions: int, verifications: int, lam: float | None) -> float:
@@ -305,12 +311,7 @@ class ProblemLedger:
     def lam(self) -> float | None:
         """λ = mean verification length / mean solution length (:func:`measure_lambda`
         over the finished choices, kept as running sums)."""
-        if not self._sol_n or not self._ver_n:
-            return None
-        mean_sol = self._sol_sum / self._sol_n
-        if mean_sol <= 0:
-            return None
-        return (self._ver_sum / self._ver_n) / mean_sol
+        return lambda_of_sums(self._sol_n, self._sol_sum, self._ver_n, self._ver_sum)
 
     @property
     def cost_units(self) -> float:

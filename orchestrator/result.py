@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from orchestrator.decisions import StopCode
 from orchestrator.errors import error_text
+from orchestrator.ledger import lambda_of_sums
 from orchestrator.types import FailedSample, Problem, Solution, Usage, Verification
 
 __all__ = ["RunSummary", "SolveResult", "error_text", "policy_name"]
@@ -179,9 +180,7 @@ class RunSummary:
     @property
     def lam(self) -> float | None:
         """λ over every solution and verification of the run (``measure_lambda``)."""
-        if not self.sol_n or not self.ver_n or self.sol_sum / self.sol_n <= 0:
-            return None
-        return (self.ver_sum / self.ver_n) / (self.sol_sum / self.sol_n)
+        return lambda_of_sums(self.sol_n, self.sol_sum, self.ver_n, self.ver_sum)
 
     def as_dict(self, wall: float) -> dict:
         return {
