@@ -251,6 +251,13 @@ class VerifyContested(_Verifying):
     ``floor``), one representative solution per answer at a time, until settled."""
 
     floor: float = 0.05
+    # the operating point chosen by cross-validation over the quality sweep (README,
+    # "Verifiers"): read to settle 0.99, up to 16 readings per answer, the votes doubted,
+    # sampling on while the verifier doubts what the votes settled
+    settle: float = 0.99
+    max_reads: int = 16
+    doubt: float = 0.2
+    extend: bool = True
 
     NAME = "verify-contested"
 
@@ -281,6 +288,11 @@ class Solverify(_Verifying):
     chosen answer is right) per expected token."""
 
     min_gain: float = 0.002
+    # chosen by cross-validation over the quality sweep (README, "Verifiers"); extend
+    # stays off: solverify rarely settles a posterior at 0.99, so it would sample to max
+    settle: float = 0.99
+    max_reads: int = 16
+    doubt: float = 0.05
 
     NAME = "solverify"
 

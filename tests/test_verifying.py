@@ -163,7 +163,9 @@ def snapshots():
            make_snapshot(["4"] * 12, in_flight=0),
            make_snapshot(["4", "5", None] * 8, in_flight=8, verifying={0: 1}),
            make_snapshot(["4", "5"], budget_left=BudgetLeft(3, None, None, 5, 1)),
-           make_snapshot(["4", "5"] * 32)]
+           make_snapshot(["4", "5"] * 32),
+           # the votes settled, every reading damns the winner: extend's case
+           make_snapshot(["4"] * 12, scores={i: [0.05] for i in range(4)})]
     return out
 
 
@@ -273,7 +275,7 @@ def test_extend_samples_on_while_the_verifier_doubts_what_the_votes_settled(tmp_
     if cls is Solverify:
         kw["min_gain"] = 0.5  # no reading is worth that much: only sampling is left
     assert cls(**kw, extend=True).decide(damned) == [Sample(8)]
-    (stop,) = cls(**kw).decide(damned)
+    (stop,) = cls(**kw, extend=False).decide(damned)
     assert isinstance(stop, Stop) and stop.key == "4"
     (stop,) = cls(**kw, extend=True, max=12).decide(damned)
     assert isinstance(stop, Stop) and stop.code == "max" and stop.key == "4"
@@ -282,6 +284,50 @@ def test_extend_samples_on_while_the_verifier_doubts_what_the_votes_settled(tmp_
     blessed = make_snapshot(["4"] * 12, scores={0: [0.9]})
     (stop,) = cls(**kw, extend=True).decide(blessed)
     assert isinstance(stop, Stop) and stop.code == "settled" and stop.key == "4"
+
+
+def test_the_defaults_are_the_cross_validated_operating_points():
+    """verify-contested reads to 0.99 with up to 16 readings per answer, doubts the votes
+    (0.2) and samples on while the verifier doubts them; solverify the same reading and
+    stopping rule with doubt 0.05 and no extension (README, "Verifiers")."""
+    vc, sv = VerifyContested(), Solverify()
+    assert (vc.settle, vc.max_reads, vc.doubt, vc.extend) == (0.99, 16, 0.2, True)
+    assert (sv.settle, sv.max_reads, sv.doubt, sv.extend) == (0.99, 16, 0.05, False)
+    assert "doubt=0.2,extend=true" in vc.spec and "doubt=0.05,extend=false" in sv.spec
+    assert parse_policy("verify-contested") == vc and parse_policy("solverify") == sv
+
+
+def test_at_the_defaults_extend_samples_on_only_when_a_useful_verifier_doubts_the_votes(
+        tmp_path):
+    """verify-contested's defaults on twelve votes for "4", which settle adaptive: one
+    low reading of "4" leaves the posterior unsettled, and it reads "4" again before
+    anything else; readings that damn "4" (P(right) near 0, nothing left worth reading)
+    make it sample on, width at a time; a reading that blesses "4" settles it. A useless
+    profile stops where adaptive does on the same snapshots, without one more sample or
+    reading; so does an exhausted budget."""
+    good, useless = saved(tmp_path, GOOD, "g.json"), saved(tmp_path, USELESS, "u.json")
+    policy = VerifyContested(profile=good)
+    doubted = make_snapshot(["4"] * 12, scores={0: [0.3]})
+    damned = make_snapshot(["4"] * 12, scores={i: [0.05] for i in range(4)})
+    blessed = make_snapshot(["4"] * 12, scores={0: [0.9]})
+    (base,) = Adaptive().decide(damned)
+    assert isinstance(base, Stop) and base.code == "settled"
+    (asked,) = policy.decide(doubted)
+    assert isinstance(asked, Verify) and asked.solution.key == "4"
+    assert policy.decide(damned) == [Sample(8)]
+    (stop,) = policy.decide(blessed)
+    assert stop.code == "settled" and stop.key == "4"
+    for snap in (doubted, damned, blessed):
+        for cls in (VerifyContested, Solverify):
+            assert list(cls(profile=useless).decide(snap)) == list(Adaptive().decide(snap))
+    broke = make_snapshot(["4"] * 12, scores={i: [0.05] for i in range(4)},
+                          budget_left=BudgetLeft(tokens=0, requests=None, cost_units=None))
+    (stop,) = policy.decide(broke)
+    assert isinstance(stop, Stop) and stop.key == "4"
+    # solverify's defaults do not extend: with no reading worth its tokens, a damned
+    # winner stops where adaptive's votes did
+    (stop,) = Solverify(profile=good, min_gain=0.5).decide(damned)
+    assert isinstance(stop, Stop) and stop.key == "4"
 
 
 @pytest.mark.parametrize("cls", [Solverify, VerifyContested])
@@ -297,17 +343,24 @@ def test_no_verification_is_asked_for_that_the_budget_cannot_hold(tmp_path, cls)
     assert stop.code == "budget" and stop.key == "4"
 
 
-async def test_through_the_runtime_the_budget_is_respected_and_the_policy_stops(tmp_path):
+@pytest.mark.parametrize("cls", [Solverify, VerifyContested])
+async def test_through_the_runtime_the_budget_is_respected_and_the_policy_stops(tmp_path, cls):
+    """Two answers, every reading "yes": at the former defaults (settle 0.95, 4 readings per
+    answer, the votes' mode taken as right) the budget ends the problem; at the current
+    ones it may settle first; the budget holds either way."""
     task = WordTask(max_tokens=5, verify_max_tokens=8)
-    backend = FakeBackend(lambda req, i: FakeReply.text(
-        "yes" if req.kind == "verify" else ("w seven" if i % 2 else "w eight")))
-    result = await solve(Problem("p", "q", answer="seven"),
-                         Solverify(profile=saved(tmp_path, GOOD), width=2),
-                         Budget(tokens=30), backend, task=task, max_n=1)
-    assert result.usage.completion_tokens <= 30
-    assert result.stop_code == "budget"
-    for req in backend.requests:
-        assert req.max_tokens in (5, 8)
+    old = {"settle": 0.95, "max_reads": 4, "doubt": 0.0, "extend": False}
+    for kw, codes in ((old, ("budget",)),
+                      ({}, ("budget", "settled"))):
+        backend = FakeBackend(lambda req, i: FakeReply.text(
+            "yes" if req.kind == "verify" else ("w seven" if i % 2 else "w eight")))
+        result = await solve(Problem("p", "q", answer="seven"),
+                             cls(profile=saved(tmp_path, GOOD), width=2, **kw),
+                             Budget(tokens=30), backend, task=task, max_n=1)
+        assert result.usage.completion_tokens <= 30
+        assert result.stop_code in codes
+        for req in backend.requests:
+            assert req.max_tokens in (5, 8)
 
 
 def test_bad_profile_file_is_a_data_error(tmp_path):
