@@ -45,7 +45,7 @@ from typing import Any
 from benchmarks.source import ReplaySource
 from orchestrator.backends.replay import PoolExhausted, parse_sample_text, sample_text
 from orchestrator.decisions import Sample, Stop, Verify
-from orchestrator.errors import BackendError, ConfigError, PolicyError
+from orchestrator.errors import BackendError, ConfigError, PolicyError, error_text
 from orchestrator.fastinit import builder
 from orchestrator.history import ProblemRecord, RunHistory
 from orchestrator.ledger import DEFAULT_LAMBDA, cost_units, lambda_of_sums
@@ -82,6 +82,8 @@ _in_flight = builder(InFlight)
 _usage = builder(Usage)
 _result = builder(SolveResult)
 _record = builder(ProblemRecord)
+# FailedSample(...) with the error_text its __post_init__ computes passed last
+_failed_sample = builder(FailedSample, computed=True)
 
 
 def _log(p: float) -> float:
@@ -718,16 +720,15 @@ class _Engine:
         # runtime's "stream ended without a finish_reason for every choice" cannot happen)
         if outcome != "ok":
             reason = "cancelled" if outcome == "cancelled" else "failed"
+            err_text = None if error is None else error_text(error)
             for c in st.choices:
                 if c.done:
                     continue
                 c.done = True
-                p.failed += (FailedSample(
-                    id=c.sample_id, request_id=st.request_id,
-                    kind=st.kind,  # type: ignore[arg-type]
-                    reason=reason, error=error, partial_text="",
-                    completion_tokens=c.emitted,
-                    solution_id=st.solution.id if st.solution else None),)
+                # positional, in FailedSample's field order (tests/test_fastinit.py)
+                p.failed += (_failed_sample(
+                    c.sample_id, st.request_id, st.kind, reason, error, "", c.emitted,
+                    st.solution.id if st.solution else None, err_text),)
         p.open.pop(st.request_id, None)
         st.handle = None  # no cycle stream <-> timer: freed by reference counting
         if st.reported:  # ProblemLedger.close: the record's usage joins the closed total

@@ -8,7 +8,9 @@ takes every field positionally, in field order, and sets the instance's slots th
 their member descriptors: the same object ``cls(*fields)`` builds (every field set, the
 same values; ``==`` and ``hash`` agree), at half the cost. Only for classes whose
 ``__init__`` does nothing else: no ``__post_init__``, every field an ``init`` field
-(:func:`builder` refuses the others), so nothing a constructor checks is skipped.
+(:func:`builder` refuses the others), so nothing a constructor checks is skipped; or,
+asked for explicitly, one whose ``__post_init__`` only computes fields the caller
+then passes.
 """
 
 from __future__ import annotations
@@ -22,16 +24,21 @@ __all__ = ["builder"]
 T = TypeVar("T")
 
 
-def builder(cls: type[T]) -> Callable[..., T]:
+def builder(cls: type[T], *, computed: bool = False) -> Callable[..., T]:
     """``build(*fields) -> cls`` that equals ``cls(*fields)``; every field positional, in
-    the order of :func:`dataclasses.fields` (no defaults: pass them all)."""
+    the order of :func:`dataclasses.fields` (no defaults: pass them all).
+
+    ``computed``: for a class whose ``__post_init__`` only computes its ``init=False``
+    fields: ``build`` then takes those too, in field order, and the caller passes what
+    ``__post_init__`` would have set (tests/test_fastinit.py checks each such use)."""
     if not (dataclasses.is_dataclass(cls) and "__slots__" in cls.__dict__):
         raise TypeError(f"{cls.__name__}: not a slotted dataclass")
-    if hasattr(cls, "__post_init__"):
-        raise TypeError(f"{cls.__name__} has a __post_init__: build it with its __init__")
     fields = dataclasses.fields(cls)
-    if any(not f.init for f in fields):
-        raise TypeError(f"{cls.__name__} has fields its __init__ does not take")
+    if not computed:
+        if hasattr(cls, "__post_init__"):
+            raise TypeError(f"{cls.__name__} has a __post_init__: build it with its __init__")
+        if any(not f.init for f in fields):
+            raise TypeError(f"{cls.__name__} has fields its __init__ does not take")
     names = [f.name for f in fields]
     if any(name.startswith("_") for name in names):
         raise TypeError(f"{cls.__name__} has a field whose name starts with '_'")

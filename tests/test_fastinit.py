@@ -68,6 +68,25 @@ def test_builder_refuses_classes_whose_init_does_more():
         builder(NoSlots)
 
 
+@pytest.mark.parametrize("error", [None, RuntimeError("boom"), ValueError()])
+def test_a_failed_sample_built_with_its_computed_field_equals_the_constructed_one(error):
+    # benchmarks.engine builds FailedSample with the error_text its __post_init__ computes
+    # passed in, as error_text(error)
+    from orchestrator.errors import error_text
+
+    for kind, reason, sid in (("solve", "cancelled", None), ("verify", "failed", 7)):
+        want = FailedSample(3, 1, kind, reason, error, "", 12, sid)
+        got = builder(FailedSample, computed=True)(
+            3, 1, kind, reason, error, "", 12, sid, None if error is None else error_text(error))
+        assert type(got) is FailedSample and got == want and repr(got) == repr(want)
+        for f in dataclasses.fields(FailedSample):
+            assert getattr(got, f.name) == getattr(want, f.name)
+        assert got.error is error
+    assert [f.name for f in dataclasses.fields(FailedSample)] == [
+        "id", "request_id", "kind", "reason", "error", "partial_text", "completion_tokens",
+        "solution_id", "error_text"]
+
+
 def test_builder_takes_every_field_positionally_and_nothing_else():
     build = builder(VoteCount)
     with pytest.raises(TypeError):
