@@ -45,7 +45,8 @@ from typing import Any
 from benchmarks.source import ReplaySource
 from orchestrator.backends.replay import PoolExhausted, parse_sample_text, sample_text
 from orchestrator.decisions import Sample, Stop, Verify
-from orchestrator.errors import BackendError, ConfigError, PolicyError
+from orchestrator.errors import BackendError, ConfigError, PolicyError, error_text
+from orchestrator.fastinit import builder
 from orchestrator.history import ProblemRecord, RunHistory
 from orchestrator.ledger import DEFAULT_LAMBDA, cost_units, lambda_of_sums
 from orchestrator.result import SolveResult, policy_name
@@ -70,6 +71,19 @@ _MIN_SCHEDULED = 100
 _MIN_CANCELLED_FRACTION = 0.5
 _MAX_SELECT_TIMEOUT = 24 * 3600
 _RESOLUTION = time.get_clock_info("monotonic").resolution
+
+
+# Constructors without the frozen dataclasses' __init__ (orchestrator.fastinit): every
+# field positional, in field order (tests/test_snapshot_tally.py checks the orders)
+_solution = builder(Solution)
+_verification = builder(Verification)
+_snapshot = builder(ProblemSnapshot)
+_in_flight = builder(InFlight)
+_usage = builder(Usage)
+_result = builder(SolveResult)
+_record = builder(ProblemRecord)
+# FailedSample(...) with the error_text its __post_init__ computes passed last
+_failed_sample = builder(FailedSample, computed=True)
 
 
 def _log(p: float) -> float:
@@ -98,21 +112,23 @@ class _Choice:
     def __init__(self, sample_id: int) -> None:
         self.sample_id = sample_id
         self.done = False
-        # served (None while the request has not opened its stream)
-        self.text = ""
-        self.answer: str | None = None  # a solution's extracted answer and its key
-        self.key: str | None = None
-        self.total = 0
-        self.end = 0.0
-        self.logprobs: tuple[TokenLogprob, ...] = ()
         self.emitted = 0
+        # set when the request opens its stream, for the choices it serves: text, total
+        # (tokens), end (when its last token comes), a solution's extracted answer and its
+        # key, a verification's logprobs
+        self.text: str
+        self.answer: str | None
+        self.key: str | None
+        self.total: int
+        self.end: float
+        self.logprobs: tuple[TokenLogprob, ...]
 
 
 class _Stream:
     """One request: the runtime's request task and the backend's stream in one."""
 
     __slots__ = ("armed", "cancel", "choices", "emitted", "handle", "kind", "n_served",
-                 "pending", "prob", "reported", "request_id", "resume", "solution", "start",
+                 "next_end", "pending", "prob", "reported", "request_id", "solution", "start",
                  "started_at", "state", "waiting", "wakeups")
 
     def __init__(self, prob: _Problem, request_id: int, kind: str, choices: list[_Choice],
@@ -125,14 +141,18 @@ class _Stream:
         self.started_at = started_at
         self.state = "new"  # new -> open -> closed
         self.cancel = False  # Task.cancel() asked (asyncio's _must_cancel / cancelled waiter)
-        self.waiting = False  # awaiting its waiter future (not done)
-        self.resume = False  # a wake-up is queued
+        self.waiting = False  # awaiting its waiter future (not done; else a wake-up is queued)
         self.handle: _Timer | None = None
-        self.armed = math.inf
-        self.pending: list[_Choice] = []
-        self.wakeups: list[float] = []
-        self.start = 0.0
-        self.n_served = 0
+        # set when the stream opens: the time it opened, the choices served, the unfinished
+        # served choices and the earliest end among them, the deadline its timer is armed
+        # for, and with chunks > 1 its wake-up times still to come (sorted; None with one
+        # chunk per choice, where the next wake-up is the earliest end of a pending choice)
+        self.start: float
+        self.n_served: int
+        self.pending: list[_Choice]
+        self.next_end: float
+        self.armed: float
+        self.wakeups: list[float] | None
         # The request's ledger record (orchestrator.ledger.RequestRecord) reduced to what a
         # replay sets: every delta is followed by a usage report of the tokens streamed so
         # far (prompt 0), so the record's completion is ``emitted`` once ``reported``, and
@@ -145,9 +165,9 @@ class _Problem:
     __slots__ = (
         "changed",
         "closed_tokens",
+        "closed_total",
         "closed_unreported",
         "cursor",
-        "decide_queued",
         "done",
         "failed",
         "index",
@@ -179,6 +199,7 @@ class _Problem:
         self.launched = {"solve": 0, "verify": 0}
         self.lam_sums = [0, 0, 0, 0]  # solutions n, sum; verifications n, sum
         self.closed_tokens = {"solve": 0, "verify": 0}
+        self.closed_total = 0  # the two summed
         self.closed_unreported = False
         self.tally = VoteTally()
         # tuples, extended as work finishes: a snapshot holds them without copying
@@ -192,7 +213,6 @@ class _Problem:
         self.next_sample = 0
         self.changed = False  # the runtime's asyncio.Event
         self.waiting_changed = False
-        self.decide_queued = False
         self.waiting_tg = False
         self.stop: Stop | None = None
         self.done = False
@@ -212,8 +232,7 @@ class _Problem:
         A reported record's usage is Usage(0, its tokens) and an unreported one's
         Usage(0, 0, estimated, sources "nothing" and "prompt"), so the sum is this."""
         est = self.closed_unreported or open_unreported
-        return Usage(0, self.closed_tokens["solve"] + self.closed_tokens["verify"] + open_tokens,
-                     est, None, _UNREPORTED if est else ())
+        return _usage(0, self.closed_total + open_tokens, est, None, _UNREPORTED if est else ())
 
 
 class _Engine:
@@ -257,7 +276,6 @@ class _Engine:
         ready = self.ready
         for p in probs:  # _run_problems creates one task per problem, in order
             ready.append((_DECIDE, p))
-            p.decide_queued = True
         timers = self.timers
         handlers = (self._decide, self._wake, self._resume, self._start, self._task_done,
                     self._parent)
@@ -313,14 +331,12 @@ class _Engine:
         st = h.stream
         if st.waiting:
             st.waiting = False
-            st.resume = True
             self.ready.append((_RESUME, st))
 
     def _poke(self, p: _Problem, me: _Stream | None) -> None:
         for other in p.streams:
             if other is not me and other.waiting:
                 other.waiting = False
-                other.resume = True
                 self.ready.append((_RESUME, other))
 
     def _set_changed(self, p: _Problem) -> None:
@@ -328,12 +344,10 @@ class _Engine:
             p.changed = True
             if p.waiting_changed:
                 p.waiting_changed = False
-                p.decide_queued = True
                 self.ready.append((_DECIDE, p))
 
     # ---- the decision loop (_ProblemRun._loop_until_stop) ------------------------------
     def _snapshot(self, p: _Problem) -> ProblemSnapshot:
-        in_flight = 0
         sample_tokens: list[int] = []
         verifying: dict[int, int] | None = None
         open_tokens = 0
@@ -344,10 +358,7 @@ class _Engine:
             else:
                 open_unreported = True
             if st.kind == "solve":
-                for c in st.choices:
-                    if not c.done:
-                        in_flight += 1
-                        sample_tokens.append(c.emitted)
+                sample_tokens += [c.emitted for c in st.choices if not c.done]
             elif st.solution is not None:
                 k = 0
                 for c in st.choices:
@@ -366,18 +377,21 @@ class _Engine:
                 None, None, None, self.sample_max_tokens, self.verify_max_tokens,
                 DEFAULT_LAMBDA if lam is None else lam)
         launched = p.launched
+        # p.usage(open_tokens, open_unreported), inlined
+        est = p.closed_unreported or open_unreported
+        usage = _usage(0, p.closed_total + open_tokens, est, None, _UNREPORTED if est else ())
         # positional, in the field order of ProblemSnapshot (tests/test_snapshot_tally.py)
-        return ProblemSnapshot(
+        return _snapshot(
             p.problem, p.solutions, p.verifications, p.failed,
-            InFlight(in_flight, () if verifying is None else tuple(sorted(verifying.items())),
-                     tuple(sample_tokens)),
+            _in_flight(len(sample_tokens),
+                       () if verifying is None else tuple(sorted(verifying.items())),
+                       tuple(sample_tokens)),
             launched["solve"], launched["verify"], p.next_request,
-            p.usage(open_tokens, open_unreported), UNLIMITED, budget_left, self.clock, lam,
+            usage, UNLIMITED, budget_left, self.clock, lam,
             self.history.records, None, p.tally.ranked(),
         )
 
     def _decide(self, p: _Problem) -> None:
-        p.decide_queued = False
         p.changed = False
         decisions = tuple(self.policy.decide(self._snapshot(p)))
         stop = None
@@ -423,10 +437,9 @@ class _Engine:
     def _launch(self, p: _Problem, kind: str, n: int, solution: Solution | None) -> None:
         rid = p.next_request
         p.next_request += 1
-        choices = []
-        for _ in range(n):
-            choices.append(_Choice(p.next_sample))
-            p.next_sample += 1
+        first = p.next_sample
+        p.next_sample = first + n
+        choices = [_Choice(i) for i in range(first, first + n)]
         p.launched[kind] += n
         st = _Stream(p, rid, kind, choices, solution, self.clock)
         p.open[rid] = st
@@ -442,7 +455,6 @@ class _Engine:
             return  # its first step throws at once: the coroutine never runs
         if st.waiting:
             st.waiting = False
-            st.resume = True
             self.ready.append((_RESUME, st))
         # else: a wake-up is queued; it runs the cancellation
 
@@ -458,16 +470,12 @@ class _Engine:
         solution_tokens = p.closed_tokens["solve"]
         verification_tokens = p.closed_tokens["verify"]
         lam = p.lam
-        result = SolveResult(
-            problem=prob, answer=stop.answer, key=stop.key, reason=stop.reason,
-            correct=correct, usage=p.usage(), requests=p.next_request,
-            solutions=p.solutions, verifications=p.verifications,
-            failed=p.failed, elapsed=self.clock, lam=lam,
-            cost_units=cost_units(p.launched["solve"], p.launched["verify"], lam),
-            solution_tokens=solution_tokens,
-            verification_tokens=verification_tokens, policy=self.name, error=None,
-            stop_code=stop.code,
-        )
+        # positional, in SolveResult's field order (tests/test_snapshot_tally.py)
+        result = _result(
+            prob, stop.answer, stop.key, stop.reason, correct, p.usage(), p.next_request,
+            p.solutions, p.verifications, p.failed, self.clock, lam,
+            cost_units(p.launched["solve"], p.launched["verify"], lam),
+            solution_tokens, verification_tokens, self.name, None, stop.code, 0, 0)
         readings: tuple = ()
         reading_solutions: tuple = ()
         if p.verifications:
@@ -477,14 +485,11 @@ class _Engine:
                              if v.p_yes is not None)
             reading_solutions = tuple(index_of[v.solution_id] for v in p.verifications
                                       if v.p_yes is not None)
-        self.history.add(ProblemRecord(
-            problem_id=prob.id, stop_code=stop.code, answer_key=stop.key,
-            keys=tuple([s.key for s in p.solutions]),
-            lengths=tuple([s.completion_tokens for s in p.solutions]),
-            readings=readings, reading_solutions=reading_solutions,
-            solution_tokens=solution_tokens,
-            verification_tokens=verification_tokens,
-        ))
+        # positional, in ProblemRecord's field order (tests/test_snapshot_tally.py)
+        self.history.add(_record(
+            prob.id, stop.code, stop.key, tuple([s.key for s in p.solutions]),
+            tuple([s.completion_tokens for s in p.solutions]), readings, solution_tokens,
+            verification_tokens, reading_solutions))
         p.result = result
         p.done = True
 
@@ -547,6 +552,7 @@ class _Engine:
                     tokens = src.verify_tokens
                 if pr is None:
                     c.text = "unparsable"
+                    c.logprobs = ()
                 else:
                     c.text = text = "Yes" if pr >= 0.5 else "No"
                     c.logprobs = (TokenLogprob(text, _log(pr if text == "Yes" else 1 - pr),
@@ -563,18 +569,18 @@ class _Engine:
         st.state = "open"
         st.start = now
         st.n_served = n_served
+        st.armed = math.inf
         p.streams.append(st)
-        served = choices[:n_served]
+        served = choices if n_served == len(choices) else choices[:n_served]
         if self.chunks > 1:
             wakeups = {c.end for c in served}
             for c in served:
                 step = (c.end - now - self.ttft) / self.chunks
                 wakeups.update(now + self.ttft + step * k for k in range(1, self.chunks))
             st.wakeups = sorted(wakeups)
-        elif n_served == 1:
-            st.wakeups = [served[0].end]
         else:
-            st.wakeups = sorted({c.end for c in served})
+            st.wakeups = None
+        st.next_end = min([c.end for c in served])
         st.pending = served  # the unfinished served choices, in choice order
         self._step(st, top=True)
 
@@ -588,7 +594,6 @@ class _Engine:
         return text, tokens, None if key is None else answer, key
 
     def _resume(self, st: _Stream) -> None:
-        st.resume = False
         if st.cancel:
             self._cancelled(st)
             return
@@ -596,55 +601,55 @@ class _Engine:
 
     def _step(self, st: _Stream, top: bool) -> None:
         """The backend's ``_events`` loop, with the runtime reading each event (its
-        ``_on_delta``, ``_finish_choice`` and usage reports), up to the stream's next wait."""
-        p = st.prob
+        ``_on_delta``, ``_finish_choice`` and usage reports), up to the stream's next wait.
+
+        ``top``: the stream's own wake-up (its start or its timer), which emits nothing
+        unless a choice ends now; else a poke by another stream of the problem, which emits
+        the tokens each pending choice has streamed by now. Both then wait for the next
+        wake-up; what a pass emits, the next pass at the same instant no longer can."""
         pending = st.pending
-        while pending:
-            now = self.clock
-            lim = now + _EPS
-            ending = False
-            for c in pending:
-                if c.end <= lim:
-                    ending = True
-                    break
-            if top:
-                wakeups = st.wakeups
-                while wakeups and wakeups[0] <= lim:
-                    wakeups.pop(0)
-                if not ending:  # nothing ends now: (re)arm the timer and wait
-                    when = wakeups[0]
-                    if st.armed != when:
-                        if st.handle is not None:
-                            self._cancel_timer(st.handle)
-                        st.armed = when
-                        st.handle = h = _Timer(when, st)
-                        heapq.heappush(self.timers, (when, h))
-                    st.waiting = True
-                    return
-            top = True
-            if ending:
+        if pending:
+            lim = self.clock + _EPS
+            ending = st.next_end <= lim
+            if top and not ending:
+                self._wait(st, lim)
+                return
+            p = st.prob
+            if ending and len(p.streams) > 1:
                 self._poke(p, st)
             changed = ending
             got = -1
             keep = []
+            next_end = math.inf
             for c in pending:
-                if c.end <= lim:
+                end = c.end
+                if end <= lim:
                     st.emitted += c.total - c.emitted
                     c.emitted = c.total
                     self._final(st, c)
                 else:
                     if got < 0:
-                        got = max(0, math.floor((now - st.start - self.ttft) * self.rate + _EPS))
-                    g = min(got, c.total - 1)
+                        got = max(0, math.floor((self.clock - st.start - self.ttft) * self.rate
+                                                + _EPS))
+                    g = c.total - 1
+                    if got < g:
+                        g = got
                     if g > c.emitted:
                         changed = True
                         st.emitted += g - c.emitted  # the reader's _on_event
                         c.emitted = g
                     keep.append(c)
-            st.pending = pending = keep
+                    if end < next_end:
+                        next_end = end
+            st.pending = keep
+            st.next_end = next_end
             if changed:  # UsageReport(0, emitted, final): RequestRecord.add_usage
                 st.reported = True
+            if keep:
+                self._wait(st, lim)
+                return
         # the stream ended
+        p = st.prob
         if st.handle is not None:
             self._cancel_timer(st.handle)
         if st.n_served < len(st.choices):  # short: PoolExhausted after the last one
@@ -656,6 +661,23 @@ class _Engine:
             return
         self._close(st, "ok", None)
 
+    def _wait(self, st: _Stream, lim: float) -> None:
+        """Nothing ends now: (re)arm the stream's timer for its next wake-up and wait."""
+        wakeups = st.wakeups
+        if wakeups is None:
+            when = st.next_end
+        else:
+            while wakeups and wakeups[0] <= lim:
+                wakeups.pop(0)
+            when = wakeups[0]
+        if st.armed != when:
+            if st.handle is not None:
+                self._cancel_timer(st.handle)
+            st.armed = when
+            st.handle = h = _Timer(when, st)
+            heapq.heappush(self.timers, (when, h))
+        st.waiting = True
+
     def _final(self, st: _Stream, c: _Choice) -> None:
         """The reader's ``_on_event`` of a choice's last delta: the loop's
         ``on_finished``, then the ledger's ``finish``."""
@@ -665,8 +687,8 @@ class _Engine:
         sums = p.lam_sums  # ProblemLedger.finish: the lengths λ is measured from
         if st.kind == "solve":
             # positional, in Solution's field order (tests/test_snapshot_tally.py)
-            sol = Solution(c.sample_id, len(p.solutions), c.text, c.answer, c.key, "stop",
-                           tokens, st.started_at, self.clock, st.request_id, None)
+            sol = _solution(c.sample_id, len(p.solutions), c.text, c.answer, c.key, "stop",
+                            tokens, st.started_at, self.clock, st.request_id, None)
             p.solutions += (sol,)
             p.tally.add(sol)
             sums[0] += 1
@@ -674,11 +696,10 @@ class _Engine:
         else:
             assert st.solution is not None
             verdict, p_yes, source = self.task.parse_verdict(c.text, c.logprobs)
-            p.verifications += (Verification(
-                id=c.sample_id, solution_id=st.solution.id, text=c.text, verdict=verdict,
-                p_yes=p_yes, source=source, completion_tokens=tokens,
-                started_at=st.started_at, finished_at=self.clock,
-                request_id=st.request_id),)
+            # positional, in Verification's field order (tests/test_snapshot_tally.py)
+            p.verifications += (_verification(
+                c.sample_id, st.solution.id, c.text, verdict, p_yes, source, tokens,
+                st.started_at, self.clock, st.request_id),)
             sums[2] += 1
             sums[3] += tokens
         self._set_changed(p)
@@ -695,23 +716,24 @@ class _Engine:
         if st.state == "open":
             p.streams.remove(st)
         st.state = "closed"
-        if outcome == "ok" and any(not c.done for c in st.choices):
-            outcome = "failed"
-            error = BackendError("stream ended without a finish_reason for every choice")
-        reason = "cancelled" if outcome == "cancelled" else "failed"
-        for c in st.choices:
-            if c.done:
-                continue
-            c.done = True
-            p.failed += (FailedSample(
-                id=c.sample_id, request_id=st.request_id, kind=st.kind,  # type: ignore[arg-type]
-                reason=reason, error=error, partial_text="",
-                completion_tokens=c.emitted,
-                solution_id=st.solution.id if st.solution else None),)
+        # "ok" comes only from a stream that served every choice and finished each (the
+        # runtime's "stream ended without a finish_reason for every choice" cannot happen)
+        if outcome != "ok":
+            reason = "cancelled" if outcome == "cancelled" else "failed"
+            err_text = None if error is None else error_text(error)
+            for c in st.choices:
+                if c.done:
+                    continue
+                c.done = True
+                # positional, in FailedSample's field order (tests/test_fastinit.py)
+                p.failed += (_failed_sample(
+                    c.sample_id, st.request_id, st.kind, reason, error, "", c.emitted,
+                    st.solution.id if st.solution else None, err_text),)
         p.open.pop(st.request_id, None)
         st.handle = None  # no cycle stream <-> timer: freed by reference counting
         if st.reported:  # ProblemLedger.close: the record's usage joins the closed total
             p.closed_tokens[st.kind] += st.emitted
+            p.closed_total += st.emitted
         else:
             p.closed_unreported = True
         self._set_changed(p)

@@ -210,8 +210,11 @@ class PolicyOutcome:
 
 
 # ---- the vectorised engine ---------------------------------------------------------------
-def _served(src: ReplaySource, orders: int) -> np.ndarray:
-    return np.stack([src.orders(r) for r in range(orders)])  # (R, P, N)
+def _served(src: ReplaySource, orders: int, width: int | None = None) -> np.ndarray:
+    """(R, P, N) served pool indices; only the first ``width`` positions if given."""
+    if width is None:
+        return np.stack([src.orders(r) for r in range(orders)])
+    return np.stack([src.orders(r)[:, :width] for r in range(orders)])
 
 
 def _take(values: np.ndarray, served: np.ndarray, fill: float) -> np.ndarray:
@@ -269,7 +272,8 @@ def _majority(keys: np.ndarray, active: np.ndarray, finish: np.ndarray, n_keys: 
     K = max(n_keys, 1)
     counts = _votes(keys, active, n_keys)
     pos = np.broadcast_to(np.arange(N), (R, P, N))
-    order = np.lexsort((pos, np.where(active, finish, np.inf)), axis=-1)
+    # by finish, then position: a stable sort by finish is np.lexsort((pos, finish))
+    order = np.argsort(np.where(active, finish, np.inf), axis=-1, kind="stable")
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, pos, axis=-1)
     ok = active & (keys >= 0)
@@ -301,21 +305,27 @@ def _key_correct(src: ReplaySource, winner: np.ndarray, has: np.ndarray) -> np.n
     return (got[..., 0] & has).astype(float)
 
 
-def _drawn(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig
+def _drawn(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig, trim: bool = False
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The samples a fixed plan draws, per (order, problem, position): served pool index,
-    whether it is among the plan's first ``solutions``, its key id and its tokens."""
+    whether it is among the plan's first ``solutions``, its key id and its tokens.
+    ``trim``: only the positions up to the last one any problem draws (the others are
+    inactive everywhere)."""
     a = src.pool.arrays
-    served = _served(src, cfg.orders)
-    N = served.shape[2]
     k = np.minimum(a.n, plan.solutions)
+    served = _served(src, cfg.orders, max(int(k.max(initial=0)), 1) if trim else None)
+    N = served.shape[2]
     active = (np.arange(N)[None, None, :] < k[None, :, None]) & (served >= 0)
     return served, active, _take(a.key, served, -2), _take(a.tokens, served, 0.0)
 
 
-def _vector_sc(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig) -> dict[str, np.ndarray]:
+def _vector_sc(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig, trim: bool = True
+               ) -> dict[str, np.ndarray]:
+    """The metrics of a fixed SC plan. ``trim`` (the same numbers; False for the tests):
+    only the positions some problem draws, since the others change nothing: inactive
+    samples take no slot, cast no vote and sort after every active one (finish inf)."""
     a = src.pool.arrays
-    served, active, keys, toks = _drawn(src, plan, cfg)
+    served, active, keys, toks = _drawn(src, plan, cfg, trim=trim)
     R, P, _ = served.shape
     durations = cfg.ttft + toks / cfg.decode_rate
     latency, ends = _schedule(durations, active, cfg.concurrency)
@@ -429,22 +439,26 @@ async def _run_problems(src: ReplaySource, policy: Any, order: int, cfg: ReplayC
 
 
 def _row(src: ReplaySource, results: Sequence[SolveResult]) -> tuple[np.ndarray, int]:
-    out = np.zeros((len(METRICS), len(results)))
-    errors = 0
-    full = full_majority(src)
+    full = full_majority(src).tolist()
     keys = src.pool.arrays.keys
+    # one list per metric, in METRICS order, made an array at once
+    cols: tuple[list, ...] = tuple([] for _ in METRICS)
+    correct, tokens, samples, latency, cancelled, agree, verify_tokens, verifications = cols
+    errors = 0
     for i, r in enumerate(results):
-        out[5, i] = float(r.key == keys[i][full[i]] if full[i] >= 0 else r.key is None)
-        out[0, i] = math.nan if r.correct is None else float(r.correct)
-        out[1, i] = r.usage.completion_tokens
-        out[2, i] = len(r.solutions)
-        out[3, i] = r.elapsed
-        out[4, i] = sum(1 for f in r.failed if f.reason == "cancelled" and f.kind == "solve")
-        out[6, i] = r.verification_tokens
-        out[7, i] = len(r.verifications)
+        m = full[i]
+        correct.append(math.nan if r.correct is None else float(r.correct))
+        tokens.append(r.usage.completion_tokens)
+        samples.append(len(r.solutions))
+        latency.append(r.elapsed)
+        cancelled.append(sum(1 for f in r.failed if f.reason == "cancelled" and f.kind == "solve")
+                         if r.failed else 0)
+        agree.append(float(r.key == keys[i][m] if m >= 0 else r.key is None))
+        verify_tokens.append(r.verification_tokens)
+        verifications.append(len(r.verifications))
         if r.error is not None and not isinstance(r.error, PoolExhausted):
             errors += 1
-    return out, errors
+    return np.array(cols, dtype=float).reshape(len(METRICS), len(results)), errors
 
 
 def run_runtime_order(src: ReplaySource, policy: PolicyLike, order: int, cfg: ReplayConfig

@@ -118,6 +118,22 @@ class VerifierArrays:
     ok: np.ndarray  # (P, N, V) bool
 
 
+def _argsort_rows(u: np.ndarray) -> np.ndarray:
+    """``np.argsort(u, axis=1, kind="stable")`` of a float array without NaNs, except in
+    the order of equal infinite values (unspecified here), faster.
+
+    The default (introsort, SIMD) argsort is several times faster than the stable one,
+    and the two differ only in the order of equal values. So rows where the default sort
+    leaves two equal finite values side by side are sorted again stably. Equal
+    infinities are :meth:`ReplaySource.orders`'s padding, which it overwrites."""
+    got = np.argsort(u, axis=1)
+    s = np.take_along_axis(u, got, axis=1)
+    tied = ((s[:, 1:] == s[:, :-1]) & np.isfinite(s[:, 1:])).any(axis=1)
+    if tied.any():
+        got[tied] = np.argsort(u[tied], axis=1, kind="stable")
+    return got
+
+
 class ReplaySource:
     """One pool, ready to replay (see the module docstring)."""
 
@@ -178,9 +194,10 @@ class ReplaySource:
             a = self.pool.arrays
             P, N = a.shape
             u = np.random.default_rng([self.seed, order]).random((P, N))
-            u[~a.valid] = np.inf
-            got = np.argsort(u, axis=1, kind="stable").astype(np.int32)
-            got[~np.take_along_axis(a.valid, got, axis=1)] = -1
+            valid = a.valid
+            u[~valid] = np.inf
+            got = _argsort_rows(u).astype(np.int32)
+            got[~np.take_along_axis(valid, got, axis=1)] = -1
             self._orders[order] = got
         return got
 

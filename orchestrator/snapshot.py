@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from orchestrator.fastinit import builder
 from orchestrator.history import ProblemRecord
 from orchestrator.types import (
     Budget,
@@ -197,6 +198,8 @@ class ProblemSnapshot:
 
     @property
     def failed_samples(self) -> int:
+        if not self.failed:
+            return 0
         return sum(1 for f in self.failed if f.kind == "solve" and f.reason == "failed")
 
     def votes(self) -> tuple[VoteCount, ...]:
@@ -274,6 +277,9 @@ class ProblemSnapshot:
         return tuple(out)
 
 
+_vote_count = builder(VoteCount)  # VoteCount(key, answer, votes, first_index), faster
+
+
 class VoteTally:
     """The votes of a problem's solutions, kept up to date as solutions finish.
 
@@ -300,11 +306,11 @@ class VoteTally:
         i = at.get(key)
         if i is None:
             at[key] = len(order)
-            order.append(VoteCount(key, solution.answer, 1, solution.index))
+            order.append(_vote_count(key, solution.answer, 1, solution.index))
         else:
             old = order[i]
-            vc = VoteCount(key, old.answer, old.votes + 1, old.first_index)
-            votes, first = vc.votes, vc.first_index
+            votes, first = old.votes + 1, old.first_index
+            vc = _vote_count(key, old.answer, votes, first)
             while i > 0:
                 prev = order[i - 1]
                 if prev.votes > votes or (prev.votes == votes and prev.first_index < first):

@@ -472,6 +472,12 @@ class Adaptive:
                     f"= {p:.3f}) at {a}-{b}")
         return None
 
+    def _stops(self, a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray
+               ) -> bool:
+        """``stop_reason(...) is not None``, without writing the reason."""
+        p, lost = self.risk(a, b, rest, remaining, log_prior)
+        return p <= 1.0 - self.confidence or (self.loss > 0 and lost <= self.loss)
+
     def _counts(self, s: ProblemSnapshot) -> tuple[int, int, int]:
         votes = s.votes()
         a = votes[0].votes if votes else 0
@@ -508,8 +514,7 @@ class Adaptive:
             rem = self.max - n - k
             if rem <= 0 or ka - kb > rem:
                 return True
-            return ka >= self.min_votes and self.stop_reason(ka, kb, kr, rem,
-                                                             log_prior) is not None
+            return ka >= self.min_votes and self._stops(ka, kb, kr, rem, log_prior)
 
         lo, hi = 0, 1
         while hi < left and not stops(hi):

@@ -476,3 +476,51 @@ def test_bench_engines_agree_and_auto_uses_the_lean_engine():
     capped = replay_pool(src, ["ac:threshold=0.9"], ReplayConfig(orders=1, workers=1,
                                                                 concurrency=1, engine="lean"))
     assert capped[0].engine == "runtime"
+
+
+# ---- the vectorised engine's shortcuts: the same numbers as the plain computation ----------
+@pytest.mark.parametrize("seed", range(6))
+def test_row_argsort_is_the_stable_argsort_wherever_it_matters(seed):
+    from benchmarks.source import _argsort_rows
+
+    rng = np.random.default_rng(seed)
+    u = rng.random((40, 30))
+    u[rng.random(u.shape) < 0.2] = np.inf  # padding: equal infinities
+    tied = rng.random(40) < 0.5  # rows with equal finite values too
+    u[tied, ::3] = np.round(u[tied, ::3], 1)
+    u[tied, 1] = u[tied, 4]
+    got, want = _argsort_rows(u), np.argsort(u, axis=1, kind="stable")
+    finite = np.isfinite(np.take_along_axis(u, want, axis=1))
+    assert np.array_equal(np.where(finite, got, -1), np.where(finite, want, -1))
+    assert np.array_equal(np.sort(got, axis=1), np.sort(want, axis=1))  # a permutation
+
+
+def test_served_orders_are_the_stable_sort_of_the_seeded_draws():
+    pool = random_pool(3, problems=9, n=11)
+    rows = [list(pp.samples[: int(i % 4) + 8]) for i, pp in enumerate(pool.problems)]
+    pool = Pool(pool.name, tuple(PoolProblem(pp.problem, tuple(r))
+                                 for pp, r in zip(pool.problems, rows, strict=True)))
+    src = ReplaySource(pool, seed=2)
+    a = pool.arrays
+    for r in range(20):
+        u = np.random.default_rng([2, r]).random(a.shape)
+        u[~a.valid] = np.inf
+        want = np.argsort(u, axis=1, kind="stable").astype(np.int32)
+        want[~np.take_along_axis(a.valid, want, axis=1)] = -1
+        got = src.orders(r)
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("concurrency", [None, 2])
+def test_vectorised_sc_on_the_drawn_positions_only_equals_every_position(concurrency):
+    from benchmarks.replay import _vector_sc
+
+    src = ReplaySource(tie_pool(4, problems=20), seed=1)
+    cfg = ReplayConfig(orders=6, concurrency=concurrency, ttft=0.2)
+    for n in (1, 2, 3, 5, 8, 12, None):
+        plan = fixed_plan(f"sc:n={'all' if n is None else n}", int(src.pool.arrays.n.max()))
+        assert plan is not None
+        trimmed, full = _vector_sc(src, plan, cfg), _vector_sc(src, plan, cfg, trim=False)
+        assert trimmed.keys() == full.keys()
+        for k in full:
+            assert trimmed[k].dtype == full[k].dtype and np.array_equal(trimmed[k], full[k]), k
