@@ -231,8 +231,9 @@ class _Verifying:
         if not self.extend or base_stop.code != "settled":
             return None
         finished = len(s.solutions)
-        if finished >= self.max:
-            return None
+        max_failures = self.max if self.max_failures is None else self.max_failures
+        if finished >= self.max or s.failed_samples > max_failures:
+            return None  # as adaptive: no sampling past the horizon or the failure cap
         want = min(self.width, self.max - finished) - s.in_flight.samples
         if want > 0 and s.budget_left.can_sample:
             return [Sample(want)]

@@ -540,3 +540,14 @@ def test_replayed_with_a_simulated_verifier_it_verifies_and_a_useless_profile_is
     assert smart.correct.mean() > adaptive.correct.mean()
     assert contested.correct.mean() > adaptive.correct.mean()
     assert smart.errors == contested.errors == 0
+
+
+def test_extend_stops_sampling_past_the_failure_cap(tmp_path):
+    """extend samples on like adaptive does, so it stops like adaptive on broken samples: a
+    pool that ran out (every further sample fails) must not be sampled forever."""
+    good = saved(tmp_path, GOOD, "g.json")
+    damned = dict(scores={i: [0.05] for i in range(4)})
+    policy = VerifyContested(profile=good, max_failures=2)
+    assert policy.decide(make_snapshot(["4"] * 12, failed=2, **damned)) == [Sample(8)]
+    (stop,) = policy.decide(make_snapshot(["4"] * 12, failed=3, **damned))
+    assert isinstance(stop, Stop) and stop.key == "4"
