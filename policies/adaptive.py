@@ -57,6 +57,7 @@ from orchestrator.decisions import Decision, Sample
 from orchestrator.errors import ConfigError
 from orchestrator.history import ProblemRecord
 from orchestrator.snapshot import ProblemSnapshot
+from policies.base import failures_allowed
 from policies.votes import majority_stop
 
 
@@ -537,7 +538,7 @@ class Adaptive:
         finished = len(s.solutions)
         if finished >= self.max:
             return [majority_stop(s, f"adaptive: reached max={self.max}", "max")]
-        max_failures = self.max if self.max_failures is None else self.max_failures
+        max_failures = failures_allowed(self.max_failures, self.max)
         can_launch = not s.budget_left.exhausted and s.failed_samples <= max_failures
         target = self.width
         if self.widest > self.width and finished >= 2:

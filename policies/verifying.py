@@ -51,6 +51,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.snapshot import AnswerStats, ProblemSnapshot
 from orchestrator.types import Solution
 from policies.adaptive import Adaptive
+from policies.base import failures_allowed
 from policies.evidence import Evidence, evidence, sample_gain, verify_gain
 from policies.online import estimate_online
 from policies.profile import VerifierProfile
@@ -231,7 +232,7 @@ class _Verifying:
         if not self.extend or base_stop.code != "settled":
             return None
         finished = len(s.solutions)
-        max_failures = self.max if self.max_failures is None else self.max_failures
+        max_failures = failures_allowed(self.max_failures, self.max)
         if finished >= self.max or s.failed_samples > max_failures:
             return None  # as adaptive: no sampling past the horizon or the failure cap
         want = min(self.width, self.max - finished) - s.in_flight.samples
