@@ -466,18 +466,24 @@ class Adaptive:
         """Why the probabilistic rule stops at these counts (``a >= min_votes`` checked by
         the caller), or None."""
         p, lost = self.risk(a, b, rest, remaining, log_prior)
-        if p <= 1.0 - self.confidence:
+        if self._confident(p):
             return f"P(overturn by {remaining} more) = {p:.3f} at {a}-{b}"
-        if self.loss > 0 and lost <= self.loss:
+        if self._cheap(lost):
             return (f"expected accuracy lost = {lost:.4f} (P(overturn by {remaining} more) "
                     f"= {p:.3f}) at {a}-{b}")
         return None
+
+    def _confident(self, p_overturn: float) -> bool:
+        return p_overturn <= 1.0 - self.confidence
+
+    def _cheap(self, lost: float) -> bool:
+        return self.loss > 0 and lost <= self.loss
 
     def _stops(self, a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray
                ) -> bool:
         """``stop_reason(...) is not None``, without writing the reason."""
         p, lost = self.risk(a, b, rest, remaining, log_prior)
-        return p <= 1.0 - self.confidence or (self.loss > 0 and lost <= self.loss)
+        return self._confident(p) or self._cheap(lost)
 
     def _counts(self, s: ProblemSnapshot) -> tuple[int, int, int]:
         votes = s.votes()
