@@ -165,7 +165,6 @@ class _Problem:
     __slots__ = (
         "changed",
         "closed_tokens",
-        "closed_total",
         "closed_unreported",
         "cursor",
         "done",
@@ -199,7 +198,6 @@ class _Problem:
         self.launched = {"solve": 0, "verify": 0}
         self.lam_sums = [0, 0, 0, 0]  # solutions n, sum; verifications n, sum
         self.closed_tokens = {"solve": 0, "verify": 0}
-        self.closed_total = 0  # the two summed
         self.closed_unreported = False
         self.tally = VoteTally()
         # tuples, extended as work finishes: a snapshot holds them without copying
@@ -232,7 +230,8 @@ class _Problem:
         A reported record's usage is Usage(0, its tokens) and an unreported one's
         Usage(0, 0, estimated, sources "nothing" and "prompt"), so the sum is this."""
         est = self.closed_unreported or open_unreported
-        return _usage(0, self.closed_total + open_tokens, est, None, _UNREPORTED if est else ())
+        total = self.closed_tokens["solve"] + self.closed_tokens["verify"] + open_tokens
+        return _usage(0, total, est, None, _UNREPORTED if est else ())
 
 
 class _Engine:
@@ -377,9 +376,6 @@ class _Engine:
                 None, None, None, self.sample_max_tokens, self.verify_max_tokens,
                 DEFAULT_LAMBDA if lam is None else lam)
         launched = p.launched
-        # p.usage(open_tokens, open_unreported), inlined
-        est = p.closed_unreported or open_unreported
-        usage = _usage(0, p.closed_total + open_tokens, est, None, _UNREPORTED if est else ())
         # positional, in the field order of ProblemSnapshot (tests/test_snapshot_tally.py)
         return _snapshot(
             p.problem, p.solutions, p.verifications, p.failed,
@@ -387,7 +383,7 @@ class _Engine:
                        () if verifying is None else tuple(sorted(verifying.items())),
                        tuple(sample_tokens)),
             launched["solve"], launched["verify"], p.next_request,
-            usage, UNLIMITED, budget_left, self.clock, lam,
+            p.usage(open_tokens, open_unreported), UNLIMITED, budget_left, self.clock, lam,
             self.history.records, None, p.tally.ranked(),
         )
 
@@ -733,7 +729,6 @@ class _Engine:
         st.handle = None  # no cycle stream <-> timer: freed by reference counting
         if st.reported:  # ProblemLedger.close: the record's usage joins the closed total
             p.closed_tokens[st.kind] += st.emitted
-            p.closed_total += st.emitted
         else:
             p.closed_unreported = True
         self._set_changed(p)
