@@ -267,10 +267,27 @@ def _majority(keys: np.ndarray, active: np.ndarray, finish: np.ndarray, n_keys: 
     first. Completion order is by finish time, then served position: exact for distinct
     times and within one request; for samples of different requests that finish at the
     very same simulated instant the runtime's order is its timer heap's (the lean
-    engine reproduces it), which this approximates by served position."""
-    R, P, N = keys.shape
-    K = max(n_keys, 1)
+    engine reproduces it), which this approximates by served position.
+
+    Only the (order, problem) rows where two answers share the most votes need the
+    completion order (elsewhere the answer with the most votes wins, and a row without
+    votes gets key 0 and no answer either way), so only those rows are sorted."""
     counts = _votes(keys, active, n_keys)
+    top = counts.max(axis=-1)
+    winner = counts.argmax(axis=-1)
+    tied = (top > 0) & ((counts == top[..., None]).sum(axis=-1) > 1)
+    if tied.any():
+        winner[tied] = _first_vote_winner(keys[tied][None], active[tied][None],
+                                          finish[tied][None], counts[tied][None])[0]
+    return winner, top > 0, counts
+
+
+def _first_vote_winner(keys: np.ndarray, active: np.ndarray, finish: np.ndarray,
+                       counts: np.ndarray) -> np.ndarray:
+    """Per (order, problem) row: the most votes, a tie to the answer whose first vote
+    finished first (by finish time, then served position)."""
+    R, P, N = keys.shape
+    K = counts.shape[-1]
     pos = np.broadcast_to(np.arange(N), (R, P, N))
     # by finish, then position: a stable sort by finish is np.lexsort((pos, finish))
     order = np.argsort(np.where(active, finish, np.inf), axis=-1, kind="stable")
@@ -281,7 +298,7 @@ def _majority(keys: np.ndarray, active: np.ndarray, finish: np.ndarray, n_keys: 
     base = (np.arange(R)[:, None, None] * P + np.arange(P)[None, :, None]) * K
     np.minimum.at(first, (base + np.where(ok, keys, 0))[ok], rank[ok])
     score = counts * (N + 1) - first.reshape(R, P, K)
-    return score.argmax(axis=-1), counts.max(axis=-1) > 0, counts
+    return score.argmax(axis=-1)
 
 
 def full_majority(src: ReplaySource) -> np.ndarray:
