@@ -43,7 +43,7 @@ def check(src, specs, orders: int) -> None:
     cfg = ReplayConfig(orders=1)
     size = int(src.pool.arrays.n.max())
     for spec in specs:
-        if fixed_plan(spec) is not None:
+        if fixed_plan(spec, size) is not None:
             continue
         policy = policy_for(spec, size)
         for r in range(orders):
