@@ -261,6 +261,8 @@ class _Engine:
         self.verify_max_tokens = vmax if isinstance(vmax, int) and vmax >= 1 else 1
         self.name = policy_name(policy)
         self.samples = _served_samples(src)
+        self.served_rows: list[list[int]] | None = None  # src.orders(order), as lists
+        self.served_n: list[int] = []  # samples per problem
         self.budget_left: dict[float | None, BudgetLeft] = {}  # by λ: the same every time
         self.clock = 0.0
         # (deadline, timer): heapq then compares deadlines in C, and only equal ones call
@@ -281,33 +283,38 @@ class _Engine:
         heappop = heapq.heappop
         popleft = ready.popleft
         append = ready.append
-        while ready or timers:
-            sched = len(timers)
-            if sched > _MIN_SCHEDULED and self.cancelled_timers / sched > _MIN_CANCELLED_FRACTION:
-                kept = []
-                for e in timers:
-                    if e[1].cancelled:
-                        e[1].scheduled = False
-                    else:
-                        kept.append(e)
-                heapq.heapify(kept)
-                self.timers = timers = kept
-                self.cancelled_timers = 0
-            else:
-                while timers and timers[0][1].cancelled:
-                    self.cancelled_timers -= 1
-                    heappop(timers)[1].scheduled = False
+        min_scheduled, min_fraction = _MIN_SCHEDULED, _MIN_CANCELLED_FRACTION
+        resolution, max_timeout = _RESOLUTION, _MAX_SELECT_TIMEOUT
+        while True:
+            if timers:
+                sched = len(timers)
+                # cancelled / sched > fraction, without the division (the same for ints)
+                if sched > min_scheduled and self.cancelled_timers > sched * min_fraction:
+                    kept = []
+                    for e in timers:
+                        if e[1].cancelled:
+                            e[1].scheduled = False
+                        else:
+                            kept.append(e)
+                    heapq.heapify(kept)
+                    self.timers = timers = kept
+                    self.cancelled_timers = 0
+                elif timers[0][1].cancelled:
+                    while timers and timers[0][1].cancelled:
+                        self.cancelled_timers -= 1
+                        heappop(timers)[1].scheduled = False
             if not ready:
                 if not timers:
                     break
-                timeout = min(max(0.0, timers[0][0] - self.clock), _MAX_SELECT_TIMEOUT)
+                timeout = timers[0][0] - self.clock
                 if timeout > 0:
-                    self.clock += timeout
-            end_time = self.clock + _RESOLUTION
-            while timers and timers[0][0] < end_time:
-                h = heappop(timers)[1]
-                h.scheduled = False
-                append((_TIMER, h))
+                    self.clock += timeout if timeout < max_timeout else max_timeout
+            if timers:
+                end_time = self.clock + resolution
+                while timers and timers[0][0] < end_time:
+                    h = heappop(timers)[1]
+                    h.scheduled = False
+                    append((_TIMER, h))
             for _ in range(len(ready)):
                 kind, obj = popleft()
                 handlers[kind](obj)
@@ -515,7 +522,7 @@ class _Engine:
         rate = self.rate
         if st.kind == "solve":
             if p.served is None:
-                p.served = list(src.served_order(pid, self.order))
+                p.served = self._served_order(pid)
             picked = p.served[p.cursor: p.cursor + len(choices)]
             n_served = len(picked)
             p.cursor += n_served
@@ -580,6 +587,16 @@ class _Engine:
         st.pending = served  # the unfinished served choices, in choice order
         self._step(st, top=True)
 
+    def _served_order(self, pid: str) -> list[int]:
+        """``src.served_order(pid, order)`` (the same list), from the whole order's array
+        made lists at once."""
+        rows = self.served_rows
+        if rows is None:
+            rows = self.served_rows = self.src.orders(self.order).tolist()
+            self.served_n = self.src.pool.arrays.n.tolist()
+        i = self.src.pool.index[pid]
+        return rows[i][: self.served_n[i]]
+
     def _served_sample(self, pid: str, idx: int) -> tuple[str, int, str | None, str | None]:
         """(text, tokens, answer, key) of pool sample ``idx`` as the replay backend streams
         it and the runtime grades it (the grader's extract, then its key)."""
@@ -606,14 +623,27 @@ class _Engine:
         pending = st.pending
         if pending:
             lim = self.clock + _EPS
-            ending = st.next_end <= lim
-            if top and not ending:
+            if st.next_end > lim:  # no choice ends now: the pending ones stay as they are
+                if not top:  # what each has streamed by now
+                    got = max(0, math.floor((self.clock - st.start - self.ttft) * self.rate
+                                            + _EPS))
+                    changed = False
+                    for c in pending:
+                        g = c.total - 1
+                        if got < g:
+                            g = got
+                        if g > c.emitted:
+                            changed = True
+                            st.emitted += g - c.emitted  # the reader's _on_event
+                            c.emitted = g
+                    if changed:  # UsageReport(0, emitted, final): RequestRecord.add_usage
+                        st.reported = True
                 self._wait(st, lim)
                 return
             p = st.prob
-            if ending and len(p.streams) > 1:
+            if len(p.streams) > 1:
                 self._poke(p, st)
-            changed = ending
+            changed = True
             got = -1
             keep = []
             next_end = math.inf

@@ -169,6 +169,14 @@ def _optimistic_need(criterion: str, threshold: float, counts: tuple[int, ...]) 
     return extra
 
 
+@lru_cache(maxsize=65536)
+def _ac_state(criterion: str, threshold: float, counts: tuple[int, ...]) -> tuple[float, int]:
+    """(:func:`_ac_confidence`, :meth:`AdaptiveConsistency.optimistic_need`) at vote counts
+    in decreasing order (for ``beta`` the top two are enough), memoised together."""
+    return _ac_confidence(criterion, counts), _optimistic_need(criterion, threshold,
+                                                               counts or (0,))
+
+
 @dataclass(frozen=True, slots=True)
 class AdaptiveConsistency:
     """Adaptive-Consistency: sample until the leader is the mode with confidence >= threshold.
@@ -213,15 +221,20 @@ class AdaptiveConsistency:
         return _optimistic_need(self.criterion, self.threshold, cs)
 
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
-        counts = [v.votes for v in s.votes()]
-        conf = self.confidence(counts)
+        votes = s.votes()
+        if self.criterion == "beta":  # the criterion reads the top two counts only
+            counts: tuple[int, ...] = ((votes[0].votes, votes[1].votes) if len(votes) > 1
+                                       else (votes[0].votes,) if votes else ())
+        else:
+            counts = tuple([v.votes for v in votes])
+        conf, optimistic = _ac_state(self.criterion, self.threshold, counts)
         if conf >= self.threshold:
             return [majority_stop(s, f"adaptive-consistency: confidence {conf:.3f} >= "
                                      f"{self.threshold:g} after {len(s.solutions)} samples")]
         max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
         closed = _sampling_closed(s, self.max, max_failures)
         if closed is None:
-            need = self.optimistic_need(counts) - s.in_flight.samples
+            need = optimistic - s.in_flight.samples
             k = _room(s, self.max, need)
             if k > 0:
                 return [Sample(k)]
