@@ -266,8 +266,14 @@ class EarlyStoppingSC:
         sols = s.solutions
         done_windows = len(sols) // w
         for b in range(done_windows):
-            keys = {x.key for x in sols[b * w:(b + 1) * w]}
-            if len(keys) == 1 and None not in keys:
+            lo = b * w
+            key = sols[lo].key
+            if key is None:
+                continue
+            for i in range(lo + 1, lo + w):  # unanimous: every key equal to the first
+                if sols[i].key != key:
+                    break
+            else:
                 return [majority_stop(s, f"esc: window {b + 1} unanimous after "
                                          f"{len(sols)} samples")]
         max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
