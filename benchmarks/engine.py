@@ -442,7 +442,7 @@ class _Engine:
         p.next_request += 1
         first = p.next_sample
         p.next_sample = first + n
-        choices = [_Choice(i) for i in range(first, first + n)]
+        choices = [_Choice(first)] if n == 1 else [_Choice(i) for i in range(first, first + n)]
         p.launched[kind] += n
         st = _Stream(p, rid, kind, choices, solution, self.clock)
         p.open[rid] = st
@@ -529,7 +529,8 @@ class _Engine:
             known = self.samples.get(pid)
             if known is None:
                 known = self.samples[pid] = {}
-            for c, idx in zip(choices, picked, strict=False):
+            for j, idx in enumerate(picked):  # choices beyond the picked ones: not served
+                c = choices[j]
                 got = known.get(idx)
                 if got is None:
                     got = known[idx] = self._served_sample(pid, idx)

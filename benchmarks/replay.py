@@ -43,6 +43,7 @@ import math
 import multiprocessing
 import os
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -455,22 +456,34 @@ async def _run_problems(src: ReplaySource, policy: Any, order: int, cfg: ReplayC
     return [t.result() for t in tasks]
 
 
+#: per source: each problem's whole-pool majority key (None: no answer), for :func:`_row`
+_MAJORITY_KEYS: weakref.WeakKeyDictionary[ReplaySource, list[str | None]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _majority_keys(src: ReplaySource) -> list[str | None]:
+    got = _MAJORITY_KEYS.get(src)
+    if got is None:
+        keys = src.pool.arrays.keys
+        got = _MAJORITY_KEYS[src] = [keys[i][m] if m >= 0 else None
+                                     for i, m in enumerate(full_majority(src).tolist())]
+    return got
+
+
 def _row(src: ReplaySource, results: Sequence[SolveResult]) -> tuple[np.ndarray, int]:
-    full = full_majority(src).tolist()
-    keys = src.pool.arrays.keys
+    full = _majority_keys(src)
     # one list per metric, in METRICS order, made an array at once
     cols: tuple[list, ...] = tuple([] for _ in METRICS)
     correct, tokens, samples, latency, cancelled, agree, verify_tokens, verifications = cols
     errors = 0
     for i, r in enumerate(results):
-        m = full[i]
         correct.append(math.nan if r.correct is None else float(r.correct))
         tokens.append(r.usage.completion_tokens)
         samples.append(len(r.solutions))
         latency.append(r.elapsed)
         cancelled.append(sum(1 for f in r.failed if f.reason == "cancelled" and f.kind == "solve")
                          if r.failed else 0)
-        agree.append(float(r.key == keys[i][m] if m >= 0 else r.key is None))
+        agree.append(float(r.key == full[i]))  # a None majority: the answer is None too
         verify_tokens.append(r.verification_tokens)
         verifications.append(len(r.verifications))
         if r.error is not None and not isinstance(r.error, PoolExhausted):
