@@ -278,7 +278,7 @@ class _Engine:
         for p in probs:  # _run_problems creates one task per problem, in order
             ready.append((_DECIDE, p))
         timers = self.timers
-        handlers = (self._decide, self._wake, self._resume, self._start, self._task_done,
+        handlers = (self._decide, self._wake, self._step, self._start, self._task_done,
                     self._parent)
         heappop = heapq.heappop
         popleft = ready.popleft
@@ -607,20 +607,20 @@ class _Engine:
         key = self.grader.key(answer) if answer is not None else None
         return text, tokens, None if key is None else answer, key
 
-    def _resume(self, st: _Stream) -> None:
-        if st.cancel:
-            self._cancelled(st)
-            return
-        self._step(st, top=False)
-
-    def _step(self, st: _Stream, top: bool) -> None:
+    def _step(self, st: _Stream, top: bool = False) -> None:
         """The backend's ``_events`` loop, with the runtime reading each event (its
         ``_on_delta``, ``_finish_choice`` and usage reports), up to the stream's next wait.
 
         ``top``: the stream's own wake-up (its start or its timer), which emits nothing
         unless a choice ends now; else a poke by another stream of the problem, which emits
         the tokens each pending choice has streamed by now. Both then wait for the next
-        wake-up; what a pass emits, the next pass at the same instant no longer can."""
+        wake-up; what a pass emits, the next pass at the same instant no longer can.
+
+        Without ``top`` it is also the stream's resumption after a wake-up (its ``_RESUME``
+        entry), where a cancelled stream closes instead (its start checks that itself)."""
+        if not top and st.cancel:
+            self._cancelled(st)
+            return
         pending = st.pending
         if pending:
             lim = self.clock + _EPS
@@ -639,7 +639,10 @@ class _Engine:
                             c.emitted = g
                     if changed:  # UsageReport(0, emitted, final): RequestRecord.add_usage
                         st.reported = True
-                self._wait(st, lim)
+                if st.wakeups is None and st.armed == st.next_end:
+                    st.waiting = True  # _wait, with the timer already armed for next_end
+                else:
+                    self._wait(st, lim)
                 return
             p = st.prob
             if len(p.streams) > 1:
