@@ -285,6 +285,8 @@ class _Engine:
         append = ready.append
         min_scheduled, min_fraction = _MIN_SCHEDULED, _MIN_CANCELLED_FRACTION
         resolution, max_timeout = _RESOLUTION, _MAX_SELECT_TIMEOUT
+        pop_once = _RESOLUTION <= _EPS
+        popped_at: float | None = None  # the clock when the due timers were last popped
         while True:
             if timers:
                 sched = len(timers)
@@ -306,11 +308,16 @@ class _Engine:
             if not ready:
                 if not timers:
                     break
+                popped_at = None  # nothing ready: look at the timers whatever the clock
                 timeout = timers[0][0] - self.clock
                 if timeout > 0:
                     self.clock += timeout if timeout < max_timeout else max_timeout
-            if timers:
-                end_time = self.clock + resolution
+            # Every timer is pushed at least _EPS past the clock it is pushed at (_wait), so
+            # with _RESOLUTION <= _EPS none falls due at the instant it is pushed: once the
+            # due timers of an instant are popped, later iterations of it find none.
+            if timers and (self.clock != popped_at or not pop_once):
+                popped_at = self.clock
+                end_time = popped_at + resolution
                 while timers and timers[0][0] < end_time:
                     h = heappop(timers)[1]
                     h.scheduled = False
@@ -364,7 +371,9 @@ class _Engine:
             else:
                 open_unreported = True
             if st.kind == "solve":
-                sample_tokens += [c.emitted for c in st.choices if not c.done]
+                for c in st.choices:  # a loop: cheaper than a comprehension for a few
+                    if not c.done:
+                        sample_tokens.append(c.emitted)
             elif st.solution is not None:
                 k = 0
                 for c in st.choices:

@@ -147,7 +147,10 @@ def _sampling_closed(s: ProblemSnapshot, max_samples: int | None, max_failures: 
 def _room(s: ProblemSnapshot, max_samples: int | None, wanted: int) -> int:
     if max_samples is None:
         return wanted
-    return max(0, min(wanted, max_samples - len(s.solutions) - s.in_flight.samples))
+    room = max_samples - len(s.solutions) - s.in_flight.samples
+    if wanted < room:
+        room = wanted
+    return room if room > 0 else 0  # max(0, min(wanted, room)), without the calls
 
 
 def _ac_confidence(criterion: str, counts: Sequence[int]) -> float:
