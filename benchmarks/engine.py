@@ -593,7 +593,7 @@ class _Engine:
             st.wakeups = sorted(wakeups)
         else:
             st.wakeups = None
-        st.next_end = min([c.end for c in served])
+        st.next_end = served[0].end if len(served) == 1 else min([c.end for c in served])
         st.pending = served  # the unfinished served choices, in choice order
         self._step(st, top=True)
 
