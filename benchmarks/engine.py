@@ -261,6 +261,8 @@ class _Engine:
         self.verify_max_tokens = vmax if isinstance(vmax, int) and vmax >= 1 else 1
         self.name = policy_name(policy)
         self.samples = _served_samples(src)
+        self.served_rows: list[list[int]] | None = None  # src.orders(order), as lists
+        self.served_n: list[int] = []  # samples per problem
         self.budget_left: dict[float | None, BudgetLeft] = {}  # by λ: the same every time
         self.clock = 0.0
         # (deadline, timer): heapq then compares deadlines in C, and only equal ones call
@@ -276,38 +278,50 @@ class _Engine:
         for p in probs:  # _run_problems creates one task per problem, in order
             ready.append((_DECIDE, p))
         timers = self.timers
-        handlers = (self._decide, self._wake, self._resume, self._start, self._task_done,
+        handlers = (self._decide, self._wake, self._step, self._start, self._task_done,
                     self._parent)
         heappop = heapq.heappop
         popleft = ready.popleft
         append = ready.append
-        while ready or timers:
-            sched = len(timers)
-            if sched > _MIN_SCHEDULED and self.cancelled_timers / sched > _MIN_CANCELLED_FRACTION:
-                kept = []
-                for e in timers:
-                    if e[1].cancelled:
-                        e[1].scheduled = False
-                    else:
-                        kept.append(e)
-                heapq.heapify(kept)
-                self.timers = timers = kept
-                self.cancelled_timers = 0
-            else:
-                while timers and timers[0][1].cancelled:
-                    self.cancelled_timers -= 1
-                    heappop(timers)[1].scheduled = False
+        min_scheduled, min_fraction = _MIN_SCHEDULED, _MIN_CANCELLED_FRACTION
+        resolution, max_timeout = _RESOLUTION, _MAX_SELECT_TIMEOUT
+        pop_once = _RESOLUTION <= _EPS
+        popped_at: float | None = None  # the clock when the due timers were last popped
+        while True:
+            if timers:
+                sched = len(timers)
+                # cancelled / sched > fraction, without the division (the same for ints)
+                if sched > min_scheduled and self.cancelled_timers > sched * min_fraction:
+                    kept = []
+                    for e in timers:
+                        if e[1].cancelled:
+                            e[1].scheduled = False
+                        else:
+                            kept.append(e)
+                    heapq.heapify(kept)
+                    self.timers = timers = kept
+                    self.cancelled_timers = 0
+                elif timers[0][1].cancelled:
+                    while timers and timers[0][1].cancelled:
+                        self.cancelled_timers -= 1
+                        heappop(timers)[1].scheduled = False
             if not ready:
                 if not timers:
                     break
-                timeout = min(max(0.0, timers[0][0] - self.clock), _MAX_SELECT_TIMEOUT)
+                popped_at = None  # nothing ready: look at the timers whatever the clock
+                timeout = timers[0][0] - self.clock
                 if timeout > 0:
-                    self.clock += timeout
-            end_time = self.clock + _RESOLUTION
-            while timers and timers[0][0] < end_time:
-                h = heappop(timers)[1]
-                h.scheduled = False
-                append((_TIMER, h))
+                    self.clock += timeout if timeout < max_timeout else max_timeout
+            # Every timer is pushed at least _EPS past the clock it is pushed at (_wait), so
+            # with _RESOLUTION <= _EPS none falls due at the instant it is pushed: once the
+            # due timers of an instant are popped, later iterations of it find none.
+            if timers and (self.clock != popped_at or not pop_once):
+                popped_at = self.clock
+                end_time = popped_at + resolution
+                while timers and timers[0][0] < end_time:
+                    h = heappop(timers)[1]
+                    h.scheduled = False
+                    append((_TIMER, h))
             for _ in range(len(ready)):
                 kind, obj = popleft()
                 handlers[kind](obj)
@@ -357,7 +371,9 @@ class _Engine:
             else:
                 open_unreported = True
             if st.kind == "solve":
-                sample_tokens += [c.emitted for c in st.choices if not c.done]
+                for c in st.choices:  # a loop: cheaper than a comprehension for a few
+                    if not c.done:
+                        sample_tokens.append(c.emitted)
             elif st.solution is not None:
                 k = 0
                 for c in st.choices:
@@ -435,7 +451,7 @@ class _Engine:
         p.next_request += 1
         first = p.next_sample
         p.next_sample = first + n
-        choices = [_Choice(i) for i in range(first, first + n)]
+        choices = [_Choice(first)] if n == 1 else [_Choice(i) for i in range(first, first + n)]
         p.launched[kind] += n
         st = _Stream(p, rid, kind, choices, solution, self.clock)
         p.open[rid] = st
@@ -515,14 +531,15 @@ class _Engine:
         rate = self.rate
         if st.kind == "solve":
             if p.served is None:
-                p.served = list(src.served_order(pid, self.order))
+                p.served = self._served_order(pid)
             picked = p.served[p.cursor: p.cursor + len(choices)]
             n_served = len(picked)
             p.cursor += n_served
             known = self.samples.get(pid)
             if known is None:
                 known = self.samples[pid] = {}
-            for c, idx in zip(choices, picked, strict=False):
+            for j, idx in enumerate(picked):  # choices beyond the picked ones: not served
+                c = choices[j]
                 got = known.get(idx)
                 if got is None:
                     got = known[idx] = self._served_sample(pid, idx)
@@ -576,9 +593,19 @@ class _Engine:
             st.wakeups = sorted(wakeups)
         else:
             st.wakeups = None
-        st.next_end = min([c.end for c in served])
+        st.next_end = served[0].end if len(served) == 1 else min([c.end for c in served])
         st.pending = served  # the unfinished served choices, in choice order
         self._step(st, top=True)
+
+    def _served_order(self, pid: str) -> list[int]:
+        """``src.served_order(pid, order)`` (the same list), from the whole order's array
+        made lists at once."""
+        rows = self.served_rows
+        if rows is None:
+            rows = self.served_rows = self.src.orders(self.order).tolist()
+            self.served_n = self.src.pool.arrays.n.tolist()
+        i = self.src.pool.index[pid]
+        return rows[i][: self.served_n[i]]
 
     def _served_sample(self, pid: str, idx: int) -> tuple[str, int, str | None, str | None]:
         """(text, tokens, answer, key) of pool sample ``idx`` as the replay backend streams
@@ -589,31 +616,47 @@ class _Engine:
         key = self.grader.key(answer) if answer is not None else None
         return text, tokens, None if key is None else answer, key
 
-    def _resume(self, st: _Stream) -> None:
-        if st.cancel:
-            self._cancelled(st)
-            return
-        self._step(st, top=False)
-
-    def _step(self, st: _Stream, top: bool) -> None:
+    def _step(self, st: _Stream, top: bool = False) -> None:
         """The backend's ``_events`` loop, with the runtime reading each event (its
         ``_on_delta``, ``_finish_choice`` and usage reports), up to the stream's next wait.
 
         ``top``: the stream's own wake-up (its start or its timer), which emits nothing
         unless a choice ends now; else a poke by another stream of the problem, which emits
         the tokens each pending choice has streamed by now. Both then wait for the next
-        wake-up; what a pass emits, the next pass at the same instant no longer can."""
+        wake-up; what a pass emits, the next pass at the same instant no longer can.
+
+        Without ``top`` it is also the stream's resumption after a wake-up (its ``_RESUME``
+        entry), where a cancelled stream closes instead (its start checks that itself)."""
+        if not top and st.cancel:
+            self._cancelled(st)
+            return
         pending = st.pending
         if pending:
             lim = self.clock + _EPS
-            ending = st.next_end <= lim
-            if top and not ending:
-                self._wait(st, lim)
+            if st.next_end > lim:  # no choice ends now: the pending ones stay as they are
+                if not top:  # what each has streamed by now
+                    got = max(0, math.floor((self.clock - st.start - self.ttft) * self.rate
+                                            + _EPS))
+                    changed = False
+                    for c in pending:
+                        g = c.total - 1
+                        if got < g:
+                            g = got
+                        if g > c.emitted:
+                            changed = True
+                            st.emitted += g - c.emitted  # the reader's _on_event
+                            c.emitted = g
+                    if changed:  # UsageReport(0, emitted, final): RequestRecord.add_usage
+                        st.reported = True
+                if st.wakeups is None and st.armed == st.next_end:
+                    st.waiting = True  # _wait, with the timer already armed for next_end
+                else:
+                    self._wait(st, lim)
                 return
             p = st.prob
-            if ending and len(p.streams) > 1:
+            if len(p.streams) > 1:
                 self._poke(p, st)
-            changed = ending
+            changed = True
             got = -1
             keep = []
             next_end = math.inf

@@ -43,6 +43,7 @@ import math
 import multiprocessing
 import os
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -267,10 +268,27 @@ def _majority(keys: np.ndarray, active: np.ndarray, finish: np.ndarray, n_keys: 
     first. Completion order is by finish time, then served position: exact for distinct
     times and within one request; for samples of different requests that finish at the
     very same simulated instant the runtime's order is its timer heap's (the lean
-    engine reproduces it), which this approximates by served position."""
-    R, P, N = keys.shape
-    K = max(n_keys, 1)
+    engine reproduces it), which this approximates by served position.
+
+    Only the (order, problem) rows where two answers share the most votes need the
+    completion order (elsewhere the answer with the most votes wins, and a row without
+    votes gets key 0 and no answer either way), so only those rows are sorted."""
     counts = _votes(keys, active, n_keys)
+    top = counts.max(axis=-1)
+    winner = counts.argmax(axis=-1)
+    tied = (top > 0) & ((counts == top[..., None]).sum(axis=-1) > 1)
+    if tied.any():
+        winner[tied] = _first_vote_winner(keys[tied][None], active[tied][None],
+                                          finish[tied][None], counts[tied][None])[0]
+    return winner, top > 0, counts
+
+
+def _first_vote_winner(keys: np.ndarray, active: np.ndarray, finish: np.ndarray,
+                       counts: np.ndarray) -> np.ndarray:
+    """Per (order, problem) row: the most votes, a tie to the answer whose first vote
+    finished first (by finish time, then served position)."""
+    R, P, N = keys.shape
+    K = counts.shape[-1]
     pos = np.broadcast_to(np.arange(N), (R, P, N))
     # by finish, then position: a stable sort by finish is np.lexsort((pos, finish))
     order = np.argsort(np.where(active, finish, np.inf), axis=-1, kind="stable")
@@ -281,7 +299,7 @@ def _majority(keys: np.ndarray, active: np.ndarray, finish: np.ndarray, n_keys: 
     base = (np.arange(R)[:, None, None] * P + np.arange(P)[None, :, None]) * K
     np.minimum.at(first, (base + np.where(ok, keys, 0))[ok], rank[ok])
     score = counts * (N + 1) - first.reshape(R, P, K)
-    return score.argmax(axis=-1), counts.max(axis=-1) > 0, counts
+    return score.argmax(axis=-1)
 
 
 def full_majority(src: ReplaySource) -> np.ndarray:
@@ -438,22 +456,34 @@ async def _run_problems(src: ReplaySource, policy: Any, order: int, cfg: ReplayC
     return [t.result() for t in tasks]
 
 
+#: per source: each problem's whole-pool majority key (None: no answer), for :func:`_row`
+_MAJORITY_KEYS: weakref.WeakKeyDictionary[ReplaySource, list[str | None]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _majority_keys(src: ReplaySource) -> list[str | None]:
+    got = _MAJORITY_KEYS.get(src)
+    if got is None:
+        keys = src.pool.arrays.keys
+        got = _MAJORITY_KEYS[src] = [keys[i][m] if m >= 0 else None
+                                     for i, m in enumerate(full_majority(src).tolist())]
+    return got
+
+
 def _row(src: ReplaySource, results: Sequence[SolveResult]) -> tuple[np.ndarray, int]:
-    full = full_majority(src).tolist()
-    keys = src.pool.arrays.keys
+    full = _majority_keys(src)
     # one list per metric, in METRICS order, made an array at once
     cols: tuple[list, ...] = tuple([] for _ in METRICS)
     correct, tokens, samples, latency, cancelled, agree, verify_tokens, verifications = cols
     errors = 0
     for i, r in enumerate(results):
-        m = full[i]
         correct.append(math.nan if r.correct is None else float(r.correct))
         tokens.append(r.usage.completion_tokens)
         samples.append(len(r.solutions))
         latency.append(r.elapsed)
         cancelled.append(sum(1 for f in r.failed if f.reason == "cancelled" and f.kind == "solve")
                          if r.failed else 0)
-        agree.append(float(r.key == keys[i][m] if m >= 0 else r.key is None))
+        agree.append(float(r.key == full[i]))  # a None majority: the answer is None too
         verify_tokens.append(r.verification_tokens)
         verifications.append(len(r.verifications))
         if r.error is not None and not isinstance(r.error, PoolExhausted):

@@ -328,14 +328,28 @@ def posterior_risk(a: int, b: int, rest: int, remaining: int, log_prior: np.ndar
 def _posterior_risk(a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray,
                     horizon: int) -> tuple[float, float]:
     post = log_prior + _log_lik(_grid(), a, b, rest)
-    top = post.max()
+    # the ufuncs' reductions themselves (what ndarray.max and .sum call): the same values
+    top = float(_MAX(post))
     if not math.isfinite(top):
         return 1.0, 1.0
     post -= top  # in place: the same arithmetic as exp(lp - top), one array fewer
     np.exp(post, out=post)
-    post /= post.sum()
-    ot = _overturn_tables(max(horizon, remaining))[remaining][a - b]
-    return float(post @ ot), float(post @ (ot * _lead_gap()))
+    post /= _SUM(post)
+    ot, weighted = _overturn_rows(max(horizon, remaining), remaining, a - b)
+    return float(post @ ot), float(post @ weighted)
+
+
+_MAX, _SUM = np.maximum.reduce, np.add.reduce
+
+
+@lru_cache(maxsize=4096)
+def _overturn_rows(horizon: int, remaining: int, lead: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_overturn_tables(horizon)[remaining][lead]`` and that row times
+    :func:`_lead_gap` (the same product each time: memoised; read-only)."""
+    ot = _overturn_tables(horizon)[remaining][lead]
+    weighted = ot * _lead_gap()
+    weighted.flags.writeable = False
+    return ot, weighted
 
 
 @lru_cache(maxsize=1)

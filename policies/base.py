@@ -18,7 +18,9 @@ __all__ = ["Policy", "failures_allowed", "in_flight", "policy_verifies", "top_up
 def failures_allowed(max_failures: int | None, *defaults: int | None) -> int:
     """``max_failures`` when given, else the first default that is not None (a policy's
     size or cap, then a fixed fallback)."""
-    for value in (max_failures, *defaults):
+    if max_failures is not None:
+        return max_failures
+    for value in defaults:
         if value is not None:
             return value
     raise ValueError("failures_allowed needs a default that is not None")

@@ -147,7 +147,10 @@ def _sampling_closed(s: ProblemSnapshot, max_samples: int | None, max_failures: 
 def _room(s: ProblemSnapshot, max_samples: int | None, wanted: int) -> int:
     if max_samples is None:
         return wanted
-    return max(0, min(wanted, max_samples - len(s.solutions) - s.in_flight.samples))
+    room = max_samples - len(s.solutions) - s.in_flight.samples
+    if wanted < room:
+        room = wanted
+    return room if room > 0 else 0  # max(0, min(wanted, room)), without the calls
 
 
 def _ac_confidence(criterion: str, counts: Sequence[int]) -> float:
@@ -167,6 +170,14 @@ def _optimistic_need(criterion: str, threshold: float, counts: tuple[int, ...]) 
     while _ac_confidence(criterion, [counts[0] + extra, *counts[1:]]) < threshold:
         extra += 1
     return extra
+
+
+@lru_cache(maxsize=65536)
+def _ac_state(criterion: str, threshold: float, counts: tuple[int, ...]) -> tuple[float, int]:
+    """(:func:`_ac_confidence`, :meth:`AdaptiveConsistency.optimistic_need`) at vote counts
+    in decreasing order (for ``beta`` the top two are enough), memoised together."""
+    return _ac_confidence(criterion, counts), _optimistic_need(criterion, threshold,
+                                                               counts or (0,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,15 +224,20 @@ class AdaptiveConsistency:
         return _optimistic_need(self.criterion, self.threshold, cs)
 
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
-        counts = [v.votes for v in s.votes()]
-        conf = self.confidence(counts)
+        votes = s.votes()
+        if self.criterion == "beta":  # the criterion reads the top two counts only
+            counts: tuple[int, ...] = ((votes[0].votes, votes[1].votes) if len(votes) > 1
+                                       else (votes[0].votes,) if votes else ())
+        else:
+            counts = tuple([v.votes for v in votes])
+        conf, optimistic = _ac_state(self.criterion, self.threshold, counts)
         if conf >= self.threshold:
             return [majority_stop(s, f"adaptive-consistency: confidence {conf:.3f} >= "
                                      f"{self.threshold:g} after {len(s.solutions)} samples")]
         max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
         closed = _sampling_closed(s, self.max, max_failures)
         if closed is None:
-            need = self.optimistic_need(counts) - s.in_flight.samples
+            need = optimistic - s.in_flight.samples
             k = _room(s, self.max, need)
             if k > 0:
                 return [Sample(k)]
@@ -253,8 +269,14 @@ class EarlyStoppingSC:
         sols = s.solutions
         done_windows = len(sols) // w
         for b in range(done_windows):
-            keys = {x.key for x in sols[b * w:(b + 1) * w]}
-            if len(keys) == 1 and None not in keys:
+            lo = b * w
+            key = sols[lo].key
+            if key is None:
+                continue
+            for i in range(lo + 1, lo + w):  # unanimous: every key equal to the first
+                if sols[i].key != key:
+                    break
+            else:
                 return [majority_stop(s, f"esc: window {b + 1} unanimous after "
                                          f"{len(sols)} samples")]
         max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)

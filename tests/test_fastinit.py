@@ -115,3 +115,17 @@ def test_the_positional_builds_follow_the_field_orders():
                   "estimated_from"],
         "VoteCount": ["key", "answer", "votes", "first_index"],
     }
+
+
+def test_a_subclass_with_inherited_slots_is_built_like_its_constructor():
+    # not a direct subclass of object: no plain twin class, the slots' descriptors instead
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Base:
+        a: int
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Child(Base):
+        b: str
+
+    built = builder(Child)(1, "x")
+    assert type(built) is Child and built == Child(1, "x") and hash(built) == hash(Child(1, "x"))
