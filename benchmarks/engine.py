@@ -44,7 +44,7 @@ from typing import Any
 
 from benchmarks.source import ReplaySource
 from orchestrator.backends.replay import PoolExhausted, parse_sample_text, sample_text
-from orchestrator.decisions import Sample, Stop, Verify
+from orchestrator.decisions import Cancel, Sample, Stop, Verify
 from orchestrator.errors import BackendError, ConfigError, PolicyError, error_text
 from orchestrator.fastinit import builder
 from orchestrator.history import ProblemRecord, RunHistory
@@ -407,11 +407,16 @@ class _Engine:
         p.changed = False
         decisions = tuple(self.policy.decide(self._snapshot(p)))
         stop = None
-        launched = False
+        launched = cancelled = False
+        in_flight = list(p.open.values()) if p.open else None  # what a Cancel applies to
         for d in decisions:
             if isinstance(d, Stop):
                 stop = d
                 break
+            if isinstance(d, Cancel):
+                if in_flight and self._cancel_kind(p, in_flight, d.kind):
+                    cancelled = True
+                continue
             if isinstance(d, Sample):
                 kind, remaining, solution = "solve", d.k, None
             elif isinstance(d, Verify):
@@ -419,7 +424,8 @@ class _Engine:
                     raise PolicyError(f"Verify of unknown solution id {d.solution.id}")
                 kind, remaining, solution = "verify", d.times, d.solution
             else:
-                raise PolicyError(f"policy returned {d!r}, not a Sample, Verify or Stop")
+                raise PolicyError(f"policy returned {d!r}, not a Sample, Verify, Cancel or "
+                                  "Stop")
             while remaining > 0:
                 n = min(remaining, self.max_n)
                 self._launch(p, kind, n, solution)
@@ -440,11 +446,27 @@ class _Engine:
             else:
                 p.waiting_changed = True
             return
-        if not launched:
+        if launched:  # launched, yet nothing open: impossible (a launch opens a request)
+            raise AssertionError("launched work is not open")
+        if not cancelled:
             raise PolicyError(f"policy {self.name} returned no work and no Stop "
                               "with nothing in flight")
-        # launched, yet nothing open: impossible (a launch opens a request)
-        raise AssertionError("launched work is not open")
+        self._decide(p)  # what it cancelled closed at once: the runtime asks again
+
+    def _cancel_kind(self, p: _Problem, streams: list[_Stream], kind: str) -> bool:
+        """``_ProblemRun._cancel``: ``Cancel(kind)`` of the requests in flight when the
+        decision was made; one whose task never ran is closed here, at once."""
+        any_ = False
+        for st in streams:
+            if st.kind != kind or st.cancel or st.request_id not in p.open:
+                continue
+            any_ = True
+            if st.state == "new":
+                st.cancel = True  # its first step throws: _start then only ends the task
+                self._close(st, "cancelled", None, task_done=False)
+            else:
+                self._cancel(st)
+        return any_
 
     def _launch(self, p: _Problem, kind: str, n: int, solution: Solution | None) -> None:
         rid = p.next_request
@@ -749,7 +771,8 @@ class _Engine:
             self._cancel_timer(st.handle)
         self._close(st, "cancelled", None)
 
-    def _close(self, st: _Stream, outcome: str, error: BackendError | None) -> None:
+    def _close(self, st: _Stream, outcome: str, error: BackendError | None,
+               task_done: bool = True) -> None:
         """The stream's exit and the runtime's ``_close_request``."""
         p = st.prob
         if st.state == "open":
@@ -775,7 +798,8 @@ class _Engine:
         else:
             p.closed_unreported = True
         self._set_changed(p)
-        self.ready.append((_TASK_DONE, st))
+        if task_done:
+            self.ready.append((_TASK_DONE, st))
 
 
 _DECIDE, _TIMER, _RESUME, _START, _TASK_DONE, _PARENT = range(6)

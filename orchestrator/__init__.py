@@ -3,7 +3,7 @@
 Public names are re-exported here; the async API is the only API.
 """
 
-from orchestrator.decisions import Decision, Sample, Stop, Verify
+from orchestrator.decisions import Cancel, Decision, Sample, Stop, Verify
 from orchestrator.errors import (
     BackendError,
     ConfigError,
@@ -31,6 +31,7 @@ __all__ = [
     "Blocked",
     "Budget",
     "BudgetLeft",
+    "Cancel",
     "ConfigError",
     "DataError",
     "Decision",

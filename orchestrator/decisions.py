@@ -1,4 +1,5 @@
-"""What a policy can ask for: more samples, verifications of one solution, or a stop."""
+"""What a policy can ask for: more samples, verifications of one solution, cancelling the
+work in flight of one kind, or a stop."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from orchestrator.errors import PolicyError
-from orchestrator.types import Solution
+from orchestrator.types import RequestKind, Solution
 
 #: why a problem stopped, as a code reports and tests read (``Stop.reason`` is the text):
 #: ``settled`` the policy's own criterion says the answer is decided; ``max`` it reached
@@ -68,4 +69,19 @@ class Stop:
                               f"got {self.code!r}")
 
 
-Decision = Sample | Verify | Stop
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Cancel every request of ``kind`` (``"solve"``: the samples, ``"verify"``: the
+    verifications) in flight when the decision is made, without stopping: what they
+    streamed stays charged, their unfinished choices are recorded as cancelled, and the
+    policy is asked again when something changes (e.g. to wait for the other kind's work,
+    then stop). A ``Cancel`` with nothing of its kind in flight does nothing."""
+
+    kind: RequestKind = "solve"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("solve", "verify"):
+            raise PolicyError(f"Cancel.kind must be 'solve' or 'verify', got {self.kind!r}")
+
+
+Decision = Sample | Verify | Cancel | Stop

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import structlog
 
-from orchestrator.decisions import Decision, Sample, Stop, Verify
+from orchestrator.decisions import Cancel, Decision, Sample, Stop, Verify
 from orchestrator.types import FailedSample, Solution, Usage, Verification
 
 
@@ -122,6 +122,8 @@ def _decision_dict(d: Decision) -> dict[str, Any]:
         return {"type": "Sample", "k": d.k}
     if isinstance(d, Verify):
         return {"type": "Verify", "solution_id": d.solution.id, "times": d.times}
+    if isinstance(d, Cancel):
+        return {"type": "Cancel", "kind": d.kind}
     if isinstance(d, Stop):
         return {"type": "Stop", "answer": d.answer, "reason": d.reason, "key": d.key}
     raise TypeError(f"not a decision: {d!r}")

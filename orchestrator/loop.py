@@ -11,7 +11,9 @@ Who does what: the :class:`~orchestrator.ledger.ProblemLedger` charges tokens an
 work (every budget question is answered there); :mod:`orchestrator.reader` reads each
 stream and settles the cut ones; this module builds the snapshots, carries out the
 policy's decisions, turns finished choices into solutions and verifications (the task's
-grader and verdict parser), and records what did not finish. On ``Stop`` every request
+grader and verdict parser), and records what did not finish. ``Cancel(kind)`` cancels
+the requests of that kind in flight (their tasks end with ``CancelledError`` and close
+their streams and ledger records as any cancelled request does). On ``Stop`` every request
 still in flight is cut; leaving the TaskGroup waits for all of them, and each closes its
 stream in ``finally``. When :meth:`ProblemRun.run` returns, no task it started is still
 running.
@@ -31,7 +33,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 from orchestrator.backends.base import Backend
-from orchestrator.decisions import Decision, Sample, Stop, StopCode, Verify
+from orchestrator.decisions import Cancel, Decision, Sample, Stop, StopCode, Verify
 from orchestrator.errors import (
     BackendError,
     EndpointUnreachable,
@@ -224,13 +226,17 @@ class ProblemRun:
 
     def _carry_out(self, tg: asyncio.TaskGroup, decisions: Sequence[Decision]) -> tuple[
             Stop | None, bool, list[RequestKind]]:
-        """Launch what the decisions ask for. Returns (stop, launched_any, the kinds the
-        budget refused, in the order asked)."""
+        """Launch (or cancel) what the decisions ask for. Returns (stop, whether anything
+        was launched or cancelled, the kinds the budget refused, in the order asked)."""
         launched = False
         blocked: list[RequestKind] = []
+        in_flight = list(self.open.values())  # what a Cancel applies to
         for d in decisions:
             if isinstance(d, Stop):
                 return d, launched, blocked
+            if isinstance(d, Cancel):
+                launched = self._cancel(in_flight, d.kind) or launched
+                continue
             if isinstance(d, Sample):
                 kind, remaining, solution = "solve", d.k, None
             elif isinstance(d, Verify):
@@ -238,7 +244,8 @@ class ProblemRun:
                     raise PolicyError(f"Verify of unknown solution id {d.solution.id}")
                 kind, remaining, solution = "verify", d.times, d.solution
             else:
-                raise PolicyError(f"policy returned {d!r}, not a Sample, Verify or Stop")
+                raise PolicyError(f"policy returned {d!r}, not a Sample, Verify, Cancel or "
+                                  "Stop")
             while remaining > 0:
                 started = self._launch(tg, kind, min(remaining, self.max_n), solution)
                 if started == 0:
@@ -248,6 +255,24 @@ class ProblemRun:
                 launched = True
                 remaining -= started
         return None, launched, blocked
+
+    def _cancel(self, requests: Sequence[Request], kind: RequestKind) -> bool:
+        """``Cancel(kind)``: cancel the requests of ``kind`` among ``requests`` that are
+        still open and not cancelled yet; True when there was one. A request whose task
+        has not run yet never will (its coroutine is cancelled before it starts), so it is
+        closed here, as its reader would have closed it."""
+        any_ = False
+        for req in requests:
+            if req.kind != kind or req.cancelling or req.request_id not in self.open:
+                continue
+            req.cancelling = True
+            any_ = True
+            if req.task is not None:
+                req.task.cancel()
+            if not req.begun:
+                self.on_closed(req, "cancelled", None)
+                self.ledger.close(req.record, "cancelled")
+        return any_
 
     # ---- what the reader reports (orchestrator.reader.RequestOwner) --------------------
     def on_finished(self, req: Request, index: int, finish_reason: str) -> None:

@@ -10,8 +10,9 @@ shared by concurrent problems, tested on hand-built snapshots and replayed offli
 The runtime calls ``decide`` at the start and after every change (a sample or
 verification finished, failed or was cancelled). The policy sees what is in flight and
 must not ask again for work it already asked for: it returns the *additional* work
-wanted now (possibly nothing, to wait), or a ``Stop``. Once nothing is in flight, a
-policy must return new work or a ``Stop``.
+wanted now (possibly nothing, to wait), or a ``Stop``; ``Cancel(kind)`` ends the work of
+one kind in flight without stopping (e.g. the samples, while a verification still runs).
+Once nothing is in flight, a policy must return new work or a ``Stop``.
 
 The policy always has the last word. When nothing is in flight and the work it asked for
 did not fit the budget (or the budget cannot hold even one more sample), the runtime asks

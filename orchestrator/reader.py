@@ -98,6 +98,8 @@ class Request:
     events: EventStream | None = None  # the open stream, when it can be cut
     opening: bool = False  # the backend is opening the stream (the server may be sending)
     cut_on_open: bool = False  # cut the stream as soon as it opens (it was opening late)
+    begun: bool = False  # its task has run: however it ends, it closes the request itself
+    cancelling: bool = False  # a Cancel decision cancelled it (it may still be closing)
 
     def done(self, choice: int) -> bool:
         return self.record.choice_done[choice]
@@ -129,6 +131,7 @@ async def read_request(req: Request, ledger: ProblemLedger, limiter: Limiter,
     """Run ``req`` to its end (module docstring). However it ends, ``owner.on_closed`` is
     called and then the request's ledger record is closed (its charge final, its
     reservations released)."""
+    req.begun = True
     outcome = "failed"
     error: BackendError | None = None
     counting = HTTP_REQUESTS.set(req.record)  # the backend counts its HTTP requests

@@ -11,9 +11,13 @@ the samples and the vote-based stop; every parameter of ``Adaptive`` is one of t
   used only when the profile says it is useful (AUC above ``min_auc``; online: its 95%
   lower bound). Otherwise the policy *is* ``adaptive``: the same decisions on every
   snapshot — except, while the online estimate still lacks readings, a few exploratory
-  verifications (the first solution of each of the two leading answers) that run beside
-  the samples and never delay a stop nor change an answer, so their pseudo-labels are the
-  vote's and not the verifier's own.
+  verifications (the first solution of the leading answer while pseudo-positives are
+  short, of the runner-up while pseudo-negatives are) that run beside the samples and
+  never change an answer, so their pseudo-labels are the vote's and not the verifier's
+  own. When ``adaptive`` settles while such a reading is in flight, the policy cancels the
+  samples (``Cancel("solve")``) and stops once the reading is in: a reading cut by the
+  stop would cost tokens and teach nothing (on the AIME pools, with solutions thousands
+  of tokens long, the stop used to cut 70-93% of them).
 * **Evidence.** Votes and readings combine into one posterior over which answer is
   right (:mod:`policies.evidence`). A solution is read again only when the profile says
   readings of one solution differ (``repeat_icc`` known and below ``max_icc``); the
@@ -46,14 +50,14 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from orchestrator.decisions import Decision, Sample, Stop, StopCode, Verify
+from orchestrator.decisions import Cancel, Decision, Sample, Stop, StopCode, Verify
 from orchestrator.errors import ConfigError
 from orchestrator.snapshot import AnswerStats, ProblemSnapshot
 from orchestrator.types import Solution
 from policies.adaptive import Adaptive
 from policies.base import failures_allowed
 from policies.evidence import Evidence, evidence, sample_gain, verify_gain
-from policies.online import estimate_online
+from policies.online import OnlineEstimate, estimate_online
 from policies.profile import VerifierProfile
 
 __all__ = ["Solverify", "VerifyContested"]
@@ -154,31 +158,44 @@ class _Verifying:
         return []
 
     # ---- the verifier -------------------------------------------------------------
-    def verifier(self, s: ProblemSnapshot) -> tuple[VerifierProfile | None, bool]:
-        """(the profile to use, or None: do not use the verifier; whether to explore)."""
+    def verifier(self, s: ProblemSnapshot) -> tuple[VerifierProfile | None,
+                                                    OnlineEstimate | None]:
+        """(the profile to use, or None: do not use the verifier; the online estimate
+        while the policy explores, else None)."""
         if self._profile is not None:
-            return (self._profile if self._profile.useful(self.min_auc) else None), False
+            return (self._profile if self._profile.useful(self.min_auc) else None), None
         if self.explore == 0:
-            return None, False
+            return None, None
         est = estimate_online(s.history, min_per_class=self.explore, min_auc=self.min_auc)
         usable = est.usable
         if usable is not None:
-            return usable, False
+            return usable, None
         # still collecting, until both classes have enough or 6x that many were read
         exploring = not est.enough and est.positives + est.negatives < 6 * self.explore
-        return None, exploring
+        return None, est if exploring else None
 
     def rereads(self, profile: VerifierProfile) -> bool:
         """Is a second reading of one solution worth asking for?"""
         return profile.repeat_icc is not None and profile.repeat_icc < self.max_icc
 
-    def _explore(self, s: ProblemSnapshot, base: Sequence[Decision]) -> list[Decision]:
-        """``adaptive``'s decisions plus exploratory verifications that never hold a stop."""
-        if _stop_of(base) is not None or not s.budget_left.can_verify or s.blocked:
+    def _explore(self, s: ProblemSnapshot, base: Sequence[Decision], est: OnlineEstimate
+                 ) -> list[Decision]:
+        """``adaptive``'s decisions plus exploratory verifications, which change no answer:
+        the first solution of the leader while the estimate lacks pseudo-positives, of the
+        runner-up while it lacks pseudo-negatives. A settled stop waits for the readings
+        in flight, its samples cancelled (only a problem that settled gives pseudo-labels,
+        and only a reading that returned is one)."""
+        stop = _stop_of(base)
+        if stop is not None:
+            if stop.code != "settled" or s.blocked or not s.in_flight.verification_total:
+                return list(base)
+            return [Cancel("solve")] if s.in_flight.samples else []
+        if not s.budget_left.can_verify or s.blocked:
             return list(base)
         extra: list[Decision] = []
-        for a in s.answers()[:2]:
-            if a.verified + a.verifying + a.failed_verifications == 0:
+        lacking = (est.positives < self.explore, est.negatives < self.explore)
+        for a, wanted in zip(s.answers()[:2], lacking, strict=False):
+            if wanted and a.verified + a.verifying + a.failed_verifications == 0:
                 extra.append(Verify(a.solutions[0]))
         return [*base, *extra]
 
@@ -206,7 +223,7 @@ class _Verifying:
         base = self._adaptive.decide(s)
         profile, exploring = self.verifier(s)
         if profile is None:
-            return self._explore(s, base) if exploring else base
+            return base if exploring is None else self._explore(s, base, exploring)
         ev = evidence(s, profile, self.prior, self.doubt)
         if s.blocked is not None:
             return [self._finish(s, ev, s.blocked.reason, "budget")]

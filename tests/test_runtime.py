@@ -218,7 +218,7 @@ async def test_no_task_outlives_solve_when_policy_raises():
 
     async with asyncio.TaskGroup() as tg:
         tg.create_task(release())
-        with pytest.raises(PolicyError, match="not a Sample, Verify or Stop"):
+        with pytest.raises(PolicyError, match="not a Sample, Verify, Cancel or Stop"):
             await solve(PROBLEM, Broken(), backend=backend, task=TASK, max_n=1)
     assert backend.open_streams == 0
     assert other_tasks() == set()
