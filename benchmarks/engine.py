@@ -408,13 +408,13 @@ class _Engine:
         decisions = tuple(self.policy.decide(self._snapshot(p)))
         stop = None
         launched = cancelled = False
-        in_flight = list(p.open.values()) if p.open else None  # what a Cancel applies to
+        before = p.next_request  # a Cancel applies to the requests launched before this
         for d in decisions:
             if isinstance(d, Stop):
                 stop = d
                 break
             if isinstance(d, Cancel):
-                if in_flight and self._cancel_kind(p, in_flight, d.kind):
+                if p.open and self._cancel_kind(p, before, d.kind):
                     cancelled = True
                 continue
             if isinstance(d, Sample):
@@ -453,12 +453,13 @@ class _Engine:
                               "with nothing in flight")
         self._decide(p)  # what it cancelled closed at once: the runtime asks again
 
-    def _cancel_kind(self, p: _Problem, streams: list[_Stream], kind: str) -> bool:
+    def _cancel_kind(self, p: _Problem, before: int, kind: str) -> bool:
         """``_ProblemRun._cancel``: ``Cancel(kind)`` of the requests in flight when the
-        decision was made; one whose task never ran is closed here, at once."""
+        decision was made (ids below ``before``); one whose task never ran is closed here,
+        at once."""
         any_ = False
-        for st in streams:
-            if st.kind != kind or st.cancel or st.request_id not in p.open:
+        for st in list(p.open.values()):
+            if st.kind != kind or st.cancel or st.request_id >= before:
                 continue
             any_ = True
             if st.state == "new":

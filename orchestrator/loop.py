@@ -230,12 +230,12 @@ class ProblemRun:
         was launched or cancelled, the kinds the budget refused, in the order asked)."""
         launched = False
         blocked: list[RequestKind] = []
-        in_flight = list(self.open.values())  # what a Cancel applies to
+        before = self._next_request  # a Cancel applies to the requests launched before this
         for d in decisions:
             if isinstance(d, Stop):
                 return d, launched, blocked
             if isinstance(d, Cancel):
-                launched = self._cancel(in_flight, d.kind) or launched
+                launched = self._cancel(before, d.kind) or launched
                 continue
             if isinstance(d, Sample):
                 kind, remaining, solution = "solve", d.k, None
@@ -256,14 +256,14 @@ class ProblemRun:
                 remaining -= started
         return None, launched, blocked
 
-    def _cancel(self, requests: Sequence[Request], kind: RequestKind) -> bool:
-        """``Cancel(kind)``: cancel the requests of ``kind`` among ``requests`` that are
-        still open and not cancelled yet; True when there was one. A request whose task
-        has not run yet never will (its coroutine is cancelled before it starts), so it is
-        closed here, as its reader would have closed it."""
+    def _cancel(self, before: int, kind: RequestKind) -> bool:
+        """``Cancel(kind)``: cancel the open requests of ``kind`` launched before this
+        decision (ids below ``before``) and not cancelled yet; True when there was one. A
+        request whose task has not run yet never will (its coroutine is cancelled before
+        it starts), so it is closed here, as its reader would have closed it."""
         any_ = False
-        for req in requests:
-            if req.kind != kind or req.cancelling or req.request_id not in self.open:
+        for req in list(self.open.values()):
+            if req.kind != kind or req.cancelling or req.request_id >= before:
                 continue
             req.cancelling = True
             any_ = True
