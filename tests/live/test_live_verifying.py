@@ -49,7 +49,13 @@ async def test_solverify_does_not_let_a_useless_verifier_choose(
     await asyncio.sleep(0.3)
     generated = await settled_tokens(vllm_server) - before
     assert all(r.ok for r in results), [r.error for r in results]
-    assert sum(r.usage.completion_tokens for r in results) == generated
+    charged = sum(r.usage.completion_tokens for r in results)
+    abandoned = sum(r.abandoned_http_requests for r in results)
+    # exact, unless a request was given up before its first token (a connection error
+    # then a retry): the server may have generated tokens for it that no stream reported
+    # (README "Scaling out"; as tests/live/test_live_scaleout.py checks)
+    assert charged == generated if abandoned == 0 else charged <= generated, (
+        charged, generated, abandoned)
     assert all(majority_answer(r) for r in results), [
         (r.key, [s.key for s in r.solutions]) for r in results if not majority_answer(r)]
     reads = [len(r.verifications) for r in finished]  # in the order problems finished
@@ -66,4 +72,5 @@ async def test_solverify_does_not_let_a_useless_verifier_choose(
     note(f"solverify ({'measured profile' if profiled else 'online estimate'}) x 40 capitals: "
          f"{correct}/40 correct, {sum(len(r.solutions) for r in results)} samples, "
          f"{sum(reads)} verifications ({sum(reads[:half])} in the first 20 to finish, "
-         f"{sum(reads[half:])} in the last 20); ledger {generated:.0f} == /metrics")
+         f"{sum(reads[half:])} in the last 20); ledger {charged} vs /metrics {generated:.0f}, "
+         f"{abandoned} HTTP requests abandoned before a first token")
