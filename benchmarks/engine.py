@@ -658,8 +658,7 @@ class _Engine:
             lim = self.clock + _EPS
             if st.next_end > lim:  # no choice ends now: the pending ones stay as they are
                 if not top:  # what each has streamed by now
-                    got = max(0, math.floor((self.clock - st.start - self.ttft) * self.rate
-                                            + _EPS))
+                    got = self._streamed(st)
                     changed = False
                     for c in pending:
                         g = c.total - 1
@@ -691,8 +690,7 @@ class _Engine:
                     self._final(st, c)
                 else:
                     if got < 0:
-                        got = max(0, math.floor((self.clock - st.start - self.ttft) * self.rate
-                                                + _EPS))
+                        got = self._streamed(st)
                     g = c.total - 1
                     if got < g:
                         g = got
@@ -722,6 +720,11 @@ class _Engine:
                 f"{p.problem.id!r}"))
             return
         self._close(st, "ok", None)
+
+    def _streamed(self, st: _Stream) -> int:
+        """Tokens each unfinished choice of ``st`` has streamed by now (before its last):
+        the replay backend's arithmetic."""
+        return max(0, math.floor((self.clock - st.start - self.ttft) * self.rate + _EPS))
 
     def _wait(self, st: _Stream, lim: float) -> None:
         """Nothing ends now: (re)arm the stream's timer for its next wake-up and wait."""

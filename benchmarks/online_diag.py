@@ -31,6 +31,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.history import RunHistory
 from orchestrator.snapshot import ProblemSnapshot
 from policies.online import estimate_online
+from policies.verifying import Solverify, VerifyContested
 
 
 class _Traced:
@@ -53,7 +54,7 @@ def diagnose(src: ReplaySource, spec: str, orders: int) -> list[dict[str, Any]]:
     if not src.problems:
         raise ConfigError(f"pool {src.name} has no problems")
     policy = policy_for(spec, int(src.pool.arrays.n.max()))
-    if not callable(getattr(policy, "verifier", None)) or getattr(policy, "profile", 1):
+    if not isinstance(policy, Solverify | VerifyContested) or policy.profile:
         raise ConfigError(f"{spec}: a verifying policy without a profile is needed "
                           "(verify-contested or solverify)")
     grader = src.task.grader

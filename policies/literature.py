@@ -172,6 +172,11 @@ def _optimistic_need(criterion: str, threshold: float, counts: tuple[int, ...]) 
     return extra
 
 
+def _criterion_counts(criterion: str, counts: Sequence[int]) -> tuple[int, ...]:
+    """The vote counts (decreasing) that ``criterion`` reads: ``beta`` the top two only."""
+    return tuple(counts[:2]) if criterion == "beta" else tuple(counts)
+
+
 @lru_cache(maxsize=65536)
 def _ac_state(criterion: str, threshold: float, counts: tuple[int, ...]) -> tuple[float, int]:
     """(:func:`_ac_confidence`, :meth:`AdaptiveConsistency.optimistic_need`) at vote counts
@@ -218,18 +223,11 @@ class AdaptiveConsistency:
 
     def optimistic_need(self, counts: Sequence[int]) -> int:
         """Fewest further votes (all for the leader) after which the criterion holds."""
-        cs = tuple(counts) or (0,)
-        if self.criterion == "beta":  # the criterion reads the top two counts only
-            cs = cs[:2]
+        cs = _criterion_counts(self.criterion, counts) or (0,)
         return _optimistic_need(self.criterion, self.threshold, cs)
 
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
-        votes = s.votes()
-        if self.criterion == "beta":  # the criterion reads the top two counts only
-            counts: tuple[int, ...] = ((votes[0].votes, votes[1].votes) if len(votes) > 1
-                                       else (votes[0].votes,) if votes else ())
-        else:
-            counts = tuple([v.votes for v in votes])
+        counts = _criterion_counts(self.criterion, [v.votes for v in s.votes()])
         conf, optimistic = _ac_state(self.criterion, self.threshold, counts)
         if conf >= self.threshold:
             return [majority_stop(s, f"adaptive-consistency: confidence {conf:.3f} >= "
