@@ -132,6 +132,7 @@ class ProblemRun:
         self._next_sample = 0
         self._loop = asyncio.get_running_loop()
         self._t0 = self._loop.time()
+        self._settlers: list[asyncio.Task] = []  # bound the settled cuts of Cancel decisions
         self.fatal: BackendError | None = None
 
     # ---- clock & events --------------------------------------------------------------
@@ -148,6 +149,8 @@ class ProblemRun:
         sample_tokens: list[int] = []
         verifying: dict[int, int] = {}
         for req in self.open.values():
+            if req.cancelling:
+                continue  # cancelled by the policy; only settling its last tokens
             record = req.record
             if req.kind == "solve":
                 for i in range(record.n):
@@ -235,7 +238,7 @@ class ProblemRun:
             if isinstance(d, Stop):
                 return d, launched, blocked
             if isinstance(d, Cancel):
-                launched = self._cancel(before, d.kind) or launched
+                launched = self._cancel(tg, before, d.kind) or launched
                 continue
             if isinstance(d, Sample):
                 kind, remaining, solution = "solve", d.k, None
@@ -256,23 +259,57 @@ class ProblemRun:
                 remaining -= started
         return None, launched, blocked
 
-    def _cancel(self, before: int, kind: RequestKind) -> bool:
+    def _cancel(self, tg: asyncio.TaskGroup, before: int, kind: RequestKind) -> bool:
         """``Cancel(kind)``: cancel the open requests of ``kind`` launched before this
-        decision (ids below ``before``) and not cancelled yet; True when there was one. A
-        request whose task has not run yet never will (its coroutine is cancelled before
-        it starts), so it is closed here, as its reader would have closed it."""
+        decision (ids below ``before``) and not cancelled yet; True when there was one.
+
+        A request whose task has not run yet never will (its coroutine is cancelled before
+        it starts), so it is closed here, as its reader would have closed it; one still
+        waiting for a slot never reached the server and is cancelled. One on the server
+        of a backend with ``cut_grace`` gets the settled cut, as at a stop (the tokens of
+        its current step are on their way and the server counts them): a watcher in the
+        problem's task group cuts it if its next step has not come within ``cut_grace``.
+        Any other is cancelled at once."""
+        settling: list[Request] = []
         any_ = False
         for req in list(self.open.values()):
             if req.kind != kind or req.cancelling or req.request_id >= before:
                 continue
             req.cancelling = True
             any_ = True
+            if req.sent and req.backend.cut_grace > 0:
+                req.cut = True  # the reader settles it at its next event
+                settling.append(req)
+                continue
             if req.task is not None:
                 req.task.cancel()
             if not req.begun:
                 self.on_closed(req, "cancelled", None)
                 self.ledger.close(req.record, "cancelled")
+        if settling:
+            self._settlers.append(tg.create_task(
+                self._bound_settle(settling), name=f"{self.problem.id}/cancel{before}"))
         return any_
+
+    async def _bound_settle(self, reqs: list[Request]) -> None:
+        """Bound the settled cut of cancelled requests by their backends' ``cut_grace``:
+        one whose next step has not come by then is cut now (and read to its end by its
+        reader), or, still opening, as soon as it opens; one that cannot be cut is
+        cancelled."""
+        tasks = [req.task for req in reqs if req.task is not None]
+        if not tasks:
+            return
+        grace = max(req.backend.cut_grace for req in reqs)
+        _, late = await asyncio.wait(tasks, timeout=grace)
+        for req in reqs:
+            if req.task not in late or req.cut_sent or req.cut_on_open:
+                continue
+            if req.events is not None:
+                cut(req)
+            elif req.opening:
+                req.cut_on_open = True
+            else:
+                req.task.cancel()
 
     # ---- what the reader reports (orchestrator.reader.RequestOwner) --------------------
     def on_finished(self, req: Request, index: int, finish_reason: str) -> None:
@@ -361,6 +398,8 @@ class ProblemRun:
                 except Exception as exc:  # re-raised below, unwrapped, once the group is closed
                     failure = exc
                 finally:
+                    for settler in self._settlers:
+                        settler.cancel()
                     for req in list(self.open.values()):
                         if req.task is not None:
                             req.task.cancel()
@@ -375,6 +414,8 @@ class ProblemRun:
         """The settled cut of everything in flight (:mod:`orchestrator.reader`): a stream
         whose next step has not come within its backend's ``cut_grace`` is cut then (and
         read to its end), or, if it cannot be cut, left to the caller to cancel."""
+        for settler in self._settlers:
+            settler.cancel()  # the stop's own cut takes over every open request
         if not self.open:
             return
         grace = 0.0
@@ -398,7 +439,9 @@ class ProblemRun:
         for req in list(self.open.values()):
             if req.task not in late:
                 continue
-            if req.events is not None:
+            if req.cut_sent or req.cut_on_open:
+                pass  # cut already (by a Cancel's watcher): being read to its end
+            elif req.events is not None:
                 cut(req)  # no step came: cut it now and read what the server still sends
             elif req.opening:
                 req.cut_on_open = True  # the server may have sent tokens already

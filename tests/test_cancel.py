@@ -8,6 +8,7 @@ stop that would cut an exploratory reading cancels the samples and waits for the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -106,6 +107,116 @@ async def test_cancel_applies_only_to_work_in_flight_before_the_decision():
         # Cancel of nothing, with nothing in flight, is no work at all
         await solve(PROBLEM, CancelWithNothingInFlight(), backend=backend, task=WordTask())
     assert backend.generated_tokens == 2
+
+
+# ---- a server that counts tokens in transit (cut_grace > 0): the settled cut, as at a stop ---
+@dataclass(frozen=True)
+class VerifyFirstThenCancelRecording(VerifyFirstThenCancel):
+    """VerifyFirstThenCancel that records what each sample in flight had streamed when it
+    asked for the Cancel, and what the snapshots after it show in flight."""
+
+    seen: list = dataclasses.field(default_factory=list)
+    after: list = dataclasses.field(default_factory=list)
+
+    def decide(self, s):
+        out = super().decide(s)
+        if any(isinstance(d, Cancel) for d in out) and not self.seen:
+            self.seen.extend(sorted(s.in_flight.sample_tokens))
+        elif self.seen:
+            self.after.append(s.in_flight.samples)
+        return out
+
+
+def _sim(make):
+    from orchestrator.simclock import simulated_runner
+
+    async def timed():
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        out = await make()
+        return loop.time() - t0, out
+
+    with simulated_runner() as runner:
+        return runner.run(timed())
+
+
+def test_a_cancelled_stream_gets_its_next_step_then_is_cut():
+    """Streams with steps coming: each cancelled sample is read to its next chunk (the
+    tokens the server counted for that step) and then cut, not dropped mid-step."""
+    def respond(req, i):
+        if req.kind == "verify":
+            return FakeReply.text("yes", delay=1.0)
+        if i == 0:
+            return FakeReply.text("so seven", delay=0.01)
+        return FakeReply.text(" ".join(["w"] * 40), delay=0.03)
+
+    async def run():
+        backend = FakeBackend(respond, cut_grace=0.5)
+        policy = VerifyFirstThenCancelRecording()
+        result = await solve(PROBLEM, policy, backend=backend, task=WordTask(), max_n=1)
+        return result, backend, policy
+
+    took, (result, backend, policy) = _sim(run)
+    assert result.answer == "seven" and len(result.verifications) == 1
+    cancelled = sorted(f.completion_tokens for f in result.failed if f.reason == "cancelled")
+    assert len(policy.seen) == 2 and cancelled == [t + 1 for t in policy.seen]
+    assert set(policy.after) == {0}  # cancelled work is not shown in flight
+    assert result.usage.completion_tokens == backend.generated_tokens
+    assert backend.cut_streams == 2 and backend.open_streams == 0
+    assert took == pytest.approx(0.02 + 1.0)  # the reading's time; the cut waits on nothing
+
+
+def test_a_cancelled_stream_silent_on_the_server_is_cut_after_cut_grace():
+    """A held sample sends no step after the Cancel: its watcher cuts it after exactly
+    cut_grace (simulated) while the verification runs on; every token is charged."""
+    hold = asyncio.Event()  # never set
+
+    async def run():
+        backend = FakeBackend(_respond_held(hold, verify_delay=2.0), cut_grace=0.5)
+        events = []
+        result = await solve(PROBLEM, VerifyFirstThenCancel(), backend=backend,
+                             task=WordTask(), max_n=1, sinks=[events.append])
+        return result, backend, events
+
+    took, (result, backend, events) = _sim(run)
+    assert result.answer == "seven" and result.reason == "read"
+    assert [f.completion_tokens for f in result.failed] == [2, 2]
+    assert result.usage.completion_tokens == backend.generated_tokens
+    assert backend.cut_streams == 2 and backend.open_streams == 0
+    cut_at = sorted(e.t for e in events if isinstance(e, RequestFinished)
+                    and e.outcome == "cancelled")
+    assert cut_at == [pytest.approx(0.5)] * 2  # the Cancel came at 0: cut at its grace
+    assert took == pytest.approx(2.0)
+
+
+def test_a_stop_while_a_cancelled_stream_settles_takes_the_cut_over():
+    """The reading comes back before the cancelled samples' grace ends and the policy
+    stops: the stop's own cut ends them (no watcher left behind, nothing lost)."""
+    hold = asyncio.Event()  # never set
+
+    async def run():
+        backend = FakeBackend(_respond_held(hold, verify_delay=0.1), cut_grace=5.0)
+        result = await solve(PROBLEM, VerifyFirstThenCancel(), backend=backend,
+                             task=WordTask(), max_n=1)
+        return result, backend, {t for t in asyncio.all_tasks()
+                                 if t is not asyncio.current_task()}
+
+    took, (result, backend, left) = _sim(run)
+    assert result.answer == "seven" and len(result.failed) == 2
+    assert result.usage.completion_tokens == backend.generated_tokens
+    assert backend.cut_streams == 2 and backend.open_streams == 0 and left == set()
+    assert took == pytest.approx(0.1 + 5.0)  # the stop waits its own grace for a step
+
+
+def _respond_held(hold: asyncio.Event, verify_delay: float):
+    def respond(req, i):
+        if req.kind == "verify":
+            return FakeReply.text("yes", delay=verify_delay)
+        if i == 0:
+            return FakeReply.text("so seven")
+        return FakeReply.text("a b c d e f", hold=hold, hold_after=2)  # held mid-stream
+
+    return respond
 
 
 # ---- the lean engine keeps the runtime's results with Cancel ----------------------------------
