@@ -347,6 +347,10 @@ class _Engine:
             self.ready.append((_RESUME, st))
 
     def _poke(self, p: _Problem, me: _Stream | None) -> None:
+        """Wake the problem's other waiting streams (the replay backend's notify). Each
+        wakes in a hop of its own, even when all it will do is emit what it has streamed
+        by now: a stop that cancels it before that hop runs finds the wake-up queued, and
+        its cancellation then runs in that place of the ready queue, not a later one."""
         for other in p.streams:
             if other is not me and other.waiting:
                 other.waiting = False
@@ -631,13 +635,7 @@ class _Engine:
         return rows[i][: self.served_n[i]]
 
     def _served_sample(self, pid: str, idx: int) -> tuple[str, int, str | None, str | None]:
-        """(text, tokens, answer, key) of pool sample ``idx`` as the replay backend streams
-        it and the runtime grades it (the grader's extract, then its key)."""
-        pred, tokens = self.src.sample(pid, idx)
-        text = sample_text(idx, pred)
-        answer = self.grader.extract(text)
-        key = self.grader.key(answer) if answer is not None else None
-        return text, tokens, None if key is None else answer, key
+        return served_sample(self.src, self.grader, pid, idx)
 
     def _step(self, st: _Stream, top: bool = False) -> None:
         """The backend's ``_events`` loop, with the runtime reading each event (its
@@ -813,6 +811,17 @@ _DECIDE, _TIMER, _RESUME, _START, _TASK_DONE, _PARENT = range(6)
 #: order it is served in; the source's grader is fixed)
 _SERVED: weakref.WeakKeyDictionary[ReplaySource, dict[str, dict[int, tuple]]] = \
     weakref.WeakKeyDictionary()
+
+
+def served_sample(src: ReplaySource, grader: Any, pid: str, idx: int
+                  ) -> tuple[str, int, str | None, str | None]:
+    """(text, tokens, answer, key) of pool sample ``idx`` as the replay backend streams it
+    and the runtime grades it (the grader's extract, then its key)."""
+    pred, tokens = src.sample(pid, idx)
+    text = sample_text(idx, pred)
+    answer = grader.extract(text)
+    key = grader.key(answer) if answer is not None else None
+    return text, tokens, None if key is None else answer, key
 
 
 def _served_samples(src: ReplaySource) -> dict[str, dict[int, tuple]]:
