@@ -1,6 +1,6 @@
 """Replay policies on recorded pools: ``solverify bench replay``.
 
-Three engines give the same numbers for the same seed:
+Four engines give the same numbers for the same seed:
 
 * **lean** (the default for every policy that is not a plain fixed plan;
   :mod:`benchmarks.engine`): the problems of an order replayed by a small event loop that
@@ -27,7 +27,15 @@ Three engines give the same numbers for the same seed:
   then served position; see :func:`_majority` for the one case (different requests
   finishing at the very same instant) where that approximates the runtime's order.
 
-Orders of the lean and runtime engines are spread over worker processes (``fork``; one
+* **direct** (``ac``, ``esc`` and ``boinf`` without a concurrency cap and with one chunk per
+  sample, chosen by the policy's type; :mod:`benchmarks.direct`): their counting rules
+  (``sampling_step``, which their ``decide`` also calls) on the vote counts, one problem at
+  a time in a plain loop; the lean engine's per-problem numbers (latency to rounding), and
+  an order it cannot replay exactly (samples of different requests finishing at one
+  instant where their order matters, the pool running out) goes to the lean engine, which
+  the outcome's ``notes`` count.
+
+Orders of the direct, lean and runtime engines are spread over worker processes (``fork``; one
 process otherwise).
 
 Statistics: a problem's accuracy is its mean over orders; ``accuracy_ci95`` is a
@@ -69,6 +77,7 @@ __all__ = [
     "horizon",
     "replay_policy",
     "replay_pool",
+    "run_direct_order",
     "run_lean_order",
     "run_runtime_order",
     "summarise",
@@ -86,7 +95,8 @@ METRICS = ("correct", "tokens", "samples", "latency", "cancelled", "agree", "ver
 class ReplayConfig:
     """How to replay. ``decode_rate`` (tokens/s per sample) and ``ttft`` (s) set the
     simulated clock; ``workers`` processes run the lean and runtime engines (``None``: one
-    per CPU); ``engine``: ``"auto"`` (vectorised for fixed plans, lean for the rest),
+    per CPU); ``engine``: ``"auto"`` (vectorised for fixed plans, direct for ``ac``, ``esc`` and
+    ``boinf``, lean for the rest),
     ``"lean"`` (lean for every policy) or ``"runtime"`` (every policy through the runtime,
     for cross-checks). Under a ``concurrency`` cap the lean engine hands over to the
     runtime."""
@@ -341,8 +351,11 @@ def _vector_sc(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig, trim: bool
                ) -> dict[str, np.ndarray]:
     """The metrics of a fixed SC plan. ``trim`` (the same numbers; False for the tests):
     only the positions some problem draws, since the others change nothing: inactive
-    samples take no slot, cast no vote and sort after every active one (finish inf)."""
+    samples take no slot, cast no vote and sort after every active one (finish inf); and
+    a plan that draws every sample without a cap by :func:`_vector_sc_all`."""
     a = src.pool.arrays
+    if trim and cfg.concurrency is None and plan.solutions >= int(a.n.max(initial=0)):
+        return _vector_sc_all(src, cfg)
     served, active, keys, toks = _drawn(src, plan, cfg, trim=trim)
     R, P, _ = served.shape
     durations = cfg.ttft + toks / cfg.decode_rate
@@ -357,6 +370,47 @@ def _vector_sc(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig, trim: bool
         "agree": _agree(src, winner, has),
         "verify_tokens": np.zeros((R, P)),
         "verifications": np.zeros((R, P)),
+    }
+
+
+def _vector_sc_all(src: ReplaySource, cfg: ReplayConfig) -> dict[str, np.ndarray]:
+    """:func:`_vector_sc` of a plan that draws every sample, without a cap. Every sample
+    then starts at once in every order, so tokens, samples, latency and vote counts do
+    not depend on the order (the sums are of integers, exact in any order); the order
+    matters only where two answers share the most votes, and only those problems are
+    taken in served order."""
+    a = src.pool.arrays
+    R = cfg.orders
+    valid = a.valid
+    K = a.key_correct.shape[1]
+    dur = cfg.ttft + a.tokens / cfg.decode_rate
+    counts = _votes(a.key[None], valid[None], K)[0]  # (P, K)
+    top = counts.max(axis=-1)
+    has = top > 0
+    winner = np.broadcast_to(counts.argmax(axis=-1), (R, len(top))).copy()
+    tied = np.nonzero(has & ((counts == top[:, None]).sum(axis=-1) > 1))[0]
+    if tied.size:
+        served = np.stack([src.orders(r)[tied] for r in range(R)])  # (R, T, N)
+        active = served >= 0
+        keys = _take(a.key[tied], served, -2)
+        finish = np.where(active, _take(dur[tied], served, 0.0), np.inf)
+        tied_counts = counts[tied]
+        winner[:, tied] = _first_vote_winner(keys, active, finish,
+                                             np.broadcast_to(tied_counts, (R, *tied_counts.shape)))
+    has_r = np.broadcast_to(has, winner.shape)
+
+    def per_order(values: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(values, winner.shape).copy()
+
+    return {
+        "correct": _key_correct(src, winner, has_r),
+        "tokens": per_order(np.where(valid, a.tokens, 0.0).sum(-1)),
+        "samples": per_order(valid.sum(-1).astype(float)),
+        "latency": per_order(np.where(valid, dur, 0.0).max(-1, initial=0.0)),
+        "cancelled": np.zeros(winner.shape),
+        "agree": _agree(src, winner, has_r),
+        "verify_tokens": np.zeros(winner.shape),
+        "verifications": np.zeros(winner.shape),
     }
 
 
@@ -504,6 +558,19 @@ def run_runtime_order(src: ReplaySource, policy: PolicyLike, order: int, cfg: Re
     return _row(src, results)
 
 
+def run_direct_order(src: ReplaySource, policy: PolicyLike, order: int, cfg: ReplayConfig
+                     ) -> tuple[np.ndarray, int] | None:
+    """One order of a counting rule through the direct engine (:mod:`benchmarks.direct`):
+    the same (metrics × problems array, errors) as :func:`run_lean_order`, or ``None``
+    where the order needs the lean engine."""
+    from benchmarks.direct import run_direct_order as run
+
+    policy = policy_for(policy, int(src.pool.arrays.n.max()))
+    row = run(src, policy, order, decode_rate=cfg.decode_rate, ttft=cfg.ttft,
+              majority=_majority_keys(src), metrics=len(METRICS))
+    return None if row is None else (row, 0)
+
+
 def run_lean_order(src: ReplaySource, policy: PolicyLike, order: int, cfg: ReplayConfig
                    ) -> tuple[np.ndarray, int]:
     """One order of one policy through the lean engine (:mod:`benchmarks.engine`): the
@@ -519,10 +586,17 @@ def run_lean_order(src: ReplaySource, policy: PolicyLike, order: int, cfg: Repla
 _SOURCES: dict[int, ReplaySource] = {}
 
 
-def _worker(job: tuple[int, Any, int, ReplayConfig, str]) -> tuple[np.ndarray, int]:
+def _worker(job: tuple[int, Any, int, ReplayConfig, str]) -> tuple[np.ndarray, int, bool]:
+    """(row, errors, whether a direct order went to the lean engine)."""
     key, policy, order, cfg, engine = job
+    src = _SOURCES[key]
+    if engine == "direct":
+        got = run_direct_order(src, policy, order, cfg)
+        if got is not None:
+            return (*got, False)
+        return (*run_lean_order(src, policy, order, cfg), True)
     run = run_lean_order if engine == "lean" else run_runtime_order
-    return run(_SOURCES[key], policy, order, cfg)
+    return (*run(src, policy, order, cfg), False)
 
 
 def _workers(cfg: ReplayConfig, jobs: int) -> int:
@@ -532,40 +606,45 @@ def _workers(cfg: ReplayConfig, jobs: int) -> int:
 
 def _order_outcomes(src: ReplaySource, policies: Mapping[str, Any], cfg: ReplayConfig,
                     engine: str, progress: Callable[[int], None] | None = None
-                    ) -> dict[str, tuple[np.ndarray, int]]:
-    """Every (policy, order) through the lean or the runtime engine; ``policies``: label
-    -> policy object; returns label -> ((metrics, R, P), errors)."""
+                    ) -> dict[str, tuple[np.ndarray, int, int]]:
+    """Every (policy, order) through the direct, lean or runtime engine; ``policies``:
+    label -> policy object; returns label -> ((metrics, R, P), errors, orders the direct
+    engine handed to the lean one)."""
     P = len(src.problems)
     specs = list(policies)
     out = {s: (np.zeros((len(METRICS), cfg.orders, P)), 0) for s in specs}
     jobs = [(id(src), policies[s], r, cfg, engine) for s in specs for r in range(cfg.orders)]
     if not jobs:
-        return out
+        return {s: (out[s][0], 0, 0) for s in specs}
     _SOURCES[id(src)] = src
     errors = dict.fromkeys(specs, 0)
+    handed = dict.fromkeys(specs, 0)
     try:
         n = _workers(cfg, len(jobs))
         if n > 1 and "fork" in multiprocessing.get_all_start_methods():
             ctx = multiprocessing.get_context("fork")
             with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as ex:
                 results = ex.map(_worker, jobs, chunksize=max(1, len(jobs) // (4 * n)))
-                for (s, r), (row, err) in zip(((s, r) for s in specs for r in range(cfg.orders)),
-                                              results, strict=True):
+                for (s, r), (row, err, lean) in zip(
+                        ((s, r) for s in specs for r in range(cfg.orders)), results,
+                        strict=True):
                     out[s][0][:, r, :] = row
                     errors[s] += err
+                    handed[s] += lean
                     if progress:
                         progress(1)
         else:
             for (s, r), job in zip(((s, r) for s in specs for r in range(cfg.orders)), jobs,
                                    strict=True):
-                row, err = _worker(job)
+                row, err, lean = _worker(job)
                 out[s][0][:, r, :] = row
                 errors[s] += err
+                handed[s] += lean
                 if progress:
                     progress(1)
     finally:
         _SOURCES.pop(id(src), None)
-    return {s: (out[s][0], errors[s]) for s in specs}
+    return {s: (out[s][0], errors[s], handed[s]) for s in specs}
 
 
 # ---- one pool, many policies ---------------------------------------------------------------
@@ -575,6 +654,11 @@ def _engine_for(policy: Any, cfg: ReplayConfig) -> str:
     plan = fixed_plan(policy) if cfg.engine == "auto" else None
     if plan is not None and not (plan.kind == "genrm" and cfg.concurrency is not None):
         return "vectorised"
+    if cfg.engine == "auto":
+        from benchmarks.direct import supports
+
+        if supports(policy, concurrency=cfg.concurrency, chunks=cfg.chunks):
+            return "direct"
     return "runtime" if cfg.concurrency is not None else "lean"
 
 
@@ -615,16 +699,19 @@ def replay_pool(src: ReplaySource, policies: Sequence[PolicyLike], cfg: ReplayCo
                                        wall_s=time.perf_counter() - t0)
         if progress:
             progress(cfg.orders)
-    for engine in ("lean", "runtime"):
+    for engine in ("direct", "lean", "runtime"):
         mine = {s: obj for s, obj in objs.items() if engines[s] == engine}
         if not mine:
             continue
         t0 = time.perf_counter()
         got = _order_outcomes(src, mine, cfg, engine, progress)
         wall = (time.perf_counter() - t0) / len(mine)
-        for spec, (arr, errors) in got.items():
+        for spec, (arr, errors, handed) in got.items():
+            notes = [f"direct engine: {handed} of {cfg.orders} orders replayed by the lean "
+                     "engine (samples of different requests finishing at one instant, or "
+                     "the pool running out)"] if handed else []
             outcomes[spec] = PolicyOutcome(src.name, spec, engine, *arr, errors=errors,
-                                           wall_s=wall)
+                                           wall_s=wall, notes=notes)
     return [outcomes[label(p)] for p in policies]
 
 
@@ -687,6 +774,8 @@ def summarise(outcomes: Sequence[PolicyOutcome], cfg: ReplayConfig, *, extra: di
         }
         if o.errors:
             run["errors"] = int(o.errors)
+        if o.notes:
+            run["notes"] = list(o.notes)
         if o is not base:
             diff = np.where(graded, acc_p0 - np.nan_to_num(base_acc), 0.0)
             boot_d = diff[idx].sum(1) / np.maximum(boot_n, 1)

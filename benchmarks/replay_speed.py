@@ -12,7 +12,9 @@ how busy the machine was. The served orders are drawn once for the pool, as a sw
 (:func:`benchmarks.replay.sweep`) draws them, so the first policy's time includes them
 (some 0.1 s per 100 orders of the MATH-500 pool). ``--check-orders K`` first replays K
 orders of every non-fixed policy through both the lean engine and the runtime and stops
-with an error unless every per-problem result is identical.
+with an error unless every per-problem result is identical (and for ``ac``, ``esc`` and
+``boinf`` unless the direct engine's metrics equal the lean engine's, latency to
+rounding).
 """
 
 from __future__ import annotations
@@ -36,8 +38,18 @@ SPEED_SWEEP = ("sc:n=all", "sc:n=1", "sc:n=2", "sc:n=4", "sc:n=8", "sc:n=16", "s
 def check(src, specs, orders: int) -> None:
     import asyncio
 
+    import numpy as np
+
+    from benchmarks.direct import supports
     from benchmarks.engine import run_order
-    from benchmarks.replay import ReplayConfig, _run_problems, fixed_plan, policy_for
+    from benchmarks.replay import (
+        ReplayConfig,
+        _row,
+        _run_problems,
+        fixed_plan,
+        policy_for,
+        run_direct_order,
+    )
     from orchestrator.simclock import SimulatedClockLoop
 
     cfg = ReplayConfig(orders=1)
@@ -46,6 +58,8 @@ def check(src, specs, orders: int) -> None:
         if fixed_plan(spec, size) is not None:
             continue
         policy = policy_for(spec, size)
+        direct = supports(policy)
+        handed = 0
         for r in range(orders):
             with asyncio.Runner(loop_factory=SimulatedClockLoop) as runner:
                 slow = runner.run(_run_problems(src, policy, r, cfg))
@@ -53,7 +67,16 @@ def check(src, specs, orders: int) -> None:
             bad = [a.problem.id for a, b in zip(slow, fast, strict=True) if a != b]
             if bad:
                 sys.exit(f"{spec} order {r}: {len(bad)} problems differ, e.g. {bad[:3]}")
-        print(f"identical: {spec}, {orders} orders x {len(src.problems)} problems",
+            if direct:  # the direct engine's metrics against the lean engine's results
+                got = run_direct_order(src, policy, r, cfg)
+                if got is None:
+                    handed += 1
+                elif not np.allclose(got[0], _row(src, fast)[0], rtol=1e-12, atol=0,
+                                     equal_nan=True):
+                    sys.exit(f"{spec} order {r}: the direct engine's metrics differ")
+        how = (f" (direct engine too; {handed} orders handed to the lean engine)"
+               if direct else "")
+        print(f"identical: {spec}, {orders} orders x {len(src.problems)} problems{how}",
               flush=True)
 
 

@@ -51,6 +51,7 @@ from policies.base import failures_allowed, wait_or_stop
 from policies.votes import majority_stop
 
 __all__ = [
+    "SETTLED",
     "AdaptiveConsistency",
     "BestOfInfinity",
     "EarlyStoppingSC",
@@ -61,6 +62,8 @@ __all__ = [
 
 #: replacements for broken samples when a policy has no ``max`` to derive them from
 DEFAULT_MAX_FAILURES = 8
+#: what ``sampling_step`` returns when the rule is settled: stop with the majority
+SETTLED = -1
 CRITERIA = ("beta", "dirichlet")
 
 
@@ -133,21 +136,30 @@ def _closed_code(closed: str | None) -> StopCode:
     return "budget" if closed.startswith("budget") else "failures"
 
 
-def _sampling_closed(s: ProblemSnapshot, max_samples: int | None, max_failures: int) -> str | None:
-    """Why no more samples may be launched, or ``None``."""
-    if s.failed_samples > max_failures:
-        return f"{s.failed_samples} failed samples"
-    if s.budget_left.exhausted:
+def _closed(done: int, flying: int, failed: int, exhausted: bool, max_samples: int | None,
+            max_failures: int) -> str | None:
+    """Why no more samples may be launched, or ``None``: ``done`` finished samples,
+    ``flying`` in flight, ``failed`` broken, ``exhausted`` the budget."""
+    if failed > max_failures:
+        return f"{failed} failed samples"
+    if exhausted:
         return "budget exhausted"
-    if max_samples is not None and len(s.solutions) + s.in_flight.samples >= max_samples:
+    if max_samples is not None and done + flying >= max_samples:
         return f"max {max_samples} samples"
     return None
 
 
-def _room(s: ProblemSnapshot, max_samples: int | None, wanted: int) -> int:
+def _sampling_closed(s: ProblemSnapshot, max_samples: int | None, max_failures: int) -> str | None:
+    """:func:`_closed` on a snapshot."""
+    return _closed(len(s.solutions), s.in_flight.samples, s.failed_samples,
+                   s.budget_left.exhausted, max_samples, max_failures)
+
+
+def _room(done: int, flying: int, max_samples: int | None, wanted: int) -> int:
+    """``wanted`` samples, no more than ``max_samples`` leaves room for, and not below 0."""
     if max_samples is None:
-        return wanted
-    room = max_samples - len(s.solutions) - s.in_flight.samples
+        return wanted if wanted > 0 else 0
+    room = max_samples - done - flying
     if wanted < room:
         room = wanted
     return room if room > 0 else 0  # max(0, min(wanted, room)), without the calls
@@ -226,22 +238,37 @@ class AdaptiveConsistency:
         cs = _criterion_counts(self.criterion, counts) or (0,)
         return _optimistic_need(self.criterion, self.threshold, cs)
 
-    def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
-        counts = _criterion_counts(self.criterion, [v.votes for v in s.votes()])
-        conf, optimistic = _ac_state(self.criterion, self.threshold, counts)
+    def sampling_step(self, counts: Sequence[int], keys: Sequence, flying: int, failed: int,
+                      exhausted: bool = False) -> int:
+        """The rule, on what it reads: the vote counts (decreasing), the finished samples'
+        keys (completion order; only their number is read), the samples in flight, the
+        broken ones and whether the budget is exhausted. :data:`SETTLED`, or how many
+        samples to launch now (0: none; wait for those in flight, or stop without them)."""
+        conf, optimistic = _ac_state(self.criterion, self.threshold,
+                                     _criterion_counts(self.criterion, counts))
         if conf >= self.threshold:
-            return [majority_stop(s, f"adaptive-consistency: confidence {conf:.3f} >= "
-                                     f"{self.threshold:g} after {len(s.solutions)} samples")]
+            return SETTLED
+        done = len(keys)
+        max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
+        if _closed(done, flying, failed, exhausted, self.max, max_failures) is not None:
+            return 0
+        return _room(done, flying, self.max, optimistic - flying)
+
+    def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
+        counts = [v.votes for v in s.votes()]
+        k = self.sampling_step(counts, s.solutions, s.in_flight.samples, s.failed_samples,
+                               s.budget_left.exhausted)
+        if k > 0:
+            return [Sample(k)]
+        if k == SETTLED:
+            return [majority_stop(s, f"adaptive-consistency: confidence "
+                                     f"{self.confidence(counts):.3f} >= {self.threshold:g} "
+                                     f"after {len(s.solutions)} samples")]
         max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
         closed = _sampling_closed(s, self.max, max_failures)
-        if closed is None:
-            need = optimistic - s.in_flight.samples
-            k = _room(s, self.max, need)
-            if k > 0:
-                return [Sample(k)]
         return wait_or_stop(s, lambda: majority_stop(
-            s, f"adaptive-consistency stopped ({closed or 'no room'}), confidence {conf:.3f}",
-            _closed_code(closed)))
+            s, f"adaptive-consistency stopped ({closed or 'no room'}), confidence "
+               f"{self.confidence(counts):.3f}", _closed_code(closed)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,43 +289,62 @@ class EarlyStoppingSC:
     def spec(self) -> str:
         return f"esc:window={self.window},max={'all' if self.max is None else self.max}"
 
-    def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
+    def _unanimous(self, keys: Sequence) -> int | None:
+        """The first complete window whose keys are all one answer, or ``None``."""
         w = self.window
-        sols = s.solutions
-        done_windows = len(sols) // w
-        for b in range(done_windows):
+        for b in range(len(keys) // w):
             lo = b * w
-            key = sols[lo].key
+            key = keys[lo]
             if key is None:
                 continue
             for i in range(lo + 1, lo + w):  # unanimous: every key equal to the first
-                if sols[i].key != key:
+                if keys[i] != key:
                     break
             else:
-                return [majority_stop(s, f"esc: window {b + 1} unanimous after "
-                                         f"{len(sols)} samples")]
+                return b
+        return None
+
+    def sampling_step(self, counts: Sequence[int], keys: Sequence, flying: int, failed: int,
+                      exhausted: bool = False) -> int:
+        """The rule, on what it reads (as :meth:`AdaptiveConsistency.sampling_step`; the
+        counts are not read, the keys are: ``None`` for a sample without an answer)."""
+        if self._unanimous(keys) is not None:
+            return SETTLED
+        w = self.window
+        done = len(keys)
+        max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
+        if _closed(done, flying, failed, exhausted, self.max, max_failures) is not None:
+            return 0
+        filling = keys[done // w * w:]
+        free = w - len(filling)
+        wanted = 0
+        if flying == 0:
+            wanted = free
+        elif flying <= free and _doomed(filling):
+            wanted = free + w - flying  # the window being filled cannot be unanimous
+        return _room(done, flying, self.max, wanted)
+
+    def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
+        sols = s.solutions
+        keys = [x.key for x in sols]
+        k = self.sampling_step((), keys, s.in_flight.samples, s.failed_samples,
+                               s.budget_left.exhausted)
+        if k > 0:
+            return [Sample(k)]
+        if k == SETTLED:
+            b = self._unanimous(keys)
+            return [majority_stop(s, f"esc: window {b + 1} unanimous after "
+                                     f"{len(sols)} samples")]
         max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
         closed = _sampling_closed(s, self.max, max_failures)
-        flying = s.in_flight.samples
-        if closed is None:
-            filling = sols[done_windows * w:]
-            free = w - len(filling)
-            wanted = 0
-            if flying == 0:
-                wanted = free
-            elif flying <= free and _doomed(filling):
-                wanted = free + w - flying  # the window being filled cannot be unanimous
-            k = _room(s, self.max, wanted)
-            if k > 0:
-                return [Sample(k)]
         return wait_or_stop(s, lambda: majority_stop(
             s, f"esc stopped ({closed or 'no room'}) after {len(sols)} samples",
             _closed_code(closed)))
 
 
 def _doomed(window: Sequence) -> bool:
-    """True when a (partly filled) window can no longer be unanimous."""
-    keys = {x.key for x in window}
+    """True when a (partly filled) window of keys can no longer be unanimous."""
+    keys = set(window)
     return None in keys or len(keys) > 1
 
 
@@ -351,15 +397,30 @@ class BestOfInfinity:
             parts.append(f"alpha={self.alpha:g}")
         return "boinf:" + ",".join(parts)
 
+    def sampling_step(self, counts: Sequence[int], keys: Sequence, flying: int, failed: int,
+                      exhausted: bool = False) -> int:
+        """The rule, on what it reads (as :meth:`AdaptiveConsistency.sampling_step`): one
+        sample at a time."""
+        if bayes_factor(counts, self.alpha) >= self.bayes_factor:
+            return SETTLED
+        max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
+        if flying or _closed(len(keys), flying, failed, exhausted, self.max,
+                             max_failures) is not None:
+            return 0
+        return 1
+
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
         counts = [v.votes for v in s.votes()]
-        bf = bayes_factor(counts, self.alpha)
-        if bf >= self.bayes_factor:
-            return [majority_stop(s, f"boinf: Bayes factor {bf:.3g} >= {self.bayes_factor:g} "
-                                     f"after {len(s.solutions)} samples")]
+        k = self.sampling_step(counts, s.solutions, s.in_flight.samples, s.failed_samples,
+                               s.budget_left.exhausted)
+        if k > 0:
+            return [Sample(k)]
+        if k == SETTLED:
+            return [majority_stop(s, f"boinf: Bayes factor {bayes_factor(counts, self.alpha):.3g}"
+                                     f" >= {self.bayes_factor:g} after {len(s.solutions)} "
+                                     "samples")]
         max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
         closed = _sampling_closed(s, self.max, max_failures)
-        if closed is None and s.in_flight.samples == 0:
-            return [Sample(1)]
         return wait_or_stop(s, lambda: majority_stop(
-            s, f"boinf stopped ({closed}), Bayes factor {bf:.3g}", _closed_code(closed)))
+            s, f"boinf stopped ({closed}), Bayes factor {bayes_factor(counts, self.alpha):.3g}",
+            _closed_code(closed)))

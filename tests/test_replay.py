@@ -286,7 +286,7 @@ def test_replay_takes_policy_objects():
     cfg = ReplayConfig(orders=2, workers=1)
     by_spec = replay_pool(src, ["sc:n=3", "ac:threshold=0.9"], cfg)
     by_obj = replay_pool(src, [SelfConsistency(3), AdaptiveConsistency(threshold=0.9)], cfg)
-    assert [o.engine for o in by_obj] == ["vectorised", "lean"]
+    assert [o.engine for o in by_obj] == ["vectorised", "direct"]
     assert [o.policy for o in by_obj] == ["sc:n=3", "ac:threshold=0.9,max=64"]
     for a, b in zip(by_spec, by_obj, strict=True):
         np.testing.assert_array_equal(a.tokens, b.tokens)
@@ -458,13 +458,13 @@ def test_lean_engine_is_identical_on_part_of_a_math500_pool():
         assert_identical(src, spec, range(1))
 
 
-def test_bench_engines_agree_and_auto_uses_the_lean_engine():
+def test_bench_engines_agree_and_auto_uses_the_direct_and_lean_engines():
     src = ReplaySource(tie_pool(3), seed=1, verifier=SimulatedVerifier(vmax=2))
     specs = ["sc:n=all", "ac:threshold=0.9", "adaptive:width=2,max=8",
              "solverify:width=2,explore=1,min_auc=0.3"]
     runs = {e: replay_pool(src, specs, ReplayConfig(orders=3, workers=1, engine=e))
             for e in ("auto", "lean", "runtime")}
-    assert [o.engine for o in runs["auto"]] == ["vectorised", "lean", "lean", "lean"]
+    assert [o.engine for o in runs["auto"]] == ["vectorised", "direct", "lean", "lean"]
     assert {o.engine for o in runs["lean"]} == {"lean"}
     for a, b in zip(runs["lean"], runs["runtime"], strict=True):
         for metric in ("correct", "tokens", "samples", "latency", "cancelled", "agree",
@@ -472,6 +472,11 @@ def test_bench_engines_agree_and_auto_uses_the_lean_engine():
             np.testing.assert_array_equal(getattr(a, metric), getattr(b, metric),
                                           err_msg=f"{a.policy} {metric}")
         assert a.errors == b.errors
+    for a, b in zip(runs["auto"], runs["lean"], strict=True):  # vectorised and direct: the
+        for metric in ("correct", "tokens", "samples", "latency", "cancelled", "agree",
+                       "verify_tokens", "verifications"):  # same numbers, time to rounding
+            np.testing.assert_allclose(getattr(a, metric), getattr(b, metric), rtol=1e-12,
+                                       err_msg=f"{a.policy} {metric}")
     # under a concurrency cap the lean engine hands over to the runtime
     capped = replay_pool(src, ["ac:threshold=0.9"], ReplayConfig(orders=1, workers=1,
                                                                 concurrency=1, engine="lean"))
