@@ -507,10 +507,14 @@ class Adaptive:
 
     def settled(self, s: ProblemSnapshot, log_prior: np.ndarray | None = None) -> str | None:
         """Why the leading answer is settled, or None if it is not yet."""
-        a, b, rest = self._counts(s)
+        lp = self.log_prior(s) if log_prior is None else log_prior
+        return self._settled(*self._counts(s), lp)
+
+    def _settled(self, a: int, b: int, rest: int, log_prior: np.ndarray) -> str | None:
+        """:meth:`settled` at vote counts (leader, runner-up, the rest)."""
         if a == 0:
             return None
-        finished = len(s.solutions)
+        finished = a + b + rest
         remaining = max(self.max - finished, 0)
         if remaining == 0:
             return None  # not settled by the votes: decide() stops on reaching max
@@ -518,8 +522,7 @@ class Adaptive:
             return f"lead {a}-{b} exceeds the {remaining} samples left of {self.max}"
         if a < self.min_votes:
             return None
-        lp = self.log_prior(s) if log_prior is None else log_prior
-        return self.stop_reason(a, b, rest, remaining, lp)
+        return self.stop_reason(a, b, rest, remaining, log_prior)
 
     def need(self, a: int, b: int, rest: int, log_prior: np.ndarray) -> int:
         """Further samples after which the rule would stop if they split like the votes so
@@ -552,24 +555,69 @@ class Adaptive:
 
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
         lp = self.log_prior(s)
-        why = self.settled(s, lp)
+        a, b, rest = self._counts(s)
+        plan = _PLANS.get(self, lp, a, b, rest, s.in_flight.samples, s.failed_samples,
+                          s.budget_left.exhausted)
+        if plan[0] == "sample":
+            return [Sample(plan[1])]
+        if plan[0] == "wait":
+            return []
+        return [majority_stop(s, plan[1], plan[2])]
+
+    def plan(self, log_prior: np.ndarray, a: int, b: int, rest: int, flying: int,
+             failed: int, exhausted: bool) -> tuple:
+        """The decision at these counts (leader, runner-up and other votes of the finished
+        samples), samples in flight, broken samples and budget state, under ``log_prior``:
+        ``("sample", k)``, ``("wait",)`` or ``("stop", reason, code)``; what :meth:`decide`
+        does, on the numbers it reads (memoised there, :class:`_PlanMemo`)."""
+        why = self._settled(a, b, rest, log_prior)
         if why is not None:
-            return [majority_stop(s, f"adaptive: {why}")]
-        finished = len(s.solutions)
+            return ("stop", f"adaptive: {why}", "settled")
+        finished = a + b + rest
         if finished >= self.max:
-            return [majority_stop(s, f"adaptive: reached max={self.max}", "max")]
+            return ("stop", f"adaptive: reached max={self.max}", "max")
         max_failures = failures_allowed(self.max_failures, self.max)
-        can_launch = not s.budget_left.exhausted and s.failed_samples <= max_failures
+        can_launch = not exhausted and failed <= max_failures
         target = self.width
         if self.widest > self.width and finished >= 2:
-            target = min(max(self.width, self.need(*self._counts(s), lp)), self.widest)
-        want = min(target, self.max - finished) - s.in_flight.samples
+            target = min(max(self.width, self.need(a, b, rest, log_prior)), self.widest)
+        want = min(target, self.max - finished) - flying
         if can_launch and want > 0:
-            return [Sample(want)]
-        if s.in_flight.samples:
-            return []
-        if s.budget_left.exhausted:
-            return [majority_stop(s, f"adaptive: budget exhausted after {finished} samples",
-                                  "budget")]
-        return [majority_stop(s, f"adaptive: too many failed samples after {finished} samples",
-                              "failures")]
+            return ("sample", want)
+        if flying:
+            return ("wait",)
+        if exhausted:
+            return ("stop", f"adaptive: budget exhausted after {finished} samples", "budget")
+        return ("stop", f"adaptive: too many failed samples after {finished} samples",
+                "failures")
+
+
+class _PlanMemo:
+    """:meth:`Adaptive.plan` by (policy, prior, counts, in flight, failed, exhausted): a
+    pure function of them, asked again and again (every problem of a run starts from the
+    same counts, and the prior changes only at the history's checkpoints). The policy and
+    the prior array are keyed by identity and held by their entry, so neither id can be
+    reused while it lives; the prior must be read-only (the priors :class:`Adaptive` uses
+    are), else the plan is computed afresh. Bounded: the oldest entries go first."""
+
+    def __init__(self, size: int = 1 << 16) -> None:
+        self._entries: dict[tuple, tuple[Adaptive, np.ndarray, tuple]] = {}
+        self._size = size
+
+    def get(self, policy: Adaptive, log_prior: np.ndarray, a: int, b: int, rest: int,
+            flying: int, failed: int, exhausted: bool) -> tuple:
+        if log_prior.flags.writeable:
+            return policy.plan(log_prior, a, b, rest, flying, failed, exhausted)
+        key = (id(policy), id(log_prior), a, b, rest, flying, failed, exhausted)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is policy and hit[1] is log_prior:
+            return hit[2]
+        value = policy.plan(log_prior, a, b, rest, flying, failed, exhausted)
+        entries = self._entries
+        if len(entries) >= self._size:
+            del entries[next(iter(entries))]
+        entries[key] = (policy, log_prior, value)
+        return value
+
+
+_PLANS = _PlanMemo()

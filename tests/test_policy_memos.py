@@ -115,3 +115,34 @@ def test_the_shared_fit_is_fit_prior_of_the_same_counts():
         assert _fit_shared(_distinct(counts), 1.0, 4.0) is shared
     # the order of first occurrence is part of what the fit depends on
     assert _distinct([(1, 0, 0), (2, 0, 0), (1, 0, 0)]) == (((1, 0, 0), 2), ((2, 0, 0), 1))
+
+
+def test_adaptive_plan_memo_is_exact_for_each_policy_and_prior():
+    from policies.adaptive import _PLANS
+
+    learned = fit_prior([(5, 0, 0)] * 6 + [(3, 2, 1)] * 3)
+    learned.flags.writeable = False
+    policies = (Adaptive(), Adaptive(width=4, wide=12, max=24, min_votes=2),
+                Adaptive(loss=0.0, confidence=0.8))
+    for policy in policies:
+        for lp in (_base_log_weights(1.0), learned):
+            for a, b, rest, _ in _counts(policy.max):
+                for flying in (0, 3, 8):
+                    for failed, exhausted in ((0, False), (9, False), (0, True)):
+                        want = policy.plan(lp, a, b, rest, flying, failed, exhausted)
+                        for _ in range(2):  # computed, then from the memo
+                            assert _PLANS.get(policy, lp, a, b, rest, flying, failed,
+                                              exhausted) == want
+
+
+def test_adaptive_plan_memo_skips_a_writeable_prior():
+    from policies.adaptive import _PLANS
+
+    policy = Adaptive(max=12)
+    lp = np.array(_base_log_weights(1.0))  # a writeable copy, then changed in place
+    before = _PLANS.get(policy, lp, 3, 0, 0, 0, 0, False)
+    lp[:] = fit_prior([(1, 1, 1)] * 40)
+    assert _PLANS.get(policy, lp, 3, 0, 0, 0, 0, False) == policy.plan(lp, 3, 0, 0, 0, 0,
+                                                                         False)
+    assert before == policy.plan(_base_log_weights(1.0), 3, 0, 0, 0, 0, False)
+    assert before != policy.plan(lp, 3, 0, 0, 0, 0, False)  # the change shows
