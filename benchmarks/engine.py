@@ -260,6 +260,13 @@ class _Engine:
         vmax = getattr(self.task, "verify_max_tokens", None)
         self.verify_max_tokens = vmax if isinstance(vmax, int) and vmax >= 1 else 1
         self.name = policy_name(policy)
+        # adaptive (exactly: a subclass may decide differently) is asked for its plan on
+        # the numbers its decide reads, without a snapshot, unless it is to stop
+        from policies.adaptive import _PLANS, Adaptive
+
+        self.plans = _PLANS if type(policy) is Adaptive else None
+        self.prior_records: tuple | None = None
+        self.prior: Any = None
         self.samples = _served_samples(src)
         self.served_rows: list[list[int]] | None = None  # src.orders(order), as lists
         self.served_n: list[int] = []  # samples per problem
@@ -407,9 +414,41 @@ class _Engine:
             self.history.records, None, p.tally.ranked(),
         )
 
+    def _adaptive_plan(self, p: _Problem) -> tuple | None:
+        """``adaptive``'s decision without its snapshot, when it is to sample or to wait:
+        :meth:`policies.adaptive.Adaptive.plan` (which its ``decide`` looks up in the same
+        memo) on what the snapshot would hold; ``None`` when it is to stop (the snapshot
+        is then built and ``decide`` called, for the Stop's answer and reason)."""
+        ranked = p.tally.ranked()
+        a = ranked[0].votes if ranked else 0
+        b = ranked[1].votes if len(ranked) > 1 else 0
+        flying = 0
+        for st in p.open.values():
+            if st.kind == "solve":
+                for c in st.choices:
+                    if not c.done:
+                        flying += 1
+        failed = 0
+        if p.failed:
+            failed = sum(1 for f in p.failed if f.kind == "solve" and f.reason == "failed")
+        policy = self.policy
+        records = self.history.records  # a tuple replaced on each add: its prior, once
+        if records is not self.prior_records:
+            self.prior_records = records
+            self.prior = policy.prior_for(records)
+        plan = self.plans.get(policy, self.prior, a, b, len(p.solutions) - a - b, flying,
+                              failed, False)
+        return None if plan[0] == "stop" else plan
+
     def _decide(self, p: _Problem) -> None:
         p.changed = False
-        decisions = tuple(self.policy.decide(self._snapshot(p)))
+        plan = self._adaptive_plan(p) if self.plans is not None else None
+        if plan is None:
+            decisions = tuple(self.policy.decide(self._snapshot(p)))
+        elif plan[0] == "sample":
+            decisions = (Sample(plan[1]),)
+        else:
+            decisions = ()
         stop = None
         launched = cancelled = False
         before = p.next_request  # a Cancel applies to the requests launched before this

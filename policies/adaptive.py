@@ -464,8 +464,12 @@ class Adaptive:
 
     def log_prior(self, s: ProblemSnapshot) -> np.ndarray:
         """The prior in force for this snapshot (grid log weights)."""
-        n = checkpoint(len(s.history)) if self.learn else 0
-        return _PRIORS.get(s.history, n, self.prior, self.shrink)
+        return self.prior_for(s.history)
+
+    def prior_for(self, history: Sequence[ProblemRecord]) -> np.ndarray:
+        """The prior in force with these records of the run's finished problems."""
+        n = checkpoint(len(history)) if self.learn else 0
+        return _PRIORS.get(history, n, self.prior, self.shrink)
 
     def overturn(self, a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray
                  ) -> float:
