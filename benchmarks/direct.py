@@ -99,7 +99,8 @@ def run_direct_order(src: ReplaySource, policy: Any, order: int, *, decode_rate:
         known = served_cache.get(pid)
         if known is None:
             known = served_cache[pid] = {}
-        heap: list[tuple[float, int, int, int, str | None]] = []  # end, request, choice, ...
+        # (end, request, choice, tokens, key, answer) of each sample in flight
+        heap: list[tuple[float, int, int, int, str | None, str | None]] = []
         requests = 0
         keys: list[str | None] = []  # finished samples' keys, completion order
         counts: dict[str, int] = {}
