@@ -89,12 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--ttft", type=non_negative_float, default=0.0,
                     help="simulated seconds to the first token (default 0)")
     rp.add_argument("--engine", choices=("auto", "lean", "runtime"), default="auto",
-                    help="auto: numpy for fixed policies, the lean engine for the rest; "
-                         "lean: every policy through the lean engine; runtime: every policy "
-                         "through the asyncio runtime (slower; for cross-checks; also used "
-                         "under --concurrency). All three give the same numbers")
+                    help="auto: numpy for fixed policies, the direct engine for ac, esc and "
+                         "boinf (handing to the lean engine the orders it cannot replay "
+                         "exactly), the lean engine for the rest; lean: every policy through "
+                         "the lean engine; runtime: every policy through the asyncio runtime "
+                         "(slower; for cross-checks; also used under --concurrency). All give "
+                         "the same numbers")
     rp.add_argument("--workers", type=positive_int, default=None,
-                    help="processes for the lean and runtime engines (default: one per CPU)")
+                    help="processes for the direct, lean and runtime engines (default: one per "
+                         "CPU)")
     rp.add_argument("--bootstrap", type=positive_int, default=2000,
                     help="bootstrap resamples (default 2000)")
 
