@@ -436,8 +436,10 @@ class _Engine:
         if records is not self.prior_records:
             self.prior_records = records
             self.prior = policy.prior_for(records)
-        plan = self.plans.get(policy, self.prior, a, b, len(p.solutions) - a - b, flying,
-                              failed, False)
+        plans = self.plans
+        assert plans is not None  # only asked for adaptive
+        plan = plans.get(policy, self.prior, a, b, len(p.solutions) - a - b, flying, failed,
+                         False)
         return None if plan[0] == "stop" else plan
 
     def _decide(self, p: _Problem) -> None:
