@@ -227,7 +227,8 @@ def _memo(policy: Any) -> dict[tuple, int]:
 
 def _graded(src: ReplaySource):
     """``correct`` as the runtime records it: NaN for a problem without a reference,
-    else whether the stop's answer is right (an answer of None is wrong); memoised."""
+    else whether the stop's answer is right (an answer of None is wrong; NaN where the
+    grader cannot say, e.g. an answer the pool does not label); memoised."""
     grader = src.task.grader
     memo: dict[tuple[str, str | None], float] = {}
 
@@ -238,7 +239,8 @@ def _graded(src: ReplaySource):
             return 0.0
         got = memo.get((prob.id, answer))
         if got is None:
-            got = memo[prob.id, answer] = float(grader.is_correct(answer, prob))
+            verdict = grader.is_correct(answer, prob)
+            got = memo[prob.id, answer] = math.nan if verdict is None else float(verdict)
         return got
 
     return graded

@@ -146,6 +146,23 @@ def test_direct_equals_lean_on_an_aime_pool(spec):
     assert direct >= 3, (direct, handed)
 
 
+def test_an_answer_the_pool_does_not_label_is_ungraded_as_in_the_lean_engine():
+    # answer "b" carries no label (correct None): the grader cannot say, correct is NaN
+    rng = np.random.default_rng(5)
+    rows = [[(str(rng.choice(list("ab"))), None, int(rng.integers(200, 4000)))
+             for _ in range(70)] for _ in range(8)]
+    pool = make_pool(rows, name="unlabelled")
+    pool = Pool(pool.name, tuple(PoolProblem(p.problem, tuple(
+        PoolSample(s.pred, True if s.pred == "a" else None, s.tokens) for s in p.samples))
+        for p in pool.problems))
+    src = ReplaySource(pool, seed=1)
+    for spec in ("ac:threshold=0.95", "esc:window=5", "boinf"):
+        direct, _ = compare(src, spec, range(4))
+        assert direct > 0, spec
+    row, _ = run_direct_order(src, policy_for("ac:threshold=0.95", 70), 0, ReplayConfig())
+    assert np.isnan(row[METRICS.index("correct")]).any()
+
+
 def test_direct_engine_is_chosen_by_type_and_setting():
     ac = AdaptiveConsistency()
     assert supports(ac) and supports(EarlyStoppingSC())
