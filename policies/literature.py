@@ -37,7 +37,7 @@ in flight and return the majority vote (ties: :mod:`policies.votes`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -130,7 +130,7 @@ def _check_failures(name: str, value: int | None) -> None:
 
 
 def _closed_code(closed: str | None) -> StopCode:
-    """The stop code for a reason returned by :func:`_sampling_closed`."""
+    """The stop code for a reason returned by :func:`_closed`."""
     if closed is None or closed.startswith("max"):
         return "max"
     return "budget" if closed.startswith("budget") else "failures"
@@ -149,12 +149,6 @@ def _closed(done: int, flying: int, failed: int, exhausted: bool, max_samples: i
     return None
 
 
-def _sampling_closed(s: ProblemSnapshot, max_samples: int | None, max_failures: int) -> str | None:
-    """:func:`_closed` on a snapshot."""
-    return _closed(len(s.solutions), s.in_flight.samples, s.failed_samples,
-                   s.budget_left.exhausted, max_samples, max_failures)
-
-
 def _room(done: int, flying: int, max_samples: int | None, wanted: int) -> int:
     """``wanted`` samples, no more than ``max_samples`` leaves room for, and not below 0."""
     if max_samples is None:
@@ -163,6 +157,30 @@ def _room(done: int, flying: int, max_samples: int | None, wanted: int) -> int:
     if wanted < room:
         room = wanted
     return room if room > 0 else 0  # max(0, min(wanted, room)), without the calls
+
+
+def _policy_closed(policy, done: int, flying: int, failed: int, exhausted: bool
+                   ) -> str | None:
+    """:func:`_closed` for a counting policy (its ``max`` and ``max_failures``)."""
+    return _closed(done, flying, failed, exhausted, policy.max,
+                   failures_allowed(policy.max_failures, policy.max, DEFAULT_MAX_FAILURES))
+
+
+def _decide_by_step(policy, s: ProblemSnapshot, counts: Sequence[int], keys: Sequence,
+                    settled: Callable[[], str], stopped: Callable[[str | None], str]
+                    ) -> list[Decision]:
+    """``decide`` of a counting policy from its ``sampling_step``: sample what it asks
+    for; when settled, stop with the majority and ``settled()``; else wait for what is in
+    flight, then stop with ``stopped(why sampling is closed)``."""
+    k = policy.sampling_step(counts, keys, s.in_flight.samples, s.failed_samples,
+                             s.budget_left.exhausted)
+    if k > 0:
+        return [Sample(k)]
+    if k == SETTLED:
+        return [majority_stop(s, settled())]
+    closed = _policy_closed(policy, len(s.solutions), s.in_flight.samples, s.failed_samples,
+                            s.budget_left.exhausted)
+    return wait_or_stop(s, lambda: majority_stop(s, stopped(closed), _closed_code(closed)))
 
 
 def _ac_confidence(criterion: str, counts: Sequence[int]) -> float:
@@ -249,26 +267,18 @@ class AdaptiveConsistency:
         if conf >= self.threshold:
             return SETTLED
         done = len(keys)
-        max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
-        if _closed(done, flying, failed, exhausted, self.max, max_failures) is not None:
+        if _policy_closed(self, done, flying, failed, exhausted) is not None:
             return 0
         return _room(done, flying, self.max, optimistic - flying)
 
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
         counts = [v.votes for v in s.votes()]
-        k = self.sampling_step(counts, s.solutions, s.in_flight.samples, s.failed_samples,
-                               s.budget_left.exhausted)
-        if k > 0:
-            return [Sample(k)]
-        if k == SETTLED:
-            return [majority_stop(s, f"adaptive-consistency: confidence "
-                                     f"{self.confidence(counts):.3f} >= {self.threshold:g} "
-                                     f"after {len(s.solutions)} samples")]
-        max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
-        closed = _sampling_closed(s, self.max, max_failures)
-        return wait_or_stop(s, lambda: majority_stop(
-            s, f"adaptive-consistency stopped ({closed or 'no room'}), confidence "
-               f"{self.confidence(counts):.3f}", _closed_code(closed)))
+        return _decide_by_step(
+            self, s, counts, s.solutions,
+            lambda: (f"adaptive-consistency: confidence {self.confidence(counts):.3f} >= "
+                     f"{self.threshold:g} after {len(s.solutions)} samples"),
+            lambda closed: (f"adaptive-consistency stopped ({closed or 'no room'}), "
+                            f"confidence {self.confidence(counts):.3f}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,8 +322,7 @@ class EarlyStoppingSC:
             return SETTLED
         w = self.window
         done = len(keys)
-        max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
-        if _closed(done, flying, failed, exhausted, self.max, max_failures) is not None:
+        if _policy_closed(self, done, flying, failed, exhausted) is not None:
             return 0
         filling = keys[done // w * w:]
         free = w - len(filling)
@@ -325,21 +334,16 @@ class EarlyStoppingSC:
         return _room(done, flying, self.max, wanted)
 
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
-        sols = s.solutions
-        keys = [x.key for x in sols]
-        k = self.sampling_step((), keys, s.in_flight.samples, s.failed_samples,
-                               s.budget_left.exhausted)
-        if k > 0:
-            return [Sample(k)]
-        if k == SETTLED:
+        keys = [x.key for x in s.solutions]
+
+        def settled() -> str:
             b = self._unanimous(keys)
-            return [majority_stop(s, f"esc: window {b + 1} unanimous after "
-                                     f"{len(sols)} samples")]
-        max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
-        closed = _sampling_closed(s, self.max, max_failures)
-        return wait_or_stop(s, lambda: majority_stop(
-            s, f"esc stopped ({closed or 'no room'}) after {len(sols)} samples",
-            _closed_code(closed)))
+            assert b is not None  # sampling_step said SETTLED
+            return f"esc: window {b + 1} unanimous after {len(keys)} samples"
+
+        return _decide_by_step(
+            self, s, (), keys, settled,
+            lambda closed: f"esc stopped ({closed or 'no room'}) after {len(keys)} samples")
 
 
 def _doomed(window: Sequence) -> bool:
@@ -403,24 +407,15 @@ class BestOfInfinity:
         sample at a time."""
         if bayes_factor(counts, self.alpha) >= self.bayes_factor:
             return SETTLED
-        max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
-        if flying or _closed(len(keys), flying, failed, exhausted, self.max,
-                             max_failures) is not None:
+        if flying or _policy_closed(self, len(keys), flying, failed, exhausted) is not None:
             return 0
         return 1
 
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
         counts = [v.votes for v in s.votes()]
-        k = self.sampling_step(counts, s.solutions, s.in_flight.samples, s.failed_samples,
-                               s.budget_left.exhausted)
-        if k > 0:
-            return [Sample(k)]
-        if k == SETTLED:
-            return [majority_stop(s, f"boinf: Bayes factor {bayes_factor(counts, self.alpha):.3g}"
-                                     f" >= {self.bayes_factor:g} after {len(s.solutions)} "
-                                     "samples")]
-        max_failures = failures_allowed(self.max_failures, self.max, DEFAULT_MAX_FAILURES)
-        closed = _sampling_closed(s, self.max, max_failures)
-        return wait_or_stop(s, lambda: majority_stop(
-            s, f"boinf stopped ({closed}), Bayes factor {bayes_factor(counts, self.alpha):.3g}",
-            _closed_code(closed)))
+        return _decide_by_step(
+            self, s, counts, s.solutions,
+            lambda: (f"boinf: Bayes factor {bayes_factor(counts, self.alpha):.3g} >= "
+                     f"{self.bayes_factor:g} after {len(s.solutions)} samples"),
+            lambda closed: (f"boinf stopped ({closed}), Bayes factor "
+                            f"{bayes_factor(counts, self.alpha):.3g}"))
