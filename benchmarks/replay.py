@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import gc
 import math
 import multiprocessing
@@ -622,39 +623,29 @@ def _order_outcomes(src: ReplaySource, policies: Mapping[str, Any], cfg: ReplayC
     handed = dict.fromkeys(specs, 0)
     try:
         n = _workers(cfg, len(jobs))
-        if n > 1 and "fork" in multiprocessing.get_all_start_methods():
-            ctx = multiprocessing.get_context("fork")
-            with concurrent.futures.ProcessPoolExecutor(n, mp_context=ctx) as ex:
+        labels = ((s, r) for s in specs for r in range(cfg.orders))
+        with contextlib.ExitStack() as stack:
+            if n > 1 and "fork" in multiprocessing.get_all_start_methods():
+                ex = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                    n, mp_context=multiprocessing.get_context("fork")))
                 results = ex.map(_worker, jobs, chunksize=max(1, len(jobs) // (4 * n)))
-                for (s, r), (row, err, lean) in zip(
-                        ((s, r) for s in specs for r in range(cfg.orders)), results,
-                        strict=True):
-                    out[s][0][:, r, :] = row
-                    errors[s] += err
-                    handed[s] += lean
-                    if progress:
-                        progress(1)
-        else:
-            # The direct and lean engines make no reference cycles an order needs collected
-            # (the lean engine breaks its own as requests close): the cyclic collector is
-            # paused for the whole loop, not only inside each order (benchmarks.engine),
-            # since between orders it would traverse the pool and the caches again and
-            # again (measured: 10-20% of adaptive's replay CPU); it runs again at the end.
-            paused = engine != "runtime" and gc.isenabled()
-            if paused:
-                gc.disable()
-            try:
-                for (s, r), job in zip(((s, r) for s in specs for r in range(cfg.orders)),
-                                       jobs, strict=True):
-                    row, err, lean = _worker(job)
-                    out[s][0][:, r, :] = row
-                    errors[s] += err
-                    handed[s] += lean
-                    if progress:
-                        progress(1)
-            finally:
-                if paused:
-                    gc.enable()
+            else:
+                # The direct and lean engines make no reference cycles an order needs
+                # collected (the lean engine breaks its own as requests close): the cyclic
+                # collector is paused for the whole loop, not only inside each order
+                # (benchmarks.engine), since between orders it would traverse the pool and
+                # the caches again and again (measured: 10-20% of adaptive's replay CPU);
+                # it runs again at the end.
+                if engine != "runtime" and gc.isenabled():
+                    gc.disable()
+                    stack.callback(gc.enable)
+                results = map(_worker, jobs)
+            for (s, r), (row, err, lean) in zip(labels, results, strict=True):
+                out[s][0][:, r, :] = row
+                errors[s] += err
+                handed[s] += lean
+                if progress:
+                    progress(1)
     finally:
         _SOURCES.pop(id(src), None)
     return {s: (out[s][0], errors[s], handed[s]) for s in specs}
