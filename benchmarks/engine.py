@@ -50,7 +50,13 @@ from orchestrator.fastinit import builder
 from orchestrator.history import ProblemRecord, RunHistory
 from orchestrator.ledger import DEFAULT_LAMBDA, cost_units, lambda_of_sums
 from orchestrator.result import SolveResult, policy_name
-from orchestrator.snapshot import BudgetLeft, InFlight, ProblemSnapshot, VoteTally
+from orchestrator.snapshot import (
+    BudgetLeft,
+    InFlight,
+    ProblemSnapshot,
+    VoteTally,
+    broken_samples,
+)
 from orchestrator.types import (
     UNLIMITED,
     FailedSample,
@@ -428,9 +434,7 @@ class _Engine:
                 for c in st.choices:
                     if not c.done:
                         flying += 1
-        failed = 0
-        if p.failed:
-            failed = sum(1 for f in p.failed if f.kind == "solve" and f.reason == "failed")
+        failed = broken_samples(p.failed)
         policy = self.policy
         records = self.history.records  # a tuple replaced on each add: its prior, once
         if records is not self.prior_records:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -158,6 +159,14 @@ class AnswerStats:
         return ()
 
 
+def broken_samples(failed: Sequence[FailedSample]) -> int:
+    """Solution samples that broke (not those cancelled): what policies replace, up to
+    their ``max_failures`` (``ProblemSnapshot.failed_samples``)."""
+    if not failed:
+        return 0
+    return sum(1 for f in failed if f.kind == "solve" and f.reason == "failed")
+
+
 @dataclass(frozen=True, slots=True)
 class ProblemSnapshot:
     """Everything a policy may look at, frozen at one instant.
@@ -198,9 +207,7 @@ class ProblemSnapshot:
 
     @property
     def failed_samples(self) -> int:
-        if not self.failed:
-            return 0
-        return sum(1 for f in self.failed if f.kind == "solve" and f.reason == "failed")
+        return broken_samples(self.failed)
 
     def votes(self) -> tuple[VoteCount, ...]:
         """Vote counts per canonical key, most votes first; ties: earliest first vote first."""
