@@ -19,6 +19,12 @@ IDLE_TIMEOUT_S = 20.0
 CONNECT_TIMEOUT_S = 10.0
 """Seconds to establish a connection."""
 
+KEEPALIVE_EXPIRY_S = 2.0
+"""Seconds an idle pooled HTTP connection is kept for reuse. Below the 5 s after which
+uvicorn-based servers (vLLM, llama-cpp-python) close an idle connection: with equal
+timeouts (the HTTP client's default is also 5 s) a request sent on a connection the
+server is closing at that moment fails with a connection error and is retried."""
+
 CUT_GRACE_S = 1.0
 """Seconds the runtime waits for a stopped stream's next step before cutting it anyway
 (HTTP backends; see :mod:`orchestrator.reader`, "Cutting a stream exactly")."""

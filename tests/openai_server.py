@@ -86,6 +86,8 @@ class ReceivedRequest:
     body: Mapping[str, Any] | None
     at: float
     headers: Mapping[str, str] = field(default_factory=dict)  # names lower-cased
+    #: the client's (host, port): one per TCP connection, so reuse shows as a repeat
+    peer: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,8 +548,9 @@ class OpenAIServer:
         except json.JSONDecodeError:
             return _error_response(400, "body is not valid JSON", "BadRequestError")
         headers = {k.lower(): v for k, v in request.headers.items()}
+        peer = request.transport.get_extra_info("peername") if request.transport else None
         self._stats.received.append(ReceivedRequest("POST", request.path, body, time.time(),
-                                                    headers))
+                                                    headers, peer[:2] if peer else None))
         self._touch()
         rejection = self._reject(body, chat)
         if rejection is not None:

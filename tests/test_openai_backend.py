@@ -493,6 +493,93 @@ async def test_math_responder_for_smoke_runs(make_backend: MakeBackend) -> None:
         assert {t for t, _ in delta.logprobs[0].top} == {" Yes", " No"}
 
 
+async def test_idle_connections_are_reused_until_keepalive_expiry(
+        openai_server: OpenAIServer, make_backend: MakeBackend) -> None:
+    """A finished stream's connection serves the next request while it is fresh, and is
+    dropped once idle for ``keepalive_expiry`` (which must stay below the 5 s after which
+    vLLM's uvicorn closes an idle connection: with equal timeouts, a request could go out
+    on a connection the server is closing). Only the direction of time matters here: a
+    slow machine only makes the idle gap longer."""
+    from orchestrator import defaults
+    from orchestrator.errors import ConfigError
+
+    assert 0 < defaults.KEEPALIVE_EXPIRY_S < 5.0
+    for expiry, idle, reused in ((60.0, 0.0, True), (0.05, 0.3, False)):
+        backend = make_backend(keepalive_expiry=expiry)
+        start = len(openai_server.generation_requests())
+        await collect(backend, completion())
+        await asyncio.sleep(idle)
+        await collect(backend, completion())
+        first, second = (r.peer for r in openai_server.generation_requests()[start:])
+        assert first is not None and (first == second) is reused, (expiry, first, second)
+    with pytest.raises(ConfigError, match="keepalive_expiry"):
+        make_backend(keepalive_expiry=-1.0)
+
+
+class _KeepsOpenAfterEOF(asyncio.Protocol):
+    """A bare HTTP/1.1 server that answers every request with one whole SSE completion
+    (one token, usage, ``[DONE]``) and keeps the connection open when the client
+    half-closes it: what a client sees when its cut crosses the server's last chunk and
+    the server's close has not arrived yet."""
+
+    BODY = ('data: {"id":"c","object":"text_completion","model":"m","choices":[{"index":0,'
+            '"text":" ok","logprobs":null,"finish_reason":"stop"}]}\n\n'
+            'data: {"id":"c","object":"text_completion","model":"m","choices":[],'
+            '"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\n\n'
+            'data: [DONE]\n\n')
+    def __init__(self, peers: list[tuple[str, int]]) -> None:
+        self.peers = peers  # the client's (host, port) of each request, in order
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, _, rest = self.buffer.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            if len(rest) < length:
+                return
+            self.buffer = rest[length:]
+            self.peers.append(self.transport.get_extra_info("peername")[:2])
+            body = self.BODY.encode()
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+                + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+
+    def eof_received(self) -> bool:
+        return True  # keep the connection (the server's close "has not arrived")
+
+
+async def test_a_cut_connection_is_never_reused() -> None:
+    """A stream cut (half-closed) just as the server finishes it ends cleanly, its whole
+    body already sent, and the HTTP client would pool its connection as idle. That
+    connection can no longer send: the next request must go out on a new one, not fail on
+    it (a connection error, a retry, an abandoned request)."""
+    peers: list[tuple[str, int]] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _KeepsOpenAfterEOF(peers), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with OpenAIBackend(f"http://127.0.0.1:{port}/v1", "m", max_attempts=1,
+                                 keepalive_expiry=60.0, capabilities=Capabilities()) as b:
+            async with b.stream(completion()) as events:
+                events.cut()  # after the first event, read by the backend before yielding
+                first = [event async for event in events]
+            assert texts(first) == {0: " ok"}
+            for _ in range(2):
+                assert texts(await collect(b, completion())) == {0: " ok"}
+    finally:
+        server.close()
+    assert len(peers) == 3
+    assert peers[0] != peers[1]
+    assert peers[1] == peers[2]  # a connection that was not cut is reused
+
+
 # ---------------------------------------------------------------------- retry decisions
 def test_retry_decisions() -> None:
     assert retry.parse_retry_after("120") == 120.0

@@ -30,7 +30,9 @@ Token counts (see :mod:`orchestrator.backends.base` for the contract):
   :class:`~orchestrator.backends.base.EventStream` objects whose ``cut()`` half-closes the
   connection (``shutdown(SHUT_WR)``): the server sees the client's end of input, aborts
   the request and closes its side once what it wrote is flushed, so the runtime reads
-  every token the server sent and no more are generated.
+  every token the server sent. (vLLM closes at once and counts the steps its engine
+  finishes until the abort arrives; on a loaded server a step can be counted that the
+  closed stream never carried: README "Accounting against a real server".)
 
 Streams are read as raw server-sent events (``with_streaming_response``), so that a
 malformed ``data:`` line (not JSON, truncated JSON) is a *broken stream* like a cut
@@ -164,6 +166,8 @@ CONNECT_TIMEOUT = defaults.CONNECT_TIMEOUT_S
 """Seconds to establish a connection."""
 
 DEFAULT_CUT_GRACE = defaults.CUT_GRACE_S
+#: seconds an idle connection is kept for reuse (:data:`orchestrator.defaults.KEEPALIVE_EXPIRY_S`)
+DEFAULT_KEEPALIVE_EXPIRY = defaults.KEEPALIVE_EXPIRY_S
 """Seconds the runtime waits for a stopped stream's next chunk before cancelling it."""
 
 PROBE_TOP_LOGPROBS = defaults.PROBE_TOP_LOGPROBS
@@ -174,11 +178,16 @@ _PATHS: dict[str, str] = {"chat": "/chat/completions", "completions": "/completi
 #: in recent releases): asked for as ``cast_to``, the client hands the response back unread
 #: (the openai README's way for undocumented endpoints). Found through the public
 #: ``openai.DefaultAsyncHttpxClient``, whose base class is that package's ``AsyncClient``.
-_HTTP_RESPONSE: type = next(
-    sys.modules[cls.__module__.partition(".")[0]].Response
+_HTTP: Any = next(
+    sys.modules[cls.__module__.partition(".")[0]]
     for cls in openai.DefaultAsyncHttpxClient.__mro__
     if cls.__name__ == "AsyncClient"
     and hasattr(sys.modules.get(cls.__module__.partition(".")[0]), "Response"))
+_HTTP_RESPONSE: type = _HTTP.Response
+#: the connection pool's size (the openai client's own defaults); only the idle expiry
+#: differs from them (``keepalive_expiry``)
+MAX_CONNECTIONS = 1000
+MAX_KEEPALIVE = 100
 
 
 #: the header carrying ``GenerationRequest.affinity`` (the problem id): the first of the
@@ -205,7 +214,11 @@ class OpenAIBackend(Backend):
     included); a global concurrency limit is the runtime's business, not this class's.
     ``cut_grace``: how long the runtime may wait for a stopped stream's next chunk so that
     it is charged exactly what the server generated (0: close at once, which may leave a
-    step's tokens, counted by the server, uncharged).
+    step's tokens, counted by the server, uncharged). ``keepalive_expiry``: seconds an
+    idle connection is kept for the next request (0: never reused); keep it below the
+    server's own idle timeout (5 s on vLLM), or a request can go out on a connection the
+    server is closing and fail before its first token (it is then retried, and counted in
+    ``abandoned_http_requests``).
     """
 
     def __init__(
@@ -223,6 +236,7 @@ class OpenAIBackend(Backend):
         backoff_cap: float = BACKOFF_CAP,
         retry_after_cap: float = RETRY_AFTER_CAP,
         cut_grace: float = DEFAULT_CUT_GRACE,
+        keepalive_expiry: float = DEFAULT_KEEPALIVE_EXPIRY,
         max_streams: int | None = None,
         count_with_tokenizer: bool = True,
     ) -> None:
@@ -246,6 +260,7 @@ class OpenAIBackend(Backend):
             ("backoff_cap", backoff_cap),
             ("retry_after_cap", retry_after_cap),
             ("cut_grace", cut_grace),
+            ("keepalive_expiry", keepalive_expiry),
         ):
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a non-negative number of seconds, got {value!r}")
@@ -272,7 +287,10 @@ class OpenAIBackend(Backend):
         self._tag = uuid.uuid4().hex[:8]
         self._serial = itertools.count(1)
         self._client = openai.AsyncOpenAI(
-            base_url=base_url, api_key=api_key, timeout=client_timeout, max_retries=0
+            base_url=base_url, api_key=api_key, timeout=client_timeout, max_retries=0,
+            http_client=openai.DefaultAsyncHttpxClient(limits=_HTTP.Limits(
+                max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_KEEPALIVE,
+                keepalive_expiry=keepalive_expiry)),
         )
         self._caps = capabilities
         self._probed: Capabilities | None = None

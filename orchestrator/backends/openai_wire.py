@@ -47,28 +47,42 @@ class RawResponse:
     """An open streaming HTTP response (the openai client's HTTP package's ``Response``,
     status already checked); :meth:`close` closes it and its connection, once."""
 
-    __slots__ = ("_closed", "http_response")
+    __slots__ = ("_closed", "_half_closed", "http_response")
 
     def __init__(self, http_response: Any) -> None:
         self.http_response = http_response
         self._closed = False
+        self._half_closed = False
 
     def iter_lines(self) -> AsyncIterator[str]:
         return self.http_response.aiter_lines()
 
+    def _socket(self) -> socket.socket | None:
+        stream = self.http_response.extensions.get("network_stream")
+        return stream.get_extra_info("socket") if stream is not None else None
+
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._half_closed:
+                self._shut(socket.SHUT_RDWR)
             await self.http_response.aclose()
 
     def half_close(self) -> None:
         """Shut down the sending side of the connection: the server reads the end of the
-        client's input (and aborts the request) while what it sent stays readable."""
+        client's input (and aborts the request) while what it sent stays readable. The
+        connection can no longer carry a request: when the response is closed it is shut
+        down both ways, which the HTTP client's pool sees (it reads as closed by the
+        server) and drops instead of sending the next request on it, also when the body
+        had ended cleanly before the server took the half-close in."""
+        self._half_closed = True
+        self._shut(socket.SHUT_WR)
+
+    def _shut(self, how: int) -> None:
         try:
-            stream = self.http_response.extensions.get("network_stream")
-            sock = stream.get_extra_info("socket") if stream is not None else None
+            sock = self._socket()
             if sock is not None:
-                sock.shutdown(socket.SHUT_WR)
+                sock.shutdown(how)
         except OSError as exc:  # already closed by the server: nothing to ask for
             _log.debug("backend.half_close_failed", error=describe(exc))
 
