@@ -4,7 +4,8 @@ verifier (the model judging its own answers) is worse than chance.
 With the measured profile it must never verify; with the online estimate it may read a few
 solutions while it learns (at most the first solution of each answer that led), and either
 way every answer must be its own votes' majority: a useless verifier never picks the
-answer. The ledger equals the server's own count of generated tokens.
+answer. The ledger never exceeds the server's own count of generated tokens, and falls short
+of it by at most one token a cut choice (see the test).
 """
 
 from __future__ import annotations
@@ -51,11 +52,18 @@ async def test_solverify_does_not_let_a_useless_verifier_choose(
     assert all(r.ok for r in results), [r.error for r in results]
     charged = sum(r.usage.completion_tokens for r in results)
     abandoned = sum(r.abandoned_http_requests for r in results)
-    # exact, unless a request was given up before its first token (a connection error
-    # then a retry): the server may have generated tokens for it that no stream reported
-    # (README "Scaling out"; as tests/live/test_live_scaleout.py checks)
-    assert charged == generated if abandoned == 0 else charged <= generated, (
-        charged, generated, abandoned)
+    cut = sum(1 for r in results for f in r.failed if f.reason == "cancelled")
+    # Never more than the server generated. Less by at most one token a cut choice, unless
+    # a request was given up before its first token (the server may have generated tokens
+    # for it that no stream reported: README "Scaling out"). Why not exact when ~100
+    # streams are cut under load: vLLM closes the connection at the half-close and counts
+    # every step its engine finishes until the abort reaches its output processor, but a
+    # step still queued for the closed stream is never sent (README "Accounting against a
+    # real server"; CI on Dec 3: ledger 1973 vs 1977, none abandoned). That the settled cut
+    # reads the step in transit is test_live_accounting's cut runs' job: exact, in quiet
+    # runs of 3 cut streams.
+    assert charged <= generated, (charged, generated, abandoned, cut)
+    assert abandoned > 0 or generated - charged <= cut, (charged, generated, cut)
     assert all(majority_answer(r) for r in results), [
         (r.key, [s.key for s in r.solutions]) for r in results if not majority_answer(r)]
     reads = [len(r.verifications) for r in finished]  # in the order problems finished
@@ -72,5 +80,5 @@ async def test_solverify_does_not_let_a_useless_verifier_choose(
     note(f"solverify ({'measured profile' if profiled else 'online estimate'}) x 40 capitals: "
          f"{correct}/40 correct, {sum(len(r.solutions) for r in results)} samples, "
          f"{sum(reads)} verifications ({sum(reads[:half])} in the first 20 to finish, "
-         f"{sum(reads[half:])} in the last 20); ledger {charged} vs /metrics {generated:.0f}, "
-         f"{abandoned} HTTP requests abandoned before a first token")
+         f"{sum(reads[half:])} in the last 20); ledger {charged} vs /metrics {generated:.0f} "
+         f"({cut} choices cut), {abandoned} HTTP requests abandoned before a first token")
