@@ -166,9 +166,10 @@ CONNECT_TIMEOUT = defaults.CONNECT_TIMEOUT_S
 """Seconds to establish a connection."""
 
 DEFAULT_CUT_GRACE = defaults.CUT_GRACE_S
-#: seconds an idle connection is kept for reuse (:data:`orchestrator.defaults.KEEPALIVE_EXPIRY_S`)
-DEFAULT_KEEPALIVE_EXPIRY = defaults.KEEPALIVE_EXPIRY_S
 """Seconds the runtime waits for a stopped stream's next chunk before cancelling it."""
+
+DEFAULT_KEEPALIVE_EXPIRY = defaults.KEEPALIVE_EXPIRY_S
+"""Seconds an idle connection is kept for reuse (below vLLM's 5 s idle timeout)."""
 
 PROBE_TOP_LOGPROBS = defaults.PROBE_TOP_LOGPROBS
 """``top_logprobs`` values the probe tries, largest first."""

@@ -84,7 +84,7 @@ class RawResponse:
             if sock is not None:
                 sock.shutdown(how)
         except OSError as exc:  # already closed by the server: nothing to ask for
-            _log.debug("backend.half_close_failed", error=describe(exc))
+            _log.debug("backend.shutdown_failed", how=how, error=describe(exc))
 
 
 async def close_quietly(raw: Any) -> None:
