@@ -4,8 +4,9 @@ The session's server (tests/live/conftest.py) is replica A; this module starts r
 (skipped, with the reason, when the machine lacks the memory for a second one). It
 measures and asserts:
 
-* affinity vs round robin (capitals, ``sc:n=8`` as eight n=1 requests, then GenRM): the
-  share of prompt tokens served from the replicas' prefix caches is higher with affinity;
+* affinity vs round robin (capitals, ``sc:n=8`` as eight n=1 requests, then GenRM): with
+  affinity every request of a problem reaches one replica, with round robin both; the
+  share of prompt tokens each serves from the replicas' prefix caches is printed;
 * the ledger equals the sum of both replicas' ``vllm:generation_tokens_total`` deltas, for
   whole runs and when a ``Stop`` cuts streams;
 * killing replica B mid-run (SIGKILL) loses no problem, through the router and through
@@ -19,6 +20,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -46,6 +48,8 @@ pytestmark = [
     pytest.mark.live,
     pytest.mark.skipif(not router_installed(), reason="vllm-router is not installed"),
 ]
+
+PROMPT = "vllm:prompt_tokens_total"
 
 #: memory a second replica needs on top of what is in use (vLLM holds ~6.5 GiB here)
 SECOND_REPLICA_GIB = 8.0
@@ -89,16 +93,37 @@ async def _settled(*servers: VLLMServer) -> float:
     return sum([await settled_tokens(s) for s in servers])
 
 
+@dataclass
+class _Arm:
+    """One router policy's runs: the cached share of prompt tokens, completion tokens a
+    second, ledger - the sum of the replicas' /metrics deltas, HTTP requests abandoned
+    before a first token, and for each problem the number of replicas that served it."""
+
+    share: float
+    speed: float
+    gap: float
+    abandoned: int
+    replicas_per_problem: list[int]
+
+
 async def _measure(url: str, servers: tuple[VLLMServer, ...], problems: list[Problem], policy
-                   ) -> tuple[float, float, float, int]:
-    """(cached prompt share, tokens/s, ledger - sum of /metrics deltas, HTTP requests
-    abandoned before a first token) of one run."""
+                   ) -> _Arm:
+    """Runs the problems one at a time through the router at ``url``, reading after each
+    (once both replicas are idle) which replicas' ``vllm:prompt_tokens_total`` moved: the
+    replicas that served some request of that problem."""
     before = await _settled(*servers)
     backend = _backend(url, servers[0].model_name)
+    results = []
+    spread = []
     t0 = time.monotonic()
     try:
-        results = await run_batch(problems, policy, backend=backend, task=task_for(problems),
-                                  max_n=1)
+        for problem in problems:
+            seen = [s.metrics()[PROMPT] for s in servers]
+            results += await run_batch([problem], policy, backend=backend,
+                                       task=task_for(problems), max_n=1)
+            await _settled(*servers)
+            now = [s.metrics()[PROMPT] for s in servers]
+            spread.append(sum(b > a for a, b in zip(seen, now, strict=True)))
     finally:
         await backend.aclose()
     wall = time.monotonic() - t0
@@ -108,16 +133,24 @@ async def _measure(url: str, servers: tuple[VLLMServer, ...], problems: list[Pro
     cached = sum(r.usage.cached_prompt_tokens or 0 for r in results)
     charged = sum(r.usage.completion_tokens for r in results)
     abandoned = sum(r.abandoned_http_requests for r in results)
-    return cached / max(prompt, 1), charged / wall, charged - generated, abandoned
+    return _Arm(cached / max(prompt, 1), charged / wall, charged - generated, abandoned, spread)
 
 
 @needs_capitals
-async def test_affinity_serves_more_prompt_tokens_from_cache_than_round_robin(
+async def test_affinity_keeps_each_problem_on_one_replica_and_round_robin_does_not(
         vllm_server: VLLMServer, replica_b: VLLMServer) -> None:
+    """What affinity promises is routing: every request of a problem (samples and the
+    verifications, which carry the problem's ``X-Session-ID``) reaches one replica, whose
+    prefix cache then holds that problem's prompts. That is asserted, per problem, from the
+    replicas' own prompt-token counters; round robin must spread each problem over both
+    (else the check could not tell them apart). The cached prompt share each gets is
+    printed, not compared: the capitals questions are shorter than vLLM's 16-token cache
+    block, so affinity's gain there is a block now and then and the verifications of
+    repeated solutions, which differ between the disjoint problem sets of the runs; the
+    shares tied in CI on Dec 3 (0.545 vs 0.550, 0.701 vs 0.700)."""
     servers = (vllm_server, replica_b)
     urls = [s.base_url for s in servers]
     problems = capitals(40)
-    rows = {}
     # disjoint problems per run, so no run finds another's prompts in a cache; round robin
     # first, so any warm-up (the shared few-shot prefix) favours it, not affinity
     for name, chunk, policy in (("round_robin", problems[0:10], SelfConsistency(8)),
@@ -125,17 +158,17 @@ async def test_affinity_serves_more_prompt_tokens_from_cache_than_round_robin(
                                 ("round_robin", problems[20:30], GenRM(4, 1)),
                                 ("consistent_hash", problems[30:40], GenRM(4, 1))):
         async with vllm_router(name, urls) as url:
-            share, speed, gap, abandoned = await _measure(url, servers, chunk, policy)
-        rows[(name, policy.spec)] = share
+            arm = await _measure(url, servers, chunk, policy)
         note(f"scale-out: router {name:15s} {policy.spec:14s} cached prompt share "
-             f"{share:.3f}, {speed:.1f} tok/s, ledger - /metrics = {gap:+.0f}, "
-             f"{abandoned} HTTP requests abandoned before a first token")
+             f"{arm.share:.3f}, {arm.speed:.1f} tok/s, ledger - /metrics = {arm.gap:+.0f}, "
+             f"{arm.abandoned} HTTP requests abandoned before a first token, replicas per "
+             f"problem {arm.replicas_per_problem}")
         # exact unless requests were given up before a first token (on a busy machine,
         # the first-token deadline): the router lets those run to their first chunk,
         # which no stream reports (tests/test_router.py), and the results say so
-        assert gap == 0 if abandoned == 0 else gap <= 0, (gap, abandoned)
-    for spec in ("sc:n=8", "genrm:s=4,v=1"):
-        assert rows[("consistent_hash", spec)] > rows[("round_robin", spec)], rows
+        assert arm.gap == 0 if arm.abandoned == 0 else arm.gap <= 0, (arm.gap, arm.abandoned)
+        want = 1 if name == "consistent_hash" else len(servers)
+        assert arm.replicas_per_problem == [want] * len(chunk), (name, policy.spec)
 
 
 async def _cut_run(backend, servers: tuple[VLLMServer, ...]) -> tuple[int, int, float]:
