@@ -17,6 +17,7 @@ from orchestrator.types import Problem
 from policies import SelfConsistency
 from tests.live.livekit import (
     GEN,
+    HANG_GUARD_S,
     RAMBLE,
     RUNNING,
     FirstFinished,
@@ -29,11 +30,6 @@ from tests.live.livekit import (
 
 pytestmark = pytest.mark.live
 
-#: a hang guard, not a speed limit: how long the server may still report requests running
-#: after the problem returned before the test calls them leaked. How soon they stop, and
-#: how many tokens a cut stream got after the Stop, depend on how fast this machine is at
-#: that moment; they are reported (``note``), not asserted.
-HANG_GUARD_S = 60.0
 MAX_TOKENS = 200
 
 

@@ -113,17 +113,19 @@ async def _measure(url: str, servers: tuple[VLLMServer, ...], problems: list[Pro
     replicas that served some request of that problem."""
     before = await _settled(*servers)
     backend = _backend(url, servers[0].model_name)
+    task = task_for(problems)
     results = []
     spread = []
+    seen = [s.metrics()[PROMPT] for s in servers]
     t0 = time.monotonic()
     try:
         for problem in problems:
-            seen = [s.metrics()[PROMPT] for s in servers]
-            results += await run_batch([problem], policy, backend=backend,
-                                       task=task_for(problems), max_n=1)
+            results += await run_batch([problem], policy, backend=backend, task=task,
+                                       max_n=1)
             await _settled(*servers)
             now = [s.metrics()[PROMPT] for s in servers]
             spread.append(sum(b > a for a, b in zip(seen, now, strict=True)))
+            seen = now
     finally:
         await backend.aclose()
     wall = time.monotonic() - t0

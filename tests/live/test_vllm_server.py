@@ -6,9 +6,9 @@ provisioned if needed, started once for the whole ``pytest -m live`` session).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
-import time
 from pathlib import Path
 
 import openai
@@ -22,19 +22,14 @@ from orchestrator.serve import (
     is_provisioned,
     parse_prometheus,
 )
-from tests.live.livekit import note
+from tests.live.livekit import GEN, HANG_GUARD_S, RAMBLE, note, seconds_until_idle
 
 FEW_SHOT = (
     "Q: What is the capital of Belgium?\nA: Brussels\n\nQ: What is the capital of Peru?\n"
     "A: Lima\n\nQ: What is the capital of Kenya?\nA: Nairobi\n\nQ: What is the capital of "
     "France?\nA:"
 )
-RAMBLE = "Write a very long story about a dragon who travels the world. Once upon a time,"
 STREAM_USAGE = {"include_usage": True, "continuous_usage_stats": True}
-GEN = "vllm:generation_tokens_total"
-RUNNING = "vllm:num_requests_running"
-#: only against a hang: how long requests may run on after a cut before the test fails
-HANG_GUARD_S = 60.0
 
 
 # --- fast: no server --------------------------------------------------------------------
@@ -123,16 +118,6 @@ def server(vllm_server: VLLMServer) -> VLLMServer:
     return vllm_server
 
 
-def _settle(server: VLLMServer, limit: float = HANG_GUARD_S) -> float:
-    """Seconds until no request is running (fails after ``limit``: a hang guard, not a
-    speed test)."""
-    t0 = time.monotonic()
-    while server.metrics()[RUNNING] > 0:
-        assert time.monotonic() - t0 < limit, "requests still running after the cut"
-        time.sleep(0.02)
-    return time.monotonic() - t0
-
-
 @pytest.mark.live
 def test_server_answers_the_few_shot_prompt(server: VLLMServer) -> None:
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
@@ -159,7 +144,7 @@ def test_tokenizer_adds_bos_and_chat_template_renders(server: VLLMServer) -> Non
 
 
 @pytest.mark.live
-def test_a_client_that_breaks_off_a_stream_stops_the_server(server: VLLMServer) -> None:
+async def test_a_client_that_breaks_off_a_stream_stops_the_server(server: VLLMServer) -> None:
     """A plain client that breaks out of a stream and closes it: the server aborts the
     request (once no request runs, nothing more is generated) and has counted at least
     what the last chunk read reported. It may have counted more, by as much as the client
@@ -184,9 +169,9 @@ def test_a_client_that_breaks_off_a_stream_stops_the_server(server: VLLMServer) 
             charged = chunk.usage.completion_tokens
             if charged >= 20:
                 break
-    took = _settle(server)
+    took = await seconds_until_idle(server, limit=HANG_GUARD_S)
     after_cut = server.metrics()[GEN]
-    time.sleep(0.5)
+    await asyncio.sleep(0.5)
     assert server.metrics()[GEN] == after_cut, "tokens generated after the request ended"
     generated = after_cut - before
     note(f"plain client breaking off a stream: read {charged} tokens, the server counted "
