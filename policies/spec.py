@@ -220,6 +220,8 @@ VERIFYING_HELP: dict[str, str] = {
     "max_reads": "readings per answer at most",
     "explore": "online: pseudo-labelled solutions per class before trusting the estimate "
                "(0: never verify without a profile)",
+    "explore_others": "online: answers besides the leader read while pseudo-negatives are "
+                      "short",
     "min_auc": "use the verifier only when its AUC (online: 95% lower bound) > this",
     "max_icc": "read one solution again only when the profile's repeat ICC < this",
     "doubt": "prior probability that the most frequent answer is not the right one "

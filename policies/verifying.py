@@ -12,12 +12,13 @@ the samples and the vote-based stop; every parameter of ``Adaptive`` is one of t
   lower bound). Otherwise the policy *is* ``adaptive``: the same decisions on every
   snapshot — except, while the online estimate still lacks readings, a few exploratory
   verifications (the first solution of the leading answer while pseudo-positives are
-  short, of the runner-up while pseudo-negatives are) that run beside the samples and
-  never change an answer, so their pseudo-labels are the vote's and not the verifier's
-  own. When ``adaptive`` settles while such a reading is in flight, the policy cancels the
-  samples (``Cancel("solve")``) and stops once the reading is in: a reading cut by the
-  stop would cost tokens and teach nothing (on the AIME pools, with solutions thousands
-  of tokens long, the stop used to cut 70-93% of them).
+  short, of the runner-up, or of the next ``explore_others`` answers, while
+  pseudo-negatives are) that run beside the samples and never change an answer, so
+  their pseudo-labels are the vote's and not the verifier's own. When ``adaptive``
+  settles while such a reading is in flight, the policy cancels the samples
+  (``Cancel("solve")``) and stops once the reading is in: a reading cut by the stop
+  would cost tokens and teach nothing (on the AIME pools, with solutions thousands of
+  tokens long, the stop used to cut 70-93% of them).
 * **Evidence.** Votes and readings combine into one posterior over which answer is
   right (:mod:`policies.evidence`). A solution is read again only when the profile says
   readings of one solution differ (``repeat_icc`` known and below ``max_icc``); the
@@ -106,7 +107,13 @@ class _Verifying:
     profile: str | None = None
     settle: float = 0.95
     max_reads: int = 4
-    explore: int = 10
+    # online: pseudo-labelled solutions per class before the estimate may be trusted, and
+    # how many answers besides the leader are read while pseudo-negatives are short;
+    # chosen by cross-validation over the quality sweep (README, "Verifiers": 5 and 3
+    # within noise of each other, both well above 10; at 3 a useless verifier passes
+    # the trust test more often)
+    explore: int = 5
+    explore_others: int = 1
     min_auc: float = 0.55
     max_icc: float = 0.5
     doubt: float = 0.0
@@ -126,6 +133,9 @@ class _Verifying:
                self.max_reads, "an integer >= 1")
         _check(name, "explore", isinstance(self.explore, int) and self.explore >= 0,
                self.explore, "an integer >= 0")
+        _check(name, "explore_others",
+               isinstance(self.explore_others, int) and self.explore_others >= 1,
+               self.explore_others, "an integer >= 1")
         _check(name, "min_auc", 0.0 <= self.min_auc < 1.0, self.min_auc, "in [0, 1)")
         _check(name, "max_icc", 0.0 <= self.max_icc <= 1.0, self.max_icc, "in [0, 1]")
         _check(name, "doubt", 0.0 <= self.doubt < 1.0, self.doubt, "in [0, 1)")
@@ -147,7 +157,7 @@ class _Verifying:
         if self.profile:
             parts.append(f"profile={self.profile}")
         else:
-            parts.append(f"explore={self.explore}")
+            parts += [f"explore={self.explore}", f"explore_others={self.explore_others}"]
         return parts
 
     @property
@@ -170,8 +180,10 @@ class _Verifying:
         usable = est.usable
         if usable is not None:
             return usable, None
-        # still collecting, until both classes have enough or 6x that many were read
-        exploring = not est.enough and est.positives + est.negatives < 6 * self.explore
+        # still collecting until both classes have enough (no cap on the total: on an
+        # easy pool the pseudo-positives fill first, and a cap on both together stopped the
+        # exploration before any contested problem was read for a pseudo-negative)
+        exploring = not est.enough
         return None, est if exploring else None
 
     def rereads(self, profile: VerifierProfile) -> bool:
@@ -181,8 +193,9 @@ class _Verifying:
     def _explore(self, s: ProblemSnapshot, base: Sequence[Decision], est: OnlineEstimate
                  ) -> list[Decision]:
         """``adaptive``'s decisions plus exploratory verifications, which change no answer:
-        the first solution of the leader while the estimate lacks pseudo-positives, of the
-        runner-up while it lacks pseudo-negatives. A settled stop waits for the readings
+        the first solution of the leader while the estimate lacks pseudo-positives, of each
+        of the next ``explore_others`` answers while it lacks pseudo-negatives (the scarce
+        class: only contested problems have them). A settled stop waits for the readings
         in flight, its samples cancelled (only a problem that settled gives pseudo-labels,
         and only a reading that returned is one)."""
         stop = _stop_of(base)
@@ -192,11 +205,12 @@ class _Verifying:
             return [Cancel("solve")] if s.in_flight.samples else []
         if not s.budget_left.can_verify or s.blocked:
             return list(base)
-        extra: list[Decision] = []
-        lacking = (est.positives < self.explore, est.negatives < self.explore)
-        for a, wanted in zip(s.answers()[:2], lacking, strict=False):
-            if wanted and a.verified + a.verifying + a.failed_verifications == 0:
-                extra.append(Verify(a.solutions[0]))
+        answers = s.answers()
+        wanted = [*answers[:1]] if est.positives < self.explore else []
+        if est.negatives < self.explore:
+            wanted += answers[1:1 + self.explore_others]
+        extra = [Verify(a.solutions[0]) for a in wanted
+                 if a.verified + a.verifying + a.failed_verifications == 0]
         return [*base, *extra]
 
     def _target(self, a: AnswerStats, profile: VerifierProfile) -> Solution | None:

@@ -12,8 +12,8 @@ from scipy import integrate, special
 from scipy import stats as sst
 
 from orchestrator.backends.fake import FakeBackend, FakeReply
-from orchestrator.decisions import Sample, Stop, Verify
-from orchestrator.errors import DataError
+from orchestrator.decisions import Cancel, Sample, Stop, Verify
+from orchestrator.errors import ConfigError, DataError
 from orchestrator.history import ProblemRecord, RunHistory
 from orchestrator.runtime import run_batch, solve
 from orchestrator.snapshot import Blocked, BudgetLeft
@@ -223,6 +223,28 @@ def test_without_profile_or_history_it_only_adds_exploratory_verifications():
     assert Solverify(explore=0).decide(snapshots()[3]) == Adaptive().decide(snapshots()[3])
 
 
+@pytest.mark.parametrize("cls", [Solverify, VerifyContested])
+def test_exploration_reads_the_leader_and_explore_others_minority_answers(cls):
+    """Without a profile or history: the first solution of the leader (a pseudo-positive
+    once the problem settles) and of each of the next ``explore_others`` answers (the
+    scarce pseudo-negatives); an answer already read, or being read, is not read again."""
+    snap = make_snapshot(["4", "5", "4", "6", "7", "4", "8"], in_flight=2)
+
+    def read(policy, s=snap):
+        return [d.solution.id for d in policy.decide(s) if isinstance(d, Verify)]
+
+    # answers by votes, then first vote: 4 (ids 0, 2, 5), 5 (1), 6 (3), 7 (4), 8 (6)
+    assert read(cls()) == [0, 1]
+    assert read(cls(explore_others=3)) == [0, 1, 3, 4]
+    assert read(cls(explore_others=9)) == [0, 1, 3, 4, 6]
+    being_read = make_snapshot(["4", "5", "4", "6", "7", "4", "8"], in_flight=2,
+                               verifying={1: 1}, scores={3: [0.4]})
+    assert read(cls(explore_others=3), being_read) == [0, 4]
+    assert read(cls(explore=0, explore_others=3)) == []
+    with pytest.raises(ConfigError, match="explore_others"):
+        cls(explore_others=0)
+
+
 def test_solverify_verifies_a_contested_tie_and_samples_when_nothing_is_known(tmp_path):
     policy = Solverify(profile=saved(tmp_path, GOOD))
     tie = make_snapshot(["4", "5", "4", "5"])
@@ -293,6 +315,9 @@ def test_the_defaults_are_the_cross_validated_operating_points():
     vc, sv = VerifyContested(), Solverify()
     assert (vc.settle, vc.max_reads, vc.doubt, vc.extend) == (0.99, 16, 0.2, True)
     assert (sv.settle, sv.max_reads, sv.doubt, sv.extend) == (0.99, 16, 0.05, False)
+    # online: trusted from 5 pseudo-labelled solutions per class, the runner-up read for
+    # pseudo-negatives
+    assert (vc.explore, vc.explore_others) == (sv.explore, sv.explore_others) == (5, 1)
     assert "doubt=0.2,extend=true" in vc.spec and "doubt=0.05,extend=false" in sv.spec
     assert parse_policy("verify-contested") == vc and parse_policy("solverify") == sv
 
@@ -451,6 +476,25 @@ def test_a_reading_of_a_solution_without_an_answer_is_a_pseudo_negative():
     assert pseudo_labelled([rec], settled=("max",)) == []
 
 
+@pytest.mark.parametrize("cls", [Solverify, VerifyContested])
+def test_exploration_goes_on_for_the_scarce_class_however_many_of_the_other(cls):
+    """An easy run: 60 settled, unanimous problems, each with a reading of its answer, and
+    no pseudo-negative yet. A contested problem still reads its runner-up (not its leader:
+    pseudo-positives are plentiful); once both classes have ``explore`` it explores no
+    more."""
+    rng = np.random.default_rng(1)
+    unanimous = tuple(ProblemRecord(
+        problem_id=f"u{i}", stop_code="settled", answer_key="a", keys=("a", "a", "a"),
+        lengths=(10, 10, 10), readings=(("a", float(rng.beta(2, 2))),), solution_tokens=30,
+        verification_tokens=2, reading_solutions=(0,)) for i in range(60))
+    contested = ["4", "5", "4", "4"]
+    got = cls().decide(make_snapshot(contested, in_flight=4, history=unanimous))
+    assert [d.solution.id for d in got if isinstance(d, Verify)] == [1]
+    both = unanimous + fake_history(6, good=False)[:6]  # 6 pseudo-negatives, useless
+    assert cls().decide(make_snapshot(contested, in_flight=4, history=both)) == \
+        Adaptive().decide(make_snapshot(contested, in_flight=4, history=both))
+
+
 def test_online_estimate_turns_the_verifier_on_only_when_it_is_useful():
     tie = make_snapshot(["4", "5", "4", "5"], in_flight=0)
     for good in (True, False):
@@ -465,7 +509,10 @@ def test_online_estimate_turns_the_verifier_on_only_when_it_is_useful():
 # ---- a fake run: a useless verifier does not change any answer ----------------------------------
 async def test_a_useless_verifier_changes_no_answer_of_a_run():
     """Solverify with the online estimate (exploring, then a verifier found useless: its
-    verdicts are coin flips) against adaptive on the same fake run."""
+    verdicts are coin flips) against adaptive on the same fake run: the same answers, the
+    verifier never used, and every decision adaptive's own on the snapshot it was made on
+    (plus exploratory readings; or, when adaptive settles while a reading is in flight,
+    waiting for it with the samples cancelled)."""
     problems = [Problem(id=f"p{i}", problem=f"q{i}", answer="seven") for i in range(24)]
     words = ["seven", "eight", "seven", "nine", "seven", "eight", "seven", "seven", "nine"]
 
@@ -483,22 +530,42 @@ async def test_a_useless_verifier_changes_no_answer_of_a_run():
 
         return respond
 
-    out = {}
-    # exploratory verifications add decision points (each reading that finishes) and may
+    class Checked:
+        """Solverify, checking each of its decisions against adaptive's on that snapshot."""
+
+        def __init__(self, policy: Solverify) -> None:
+            self.policy, self.spec, self.verifies = policy, policy.spec, True
+            self.inner = Adaptive(max=16, width=4, wide=4, learn=False)
+            self.decisions = 0
+
+        def decide(self, snap):
+            got = list(self.policy.decide(snap))
+            assert self.policy.verifier(snap)[0] is None  # the verifier is never used
+            base = list(self.inner.decide(snap))
+            plain = [d for d in got if not isinstance(d, Verify)]
+            waiting = (any(isinstance(d, Stop) and d.code == "settled" for d in base)
+                       and snap.in_flight.verification_total > 0
+                       and plain in ([], [Cancel("solve")]))
+            assert plain == base or waiting
+            self.decisions += 1
+            return got
+
+    # exploratory verifications add decision points (each reading that finishes), which
+    # may see two samples finished where adaptive alone saw them one at a time, and may
     # change the order in which problems finish; adaptive's learned prior (learn) and its
-    # evidence-following width (wide > width) read those, so they are held fixed here to
-    # test that the verifier's verdicts themselves change nothing (with a profile that says
-    # "useless" there is no exploration, and defaults give adaptive's decisions exactly:
-    # the replay test above)
-    for policy in (Solverify(max=16, width=4, wide=4, learn=False),
-                   Adaptive(max=16, width=4, wide=4, learn=False)):
-        results = await run_batch(problems, policy, backend=FakeBackend(responder()),
-                                  task=WordTask(), concurrency=None, problems_in_flight=4,
-                                  max_n=1)
-        out[type(policy).__name__] = results
-    a, b = out["Solverify"], out["Adaptive"]
+    # evidence-following width (wide > width) read that order, so they are held fixed
+    # here to test that the verifier's verdicts themselves change nothing (with a profile
+    # that says "useless" there is no exploration, and defaults give adaptive's decisions
+    # exactly: the replay test above)
+    out = {}
+    checked = Checked(Solverify(max=16, width=4, wide=4, learn=False))
+    for policy in (checked, Adaptive(max=16, width=4, wide=4, learn=False)):
+        out[type(policy).__name__] = await run_batch(
+            problems, policy, backend=FakeBackend(responder()), task=WordTask(),
+            concurrency=None, problems_in_flight=4, max_n=1)
+    a, b = out["Checked"], out["Adaptive"]
     assert [r.key for r in a] == [r.key for r in b]
-    assert [len(r.solutions) for r in a] == [len(r.solutions) for r in b]
+    assert checked.decisions > len(problems)
     assert sum(len(r.verifications) for r in a) > 0  # it did explore
     assert all(not r.verifications for r in b)
 
