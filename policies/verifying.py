@@ -12,7 +12,7 @@ the samples and the vote-based stop; every parameter of ``Adaptive`` is one of t
   lower bound). Otherwise the policy *is* ``adaptive``: the same decisions on every
   snapshot — except, while the online estimate still lacks readings, a few exploratory
   verifications (the first solution of the leading answer while pseudo-positives are
-  short, of the runner-up, or of the next ``explore_others`` answers, while
+  short, of the ``explore_others`` answers after it (default 1: the runner-up) while
   pseudo-negatives are) that run beside the samples and never change an answer, so
   their pseudo-labels are the vote's and not the verifier's own. When ``adaptive``
   settles while such a reading is in flight, the policy cancels the samples
