@@ -110,8 +110,8 @@ class _Verifying:
     # online: pseudo-labelled solutions per class before the estimate may be trusted, and
     # how many answers besides the leader are read while pseudo-negatives are short;
     # chosen by cross-validation over the quality sweep (README, "Verifiers": 5 and 3
-    # within noise of each other, both well above 10; at 3 a useless verifier passes
-    # the trust test more often)
+    # within noise of each other and above 10; at 3 a useless verifier passes the trust
+    # test more often)
     explore: int = 5
     explore_others: int = 1
     min_auc: float = 0.55

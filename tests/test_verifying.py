@@ -400,6 +400,7 @@ def test_bad_profile_file_is_a_data_error(tmp_path):
 def test_specs_round_trip(tmp_path):
     path = saved(tmp_path, GOOD)
     for spec in (f"solverify:profile={path},min_gain=0.01", "verify-contested:floor=0.1",
+                 "solverify:explore=3,explore_others=2",
                  f"verify-contested:profile={path},doubt=0.1,extend=true,max_reads=16"):
         policy = parse_policy(spec)
         assert parse_policy(policy.spec) == policy
@@ -493,6 +494,13 @@ def test_exploration_goes_on_for_the_scarce_class_however_many_of_the_other(cls)
     both = unanimous + fake_history(6, good=False)[:6]  # 6 pseudo-negatives, useless
     assert cls().decide(make_snapshot(contested, in_flight=4, history=both)) == \
         Adaptive().decide(make_snapshot(contested, in_flight=4, history=both))
+    # and a settled stop no longer waits for a reading in flight (it would teach nothing)
+    settled = make_snapshot(["4", "4", "4"], in_flight=2, verifying={0: 1}, history=both)
+    base = Adaptive().decide(settled)
+    assert isinstance(base[0], Stop) and base[0].code == "settled"
+    assert cls().decide(settled) == base
+    short = make_snapshot(["4", "4", "4"], in_flight=2, verifying={0: 1}, history=unanimous)
+    assert cls().decide(short) == [Cancel("solve")]  # still collecting: it waits
 
 
 def test_online_estimate_turns_the_verifier_on_only_when_it_is_useful():
