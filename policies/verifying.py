@@ -69,6 +69,11 @@ def _check(policy: str, name: str, ok: bool, value: object, what: str) -> None:
         raise ConfigError(f"{policy}: {name} must be {what}, got {value!r}")
 
 
+def _count(value: object, least: int) -> bool:
+    """An int (not a bool) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 #: ``Adaptive``'s constructor parameters and their defaults: the inner ``adaptive``'s
 #: parameters of the verifying policies take their defaults from here, so they are written
 #: once, in ``Adaptive``
@@ -129,13 +134,10 @@ class _Verifying:
     def __post_init__(self) -> None:
         name = self.NAME
         _check(name, "settle", 0.5 < self.settle < 1.0, self.settle, "in (0.5, 1)")
-        _check(name, "max_reads", isinstance(self.max_reads, int) and self.max_reads >= 1,
-               self.max_reads, "an integer >= 1")
-        _check(name, "explore", isinstance(self.explore, int) and self.explore >= 0,
-               self.explore, "an integer >= 0")
-        _check(name, "explore_others",
-               isinstance(self.explore_others, int) and self.explore_others >= 1,
-               self.explore_others, "an integer >= 1")
+        _check(name, "max_reads", _count(self.max_reads, 1), self.max_reads, "an integer >= 1")
+        _check(name, "explore", _count(self.explore, 0), self.explore, "an integer >= 0")
+        _check(name, "explore_others", _count(self.explore_others, 1), self.explore_others,
+               "an integer >= 1")
         _check(name, "min_auc", 0.0 <= self.min_auc < 1.0, self.min_auc, "in [0, 1)")
         _check(name, "max_icc", 0.0 <= self.max_icc <= 1.0, self.max_icc, "in [0, 1]")
         _check(name, "doubt", 0.0 <= self.doubt < 1.0, self.doubt, "in [0, 1)")

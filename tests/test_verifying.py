@@ -241,8 +241,11 @@ def test_exploration_reads_the_leader_and_explore_others_minority_answers(cls):
                                verifying={1: 1}, scores={3: [0.4]})
     assert read(cls(explore_others=3), being_read) == [0, 4]
     assert read(cls(explore=0, explore_others=3)) == []
-    with pytest.raises(ConfigError, match="explore_others"):
-        cls(explore_others=0)
+    for bad in (0, True, 1.5):
+        with pytest.raises(ConfigError, match="explore_others"):
+            cls(explore_others=bad)
+    with pytest.raises(ConfigError, match="explore must"):
+        cls(explore=True)
 
 
 def test_solverify_verifies_a_contested_tie_and_samples_when_nothing_is_known(tmp_path):
