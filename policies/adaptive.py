@@ -57,7 +57,7 @@ from orchestrator.decisions import Decision, Sample
 from orchestrator.errors import ConfigError
 from orchestrator.history import ProblemRecord
 from orchestrator.snapshot import ProblemSnapshot
-from policies.base import failures_allowed
+from policies.base import failures_allowed, is_count
 from policies.votes import majority_stop
 
 
@@ -436,15 +436,13 @@ class Adaptive:
     loss: float = 0.01
 
     def __post_init__(self) -> None:
-        _check("width", isinstance(self.width, int) and self.width >= 1, self.width,
-               "an integer >= 1")
+        _check("width", is_count(self.width, 1), self.width, "an integer >= 1")
         _check("confidence", 0.0 < self.confidence < 1.0, self.confidence, "in (0, 1)")
-        _check("max", isinstance(self.max, int) and self.max >= 1, self.max, "an integer >= 1")
-        _check("min_votes", isinstance(self.min_votes, int) and self.min_votes >= 1,
-               self.min_votes, "an integer >= 1")
+        _check("max", is_count(self.max, 1), self.max, "an integer >= 1")
+        _check("min_votes", is_count(self.min_votes, 1), self.min_votes, "an integer >= 1")
         _check("prior", self.prior > 0, self.prior, "> 0")
         if self.wide is not None:
-            _check("wide", isinstance(self.wide, int) and self.wide >= self.width, self.wide,
+            _check("wide", is_count(self.wide, self.width), self.wide,
                    f"an integer >= width ({self.width})")
         _check("shrink", self.shrink > 0, self.shrink, "> 0")
         _check("loss", 0.0 <= self.loss < 1.0, self.loss, "in [0, 1) (0: off)")

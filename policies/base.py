@@ -1,7 +1,7 @@
 """The Policy protocol, defined by the core (:mod:`orchestrator.protocols`, where its
 contract is documented) and re-exported here for policy authors, with the pieces every
-policy repeats: how many broken samples it replaces, topping samples up to a target, and
-waiting for what is in flight before it stops."""
+policy repeats: how many broken samples it replaces, topping samples up to a target,
+waiting for what is in flight before it stops, and what a count parameter may be."""
 
 from __future__ import annotations
 
@@ -11,8 +11,14 @@ from orchestrator.decisions import Decision, Sample, Stop
 from orchestrator.protocols import Policy, policy_verifies
 from orchestrator.snapshot import ProblemSnapshot
 
-__all__ = ["Policy", "failures_allowed", "in_flight", "policy_verifies", "top_up",
-           "wait_or_stop"]
+__all__ = ["Policy", "failures_allowed", "in_flight", "is_count", "policy_verifies",
+           "top_up", "wait_or_stop"]
+
+
+def is_count(value: object, least: int) -> bool:
+    """An int of at least ``least``, and not a bool (``True`` is an int to Python, but
+    a policy given it would write a spec that does not parse)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def failures_allowed(max_failures: int | None, *defaults: int | None) -> int:

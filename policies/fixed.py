@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from orchestrator.decisions import Decision, Stop, StopCode, Verify
 from orchestrator.errors import ConfigError
 from orchestrator.snapshot import ProblemSnapshot
-from policies.base import failures_allowed, in_flight, top_up
+from policies.base import failures_allowed, in_flight, is_count, top_up
 from policies.votes import majority_stop
 
 
 def _check_count(name: str, value: int, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_count(value, minimum):
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 

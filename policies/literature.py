@@ -47,7 +47,7 @@ from scipy import special
 from orchestrator.decisions import Decision, Sample, StopCode
 from orchestrator.errors import ConfigError
 from orchestrator.snapshot import ProblemSnapshot
-from policies.base import failures_allowed, wait_or_stop
+from policies.base import failures_allowed, is_count, wait_or_stop
 from policies.votes import majority_stop
 
 __all__ = [
@@ -118,14 +118,12 @@ def dirichlet_confidence(counts: Sequence[int]) -> float:
 
 
 def _check_max(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                              or value < 1):
+    if value is not None and not is_count(value, 1):
         raise ConfigError(f"{name} must be an integer >= 1 or 'all', got {value!r}")
 
 
 def _check_failures(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                              or value < 0):
+    if value is not None and not is_count(value, 0):
         raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
 
 
@@ -290,7 +288,7 @@ class EarlyStoppingSC:
     max_failures: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
+        if not is_count(self.window, 2):
             raise ConfigError(f"esc: window must be an integer >= 2, got {self.window!r}")
         _check_max("esc: max", self.max)
         _check_failures("esc: max_failures", self.max_failures)

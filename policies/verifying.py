@@ -56,7 +56,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.snapshot import AnswerStats, ProblemSnapshot
 from orchestrator.types import Solution
 from policies.adaptive import Adaptive
-from policies.base import failures_allowed
+from policies.base import failures_allowed, is_count
 from policies.evidence import Evidence, evidence, sample_gain, verify_gain
 from policies.online import OnlineEstimate, estimate_online
 from policies.profile import VerifierProfile
@@ -67,11 +67,6 @@ __all__ = ["Solverify", "VerifyContested"]
 def _check(policy: str, name: str, ok: bool, value: object, what: str) -> None:
     if not ok:
         raise ConfigError(f"{policy}: {name} must be {what}, got {value!r}")
-
-
-def _count(value: object, least: int) -> bool:
-    """An int (not a bool) of at least ``least``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 #: ``Adaptive``'s constructor parameters and their defaults: the inner ``adaptive``'s
@@ -134,9 +129,10 @@ class _Verifying:
     def __post_init__(self) -> None:
         name = self.NAME
         _check(name, "settle", 0.5 < self.settle < 1.0, self.settle, "in (0.5, 1)")
-        _check(name, "max_reads", _count(self.max_reads, 1), self.max_reads, "an integer >= 1")
-        _check(name, "explore", _count(self.explore, 0), self.explore, "an integer >= 0")
-        _check(name, "explore_others", _count(self.explore_others, 1), self.explore_others,
+        _check(name, "max_reads", is_count(self.max_reads, 1), self.max_reads,
+               "an integer >= 1")
+        _check(name, "explore", is_count(self.explore, 0), self.explore, "an integer >= 0")
+        _check(name, "explore_others", is_count(self.explore_others, 1), self.explore_others,
                "an integer >= 1")
         _check(name, "min_auc", 0.0 <= self.min_auc < 1.0, self.min_auc, "in [0, 1)")
         _check(name, "max_icc", 0.0 <= self.max_icc <= 1.0, self.max_icc, "in [0, 1]")

@@ -109,7 +109,10 @@ def test_higher_confidence_needs_more_votes():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"width": 0}, "width"), ({"confidence": 1.0}, "confidence"), ({"max": 0}, "max"),
-     ({"prior": 0}, "prior"), ({"min_votes": 0}, "min_votes")],
+     ({"prior": 0}, "prior"), ({"min_votes": 0}, "min_votes"),
+     # a bool is an int to Python, but its spec ("width=True") would not parse
+     ({"width": True}, "width"), ({"max": True}, "max"), ({"min_votes": False}, "min_votes"),
+     ({"wide": True, "width": 1}, "wide"), ({"width": 2.5}, "width")],
 )
 def test_rejects_bad_parameters(kwargs, message):
     with pytest.raises(ConfigError, match=f"adaptive: {message}"):
