@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from orchestrator.errors import PolicyError
-from orchestrator.types import RequestKind, Solution
+from orchestrator.types import RequestKind, Solution, is_count
 
 #: why a problem stopped, as a code reports and tests read (``Stop.reason`` is the text):
 #: ``settled`` the policy's own criterion says the answer is decided; ``max`` it reached
@@ -18,10 +18,6 @@ StopCode = Literal["settled", "max", "budget", "failures", "error"]
 STOP_CODES: tuple[str, ...] = get_args(StopCode)
 
 
-def _count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 @dataclass(frozen=True, slots=True)
 class Sample:
     """Launch ``k`` more solution samples (one request with ``n=k`` where the backend can)."""
@@ -29,7 +25,7 @@ class Sample:
     k: int = 1
 
     def __post_init__(self) -> None:
-        if not _count(self.k):
+        if not is_count(self.k):
             raise PolicyError(f"Sample.k must be an integer >= 1, got {self.k!r}")
 
 
@@ -41,7 +37,7 @@ class Verify:
     times: int = 1
 
     def __post_init__(self) -> None:
-        if not _count(self.times):
+        if not is_count(self.times):
             raise PolicyError(f"Verify.times must be an integer >= 1, got {self.times!r}")
         if not isinstance(self.solution, Solution):
             raise PolicyError(f"Verify.solution must be a Solution, got {self.solution!r}")

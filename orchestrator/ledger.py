@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.errors import ConfigError
 from orchestrator.snapshot import BudgetCap, BudgetLeft
-from orchestrator.types import UNLIMITED, Budget, RequestKind, Usage
+from orchestrator.types import UNLIMITED, Budget, RequestKind, Usage, is_count
 
 #: λ assumed before both a solution and a verification length have been measured
 DEFAULT_LAMBDA = 1.0
@@ -421,7 +421,7 @@ class RunBudget:
     __slots__ = ("_active", "_closed", "tokens")
 
     def __init__(self, tokens: int) -> None:
-        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        if not is_count(tokens):
             raise ConfigError(f"RunBudget tokens must be a positive integer, got {tokens!r}")
         self.tokens = tokens
         self._closed = 0

@@ -68,6 +68,7 @@ from orchestrator.types import (
     RequestKind,
     Solution,
     Verification,
+    is_count,
 )
 
 __all__ = ["FATAL_ERRORS", "ProblemRun", "first_exception", "majority_stop",
@@ -81,7 +82,7 @@ def verify_reservation(task: Task) -> int:
     """Tokens one verification request reserves (``task.verify_max_tokens``; 1 when the
     task does not say, see :class:`orchestrator.protocols.Task`)."""
     value = getattr(task, "verify_max_tokens", None)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+    return value if is_count(value) else 1
 
 
 def blame(exc: BaseException, what: str, problem: Problem) -> None:

@@ -18,7 +18,7 @@ from orchestrator import defaults
 from orchestrator.backends.base import GenerationRequest
 from orchestrator.errors import ConfigError
 from orchestrator.grading import Grader, MathGrader, TextGrader
-from orchestrator.types import Problem, Solution, TokenLogprob
+from orchestrator.types import Problem, Solution, TokenLogprob, is_count
 from orchestrator.verification import (
     DEFAULT_VERIFIER_SYSTEM,
     VerdictSource,
@@ -80,7 +80,7 @@ DEFAULT_CAPITAL_VERIFY_EXAMPLES: tuple[VerificationExample, ...] = (
 
 
 def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_count(value):
         raise ConfigError(f"Task.{name} must be an integer >= 1, got {value!r}")
 
 

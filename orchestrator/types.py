@@ -13,6 +13,13 @@ from typing import Any, Literal
 
 from orchestrator.errors import ConfigError, error_text
 
+
+def is_count(value: object, least: int = 1) -> bool:
+    """An int of at least ``least``, and not a bool (``True`` is an int to Python, but as
+    a count it is a mistake; a policy given it would write a spec that does not parse).
+    The one check every count parameter of the core and the policies goes through."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
 FinishReason = Literal["stop", "length", "cancelled", "failed"] | str
 RequestKind = Literal["solve", "verify"]
 

@@ -1,7 +1,8 @@
 """The Policy protocol, defined by the core (:mod:`orchestrator.protocols`, where its
 contract is documented) and re-exported here for policy authors, with the pieces every
 policy repeats: how many broken samples it replaces, topping samples up to a target,
-waiting for what is in flight before it stops, and what a count parameter may be."""
+waiting for what is in flight before it stops, and (re-exported from the core) what a
+count parameter may be."""
 
 from __future__ import annotations
 
@@ -10,15 +11,10 @@ from collections.abc import Callable
 from orchestrator.decisions import Decision, Sample, Stop
 from orchestrator.protocols import Policy, policy_verifies
 from orchestrator.snapshot import ProblemSnapshot
+from orchestrator.types import is_count
 
 __all__ = ["Policy", "failures_allowed", "in_flight", "is_count", "policy_verifies",
            "top_up", "wait_or_stop"]
-
-
-def is_count(value: object, least: int) -> bool:
-    """An int of at least ``least``, and not a bool (``True`` is an int to Python, but
-    a policy given it would write a spec that does not parse)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def failures_allowed(max_failures: int | None, *defaults: int | None) -> int:
