@@ -48,6 +48,9 @@ ESTIMATE_SOURCES = {
                      "received, plus one token per choice that ended at a stop sequence "
                      "(the server generates and counts that token but does not send it; "
                      "one too many where it ended at its end-of-sequence token instead)",
+    "streamed": "the server's last count (not a final one) was below the tokens received "
+                "(an emulated n whose cut or failed streams sent no usage of their own): "
+                "the tokens received were charged",
 }
 
 
@@ -97,10 +100,24 @@ class RequestRecord:
         return max(self.max_tokens - self.choice_tokens[choice], 0)
 
     @property
+    def streamed_exceeds_server(self) -> bool:
+        """The server's count is not a final one and is below the tokens received.
+
+        A running count covers at least what it has sent, so this happens only when the
+        count covers part of the request: the summed reports of an emulated ``n`` whose
+        unfinished streams have not reported (a server that sends usage only in its last
+        chunk). The tokens received are then the better (lower-bound) count."""
+        return (not self.server_final and self.server_completion is not None
+                and self.counted_completion > self.server_completion)
+
+    @property
     def estimated_from(self) -> tuple[str, ...]:
         """Why this record's usage is an estimate (empty when it is the server's own)."""
         if self.server_completion is not None:
-            return self.server_estimated if self.server_prompt is not None else ("prompt",)
+            got = self.server_estimated if self.server_prompt is not None else ("prompt",)
+            if self.streamed_exceeds_server:
+                return tuple(sorted({*got, "streamed"}))
+            return got
         # no server report at all: the prompt's size is unknown too (charged as 0)
         if self.counted_estimated:
             return ("chunks", "prompt")
@@ -120,14 +137,19 @@ class RequestRecord:
 
     @property
     def completion(self) -> int:
-        """Completion tokens charged: the server's latest count, else the counted deltas."""
-        if self.server_completion is not None:
+        """Completion tokens charged: the server's latest count, else the counted deltas
+        (and those where they exceed a count that is not final:
+        :attr:`streamed_exceeds_server`)."""
+        if self.server_completion is not None and not self.streamed_exceeds_server:
             return self.server_completion
         return self.counted_completion
 
     @property
     def usage(self) -> Usage:
-        if self.server_completion is not None:
+        if self.streamed_exceeds_server:
+            completion = self.counted_completion
+            estimated = True
+        elif self.server_completion is not None:
             completion = self.server_completion
             estimated = bool(self.server_estimated)
         else:

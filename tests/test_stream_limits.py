@@ -47,6 +47,57 @@ async def test_emulated_n_merges_single_choice_streams():
     assert final[0].prompt_tokens == 30
 
 
+class _FirstAnswer:
+    """Sample two at once, stop at the first solution (the other is still streaming)."""
+
+    spec = "first-answer"
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    def decide(self, snapshot):
+        from orchestrator.decisions import Sample, Stop
+        if snapshot.solutions:
+            s = snapshot.solutions[0]
+            return [Stop(s.answer, "first", s.key)]
+        if not self.asked:
+            self.asked = True
+            return [Sample(2)]
+        return []
+
+
+@pytest.mark.parametrize("usage", ["final", "continuous", "none"])
+async def test_emulated_n_charges_a_cut_choice_that_never_reported(usage):
+    """Choice 0 streams 30 tokens and holds; choice 1 then finishes and the policy stops.
+    With a server that reports usage only in its last chunk, choice 1's report was the
+    request's whole count: choice 0's 30 tokens went uncharged (found by review)."""
+    held, release = asyncio.Event(), asyncio.Event()
+
+    def respond(req: GenerationRequest, i: int) -> FakeReply:
+        if i == 0:
+            return FakeReply.text(" ".join(["w"] * 40) + " so seven", hold=held,
+                                  hold_after=30)
+        return FakeReply.text("so seven", hold=release, hold_after=0)
+
+    fake = FakeBackend(respond, usage=usage)
+    backend = EmulatedN(fake, native_n=False)
+    async with asyncio.TaskGroup() as tg:
+        run = tg.create_task(solve(PROBLEM, _FirstAnswer(), backend=backend, task=WordTask()))
+        await spin_until(lambda: fake.generated_tokens >= 30)
+        release.set()
+    r = run.result()
+    assert r.answer == "seven"
+    assert fake.generated_tokens == 32  # 30 of choice 0, both tokens of choice 1
+    assert r.usage.completion_tokens == 32
+    assert [(f.reason, f.completion_tokens) for f in r.failed] == [("cancelled", 30)]
+    if usage == "none":
+        assert r.usage.prompt_tokens == 0 and r.usage.estimated
+    else:  # both choices sent the prompt
+        assert r.usage.prompt_tokens == 20
+        assert r.usage.estimated == (usage == "final")
+        assert ("streamed" in r.usage.estimated_from) == (usage == "final")
+
+
 async def test_native_n_is_one_stream():
     fake = FakeBackend(scripted([FakeReply.text("so a")]))
     backend = EmulatedN(fake, native_n=True, max_streams=1)

@@ -278,10 +278,17 @@ async def merge_streams(
     k: int,
     where: str,
 ) -> AsyncIterator[StreamEvent]:
-    """Events of ``k`` single-choice streams as one ``n=k`` stream."""
+    """Events of ``k`` single-choice streams as one ``n=k`` stream.
+
+    Its usage reports sum the choices' latest reports; a choice that has streamed text
+    but not reported yet is charged the prompt of one that has (every choice sends the
+    same prompt). Its completion tokens are not in the sum until it reports: the ledger
+    charges the tokens received where they exceed a running count
+    (:attr:`orchestrator.ledger.RequestRecord.streamed_exceeds_server`)."""
     finished = 0
     yielded = False
     latest: dict[int, UsageReport] = {}
+    streaming: set[int] = set()  # choices that have sent text
     while finished < k:
         index, item = await queue.get()
         if item is None:
@@ -294,21 +301,25 @@ async def merge_streams(
             raise item
         elif isinstance(item, TextDelta):
             yielded = True
+            streaming.add(index)
             yield dataclasses.replace(item, choice=index)
         else:
             latest[index] = item
             yielded = True
-            yield _sum_reports(latest.values(), final=False)
+            yield _sum_reports(latest.values(), final=False,
+                               unreported=len(streaming - latest.keys()))
     if len(latest) == k and all(r.final for r in latest.values()):
         yield _sum_reports(latest.values(), final=True)
 
 
-def _sum_reports(reports: Any, *, final: bool) -> UsageReport:
+def _sum_reports(reports: Any, *, final: bool, unreported: int = 0) -> UsageReport:
+    """The reports summed, plus ``unreported`` more choices' prompts (the first
+    report's)."""
     reports = list(reports)
     cached = [r.cached_prompt_tokens for r in reports]
     sources = sorted({s for r in reports for s in r.estimated_from})
     return UsageReport(
-        sum(r.prompt_tokens for r in reports),
+        sum(r.prompt_tokens for r in reports) + unreported * reports[0].prompt_tokens,
         sum(r.completion_tokens for r in reports),
         final=final,
         cached_prompt_tokens=None if not final or all(c is None for c in cached)
