@@ -483,7 +483,11 @@ class _Engine:
         if stop is not None:
             p.stop = stop
             for st in list(p.open.values()):
-                self._cancel(st)
+                if st.state == "new":  # launched with the Stop: closed here, its task
+                    st.cancel = True  # only ends (the runtime's _run_group)
+                    self._close(st, "cancelled", None, task_done=False)
+                else:
+                    self._cancel(st)
             if p.tg_tasks:
                 p.waiting_tg = True
             else:

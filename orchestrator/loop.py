@@ -404,6 +404,10 @@ class ProblemRun:
                     for req in list(self.open.values()):
                         if req.task is not None:
                             req.task.cancel()
+                        if not req.begun:  # launched with the Stop: its task never runs,
+                            # so it cannot close its request itself (as in _cancel)
+                            self.on_closed(req, "cancelled", None)
+                            self.ledger.close(req.record, "cancelled")
         except BaseExceptionGroup as group:  # a request task raised: user code or a bug
             first = first_exception(group)
             raise first from first.__cause__

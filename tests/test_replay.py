@@ -22,6 +22,7 @@ from benchmarks.replay import (
 )
 from benchmarks.source import ReplaySource, SimulatedVerifier
 from orchestrator.backends.replay import PoolExhausted, ReplayBackend
+from orchestrator.decisions import Sample, Stop
 from orchestrator.errors import ConfigError
 from orchestrator.events import SampleCancelled
 from orchestrator.runtime import solve
@@ -456,6 +457,35 @@ def test_lean_engine_is_identical_on_part_of_a_math500_pool():
     src = ReplaySource(load_pool(DATA / "pools" / "boinf_math500_Qwen3-14B.jsonl", limit=120))
     for spec in ("adaptive", "ac:threshold=0.95"):
         assert_identical(src, spec, range(1))
+
+
+class _SampleThenStop:
+    """Two samples; once one is in, one more launched together with the Stop."""
+
+    spec = "sample-then-stop"
+
+    def decide(self, snapshot):
+        if not snapshot.solutions:
+            return [] if snapshot.in_flight.samples else [Sample(2)]
+        s = snapshot.solutions[0]
+        return [Sample(1), Stop(s.answer, "first", s.key)]
+
+
+def test_lean_engine_is_identical_for_work_launched_with_the_stop():
+    """The request launched with the Stop is closed as cancelled in both (its samples in
+    ``failed``), and the results agree field by field."""
+    from benchmarks.engine import run_order
+    from orchestrator.history import RunHistory
+
+    src = ReplaySource(tie_pool(5), seed=2)
+    cfg = ReplayConfig(orders=1)
+    for r in range(3):
+        h_rt, h_lean = RunHistory(), RunHistory()
+        slow = _runtime_order(src, _SampleThenStop(), r, cfg, h_rt)
+        fast = run_order(src, _SampleThenStop(), r, history=h_lean)
+        assert slow == fast and h_rt.records == h_lean.records
+        assert all(any(f.request_id == 1 and f.reason == "cancelled" for f in x.failed)
+                   for x in slow if x.solutions)
 
 
 def test_bench_engines_agree_and_auto_uses_the_direct_and_lean_engines():

@@ -730,3 +730,35 @@ def test_the_run_summary_adds_up_what_the_results_hold():
     assert d["failed_samples"] == sum(1 for r in results for f in r.failed
                                       if f.reason == "failed")
     assert d["accuracy"] == sum(bool(r.correct) for r in results) / 3
+
+
+class _SampleThenStop:
+    """One sample; once it is in, two more launched together with the Stop."""
+
+    spec = "sample-then-stop"
+
+    def decide(self, snapshot):
+        if not snapshot.solutions:
+            return [] if snapshot.in_flight.samples else [Sample(1)]
+        s = snapshot.solutions[0]
+        return [Sample(2), Stop(s.answer, "first", s.key)]
+
+
+@pytest.mark.parametrize("grace", [0.0, 0.5])
+async def test_work_launched_with_the_stop_is_closed_as_cancelled(grace):
+    """``[Sample(2), Stop(...)]``: the request's task is cancelled before it runs, so it
+    cannot close its own request; it used to stay open in the ledger, without a
+    RequestFinished and with its samples in neither ``solutions`` nor ``failed`` (found by
+    review)."""
+    events, sink = collect()
+    fake = FakeBackend(scripted(lambda req, i: FakeReply.text("so seven")), cut_grace=grace)
+    r = await solve(PROBLEM, _SampleThenStop(), backend=fake, task=TASK, sinks=[sink])
+    assert r.answer == "seven" and r.requests == 2
+    assert [(f.reason, f.request_id, f.completion_tokens) for f in r.failed] == [
+        ("cancelled", 1, 0), ("cancelled", 1, 0)]
+    finished = [e for e in events if isinstance(e, RequestFinished)]
+    assert [(e.request_id, e.outcome) for e in finished] == [(0, "ok"), (1, "cancelled")]
+    assert sum(isinstance(e, SampleCancelled) for e in events) == 2
+    assert len(fake.requests) == 1  # the second request never reached the server
+    assert r.usage.completion_tokens == fake.generated_tokens
+    assert not other_tasks()
