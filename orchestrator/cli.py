@@ -237,7 +237,7 @@ def run_fingerprint(args, policy, task, budget) -> dict:
 async def _run(args) -> int:
     from orchestrator.events import JsonlTraceSink
     from orchestrator.problems import load_problems
-    from orchestrator.redact import redact_text, redact_url
+    from orchestrator.redact import redact_secrets, redact_text, redact_url
     from orchestrator.results_io import open_results
     from orchestrator.runtime import run_batch
     from policies import parse_policy
@@ -299,7 +299,7 @@ async def _run(args) -> int:
         def on_result(result) -> None:
             nonlocal correct, graded
             row = result.to_dict(texts=args.texts)
-            writer.write(row, redact=redact_text)
+            writer.write(row, redact=redact_secrets)  # model text: values only
             outcomes.add(row)
             tally.add(result)
             if result.correct is not None:

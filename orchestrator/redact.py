@@ -10,8 +10,14 @@ Neither may appear in a message, a log line, a trace or a results file.
   given to :func:`register_secret` (the CLI registers the API key and the URL's userinfo,
   so a secret quoted by some lower layer in its own words is caught too).
 
-The backend formats its messages with the redacted URL; the CLI passes every error line,
-log event and result line through :func:`redact_text` as a last line of defence.
+* :func:`redact_secrets` replaces only the registered (or given) values: for results
+  lines, which hold model output, where the patterns of :func:`redact_text` would rewrite
+  ordinary words ("the basic idea" is a ``Basic`` credential to them) and so change a
+  recorded answer.
+
+The backend formats its messages with the redacted URL; the CLI passes every error line
+and log event through :func:`redact_text`, and every result line through
+:func:`redact_secrets`, as a last line of defence.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import re
 import urllib.parse
 from collections.abc import Iterable
 
-__all__ = ["MASK", "redact_text", "redact_url", "register_secret", "secrets_of_url"]
+__all__ = ["MASK", "redact_secrets", "redact_text", "redact_url", "register_secret",
+           "secrets_of_url"]
 
 MASK = "***"
 
@@ -80,6 +87,15 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
     out = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
     out = _HEADER.sub(lambda m: f"{m.group('name')}{m.group('sep')}{MASK}", out)
     out = _SCHEME_CREDENTIAL.sub(lambda m: f"{m.group('kind')} {MASK}", out)
+    return redact_secrets(out, secrets)
+
+
+def redact_secrets(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with the registered (or given) secret values replaced by ``***``, and
+    nothing else changed."""
+    if not text:
+        return text
+    out = text
     values = set(_registered)
     values.update(s for s in secrets if s and s not in _PLACEHOLDERS and len(s) >= 4)
     for value in sorted(values, key=len, reverse=True):

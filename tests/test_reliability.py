@@ -14,7 +14,7 @@ from orchestrator import cli
 from orchestrator.backends.base import Capabilities, GenerationRequest, TextDelta
 from orchestrator.backends.openai_compat import OpenAIBackend
 from orchestrator.errors import ConfigError, DataError, RequestRejected, StreamBroken
-from orchestrator.redact import redact_text, redact_url
+from orchestrator.redact import redact_secrets, redact_text, redact_url
 from orchestrator.results_io import open_results, read_results, sidecar_path
 from tests.openai_server import OpenAIServer
 
@@ -214,6 +214,51 @@ def test_no_secret_reaches_output_logs_trace_or_results(tmp_path, monkeypatch, c
                             out.read_text(), trace.read_text()])
     for secret in (CANARY_USER, CANARY_PASS, CANARY_KEY):
         assert secret not in everything
+
+
+def test_results_keep_model_text_that_looks_like_a_credential(tmp_path, monkeypatch,
+                                                             capsys) -> None:
+    """Result lines hold model output: only registered secret values are masked there.
+    The credential patterns used for logs and errors ("Basic <word>", "Bearer <word>")
+    rewrote the recorded texts and even the answer (found by review: ``Basic 1200`` in
+    memory, ``Basic ***`` in the file)."""
+    import asyncio
+    import threading
+
+    reply = [" By", " basic", " counting", " the", " bearer", " bonds", " give",
+             " \\boxed{", "Basic 1200", "}."]
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def call(coro):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+    server = OpenAIServer(lambda body: [reply] * int(body.get("n") or 1))
+    call(server.start())
+    try:
+        monkeypatch.setenv("CANARY_KEY_ENV", CANARY_KEY)
+        problems = tmp_path / "p.jsonl"
+        problems.write_text(json.dumps({"id": "q", "problem": "600 * 2?",
+                                        "answer": "Basic 1200"}) + "\n")
+        out = tmp_path / "o.jsonl"
+        rc = cli.main(["run", "--base-url", f"http://127.0.0.1:{server.port}/v1", "--model",
+                       "test-model", "--problems", str(problems), "--policy", "sc:n=2",
+                       "--out", str(out), "--texts", "--api-key-env", "CANARY_KEY_ENV",
+                       "--no-progress", "--max-tokens", "16"])
+        capsys.readouterr()
+    finally:
+        structlog.reset_defaults()
+        call(server.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    assert rc == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["answer"] == "Basic 1200" and row["correct"] is True
+    assert [s["text"] for s in row["solutions"]] == ["".join(reply)] * 2
+    assert redact_secrets(f"key {CANARY_KEY}.") == "key ***."  # registered by the run
 
 
 # ---- results files -----------------------------------------------------------------------
