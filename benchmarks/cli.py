@@ -422,33 +422,44 @@ def _record(args: argparse.Namespace) -> int:
     from benchmarks.record import record
     from orchestrator.cliargs import api_key_from, endpoint_backend, make_task
     from orchestrator.problems import load_problems
+    from orchestrator.redact import redact_text
 
     problems = load_problems(args.problems, limit=args.limit)
     task = make_task(problems, args)
     api_key = api_key_from(args)
-    _check_record_out(args, task)
+    writer = _check_record_out(args, task)
 
     async def go() -> int:
         backend = endpoint_backend(args, api_key)
         try:
+            # reachability, then a real tiny request (EndpointUnreachable, ModelNotFound:
+            # exit 2 with one line), before the pool file is touched
+            await backend.list_models()
+            await backend.probe(task.endpoint)
+            writer.commit()  # --overwrite's truncation and the fingerprint, now
+            writer.close()
             summary = await record(problems, backend, task, args.out, samples=args.samples,
                                    verifications=args.verifications,
                                    concurrency=args.concurrency, rate=args.rate,
                                    model=args.model, texts=not args.no_texts)
         finally:
+            writer.close()
             await backend.aclose()
         print(f"recorded {summary.recorded} problems ({summary.skipped} already in "
               f"{summary.path}); {summary.samples} samples, {summary.verifications} "
               f"verifications, {summary.failed_samples} failed samples, "
               f"{summary.errors} problems ended on an error (not written; rerun to retry)")
+        if summary.first_error is not None:
+            print(f"first error: {redact_text(summary.first_error)}")
         return 0 if summary.errors == 0 else 1
 
     return asyncio.run(go())
 
 
-def _check_record_out(args: argparse.Namespace, task: Any) -> None:
+def _check_record_out(args: argparse.Namespace, task: Any) -> Any:
     """--resume/--overwrite for the pool file (orchestrator.results_io): refuse a non-empty
-    --out without one, a resume of a different recording, and drop a torn last line."""
+    --out without one, a resume of a different recording, and drop a torn last line. The
+    writer it returns applies the rest (truncation, fingerprint) at its ``commit()``."""
     from orchestrator.cliargs import warn as _warn
     from orchestrator.results_io import file_sha256, open_results
 
@@ -458,7 +469,7 @@ def _check_record_out(args: argparse.Namespace, task: Any) -> None:
                    "max_tokens": task.max_tokens, "temperature": task.temperature}
     _, writer = open_results(args.out, fingerprint, resume=args.resume,
                              overwrite=args.overwrite, warn=_warn)
-    writer.close()  # benchmarks.record appends, skipping ids already in the file
+    return writer  # benchmarks.record appends, skipping ids already in the file
 
 
 def _calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -37,6 +37,8 @@ class RecordSummary:
     failed_samples: int
     errors: int
     path: Path
+    #: the first error of a problem that ended on one (not written), for the summary
+    first_error: str | None = None
 
 
 def result_to_pool_line(result: SolveResult, task: Any, *, model: str | None = None,
@@ -100,8 +102,10 @@ async def record(
     """Record ``samples`` solutions (and ``verifications`` per answered solution) for every
     problem not yet in ``out``; lines are appended as problems finish.
 
-    A problem that ends on a fatal backend error (unreachable endpoint, unknown model) is
-    not written, so a later run retries it.
+    A problem that ends on an error is not written, so a later run retries it: a fatal
+    backend error (unreachable endpoint, unknown model), or a policy that gave up because
+    its samples kept failing (stop code ``failures``: the pool line would hold fewer
+    samples than asked for).
     """
     if samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
@@ -113,14 +117,17 @@ async def record(
     policy: Any = (GenRM(samples, verifications) if verifications
                    else SelfConsistency(samples))
     counts = {"recorded": 0, "samples": 0, "verifications": 0, "failed": 0, "errors": 0}
+    first_error: list[str] = []
     if not todo:
         return RecordSummary(0, len(problems), 0, 0, 0, 0, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:  # noqa: ASYNC230 - a local append, instant
 
         def write(result: SolveResult) -> None:
-            if result.error is not None:
+            if result.error is not None or result.stop_code in ("error", "failures"):
                 counts["errors"] += 1
+                if not first_error:
+                    first_error.append(_error_of(result))
             else:
                 line = result_to_pool_line(result, task, model=model, texts=texts)
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -135,4 +142,16 @@ async def record(
         await run_batch(todo, policy, backend=backend, task=task, concurrency=concurrency,
                         rate=rate, on_result=write, max_n=max_n)
     return RecordSummary(counts["recorded"], len(problems) - len(todo), counts["samples"],
-                         counts["verifications"], counts["failed"], counts["errors"], path)
+                         counts["verifications"], counts["failed"], counts["errors"], path,
+                         first_error[0] if first_error else None)
+
+
+def _error_of(result: SolveResult) -> str:
+    """What ended ``result`` on an error, in a line: its fatal error, else the first
+    failed sample's."""
+    if result.error is not None:
+        return f"{result.problem.id}: {result.error_text}"
+    for f in result.failed:
+        if f.reason == "failed" and f.error_text:
+            return f"{result.problem.id}: {f.error_text}"
+    return f"{result.problem.id}: {result.reason}"

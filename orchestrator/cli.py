@@ -250,7 +250,11 @@ async def _run(args) -> int:
 
     check_budget_fits(policy, budget, task, problems[0], args.run_budget_tokens)  # no request yet
     done, writer = open_results(args.out, run_fingerprint(args, policy, task, budget),
-                                resume=args.resume, overwrite=args.overwrite, warn=warn)
+                                resume=args.resume, overwrite=args.overwrite, warn=warn,
+                                redo=ended_on_error)
+    if done.redo:
+        warn(f"{args.out}: {len(done.redo)} problem(s) ended on an error in the run being "
+             f"resumed (e.g. {done.redo[0]!r}); they are run again and their rows replaced")
     todo = [p for p in problems if p.id not in done.ids]
     earlier = [r for r in done.rows if str(r.get("id")) in {p.id for p in problems}]
     if not todo:

@@ -178,9 +178,11 @@ def add_resume_args(p: argparse.ArgumentParser) -> None:
     """--resume / --overwrite for commands that write a results file (results_io)."""
     p.add_argument("--resume", action="store_true",
                    help="continue the run that wrote --out: skip problems already in it "
-                        "(refused when model, policy or problem file differ)")
+                        "(run: except those that ended on an error, which run again; "
+                        "refused when model, policy or problem file differ)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out instead of refusing")
+                   help="replace an existing --out instead of refusing (at the first "
+                        "result: a run that cannot start leaves it as it was)")
 
 
 

@@ -14,8 +14,15 @@ Beside ``OUT`` the run writes ``OUT.run.json``, its fingerprint: the model, the 
 spec, the SHA-256 of the problem file, and the settings that change what a result means
 (endpoint, max tokens, temperature, budgets). ``--resume`` compares it with the new run's
 and refuses, saying what differs, when they do not match; then it skips every id already
-in the file, so no id is ever written twice. Without ``--resume`` (or ``--overwrite``) an
-existing non-empty ``OUT`` is an error.
+in the file, so no id is ever written twice, except the rows it is told to run again
+(``redo``: ``solverify run`` reruns the problems that ended on an error), which are taken
+out of the file first. Without ``--resume`` (or ``--overwrite``) an existing non-empty
+``OUT`` is an error.
+
+Nothing that would lose rows happens before there is a result to write: the truncation
+of ``--overwrite``, the removal of the rows to run again and the fingerprint are applied
+at the writer's first write (or :meth:`ResultsWriter.commit`), so a run that cannot reach
+its endpoint leaves an existing file as it was (and creates none).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +69,9 @@ class ExistingResults:
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
+    lines: list[bytes] = field(default_factory=list, repr=False)  # each row as written
+    #: ids of rows taken out to be run again (``open_results(redo=...)``)
+    redo: list[str] = field(default_factory=list)
     good_bytes: int = 0  # length of the file up to its last whole line
     torn: bytes = b""  # a torn last line that was (or will be) dropped
 
@@ -99,6 +109,7 @@ def read_results(path: Path) -> ExistingResults:
                             "pass --overwrite")
         found.ids.add(pid)
         found.rows.append(row)
+        found.lines.append(raw + b"\n")
         offset += len(raw) + 1
     found.good_bytes = offset
     if tail:
@@ -107,17 +118,32 @@ def read_results(path: Path) -> ExistingResults:
 
 
 class ResultsWriter:
-    """Appends one JSON line per result, each with a single unbuffered write."""
+    """Appends one JSON line per result, each with a single unbuffered write.
 
-    def __init__(self, path: Path) -> None:
+    ``prepare`` runs once, before the file is opened: at the first write or
+    :meth:`commit` (:func:`open_results` defers its changes to the file to it)."""
+
+    def __init__(self, path: Path, prepare: Callable[[], None] | None = None) -> None:
         self.path = path
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._prepare = prepare
+        self._fd: int | None = None
+        self._closed = False
         self.written: set[str] = set()
+
+    def commit(self) -> None:
+        """Apply the deferred changes and open the file (once; the first write does it)."""
+        if self._closed:
+            raise ValueError(f"results file {self.path} is closed")
+        if self._fd is None:
+            if self._prepare is not None:
+                prepare, self._prepare = self._prepare, None
+                prepare()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, row: Mapping[str, Any], *, redact=None) -> None:
         """Write ``row`` as one line; an id already written raises (never twice)."""
-        if self._fd is None:
-            raise ValueError(f"results file {self.path} is closed")
+        self.commit()
+        assert self._fd is not None
         pid = str(row["id"])
         if pid in self.written:
             raise RuntimeError(f"result for id {pid!r} written twice to {self.path}")
@@ -132,6 +158,7 @@ class ResultsWriter:
         self.written.add(pid)
 
     def close(self) -> None:
+        self._closed = True
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
@@ -161,12 +188,27 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _rewrite(out: Path, lines: list[bytes]) -> None:
+    """Replace ``out`` by ``lines`` at once (a crash leaves the old file or the new one)."""
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("wb") as fh:
+        fh.write(b"".join(lines))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)
+
+
 def open_results(out: Path, fingerprint: Mapping[str, Any], *, resume: bool,
-                 overwrite: bool, warn=None) -> tuple[ExistingResults, ResultsWriter]:
-    """Check ``out`` against the flags, repair a torn last line when resuming, write the
-    fingerprint, and return what is already done and a writer for the rest.
+                 overwrite: bool, warn=None,
+                 redo: Callable[[dict[str, Any]], bool] | None = None,
+                 ) -> tuple[ExistingResults, ResultsWriter]:
+    """Check ``out`` against the flags, repair a torn last line when resuming, and return
+    what is already done and a writer for the rest; the writer's first write truncates
+    the file (``overwrite``), takes out the rows to run again and writes the fingerprint.
 
     ``fingerprint`` must be JSON-ready. ``warn(message)`` is told about a dropped line.
+    ``redo(row)``, when resuming: whether an existing row is to be run again (it is then
+    not in the returned ids and rows, and its line is taken out of the file).
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: --resume continues "
@@ -199,7 +241,20 @@ def open_results(out: Path, fingerprint: Mapping[str, Any], *, resume: bool,
             if warn is not None:
                 warn(f"{out}: dropped a torn last line ({len(done.torn)} bytes, from a run "
                      "that stopped while writing it); that problem is run again")
-    elif non_empty and overwrite:
-        os.truncate(out, 0)
-    _write_sidecar(out, fingerprint)
-    return done, ResultsWriter(out)
+        if redo is not None:
+            keep = [i for i, row in enumerate(done.rows) if not redo(row)]
+            if len(keep) < len(done.rows):
+                kept_lines = [done.lines[i] for i in keep]
+                done.redo = [str(r["id"]) for i, r in enumerate(done.rows) if i not in keep]
+                done.rows = [done.rows[i] for i in keep]
+                done.lines = kept_lines
+                done.ids = {str(r["id"]) for r in done.rows}
+
+    def prepare() -> None:
+        if non_empty and overwrite:
+            os.truncate(out, 0)
+        elif done.redo:
+            _rewrite(out, done.lines)
+        _write_sidecar(out, fingerprint)
+
+    return done, ResultsWriter(out, prepare)

@@ -130,6 +130,25 @@ async def test_record_writes_a_replayable_pool_and_resumes(tmp_path):
     assert runs[0]["accuracy"] == 1.0
 
 
+async def test_record_does_not_write_a_problem_whose_samples_kept_failing(tmp_path):
+    """Its pool line would hold fewer samples than asked for: it counts as an error (not
+    written, so a rerun retries it), with the first error for the summary."""
+    from orchestrator.errors import StreamBroken
+
+    def respond(req, i):
+        if req.prompt.endswith("q1"):
+            return FakeReply.text("so seven", fail_after=0, error=StreamBroken("server fell over"))
+        return FakeReply.text("so seven")
+
+    problems = [Problem(id=f"p{i}", problem=f"q{i}", answer="seven") for i in range(3)]
+    out = tmp_path / "rec.jsonl"
+    got = await record(problems, FakeBackend(respond), WordTask(), out, samples=2)
+    assert (got.recorded, got.errors) == (2, 1)
+    assert got.first_error is not None and got.first_error.startswith("p1: ")
+    assert "server fell over" in got.first_error
+    assert [p.id for p in load_pool(out).problems] == ["p0", "p2"]
+
+
 # ---- record against a real local OpenAI-compatible server, through `solverify bench` --------
 
 
@@ -166,6 +185,23 @@ def test_bench_record_then_replay_from_the_command_line(server_url, tmp_path):
         "sc:n=all", "genrm:s=all,v=2", "ac"]
     bad = run_solverify("bench", "replay", "--pool", str(pool), "--policy", "nope")
     assert bad.returncode == 2 and "unknown policy" in bad.stderr
+
+
+def test_bench_record_against_an_unreachable_endpoint_is_one_line_and_touches_nothing(
+        tmp_path):
+    """Exit 2 with one ``solverify: error:`` line, before the pool file is changed (it
+    used to exit 1 with no error message, found by review, and ``--overwrite`` emptied
+    the pool first)."""
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"id": "q", "problem": "1+1?", "answer": "2"}) + "\n")
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"id": "old", "problem": "x", "answer": "1", "samples": []}\n')
+    r = run_solverify("bench", "record", "--base-url", "http://127.0.0.1:9/v1", "--model",
+                      "m", "--problems", str(problems), "--out", str(pool), "--samples", "2",
+                      "--overwrite", "--timeout", "2")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.count("solverify: error: cannot reach") == 1
+    assert pool.read_text().startswith('{"id": "old"')
 
 
 def test_plot_without_matplotlib_fails_before_any_work(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -216,17 +217,12 @@ def test_no_secret_reaches_output_logs_trace_or_results(tmp_path, monkeypatch, c
         assert secret not in everything
 
 
-def test_results_keep_model_text_that_looks_like_a_credential(tmp_path, monkeypatch,
-                                                             capsys) -> None:
-    """Result lines hold model output: only registered secret values are masked there.
-    The credential patterns used for logs and errors ("Basic <word>", "Bearer <word>")
-    rewrote the recorded texts and even the answer (found by review: ``Basic 1200`` in
-    memory, ``Basic ***`` in the file)."""
+@contextlib.contextmanager
+def served(responder):
+    """The test server on an event loop of its own thread, for ``cli.main`` (which runs
+    its own loop) in this process; yields its base URL."""
     import asyncio
     import threading
-
-    reply = [" By", " basic", " counting", " the", " bearer", " bonds", " give",
-             " \\boxed{", "Basic 1200", "}."]
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -235,25 +231,37 @@ def test_results_keep_model_text_that_looks_like_a_credential(tmp_path, monkeypa
     def call(coro):
         return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
 
-    server = OpenAIServer(lambda body: [reply] * int(body.get("n") or 1))
+    server = OpenAIServer(responder, models=("test-model",))
     call(server.start())
     try:
-        monkeypatch.setenv("CANARY_KEY_ENV", CANARY_KEY)
-        problems = tmp_path / "p.jsonl"
-        problems.write_text(json.dumps({"id": "q", "problem": "600 * 2?",
-                                        "answer": "Basic 1200"}) + "\n")
-        out = tmp_path / "o.jsonl"
-        rc = cli.main(["run", "--base-url", f"http://127.0.0.1:{server.port}/v1", "--model",
-                       "test-model", "--problems", str(problems), "--policy", "sc:n=2",
-                       "--out", str(out), "--texts", "--api-key-env", "CANARY_KEY_ENV",
-                       "--no-progress", "--max-tokens", "16"])
-        capsys.readouterr()
+        yield f"http://127.0.0.1:{server.port}/v1"
     finally:
         structlog.reset_defaults()
         call(server.stop())
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+def test_results_keep_model_text_that_looks_like_a_credential(tmp_path, monkeypatch,
+                                                             capsys) -> None:
+    """Result lines hold model output: only registered secret values are masked there.
+    The credential patterns used for logs and errors ("Basic <word>", "Bearer <word>")
+    rewrote the recorded texts and even the answer (found by review: ``Basic 1200`` in
+    memory, ``Basic ***`` in the file)."""
+    reply = [" By", " basic", " counting", " the", " bearer", " bonds", " give",
+             " \\boxed{", "Basic 1200", "}."]
+    with served(lambda body: [reply] * int(body.get("n") or 1)) as url:
+        monkeypatch.setenv("CANARY_KEY_ENV", CANARY_KEY)
+        problems = tmp_path / "p.jsonl"
+        problems.write_text(json.dumps({"id": "q", "problem": "600 * 2?",
+                                        "answer": "Basic 1200"}) + "\n")
+        out = tmp_path / "o.jsonl"
+        rc = cli.main(["run", "--base-url", url, "--model", "test-model", "--problems",
+                       str(problems), "--policy", "sc:n=2", "--out", str(out), "--texts",
+                       "--api-key-env", "CANARY_KEY_ENV", "--no-progress",
+                       "--max-tokens", "16"])
+        capsys.readouterr()
     assert rc == 0
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["answer"] == "Basic 1200" and row["correct"] is True
@@ -271,8 +279,52 @@ def test_a_non_empty_out_needs_resume_or_overwrite(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"pass --resume to continue .* or --overwrite"):
         open_results(out, FP, resume=False, overwrite=False)
     done, writer = open_results(out, FP, resume=False, overwrite=True)
+    writer.close()  # nothing written: the old results stay (a run that could not start)
+    assert done.ids == set() and out.read_text() == '{"id": "a"}\n'
+    assert not sidecar_path(out).exists()
+    done, writer = open_results(out, FP, resume=False, overwrite=True)
+    assert out.read_text() == '{"id": "a"}\n'
+    writer.write({"id": "b"})  # the first result replaces them
     writer.close()
-    assert done.ids == set() and out.read_text() == ""
+    assert out.read_text() == '{"id": "b"}\n' and sidecar_path(out).exists()
+
+
+def test_a_fresh_results_file_appears_with_its_first_result(tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "o.jsonl"
+    _, writer = open_results(out, FP, resume=False, overwrite=False)
+    writer.close()
+    assert not out.exists() and not sidecar_path(out).exists()
+    _, writer = open_results(out, FP, resume=False, overwrite=False)
+    writer.write({"id": "a"})
+    writer.close()
+    assert out.read_text() == '{"id": "a"}\n' and sidecar_path(out).exists()
+    with pytest.raises(ValueError, match="closed"):
+        writer.write({"id": "b"})
+
+
+def test_resume_takes_out_the_rows_to_run_again_at_the_first_write(tmp_path: Path) -> None:
+    out = tmp_path / "o.jsonl"
+    _, writer = open_results(out, FP, resume=False, overwrite=False)
+    for pid, code in (("a", "max"), ("b", "failures"), ("c", "settled"), ("d", "error")):
+        writer.write({"id": pid, "stop_code": code, "text": "é"})
+    writer.close()
+    before = out.read_bytes()
+
+    def bad(row):
+        return row["stop_code"] in ("failures", "error")
+
+    done, writer = open_results(out, FP, resume=True, overwrite=False, redo=bad)
+    assert done.ids == {"a", "c"} and done.redo == ["b", "d"]
+    assert [r["id"] for r in done.rows] == ["a", "c"]
+    writer.close()  # nothing run (say the endpoint was down): the file is as it was
+    assert out.read_bytes() == before
+    done, writer = open_results(out, FP, resume=True, overwrite=False, redo=bad)
+    writer.write({"id": "b", "stop_code": "max"})
+    writer.close()
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x)["id"] for x in lines] == ["a", "c", "b"]
+    assert lines[:2] == before.decode().splitlines()[::2]  # kept rows byte for byte
+    assert read_results(out).ids == {"a", "b", "c"}  # d runs again next time
 
 
 def test_resume_drops_a_torn_last_line_and_refuses_another_run(tmp_path: Path) -> None:
@@ -297,6 +349,59 @@ def test_resume_drops_a_torn_last_line_and_refuses_another_run(tmp_path: Path) -
     sidecar_path(out).unlink()
     with pytest.raises(ConfigError, match="fingerprint"):
         open_results(out, FP, resume=True, overwrite=False)
+
+
+def test_resume_runs_again_the_problems_that_ended_on_an_error(tmp_path, capsys) -> None:
+    """An outage for one problem: the run exits 1 with its row in --out; ``--resume`` on a
+    healthy server reruns it and replaces its row (it used to skip it: exit 1 for ever,
+    found by review); a third ``--resume`` has nothing to run."""
+    healthy = False
+
+    def responder(body):
+        if not healthy and "PROBLEM-B" in json.dumps(body):
+            raise RuntimeError("outage")  # HTTP 500 for problem b only
+        return [[" so", " \\boxed{4}"]] * int(body.get("n") or 1)
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"id": pid, "problem": f"PROBLEM-{pid.upper()}",
+                                            "answer": "4"}) + "\n" for pid in "abc"))
+    out = tmp_path / "o.jsonl"
+    argv = ["run", "--model", "test-model", "--problems", str(problems), "--policy", "sc:n=2",
+            "--out", str(out), "--no-progress", "--concurrency", "1", "--max-tokens", "8"]
+
+    def rows():
+        return [(r["id"], r["stop_code"]) for r in map(json.loads, out.read_text().splitlines())]
+
+    with served(responder) as url:
+        argv += ["--base-url", url]
+        assert cli.main(argv) == 1
+        first = capsys.readouterr()
+        assert rows() == [("a", "max"), ("b", "failures"), ("c", "max")], first.err
+        healthy = True
+        assert cli.main([*argv, "--resume"]) == 0
+        second = capsys.readouterr()
+        assert "1 problem(s) ended on an error" in second.err and "'b'" in second.err
+        assert rows() == [("a", "max"), ("c", "max"), ("b", "max")]
+        assert cli.main([*argv, "--resume"]) == 0
+        assert "nothing to run" in capsys.readouterr().err
+
+
+def test_overwrite_against_an_unreachable_endpoint_keeps_the_old_results(tmp_path,
+                                                                          capsys) -> None:
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"id": "a", "problem": "2+2?", "answer": "4"}) + "\n")
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"id": "a", "correct": true}\n')
+    rc = cli.main(["run", "--base-url", "http://127.0.0.1:9/v1", "--model", "m",
+                   "--problems", str(problems), "--policy", "sc:n=1", "--out", str(out),
+                   "--overwrite", "--no-progress", "--timeout", "2"])
+    assert rc == 2 and "cannot reach" in capsys.readouterr().err
+    assert out.read_text() == '{"id": "a", "correct": true}\n'
+    fresh = tmp_path / "fresh.jsonl"
+    rc = cli.main(["run", "--base-url", "http://127.0.0.1:9/v1", "--model", "m",
+                   "--problems", str(problems), "--policy", "sc:n=1", "--out", str(fresh),
+                   "--no-progress", "--timeout", "2"])
+    assert rc == 2 and not fresh.exists() and not sidecar_path(fresh).exists()
 
 
 def test_a_bad_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
