@@ -52,6 +52,9 @@ async def test_sse_returns_a_last_event_without_its_blank_line() -> None:
     assert await _events(["data: {}", ""]) == [(None, "{}")]
     assert await _events(["data: {\"x\": 2}"]) == [(None, '{"x": 2}')]
     assert await _events([]) == []
+    # a body that ends in [DONE] without its blank line ends there (it was returned as
+    # data, which the backend then read as a malformed stream; found by review)
+    assert await _events(["data: {}", "", "data: [DONE]"]) == [(None, "{}")]
 
 
 def test_parse_chunk_tells_garbage_from_a_server_error() -> None:

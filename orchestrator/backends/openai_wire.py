@@ -124,8 +124,11 @@ class SSEReader:
         while True:
             try:
                 line = await anext(self._lines)
-            except StopAsyncIteration:
-                return (event, "\n".join(data)) if data else None
+            except StopAsyncIteration:  # an event the body ends in without its blank
+                # line: kept (it may carry the usage), and a bare [DONE] is the end
+                if not data or "\n".join(data).strip() == "[DONE]":
+                    return None
+                return event, "\n".join(data)
             if not line:
                 if data:
                     payload = "\n".join(data)
