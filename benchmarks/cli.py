@@ -283,6 +283,7 @@ def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
                        decode_rate=args.decode_rate, ttft=args.ttft, workers=args.workers,
                        engine=args.engine, bootstrap=args.bootstrap)
     sources = _sources(args)
+    _warn_beyond_pool(sources, args.policy)
     progress = None
     if not args.quiet and sys.stderr.isatty():
         from tqdm import tqdm
@@ -308,6 +309,23 @@ def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not args.quiet:
         _print_replay_table(report)
     return 0
+
+
+def _warn_beyond_pool(sources: Sequence[Any], specs: Sequence[str]) -> None:
+    """A policy whose horizon exceeds what a pool holds replays with the pool's samples
+    only (``sc:n=100`` on a 16-sample pool is ``sc:n=all``): say so, as its row's label
+    and horizon do not."""
+    from benchmarks.replay import horizon
+    from orchestrator.cliargs import warn
+
+    for src in sources:
+        size = int(src.pool.arrays.n.max())
+        for spec in specs:
+            cap = horizon(spec, size)
+            if cap.isdigit() and int(cap) > size:
+                warn(f"{spec} may draw {cap} samples a problem, but pool {src.name} holds "
+                     f"at most {size}: it replays with those (the samples column says how "
+                     "many it drew)")
 
 
 def _compute_matched(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -320,7 +320,8 @@ def main(argv: Sequence[str] | None = None, *, server_factory=None,
     title = f"{problems.name} on {where}"
     if rows:
         print()
-        print(f"{title}  (live; first {args.limit or 'all'} problems)")
+        print(f"{title}  (live; " + (f"first {args.limit} problems)" if args.limit
+                                       else "all problems)"))
         print(table(rows))
         if rc:  # interrupted: the user is waiting; no plot of a partial run
             print(f"\nresults: {args.out}/results_*.jsonl   "

@@ -157,6 +157,7 @@ class JsonlTraceSink:
 
     def __init__(self, path: str | Path | IO[str]) -> None:
         if isinstance(path, str | Path):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)  # as --out does
             self._fh: IO[str] = open(path, "a", encoding="utf-8")
             self._owned = True
         else:

@@ -213,6 +213,9 @@ def open_results(out: Path, fingerprint: Mapping[str, Any], *, resume: bool,
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: --resume continues "
                           f"{out}, --overwrite replaces it")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory: give the path of a results file "
+                          f"(e.g. {out / 'results.jsonl'})")
     out.parent.mkdir(parents=True, exist_ok=True)
     non_empty = out.exists() and out.stat().st_size > 0
     done = ExistingResults()

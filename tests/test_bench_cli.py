@@ -99,6 +99,17 @@ def test_compute_matched_cli(tmp_path, capsys):
         main(["compute-matched", "--pool", str(pool), "--quiet"])
 
 
+def test_replay_warns_when_a_horizon_exceeds_the_pool(tmp_path, capsys):
+    """``sc:n=100`` on a 7-sample pool replays as ``sc:n=all``: said on stderr (found by
+    review: only the samples column showed it)."""
+    pool = write_pool(tmp_path / "toy.jsonl")
+    assert main(["replay", "--pool", str(pool), "--policy", "sc:n=100", "--policy",
+                 "sc:n=7", "--orders", "1", "--workers", "1", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "sc:n=100 may draw 100 samples a problem, but pool toy holds at most 7" in err
+    assert "sc:n=7 " not in err
+
+
 async def test_record_writes_a_replayable_pool_and_resumes(tmp_path):
     def respond(req, i):
         if req.kind == "verify":

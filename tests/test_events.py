@@ -17,7 +17,7 @@ PROBLEM = Problem(id="p", problem="q", answer="b")
 
 
 async def test_jsonl_trace_has_every_step(tmp_path):
-    path = tmp_path / "trace.jsonl"
+    path = tmp_path / "new" / "trace.jsonl"  # a missing folder is created, as for --out
     backend = FakeBackend(scripted([FakeReply.text("a b", "x b", "a c")]))
     with JsonlTraceSink(path) as sink:
         result = await solve(PROBLEM, SelfConsistency(3), backend=backend, task=WordTask(),

@@ -289,6 +289,13 @@ def test_a_non_empty_out_needs_resume_or_overwrite(tmp_path: Path) -> None:
     assert out.read_text() == '{"id": "b"}\n' and sidecar_path(out).exists()
 
 
+def test_out_that_is_a_directory_is_named_as_such(tmp_path: Path) -> None:
+    for flags in ({"resume": False, "overwrite": False}, {"resume": False, "overwrite": True},
+                  {"resume": True, "overwrite": False}):
+        with pytest.raises(ConfigError, match=r"is a directory: give the path of a results"):
+            open_results(tmp_path, FP, **flags)
+
+
 def test_a_fresh_results_file_appears_with_its_first_result(tmp_path: Path) -> None:
     out = tmp_path / "sub" / "o.jsonl"
     _, writer = open_results(out, FP, resume=False, overwrite=False)
