@@ -21,6 +21,7 @@ from benchmarks.pools import read_pool_ids
 from orchestrator import defaults
 from orchestrator.backends.base import Backend
 from orchestrator.errors import ConfigError
+from orchestrator.result import ended_on_error
 from orchestrator.runtime import SolveResult, run_batch
 from orchestrator.types import Problem
 from policies.fixed import GenRM, SelfConsistency
@@ -102,10 +103,10 @@ async def record(
     """Record ``samples`` solutions (and ``verifications`` per answered solution) for every
     problem not yet in ``out``; lines are appended as problems finish.
 
-    A problem that ends on an error is not written, so a later run retries it: a fatal
-    backend error (unreachable endpoint, unknown model), or a policy that gave up because
-    its samples kept failing (stop code ``failures``: the pool line would hold fewer
-    samples than asked for).
+    A problem that ends on an error (:func:`orchestrator.result.ended_on_error`) is not
+    written, so a later run retries it: a fatal backend error (unreachable endpoint,
+    unknown model), a policy that gave up because its samples kept failing (the pool line
+    would hold fewer samples than asked for), or verifications that all failed.
     """
     if samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
@@ -124,7 +125,7 @@ async def record(
     with path.open("a", encoding="utf-8") as fh:  # noqa: ASYNC230 - a local append, instant
 
         def write(result: SolveResult) -> None:
-            if result.error is not None or result.stop_code in ("error", "failures"):
+            if ended_on_error(result.to_dict()):
                 counts["errors"] += 1
                 if not first_error:
                     first_error.append(_error_of(result))

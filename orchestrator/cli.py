@@ -40,6 +40,7 @@ from orchestrator.cliargs import (
 )
 from orchestrator.defaults import CONCURRENCY as DEFAULT_CONCURRENCY
 from orchestrator.errors import ConfigError, SolverifyError
+from orchestrator.result import ended_on_error
 from orchestrator.types import Budget
 
 EXIT_OK = 0
@@ -163,13 +164,6 @@ def print_summary(summary: dict, policy: str, out: Path, file=sys.stdout) -> Non
         f"results           {out}",
     ]
     print("\n".join(lines), file=file)
-
-
-def ended_on_error(row: dict) -> bool:
-    """Did this result (a results-file row) end on an error rather than a normal stop?
-    A fatal backend error (``error``), or a policy that gave up because its samples kept
-    failing (``stop_code`` ``failures``)."""
-    return bool(row.get("error")) or row.get("stop_code") in ("error", "failures")
 
 
 def first_error(row: dict) -> str:

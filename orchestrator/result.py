@@ -9,7 +9,7 @@ from orchestrator.errors import error_text
 from orchestrator.ledger import lambda_of_sums
 from orchestrator.types import FailedSample, Problem, Solution, Usage, Verification
 
-__all__ = ["RunSummary", "SolveResult", "error_text", "policy_name"]
+__all__ = ["RunSummary", "SolveResult", "ended_on_error", "error_text", "policy_name"]
 
 
 def policy_name(policy: object) -> str:
@@ -107,6 +107,19 @@ class SolveResult:
                 for f in self.failed
             ],
         }
+
+
+def ended_on_error(row: dict) -> bool:
+    """Did this result (:meth:`SolveResult.to_dict`, a results-file row) end on an error
+    rather than a normal stop? A fatal backend error (``error``); a policy that gave up
+    because its samples kept failing (``stop_code`` ``failures``); or a verifier that
+    never answered: verification requests failed and none finished (a verifying policy
+    then answers without the verifier it was asked to use)."""
+    if row.get("error") or row.get("stop_code") in ("error", "failures"):
+        return True
+    return not row.get("verifications") and any(
+        f.get("kind") == "verify" and f.get("reason") == "failed"
+        for f in row.get("failed") or ())
 
 
 class RunSummary:

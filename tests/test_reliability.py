@@ -20,6 +20,15 @@ from orchestrator.results_io import open_results, read_results, sidecar_path
 from tests.openai_server import OpenAIServer
 
 
+@pytest.fixture(autouse=True)
+def _structlog_reset():
+    """``cli.main`` configures structlog to print to the ``sys.stderr`` of its moment,
+    capsys's capture here, which is closed after the test: later tests would log to a
+    closed file."""
+    yield
+    structlog.reset_defaults()
+
+
 def chat(**kw: Any) -> GenerationRequest:
     kw.setdefault("max_tokens", 64)
     return GenerationRequest(kind="solve", messages=({"role": "user", "content": "q"},), **kw)
@@ -409,6 +418,40 @@ def test_overwrite_against_an_unreachable_endpoint_keeps_the_old_results(tmp_pat
                    "--problems", str(problems), "--policy", "sc:n=1", "--out", str(fresh),
                    "--no-progress", "--timeout", "2"])
     assert rc == 2 and not fresh.exists() and not sidecar_path(fresh).exists()
+
+
+async def test_a_verifier_that_never_answers_is_an_error_not_a_normal_stop() -> None:
+    """Every verification request fails: GenRM falls back to the vote and stops normally
+    (``max``), so the run used to exit 0 with no verifier at all (found by review). One
+    verification that finishes is enough for the problem not to count as an error."""
+    from orchestrator.backends.fake import FakeBackend, FakeReply
+    from orchestrator.errors import RetriesExhausted
+    from orchestrator.result import ended_on_error
+    from orchestrator.runtime import solve
+    from orchestrator.types import Problem
+    from policies import parse_policy
+
+    def backend(verify_ok: int) -> FakeBackend:
+        seen = [0]
+
+        def respond(req, i):
+            if req.kind == "verify":
+                seen[0] += 1
+                if seen[0] > verify_ok:
+                    return FakeReply(choices=(("x",),), fail_after=0,
+                                     error=RetriesExhausted("503, 4 attempts"))
+                return FakeReply.text("Yes")
+            return FakeReply.text("\\boxed{4}")
+        return FakeBackend(respond)
+
+    problem = Problem(id="p", problem="2+2?", answer="4")
+    down = await solve(problem, parse_policy("genrm:s=2,v=1"), backend=backend(0))
+    assert down.stop_code == "max" and "fell back to vote" in down.reason
+    assert ended_on_error(down.to_dict())
+    some = await solve(problem, parse_policy("genrm:s=2,v=1"), backend=backend(1))
+    assert len(some.verifications) == 1 and not ended_on_error(some.to_dict())
+    plain = await solve(problem, parse_policy("sc:n=2"), backend=backend(0))
+    assert not ended_on_error(plain.to_dict())
 
 
 def test_a_bad_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
