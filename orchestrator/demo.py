@@ -205,10 +205,11 @@ async def run_demo(base_url: str, model: str, problems_path: Path, limit: int | 
     parsed = [parse_policy(p) for p in policies]  # bad specs fail before any work
     problems = load_problems(problems_path, limit=limit)
     task = task_for(problems)
-    await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
     async with OpenAIBackend(base_url=base_url, model=model, api_key=api_key) as backend:
         await backend.list_models()
         await backend.probe(task.endpoint)
+        # the folder once the endpoint answers: an unreachable one leaves nothing behind
+        await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
         for spec, policy in zip(policies, parsed, strict=True):
             safe = spec.replace(":", "_").replace(",", "_").replace("=", "-")
             progress = PolicyProgress(spec, len(problems), live.update)

@@ -70,3 +70,14 @@ def test_demo_without_matplotlib_prints_the_table_and_writes_no_figure(
     assert "sc:n=2" in out and "plot:" not in out
     assert not (tmp_path / "out" / "demo.png").exists()
     assert len(list((tmp_path / "out").glob("results_*.jsonl"))) == 1
+
+
+async def test_demo_against_an_unreachable_endpoint_leaves_no_folder(tmp_path):
+    from orchestrator.errors import EndpointUnreachable
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"id": "q", "problem": "1+1?", "answer": "2"}) + "\n")
+    with pytest.raises(EndpointUnreachable):
+        await run_demo("http://127.0.0.1:9/v1", "m", problems, None, ("sc:n=2",),
+                       tmp_path / "out", concurrency=2)
+    assert not (tmp_path / "out").exists()
