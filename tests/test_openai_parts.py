@@ -95,6 +95,20 @@ def test_decoder_counts_per_choice_running_usage_exactly() -> None:
     ]
 
 
+def test_decoder_does_not_count_twice_a_usage_on_the_last_content_chunk() -> None:
+    """A server that puts its only usage on its last content chunk: the count tops up the
+    one-per-chunk estimates (6 in all), it is not added on top of them (11; found by
+    review)."""
+    decoder = ChunkDecoder(n=1, chat=True)
+    out = []
+    for i in range(6):
+        out.extend(decoder.feed(_chat_chunk(0, f" t{i}", completion=6 if i == 5 else None,
+                                            finish="stop" if i == 5 else None)))
+    deltas = [e for e in out if isinstance(e, TextDelta)]
+    assert [d.tokens for d in deltas] == [1, 1, 1, 1, 1, 1]
+    assert sum(d.tokens for d in deltas) == 6 and out[-1] == UsageReport(7, 6, final=False)
+
+
 def test_decoder_estimates_without_usage_and_counts_logprobs() -> None:
     decoder = ChunkDecoder(n=1, chat=False)
     assert decoder.feed({"choices": [{"index": 0, "text": "hi"}]}) == [

@@ -206,12 +206,13 @@ def snippet(text: str, limit: int = 60) -> str:
 class ChunkDecoder:
     """Turns stream chunks (JSON objects) into :data:`StreamEvent` values for one request."""
 
-    __slots__ = ("_chat", "_n", "_running")
+    __slots__ = ("_chat", "_counted", "_n", "_running")
 
     def __init__(self, *, n: int, chat: bool) -> None:
         self._n = n
         self._chat = chat
-        self._running: dict[int, int] = {}
+        self._running: dict[int, int] = {}  # per choice: the server's latest count
+        self._counted: dict[int, int] = {}  # per choice: the tokens given to its deltas
 
     def feed(self, chunk: Any) -> list[StreamEvent]:
         events: list[StreamEvent] = []
@@ -232,11 +233,16 @@ class ChunkDecoder:
             if logprobs:
                 tokens = len(logprobs)
             elif usage is not None and len(choices) == 1:
-                tokens = max(0, completion - self._running.get(index, 0))
+                # what the count adds to what this choice's deltas were given (the same
+                # as its last count with running usage; with a count only on the last
+                # content chunk, not the whole count again on top of one per chunk)
+                tokens = max(0, completion - self._counted.get(index, 0))
             elif text:
                 tokens, estimated = 1, True
             else:
                 tokens = 0
+            if tokens:
+                self._counted[index] = self._counted.get(index, 0) + tokens
             if text or tokens or finish or logprobs:
                 events.append(
                     TextDelta(
