@@ -175,6 +175,19 @@ async def test_probe_and_models_merge_what_every_replica_supports():
     with pytest.raises(EndpointUnreachable, match="no replica"):
         await MultiBackend([Unreachable(None, [])], names=["z"]).list_models()
 
+    class Refusing(Probed):  # a replica with another key: 401
+        async def probe(self, endpoint="chat"):
+            raise RequestRejected("answered 401: bad key", status_code=401)
+
+    # not a replica that is down but one configured otherwise: raised, named, its status
+    # code kept, nothing marked down (the code was lost and both were marked down; review)
+    refusing = MultiBackend([Probed(Capabilities(), ["m"]), Refusing(None, ["m"])],
+                            names=["a", "b"])
+    with pytest.raises(RequestRejected, match="replica b: answered 401") as caught:
+        await refusing.probe()
+    assert caught.value.status_code == 401
+    assert [s["up"] for s in refusing.stats()] == [True, True]
+
 
 def _counting_responder(body):
     return [[" so", " x"]] * int(body.get("n", 1))

@@ -33,6 +33,7 @@ whether it is down now.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -227,31 +228,38 @@ class MultiBackend(Backend):
             tasks = [tg.create_task(one(b)) for b in self._backends]
         return [t.result() for t in tasks]
 
+    def _check_each(self, results: list[Any], what: str) -> None:
+        """Replicas that failed with a connection-level error are marked down (an error
+        only when every one did); any other error (a rejected request, an unknown model:
+        the replicas are not configured alike) is raised, naming the replica, as the
+        same error type with the same status code."""
+        for i, r in enumerate(results):
+            if isinstance(r, BackendError) and not isinstance(r, FAILOVER_ERRORS):
+                raise _retold(r, f"replica {self._names[i]}: {r}")
+        failed = [(i, r) for i, r in enumerate(results) if isinstance(r, BackendError)]
+        for i, r in failed:
+            self._mark_down(i, r)
+        if len(failed) == len(results):
+            first = failed[0][1]
+            raise _retold(first, f"no replica could be {what}: {first}")
+
     async def list_models(self) -> list[str]:
         """Models every reachable replica serves; replicas that cannot be reached are
         marked down (an error only when none can be)."""
         results = await self._each(lambda b: b.list_models())
+        self._check_each(results, "reached")
         served: set[str] | None = None
-        for i, r in enumerate(results):
-            if isinstance(r, BackendError):
-                self._mark_down(i, r)
-                continue
-            served = set(r) if served is None else served & set(r)
-        if served is None:
-            first = next(r for r in results if isinstance(r, BackendError))
-            raise type(first)(f"no replica could be reached: {first}") from first
+        for r in results:
+            if not isinstance(r, BackendError):
+                served = set(r) if served is None else served & set(r)
+        assert served is not None
         return sorted(served)
 
     async def probe(self, endpoint: str = "chat") -> Capabilities:
         """Probe every reachable replica; the result is what all of them support."""
         results = await self._each(lambda b: b.probe(endpoint))
+        self._check_each(results, "probed")
         caps = [r for r in results if isinstance(r, Capabilities)]
-        for i, r in enumerate(results):
-            if isinstance(r, BackendError):
-                self._mark_down(i, r)
-        if not caps:
-            first = next(r for r in results if isinstance(r, BackendError))
-            raise type(first)(f"no replica could be probed: {first}") from first
         limits = [c.max_top_logprobs for c in caps if c.max_top_logprobs is not None]
         return Capabilities(
             n=all(c.n for c in caps),
@@ -260,3 +268,12 @@ class MultiBackend(Backend):
             logprobs=all(c.logprobs for c in caps),
             max_top_logprobs=min(limits) if limits else None,
         )
+
+
+def _retold(error: BackendError, message: str) -> BackendError:
+    """``error`` with ``message``: the same type and attributes (a status code), raised
+    from the original."""
+    again = copy.copy(error)
+    again.args = (message,)
+    again.__cause__ = error
+    return again
