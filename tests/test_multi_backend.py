@@ -99,6 +99,27 @@ async def test_a_replica_that_cannot_be_reached_is_failed_over_and_skipped_until
                                          affinity=key))[0] == 0
 
 
+async def test_a_replica_that_emulates_n_is_failed_over_too():
+    """With n emulated by one stream per choice, a replica that cannot be reached failed
+    once its stream was being read, after the failover point: the request failed and the
+    replica stayed up (found by review). Now the failure comes on opening."""
+    from orchestrator.backends.streams import EmulatedN
+
+    down = FakeBackend(scripted(lambda req, i: FakeReply.text(
+        "so x", fail_after=0, error=EndpointUnreachable("connection refused"))))
+    up = FakeBackend(scripted(lambda req, i: FakeReply.text("so x")))
+    multi = MultiBackend([EmulatedN(down, native_n=False), EmulatedN(up, native_n=False)],
+                         names=["down", "up"], cooldown=10, clock=lambda: 0.0)
+    key = next(f"p{i}" for i in range(100) if rendezvous_order(f"p{i}", ["down", "up"])[0] == 0)
+    (r,) = await run_batch([Problem(id=key, problem="q")], SelfConsistency(2), backend=multi,
+                           task=TASK)
+    assert r.ok and r.answer == "x" and len(r.solutions) == 2 and not r.failed
+    assert [x.n for x in up.requests] == [1, 1]
+    stats = {s["replica"]: s for s in multi.stats()}
+    assert stats["down"]["failovers"] == 1 and not stats["down"]["up"]
+    assert stats["up"]["requests"] == 1
+
+
 async def test_when_every_replica_is_down_the_error_says_so():
     def refuse(req, i):
         return FakeReply.text("x", fail_after=0, error=EndpointUnreachable("refused"))

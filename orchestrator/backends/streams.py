@@ -216,6 +216,11 @@ class EmulatedN(Backend):
         The pumps never raise (they hand failures to the merger), so the TaskGroup only
         ever sees cancellation; the consumer's own exception is held while the group is
         left and re-raised afterwards, unwrapped.
+
+        The stream is handed over once one of its streams has sent its first event: a
+        failure before any (the endpoint cannot be reached, the request is refused) is
+        raised here, on opening, as it is for a single stream, so a caller that fails
+        over on opening (:class:`~orchestrator.backends.multi.MultiBackend`) does so.
         """
         queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]] = asyncio.Queue(
             _MERGE_QUEUE_SIZE)
@@ -233,15 +238,21 @@ class EmulatedN(Backend):
             pumps = [group.create_task(self._pump(single_choice(request, i), i, queue,
                                                   streams, cut))
                      for i in range(request.n)]
-            merged = EventStream(merge_streams(queue, request.n, where), cut_all)
-            try:
-                yield merged
-            except BaseException as exc:
-                held = exc
-            finally:
+            first = await queue.get()
+            if isinstance(first[1], BaseException):  # failed before any event: on opening
+                held = first[1]
                 for pump in pumps:
                     pump.cancel()
-                await merged.aclose()
+            else:
+                merged = EventStream(merge_streams(queue, request.n, where, first), cut_all)
+                try:
+                    yield merged
+                except BaseException as exc:
+                    held = exc
+                finally:
+                    for pump in pumps:
+                        pump.cancel()
+                    await merged.aclose()
         if held is not None:
             raise held
 
@@ -277,6 +288,7 @@ async def merge_streams(
     queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]],
     k: int,
     where: str,
+    first: tuple[int, StreamEvent | BaseException | None] | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """Events of ``k`` single-choice streams as one ``n=k`` stream.
 
@@ -290,7 +302,10 @@ async def merge_streams(
     latest: dict[int, UsageReport] = {}
     streaming: set[int] = set()  # choices that have sent text
     while finished < k:
-        index, item = await queue.get()
+        if first is not None:  # taken from the queue already (EmulatedN._emulated)
+            (index, item), first = first, None
+        else:
+            index, item = await queue.get()
         if item is None:
             finished += 1
         elif isinstance(item, BaseException):
