@@ -307,6 +307,19 @@ async def test_drop_before_the_first_event_is_retried(
     assert len(openai_server.generation_requests()) == 2
 
 
+async def test_drop_before_the_first_token_is_retried_with_running_usage(
+    openai_server: OpenAIServer, make_backend: MakeBackend
+) -> None:
+    """With running usage the role chunk carries a zero count, an event: a drop after it
+    was a broken stream, not retried, though nothing was generated (found by review)."""
+    openai_server.drop_after(0)
+    events = await collect(make_backend(), chat())  # every capability: running usage on
+
+    assert texts(events) == {0: ANSWER}
+    assert len(openai_server.generation_requests()) == 2
+    assert usages(events)[-1].final and usages(events)[-1].completion_tokens == 7
+
+
 async def test_connection_refused_is_endpoint_unreachable(make_backend: MakeBackend) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -489,10 +489,15 @@ class OpenAIBackend(Backend):
         decoder = ChunkDecoder(n=request.n, chat=request.endpoint == "chat")
         opened = _Opened(response, sse, [], decoder)
         try:
+            # Opened at the first event that carries a token: what comes before it (a
+            # role chunk, a zero count of running usage) is held, so a failure until then
+            # is retried as one before the first token (nothing was generated)
             while not opened.first:
                 item = await sse.next()
                 if item is None:
                     opened.ended = True
+                    if opened.malformed is None:
+                        opened.first = opened.held  # a stream without a token: all of it
                     break
                 try:
                     chunk = self._parse(item)
@@ -502,9 +507,9 @@ class OpenAIBackend(Backend):
                 events = opened.decoder.feed(chunk)
                 if opened.malformed is not None:
                     events = [blind(e) for e in events]
-                    if not any(carries_tokens(e) for e in events):
-                        opened.held.extend(events)  # no token yet: a retry is still clean
-                        continue
+                if not any(carries_tokens(e) for e in events):
+                    opened.held.extend(events)  # no token yet: a retry is still clean
+                    continue
                 opened.first = opened.held + events
             if opened.malformed is not None and not opened.first:
                 raise MalformedStream(
