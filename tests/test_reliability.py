@@ -146,6 +146,28 @@ async def test_a_models_reply_that_is_not_json_is_a_clear_error(body: str, kind:
         await runner.cleanup()
 
 
+@pytest.mark.parametrize(("body", "kind"), [
+    ("<html><body>Welcome to nginx</body></html>", "text/html"),
+    ('{"choices": [{"index": 0, "message": {"content": "4"}}], "usage": '
+     '{"prompt_tokens": 3, "completion_tokens": 5}}', "application/json"),
+])
+async def test_a_stream_reply_that_is_not_an_event_stream_is_a_clear_error(
+        body: str, kind: str) -> None:
+    """A page, or a server that ignores stream=true: it read as an empty stream ("ended
+    without a finish_reason", nothing charged; found by review)."""
+    async def handler(request):
+        return web.Response(text=body, content_type=kind)
+
+    runner, root = await _serve(handler)
+    try:
+        async with OpenAIBackend(root + "/v1", "m", capabilities=Capabilities()) as backend:
+            with pytest.raises(RequestRejected, match=rf"with {kind}.*, not an event stream"):
+                async with backend.stream(chat()) as events:
+                    _ = [e async for e in events]
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_base_url_without_v1_gets_a_hint() -> None:
     async with OpenAIServer() as server:
         root = f"http://127.0.0.1:{server.port}"

@@ -485,6 +485,15 @@ class OpenAIBackend(Backend):
                 _note_abandoned(exc)
                 raise
             break
+        kind = response.http_response.headers.get("content-type")
+        if kind is not None and "event-stream" not in kind:
+            # a page, or a server that ignored stream=true: not something to read as SSE
+            # (it read as an empty stream: "ended without a finish_reason", uncharged)
+            await close_quietly(response)
+            raise RequestRejected(
+                f"{self._base_url} answered a streaming {request.endpoint} request with "
+                f"{kind}, not an event stream (text/event-stream): it does not look like an "
+                "OpenAI-compatible streaming endpoint, or it ignores stream=true")
         sse = SSEReader.of(response)
         decoder = ChunkDecoder(n=request.n, chat=request.endpoint == "chat")
         opened = _Opened(response, sse, [], decoder)
