@@ -57,7 +57,7 @@ from orchestrator.decisions import Decision, Sample
 from orchestrator.errors import ConfigError
 from orchestrator.history import ProblemRecord
 from orchestrator.snapshot import ProblemSnapshot
-from policies.base import failures_allowed, is_count
+from policies.base import failures_allowed, is_count, non_default, num
 from policies.votes import majority_stop
 
 
@@ -92,6 +92,10 @@ def overturn_probability(a: int, b: int, rest: int, remaining: int, prior: float
     )
     return float(np.exp(log_p[valid]).sum()) if valid.any() else 0.0
 
+
+#: the largest ``max`` (horizon) accepted: :func:`_overturn_tables` holds
+#: ~horizon^2 / 2 x 561 floats (564 MiB at 512, 2.1 GiB at 1000)
+MAX_HORIZON = 512
 
 # ---- the grid prior ------------------------------------------------------------------------
 #: grid resolution: shares u, v in steps of 1/GRID with u + v <= 1
@@ -150,10 +154,16 @@ def _base_log_weights(prior: float) -> np.ndarray:
     """The flat base measure: Dirichlet(prior, prior, prior) density on the grid,
     normalised (``prior`` = 1: uniform)."""
     g = _grid()
+    # The density at a grid point, with a share of 0 (the simplex's edge) read as half a
+    # cell: for prior < 1 the density is infinite there, and an edge value of e^-50 put all
+    # the mass on the edge (a 3-0 lead then looked certain; found by review). prior = 1:
+    # uniform whatever the edge value.
+    edge = math.log(0.5 / GRID)
+    s = 1.0 - g.u - g.v
     with np.errstate(divide="ignore", invalid="ignore"):
-        lw = (prior - 1.0) * (np.where(g.u > 0, g.log_u, -50.0)
-                              + np.where(g.v > 0, g.log_v, -50.0)
-                              + np.where(g.u + g.v < 1, g.log_s, -50.0))
+        lw = (prior - 1.0) * (np.where(g.u > 0, g.log_u, edge)
+                              + np.where(g.v > 0, g.log_v, edge)
+                              + np.where(s > 1e-12, g.log_s, edge))
     lw = lw - lw.max()
     w = np.exp(lw)
     out = np.log(w / w.sum())
@@ -402,13 +412,14 @@ class Adaptive:
       * ``width`` [width]: samples kept in flight (default 8).
       * ``wide`` [wide]: most samples kept in flight when the votes are contested
         (default 16, chosen by leave-one-model-out cross-validation among 8-32, README
-        "Calibration"; = ``width`` turns widening off).
+        "Calibration"; = ``width`` turns widening off, and one below ``width`` counts as
+        ``width``, so ``adaptive:width=32`` needs no ``wide``).
       * ``confidence`` [confidence]: stop when P(the leader is still ``sc:n=max``'s answer)
         ≥ confidence (default 0.9: the largest median token saving with no mean accuracy
         loss against ``sc:n=all`` over the shared pools, among 0.8/0.85/0.9/0.95; its
         leave-one-model-out figures are in README "Benchmarks").
       * ``max`` [max]: the horizon — the ``sc:n=max`` this policy approximates, and the most
-        samples it will take (default 64).
+        samples it will take (default 64; at most :data:`MAX_HORIZON`).
       * ``min_votes`` [min_votes]: never stop (except exactly) before the leader has this
         many votes (default 3; 2 lost 0.3-0.6 pp more at every confidence in the
         cross-validation sweep).
@@ -438,27 +449,33 @@ class Adaptive:
     def __post_init__(self) -> None:
         _check("width", is_count(self.width, 1), self.width, "an integer >= 1")
         _check("confidence", 0.0 < self.confidence < 1.0, self.confidence, "in (0, 1)")
-        _check("max", is_count(self.max, 1), self.max, "an integer >= 1")
+        _check("max", is_count(self.max, 1) and self.max <= MAX_HORIZON, self.max,
+               f"an integer in [1, {MAX_HORIZON}] (the overturn tables take memory in "
+               f"max^2: ~0.6 GB at {MAX_HORIZON})")
         _check("min_votes", is_count(self.min_votes, 1), self.min_votes, "an integer >= 1")
-        _check("prior", self.prior > 0, self.prior, "> 0")
+        _check("prior", 0 < self.prior < math.inf, self.prior, "> 0 and finite")
         if self.wide is not None:
-            _check("wide", is_count(self.wide, self.width), self.wide,
-                   f"an integer >= width ({self.width})")
-        _check("shrink", self.shrink > 0, self.shrink, "> 0")
+            _check("wide", is_count(self.wide, 1), self.wide, "an integer >= 1")
+        # None, or below width: width (no widening); stored so, so a spec parses back
+        # to an equal policy
+        object.__setattr__(self, "wide", max(self.width, self.wide or 0))
+        _check("shrink", 0 < self.shrink < math.inf, self.shrink, "> 0 and finite")
         _check("loss", 0.0 <= self.loss < 1.0, self.loss, "in [0, 1) (0: off)")
         if self.max_failures is not None:
             _check("max_failures", self.max_failures >= 0, self.max_failures, ">= 0")
 
     @property
     def spec(self) -> str:
-        return (f"adaptive:width={self.width},wide={self.widest},"
-                f"confidence={self.confidence:g},max={self.max},min_votes={self.min_votes},"
-                f"prior={self.prior:g},shrink={self.shrink:g},"
-                f"learn={'true' if self.learn else 'false'},loss={self.loss:g}")
+        return ",".join([
+            f"adaptive:width={self.width},wide={self.widest},"
+            f"confidence={num(self.confidence)},max={self.max},min_votes={self.min_votes},"
+            f"prior={num(self.prior)},shrink={num(self.shrink)},"
+            f"learn={'true' if self.learn else 'false'},loss={num(self.loss)}",
+            *non_default(self, "max_failures")])
 
     @property
     def widest(self) -> int:
-        return self.width if self.wide is None else self.wide
+        return self.width if self.wide is None else max(self.wide, self.width)
 
     def log_prior(self, s: ProblemSnapshot) -> np.ndarray:
         """The prior in force for this snapshot (grid log weights)."""

@@ -6,6 +6,7 @@ count parameter may be."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from orchestrator.decisions import Decision, Sample, Stop
@@ -13,8 +14,34 @@ from orchestrator.protocols import Policy, policy_verifies
 from orchestrator.snapshot import ProblemSnapshot
 from orchestrator.types import is_count
 
-__all__ = ["Policy", "failures_allowed", "in_flight", "is_count", "policy_verifies",
-           "top_up", "wait_or_stop"]
+__all__ = ["Policy", "failures_allowed", "in_flight", "is_count", "non_default", "num",
+           "policy_verifies", "top_up", "wait_or_stop"]
+
+
+def num(x: float) -> str:
+    """A number as a spec writes it: short (``%g``) where that reads back as the same
+    number, else exactly (``0.9999999`` is not ``1``)."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
+
+
+def non_default(policy: object, *names: str) -> list[str]:
+    """``name=value`` spec parts for the dataclass fields ``names`` of ``policy`` whose
+    value is not the field's default (the spec key is the field's name)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(policy)}  # type: ignore[arg-type]
+    parts = []
+    for name in names:
+        value = getattr(policy, name)
+        if value == defaults[name]:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, float):
+            text = num(value)
+        else:
+            text = str(value)
+        parts.append(f"{name}={text}")
+    return parts
 
 
 def failures_allowed(max_failures: int | None, *defaults: int | None) -> int:

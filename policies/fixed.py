@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from orchestrator.decisions import Decision, Stop, StopCode, Verify
 from orchestrator.errors import ConfigError
 from orchestrator.snapshot import ProblemSnapshot
-from policies.base import failures_allowed, in_flight, is_count, top_up
+from policies.base import failures_allowed, in_flight, is_count, non_default, top_up
 from policies.votes import majority_stop
 
 
@@ -36,7 +36,7 @@ class SelfConsistency:
 
     @property
     def spec(self) -> str:
-        return f"sc:n={self.n}"
+        return ",".join([f"sc:n={self.n}", *non_default(self, "max_failures")])
 
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
         if len(s.solutions) >= self.n:
@@ -77,7 +77,8 @@ class GenRM:
 
     @property
     def spec(self) -> str:
-        return f"genrm:s={self.solutions},v={self.verifications}"
+        return ",".join([f"genrm:s={self.solutions},v={self.verifications}",
+                         *non_default(self, "max_failures")])
 
     #: sends solutions to the verifier (the runtime checks a budget can hold one)
     verifies = True

@@ -13,10 +13,12 @@
 * :class:`BestOfInfinity` (the adaptive stopping rule of "Best-of-∞", Komiyama et al.
   2025, arXiv 2509.21091): one sample at a time; the answer distribution has a Dirichlet
   posterior with ``alpha`` pseudo-votes on every answer seen and an ``alpha``-weighted
-  bucket for all answers not seen yet; stop when the Bayes factor of "the leader has the
-  largest probability" against "some other answer, seen or not, has" reaches
-  ``bayes_factor``. The two hypotheses are symmetric under the prior (each answer is
-  equally likely a priori to be the mode), so the Bayes factor is the posterior odds.
+  bucket for all answers not seen yet; stop when the *posterior odds* of "the leader has
+  the largest probability" against "some other answer, seen or not, has" reach
+  ``bayes_factor``. (They are not divided by the prior odds, which under the symmetric
+  prior with K answers seen plus the bucket are 1/K, not 1: with two or more answers seen
+  the rule is stricter than a Bayes factor of the same size would be, by a factor K. The
+  spec keeps the name ``bayes_factor``; the replay tables were measured with this rule.)
 
 Concurrency. Both see what is in flight and never ask for work that cannot matter:
 
@@ -47,7 +49,7 @@ from scipy import special
 from orchestrator.decisions import Decision, Sample, StopCode
 from orchestrator.errors import ConfigError
 from orchestrator.snapshot import ProblemSnapshot
-from policies.base import failures_allowed, is_count, wait_or_stop
+from policies.base import failures_allowed, is_count, non_default, num, wait_or_stop
 from policies.votes import majority_stop
 
 __all__ = [
@@ -239,11 +241,11 @@ class AdaptiveConsistency:
 
     @property
     def spec(self) -> str:
-        parts = [f"threshold={self.threshold:g}",
+        parts = [f"threshold={num(self.threshold)}",
                  f"max={'all' if self.max is None else self.max}"]
         if self.criterion != "beta":
             parts.append(f"criterion={self.criterion}")
-        return "ac:" + ",".join(parts)
+        return "ac:" + ",".join([*parts, *non_default(self, "max_failures")])
 
     def confidence(self, counts: Sequence[int]) -> float:
         """Stopping confidence for vote counts sorted in decreasing order."""
@@ -295,7 +297,8 @@ class EarlyStoppingSC:
 
     @property
     def spec(self) -> str:
-        return f"esc:window={self.window},max={'all' if self.max is None else self.max}"
+        return ",".join([f"esc:window={self.window},max={'all' if self.max is None else self.max}",
+                         *non_default(self, "max_failures")])
 
     def _unanimous(self, keys: Sequence) -> int | None:
         """The first complete window whose keys are all one answer, or ``None``."""
@@ -386,18 +389,18 @@ class BestOfInfinity:
                 and math.isfinite(self.bayes_factor)):
             raise ConfigError(f"boinf: bayes_factor must be a number > 1, got "
                               f"{self.bayes_factor!r}")
-        if not (isinstance(self.alpha, int | float) and self.alpha > 0):
-            raise ConfigError(f"boinf: alpha must be > 0, got {self.alpha!r}")
+        if not (isinstance(self.alpha, int | float) and 0 < self.alpha < math.inf):
+            raise ConfigError(f"boinf: alpha must be > 0 and finite, got {self.alpha!r}")
         _check_max("boinf: max", self.max)
         _check_failures("boinf: max_failures", self.max_failures)
 
     @property
     def spec(self) -> str:
-        parts = [f"bayes_factor={self.bayes_factor:g}",
+        parts = [f"bayes_factor={num(self.bayes_factor)}",
                  f"max={'all' if self.max is None else self.max}"]
         if self.alpha != 1.0:
-            parts.append(f"alpha={self.alpha:g}")
-        return "boinf:" + ",".join(parts)
+            parts.append(f"alpha={num(self.alpha)}")
+        return "boinf:" + ",".join([*parts, *non_default(self, "max_failures")])
 
     def sampling_step(self, counts: Sequence[int], keys: Sequence, flying: int, failed: int,
                       exhausted: bool = False) -> int:

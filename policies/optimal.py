@@ -26,6 +26,7 @@ from pathlib import Path
 from orchestrator.decisions import Decision
 from orchestrator.errors import ConfigError
 from orchestrator.snapshot import ProblemSnapshot
+from policies.base import non_default, num
 from policies.fixed import GenRM, SelfConsistency
 from policies.profile import VerifierProfile
 
@@ -69,6 +70,8 @@ class Optimal:
     profile: VerifierProfile
     max_failures: int | None = None
     _inner: SelfConsistency | GenRM = field(init=False, repr=False, compare=False)
+    #: the profile file it was read from (by a spec): what its spec names
+    _path: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.profile, VerifierProfile):
@@ -93,7 +96,13 @@ class Optimal:
 
     @property
     def spec(self) -> str:
-        return f"optimal:c={self.compute:g} ({self._inner.spec})"
+        """``optimal:c=C,profile=FILE`` when read from a file (it parses back to the same
+        policy; :attr:`resolved` is the allocation); built from a profile object in code,
+        a label naming the allocation instead."""
+        if self._path is None:
+            return f"optimal:c={num(self.compute)} ({self._inner.spec})"
+        return ",".join([f"optimal:c={num(self.compute)}", f"profile={self._path}",
+                         *non_default(self, "max_failures")])
 
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
         return self._inner.decide(s)
@@ -105,4 +114,6 @@ def optimal_from_spec(compute: float, profile: str | None = None,
     if profile is None:
         raise ConfigError("optimal needs profile=FILE: a verifier profile with a scaling law, "
                           "written by `solverify bench compute-matched --profile-out FILE`")
-    return Optimal(compute, VerifierProfile.load(Path(profile)), max_failures)
+    policy = Optimal(compute, VerifierProfile.load(Path(profile)), max_failures)
+    object.__setattr__(policy, "_path", profile)
+    return policy

@@ -204,7 +204,7 @@ ADAPTIVE_HELP: dict[str, str] = {
     "min_votes": "votes the leader needs before a probabilistic stop",
     "prior": "Dirichlet pseudo-count of the base prior",
     "max_failures": f"{_FAILURES} (default max)",
-    "wide": "most samples in flight when the votes are contested (= width: off)",
+    "wide": "most samples in flight when the votes are contested (= width or below: off)",
     "shrink": "weight of the base prior against the run's finished problems",
     "learn": "learn the prior from the problems already finished in the run",
     "loss": "also stop when the expected accuracy lost against going on to max is at most "

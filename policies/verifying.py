@@ -56,7 +56,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.snapshot import AnswerStats, ProblemSnapshot
 from orchestrator.types import Solution
 from policies.adaptive import Adaptive
-from policies.base import failures_allowed, is_count
+from policies.base import failures_allowed, is_count, non_default, num
 from policies.evidence import Evidence, evidence, sample_gain, verify_gain
 from policies.online import OnlineEstimate, estimate_online
 from policies.profile import VerifierProfile
@@ -139,6 +139,7 @@ class _Verifying:
         _check(name, "doubt", 0.0 <= self.doubt < 1.0, self.doubt, "in [0, 1)")
         inner = Adaptive(**{key: getattr(self, key) for key in _ADAPTIVE})
         object.__setattr__(self, "_adaptive", inner)
+        object.__setattr__(self, "wide", inner.wide)  # as adaptive stores it
         loaded = None
         if self.profile:
             loaded = VerifierProfile.load(self.profile)  # DataError on a bad file
@@ -146,17 +147,17 @@ class _Verifying:
 
     # ---- the spec -----------------------------------------------------------------
     def _spec_parts(self) -> list[str]:
-        parts = [f"width={self.width}", f"confidence={self.confidence:g}", f"max={self.max}",
-                 f"min_votes={self.min_votes}", f"prior={self.prior:g}",
-                 f"wide={self._adaptive.widest}", f"shrink={self.shrink:g}",
-                 f"learn={'true' if self.learn else 'false'}", f"loss={self.loss:g}",
-                 f"settle={self.settle:g}", f"max_reads={self.max_reads}",
-                 f"doubt={self.doubt:g}", f"extend={'true' if self.extend else 'false'}"]
+        parts = [f"width={self.width}", f"confidence={num(self.confidence)}", f"max={self.max}",
+                 f"min_votes={self.min_votes}", f"prior={num(self.prior)}",
+                 f"wide={self._adaptive.widest}", f"shrink={num(self.shrink)}",
+                 f"learn={'true' if self.learn else 'false'}", f"loss={num(self.loss)}",
+                 f"settle={num(self.settle)}", f"max_reads={self.max_reads}",
+                 f"doubt={num(self.doubt)}", f"extend={'true' if self.extend else 'false'}"]
         if self.profile:
             parts.append(f"profile={self.profile}")
         else:
             parts += [f"explore={self.explore}", f"explore_others={self.explore_others}"]
-        return parts
+        return [*parts, *non_default(self, "min_auc", "max_icc", "max_failures")]
 
     @property
     def spec(self) -> str:
@@ -293,7 +294,7 @@ class VerifyContested(_Verifying):
     NAME = "verify-contested"
 
     def _own_parts(self) -> list[str]:
-        return [f"floor={self.floor:g}"]
+        return [f"floor={num(self.floor)}"]
 
     def __post_init__(self) -> None:
         _Verifying.__post_init__(self)
@@ -328,7 +329,7 @@ class Solverify(_Verifying):
     NAME = "solverify"
 
     def _own_parts(self) -> list[str]:
-        return [f"min_gain={self.min_gain:g}"]
+        return [f"min_gain={num(self.min_gain)}"]
 
     def __post_init__(self) -> None:
         _Verifying.__post_init__(self)
