@@ -224,7 +224,12 @@ async def _read_step(req: Request, ledger: ProblemLedger,
     """Charge events up to the end of the stream's next engine step: the running usage
     after a token-carrying delta of its last running choice (the delta itself on a stream
     that sends no running usage). Raises :class:`_Ended` if the stream ends first."""
-    last = max((i for i in range(req.record.n) if not req.done(i)), default=-1)
+    running = [i for i in range(req.record.n) if not req.done(i)]
+    if req.events is not None and not getattr(req.events, "lockstep", True):
+        # separate streams: one that has sent nothing may be waiting for a stream slot
+        # behind the others, and its step would not come before the cut grace ran out
+        running = [i for i in running if req.tokens(i) > 0] or running
+    last = max(running, default=-1)
     stepped = False  # the last running choice's tokens of this step were read
     while True:
         _on_event(req, ledger, None, event)

@@ -38,8 +38,12 @@ class Server:
     ``broken``, mid-body (a connection closed by the server)."""
 
     def __init__(self, n: int, *, cut_at: int, lag: int, cuttable: bool = True,
-                 broken: bool = False, usage: bool = True, steps: int = 100) -> None:
+                 broken: bool = False, usage: bool = True, steps: int = 100,
+                 sending: int | None = None, lockstep: bool = True) -> None:
         self.n = n
+        #: choices that send (the others are separate streams still waiting for a slot)
+        self.sending = n if sending is None else sending
+        self.lockstep = lockstep
         self.cut_at = cut_at
         self.lag = lag
         self.cuttable = cuttable
@@ -60,7 +64,7 @@ class Server:
                 assert self.req is not None
                 self.req.cut = True
             await asyncio.sleep(0.04)  # one engine step (simulated)
-            for c in range(self.n):
+            for c in range(self.sending):
                 self.generated += 1
                 yield TextDelta(c, " w", 1)
                 if self.usage:
@@ -94,13 +98,13 @@ class ScriptBackend(Backend):
             async def counted():
                 async for event in gen:
                     if isinstance(event, TextDelta):
-                        steps[0] = (server.generated - 1) // server.n
+                        steps[0] = (server.generated - 1) // server.sending
                     yield event
 
             inner = counted()
             cut = (lambda: server.cut(steps)) if server.cuttable else None
             try:
-                yield EventStream(inner, cut)
+                yield EventStream(inner, cut, lockstep=server.lockstep)
             finally:
                 await inner.aclose()
                 await gen.aclose()
@@ -255,3 +259,14 @@ def test_a_stream_still_opening_when_cut_grace_ends_is_cut_once_open_and_read_to
     assert backend.cuts == 1 and took == pytest.approx(5.0)
     assert result.usage.completion_tokens == 1 + backend.sent == 1 + 12
     assert [f.reason for f in result.failed] == ["cancelled"]
+
+
+def test_separate_streams_are_cut_after_the_step_of_those_that_have_started():
+    """An emulated n on one stream slot: choice 1 has not started (it waits for choice 0's
+    slot), so its step never comes; the cut waited for it until the stream's end (with a
+    real server: for the whole cut grace, generating meanwhile; found by review)."""
+    server = Server(2, cut_at=3, lag=1, sending=1, lockstep=False)
+    ledger, _req, owner, _ = read(server)
+    assert owner.closed == [("cancelled", None)]
+    assert server.cut_after_step == 3
+    assert ledger.usage.completion_tokens == server.generated == 3 + 1 + 1

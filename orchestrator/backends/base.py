@@ -162,15 +162,18 @@ class EventStream:
     A backend whose ``cut_grace`` is > 0 yields one from :meth:`Backend.stream` so the
     runtime can end a stopped stream exactly where the server's count ends (module
     docstring). ``cut`` is called at most once, synchronously; ``None``: the stream cannot
-    be cut (the runtime closes it after the step it reads).
+    be cut (the runtime closes it after the step it reads). ``lockstep``: its choices
+    advance together, one engine step for all (one request with ``n``); False for choices
+    that are streams of their own (an emulated ``n``), some of which may not have started.
     """
 
-    __slots__ = ("_cut", "_events", "cut_requested")
+    __slots__ = ("_cut", "_events", "cut_requested", "lockstep")
 
     def __init__(self, events: AsyncIterator[StreamEvent],
-                 cut: Callable[[], None] | None = None) -> None:
+                 cut: Callable[[], None] | None = None, *, lockstep: bool = True) -> None:
         self._events = events
         self._cut = cut
+        self.lockstep = lockstep
         #: :meth:`cut` was called
         self.cut_requested = False
 

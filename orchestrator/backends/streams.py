@@ -244,7 +244,8 @@ class EmulatedN(Backend):
                 for pump in pumps:
                     pump.cancel()
             else:
-                merged = EventStream(merge_streams(queue, request.n, where, first), cut_all)
+                merged = EventStream(merge_streams(queue, request.n, where, first), cut_all,
+                                     lockstep=False)
                 try:
                     yield merged
                 except BaseException as exc:
