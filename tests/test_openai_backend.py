@@ -455,6 +455,27 @@ async def test_n_emulated_when_server_ignores_n(make_backend: MakeBackend) -> No
         assert [u.final for u in usages(events)].count(True) == 1
 
 
+async def test_n_emulation_a_dropped_choice_leaves_the_others_running(
+    make_backend: MakeBackend,
+) -> None:
+    """One of three emulated choices is dropped by the server after 5 tokens: the other
+    two finish and every generated token is in the stream; the drop is raised at the end."""
+    forty = lambda body: [[f" w{i}" for i in range(40)]]  # noqa: E731
+    async with OpenAIServer(forty, ignore_n=True, token_delay=0.002) as server:
+        backend = make_backend(base_url=server.url, capabilities=Capabilities(n=False))
+        server.drop_after(5)
+        seen: list[StreamEvent] = []
+        with pytest.raises(StreamBroken, match="broke"):
+            async with backend.stream(chat(n=3, max_tokens=100)) as events:
+                async for event in events:
+                    seen.append(event)
+        finished = sorted(d.choice for d in deltas(seen) if d.finish_reason)
+        assert len(finished) == 2
+        assert all(len(texts(seen)[c].split()) == 40 for c in finished)
+        assert server.requests_aborted == 0
+        assert sum(d.tokens for d in deltas(seen)) == 85 == server.generation_tokens_total
+
+
 async def test_n_emulation_closes_every_stream_when_left(make_backend: MakeBackend) -> None:
     async with OpenAIServer(long_answer, ignore_n=True, token_delay=0.005) as server:
         backend = make_backend(base_url=server.url, capabilities=Capabilities(n=False))

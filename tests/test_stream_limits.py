@@ -11,7 +11,7 @@ import pytest
 from orchestrator.backends.base import GenerationRequest, TextDelta, UsageReport
 from orchestrator.backends.fake import FakeBackend, FakeReply, scripted
 from orchestrator.backends.streams import EmulatedN, StreamSlots
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, StreamBroken
 from orchestrator.runtime import run_batch, solve
 from orchestrator.types import Problem
 from policies import SelfConsistency
@@ -96,6 +96,55 @@ async def test_emulated_n_charges_a_cut_choice_that_never_reported(usage):
         assert r.usage.prompt_tokens == 20
         assert r.usage.estimated == (usage == "final")
         assert ("streamed" in r.usage.estimated_from) == (usage == "final")
+
+
+async def test_a_failed_emulated_choice_leaves_its_siblings_running():
+    """Choice 0 breaks after two tokens while choices 1 and 2 are mid-stream: they are
+    streams of their own, so they finish (their tokens charged, their samples kept) and
+    the failure is raised once they have ended. It was raised at once, cancelling them:
+    their tokens were wasted and those in transit went uncharged (found by review)."""
+    gate = asyncio.Event()
+
+    def respond(req: GenerationRequest, i: int) -> FakeReply:
+        if i == 0:
+            return FakeReply.text("w w w so seven", fail_after=2)
+        return FakeReply.text(f"so {i}", hold=gate, hold_after=1)
+
+    fake = FakeBackend(scripted(respond))
+    backend = EmulatedN(fake)
+    got: list = []
+
+    async def read() -> None:
+        async with backend.stream(request(3)) as events:
+            async for event in events:
+                got.append(event)
+
+    task = asyncio.create_task(read())
+    await spin_until(lambda: fake.generated_tokens >= 4)  # 2 of choice 0, 1 of each other
+    for _ in range(50):  # choice 0's failure reaches the merged stream
+        await asyncio.sleep(0)
+    assert not task.done()
+    gate.set()
+    with pytest.raises(StreamBroken, match=r"choice 0 of an n=3 request|broke"):
+        await task
+    finished = {e.choice for e in got if isinstance(e, TextDelta) and e.finish_reason}
+    assert finished == {1, 2}
+    assert sum(e.tokens for e in got if isinstance(e, TextDelta)) == 6 == fake.generated_tokens
+    assert fake.aborted_streams == 1 and fake.open_streams == 0  # the broken one only
+
+
+async def test_a_failed_emulated_choice_is_replaced_and_its_siblings_kept():
+    def respond(req: GenerationRequest, i: int) -> FakeReply:
+        if i == 0:
+            return FakeReply.text("w w w so seven", fail_after=2)
+        return FakeReply.text("w w w w w w so seven")
+
+    fake = FakeBackend(scripted(respond))
+    r = await solve(PROBLEM, SelfConsistency(3), backend=EmulatedN(fake), task=WordTask())
+    assert r.answer == "seven" and len(r.solutions) == 3
+    assert len(fake.requests) == 4  # the failed choice's replacement, not three
+    assert [f.reason for f in r.failed] == ["failed"]
+    assert r.usage.completion_tokens == fake.generated_tokens == 2 + 3 * 8
 
 
 async def test_native_n_is_one_stream():

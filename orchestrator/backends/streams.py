@@ -17,7 +17,10 @@ charged and recorded as failed (replaceable) by the runtime; later streams are n
 says no is sent as ``n`` single-choice requests run concurrently (as the slots allow) and
 merged into one ``n``-choice stream, choices renumbered. A seeded request gives choice
 ``i`` the seed ``seed + i`` so the choices differ. A request with ``n == 1`` (or a native
-``n``) is one stream, in one slot.
+``n``) is one stream, in one slot. A choice whose stream fails after the merged stream has
+begun leaves the others running to their ends (their samples kept, every token they were
+sent charged); the failure is then raised as the request's
+:class:`~orchestrator.errors.StreamBroken`.
 """
 
 from __future__ import annotations
@@ -297,9 +300,16 @@ async def merge_streams(
     but not reported yet is charged the prompt of one that has (every choice sends the
     same prompt). Its completion tokens are not in the sum until it reports: the ledger
     charges the tokens received where they exceed a running count
-    (:attr:`orchestrator.ledger.RequestRecord.streamed_exceeds_server`)."""
+    (:attr:`orchestrator.ledger.RequestRecord.streamed_exceeds_server`).
+
+    A choice that fails once the stream has begun does not end the others: they are
+    streams of their own, so they run on (their samples are kept, their tokens charged)
+    and the failure is raised when they have ended, as the
+    :class:`~orchestrator.errors.StreamBroken` of the whole request; its reader records
+    the failed choice as failed. A failure before any event is raised at once."""
     finished = 0
     yielded = False
+    failure: tuple[int, BaseException] | None = None  # the first choice that failed
     latest: dict[int, UsageReport] = {}
     streaming: set[int] = set()  # choices that have sent text
     while finished < k:
@@ -310,11 +320,11 @@ async def merge_streams(
         if item is None:
             finished += 1
         elif isinstance(item, BaseException):
-            if yielded and not isinstance(item, StreamBroken):
-                raise StreamBroken(
-                    f"choice {index} of an n={k} request emulated on {where} failed: {item}"
-                ) from item
-            raise item
+            if not yielded:
+                raise item
+            finished += 1
+            if failure is None:
+                failure = (index, item)
         elif isinstance(item, TextDelta):
             yielded = True
             streaming.add(index)
@@ -324,6 +334,13 @@ async def merge_streams(
             yielded = True
             yield _sum_reports(latest.values(), final=False,
                                unreported=len(streaming - latest.keys()))
+    if failure is not None:
+        index, error = failure
+        if isinstance(error, StreamBroken):
+            raise error
+        raise StreamBroken(
+            f"choice {index} of an n={k} request emulated on {where} failed: {error}"
+        ) from error
     if len(latest) == k and all(r.final for r in latest.values()):
         yield _sum_reports(latest.values(), final=True)
 
