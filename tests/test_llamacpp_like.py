@@ -8,7 +8,7 @@ import json
 
 import aiohttp
 
-from orchestrator.backends.tokenizer import ServerTokenizer, root_url
+from orchestrator.backends.tokenizer import PROBE_ATTEMPTS, ServerTokenizer, root_url
 from tests.openai_server import OpenAIServer, Step
 
 
@@ -118,6 +118,54 @@ async def test_no_tokenizer_is_none():
         tokenizer = ServerTokenizer(post_of(client, root_url(server.url)), "test-model")
         assert await tokenizer.probe() is None
         assert await tokenizer.probe() is None and tokenizer.calls == 2  # probed once
+
+
+class _Status(Exception):
+    def __init__(self, status_code: int) -> None:
+        super().__init__(f"HTTP {status_code}")
+        self.status_code = status_code
+
+
+def scripted_post(failures: list[BaseException | None]):
+    """A tokenizer ``post`` that fails as ``failures`` says (one entry per call; None: the
+    call reaches a vLLM-shaped /tokenize), then answers like vLLM."""
+    calls: list[str] = []
+
+    async def post(path: str, body: dict):
+        calls.append(path)
+        failure = failures.pop(0) if failures else None
+        if failure is not None:
+            raise failure
+        if path != "/tokenize":
+            raise _Status(404)
+        return {"count": 1, "tokens": [1], "max_model_len": 8}
+    return post, calls
+
+
+async def test_a_probe_the_server_could_not_answer_is_asked_again():
+    # no connection, then a 503 (the server busy): neither says the path is missing
+    post, calls = scripted_post([ConnectionError("refused"), ConnectionError("refused"),
+                                 _Status(503), _Status(503)])
+    tokenizer = ServerTokenizer(post, "m")
+    assert await tokenizer.probe() is None
+    assert await tokenizer.probe() is None
+    assert await tokenizer.probe() == "vllm"  # answered at last, and kept
+    assert await tokenizer.probe() == "vllm" and len(calls) == 5
+
+
+async def test_a_probe_never_answered_gives_up_after_its_attempts():
+    post, calls = scripted_post([ConnectionError("refused")] * 100)
+    tokenizer = ServerTokenizer(post, "m")
+    for _ in range(PROBE_ATTEMPTS + 2):
+        assert await tokenizer.probe() is None
+    assert len(calls) == 2 * PROBE_ATTEMPTS  # both paths tried on each attempt, then no more
+
+
+async def test_a_missing_path_is_an_answer_kept_at_once():
+    post, calls = scripted_post([_Status(404), _Status(405)])
+    tokenizer = ServerTokenizer(post, "m")
+    assert await tokenizer.probe() is None
+    assert await tokenizer.probe() is None and len(calls) == 2  # 404 and 405: not there
 
 
 # ---------------------------------------------------------------------- through solverify

@@ -17,6 +17,12 @@ The shapes, as checked against the real servers (DEVELOPERS.md, "llama.cpp provi
 
 A chat prompt counted from its message text (no endpoint that applies the chat template)
 is an estimate, flagged ``tokenize-text`` (see :data:`orchestrator.ledger.ESTIMATE_SOURCES`).
+
+The probe's answer is kept only when the server gave one: a path it does not have (an HTTP
+4xx, a reply of another shape) means that shape is absent, but a call that could not be
+made or that the server could not answer then (no connection, a timeout, 408, 429, a 5xx
+other than 501) decides nothing, and the next count probes again, up to
+:data:`PROBE_ATTEMPTS` times, after which the server is taken to have no tokenizer.
 """
 
 from __future__ import annotations
@@ -29,13 +35,32 @@ from typing import Any, Literal
 
 import structlog
 
-__all__ = ["ServerTokenizer", "root_url"]
+__all__ = ["PROBE_ATTEMPTS", "ServerTokenizer", "root_url"]
 
 _log = structlog.get_logger(__name__)
 
 Shape = Literal["vllm", "llamacpp", "llamacpp-python"]
 
 _PROMPT_CACHE = 512  # distinct prompts whose counts are kept (one problem's samples share one)
+
+#: probes that could not be answered (see the module's docstring) before giving up
+PROBE_ATTEMPTS = 3
+
+
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status of a failed call (openai's ``status_code``, aiohttp's ``status``)."""
+    for name in ("status_code", "status"):
+        value = getattr(exc, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _unanswered(exc: BaseException) -> bool:
+    """True when ``exc`` says nothing about whether the path exists: the call did not reach
+    the server (no status) or the server could not answer it then."""
+    status = _status(exc)
+    return status is None or status in (408, 429) or (status >= 500 and status != 501)
 
 
 def root_url(base_url: str) -> str:
@@ -59,6 +84,7 @@ class ServerTokenizer:
         self._model = model
         self.shape: Shape | None = None
         self._probed = False
+        self._unanswered = 0  # probes that got no answer (see the module's docstring)
         self._lock = asyncio.Lock()
         self._bos = 0  # tokens the endpoint adds to any text (llama-cpp-python: <bos>)
         self._prompts: OrderedDict[str, tuple[int, bool]] = OrderedDict()
@@ -70,11 +96,14 @@ class ServerTokenizer:
         return await self._post(path, dict(body))
 
     async def probe(self) -> Shape | None:
-        """Which tokenizer the server has (once; later calls return the first answer)."""
+        """Which tokenizer the server has (asked once the server has answered; later calls
+        return that answer). None for a server without one, and for now when the server
+        could not be asked (it is asked again next time, see the module's docstring)."""
         async with self._lock:
             if self._probed:
                 return self.shape
             shape: Shape | None = None
+            unanswered = False
             try:
                 reply = await self._call("/tokenize", {
                     "model": self._model, "prompt": "Hi", "add_special_tokens": False,
@@ -83,7 +112,8 @@ class ServerTokenizer:
                     shape = "vllm"
                 elif isinstance(reply, Mapping) and reply.get("tokens"):
                     shape = "llamacpp"
-            except Exception as exc:  # no such endpoint: try the next shape
+            except Exception as exc:  # no such endpoint (or no answer): try the next shape
+                unanswered = unanswered or _unanswered(exc)
                 _log.debug("tokenizer.probe", path="/tokenize", error=repr(exc))
             if shape is None:
                 try:
@@ -92,7 +122,14 @@ class ServerTokenizer:
                     if isinstance(empty, Mapping) and isinstance(empty.get("tokens"), list):
                         shape, self._bos = "llamacpp-python", len(empty["tokens"])
                 except Exception as exc:
+                    unanswered = unanswered or _unanswered(exc)
                     _log.debug("tokenizer.probe", path="/extras/tokenize", error=repr(exc))
+            if shape is None and unanswered:
+                self._unanswered += 1
+                if self._unanswered < PROBE_ATTEMPTS:
+                    _log.warning("tokenizer.probe_unanswered", attempt=self._unanswered,
+                                 of=PROBE_ATTEMPTS)
+                    return None
             self.shape, self._probed = shape, True
             _log.info("tokenizer.found", shape=shape)
             return shape
