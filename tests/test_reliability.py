@@ -83,6 +83,58 @@ async def test_malformed_data_before_any_token_is_retried() -> None:
         assert len(server.generation_requests()) == 2
 
 
+@pytest.mark.parametrize("error", [
+    {"message": "the engine is overloaded", "type": "ServiceUnavailableError", "code": 503},
+    {"message": "slow down", "code": "429"},
+    {"message": "Rate limit reached", "type": "rate_limit_exceeded"},
+])
+async def test_an_error_in_the_stream_that_a_retry_can_fix_is_retried(error) -> None:
+    # vLLM sends {"error": {..., "code": <status>}} inside a stream that had started;
+    # before any token, a busy or rate-limited server is worth asking again (found by review)
+    async with OpenAIServer() as server:
+        server.garble_next(0, line="data: " + json.dumps({"error": error}))
+        async with backend_for(server) as backend:
+            events, stream_error = await read_all(backend, chat())
+        assert stream_error is None
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)).endswith("{42}.")
+        assert len(server.generation_requests()) == 2
+
+
+async def test_an_error_in_the_stream_that_stays_is_retried_until_giving_up() -> None:
+    from orchestrator.errors import RetriesExhausted
+
+    async with OpenAIServer() as server:
+        server.garble_next(0, requests=10, line="data: " + json.dumps(
+            {"error": {"message": "the engine is overloaded", "code": 503}}))
+        async with backend_for(server, max_attempts=3) as backend:
+            with pytest.raises(RetriesExhausted, match="3 attempt.*503.*overloaded"):
+                await read_all(backend, chat())
+        assert len(server.generation_requests()) == 3
+
+
+async def test_a_retryable_error_after_the_first_token_breaks_the_stream() -> None:
+    # text has been handed on: asking again would start a different sample
+    async with OpenAIServer() as server:
+        server.garble_next(2, line="data: " + json.dumps(
+            {"error": {"message": "the engine is overloaded", "code": 503}}))
+        async with backend_for(server) as backend:
+            events, stream_error = await read_all(backend, chat())
+        assert isinstance(stream_error, StreamBroken)
+        assert "overloaded" in str(stream_error)
+        assert any(isinstance(e, TextDelta) and e.text for e in events)
+        assert len(server.generation_requests()) == 1
+
+
+async def test_an_error_in_the_stream_that_a_retry_cannot_fix_is_not_retried() -> None:
+    async with OpenAIServer() as server:
+        server.garble_next(0, line="data: " + json.dumps(
+            {"error": {"message": "prompt too long", "type": "BadRequestError", "code": 400}}))
+        async with backend_for(server) as backend:
+            with pytest.raises(RequestRejected, match="sent an error in its stream: prompt"):
+                await read_all(backend, chat())
+        assert len(server.generation_requests()) == 1
+
+
 async def test_a_malformed_first_chunk_is_a_replaceable_sample() -> None:
     from orchestrator.runtime import solve
     from orchestrator.types import Problem

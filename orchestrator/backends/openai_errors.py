@@ -46,7 +46,17 @@ class Malformed(Exception):
 
 
 class ServerSaid(Exception):
-    """An error object the server sent inside its stream."""
+    """An error object the server sent inside its stream.
+
+    ``status_code`` is the HTTP status the error object names when that status is one a
+    retry may fix (vLLM puts ``"code": 503`` in it; some servers send ``"429"`` or only a
+    type such as ``rate_limit_exceeded``), so :func:`orchestrator.retry.is_retryable`
+    treats it as it would the same status on the response; otherwise None.
+    """
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 _NEVER_CONNECTED = frozenset({"ConnectError", "ConnectTimeout", "gaierror"})

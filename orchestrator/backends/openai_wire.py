@@ -21,6 +21,7 @@ import structlog
 
 from orchestrator.backends.base import StreamEvent, TextDelta, UsageReport
 from orchestrator.backends.openai_errors import Malformed, ServerSaid, describe
+from orchestrator.retry import is_retryable_status
 from orchestrator.types import TokenLogprob
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "close_quietly",
     "parse_chunk",
     "probe_tokens",
+    "retryable_status",
     "snippet",
 ]
 
@@ -161,8 +163,37 @@ def parse_chunk(item: tuple[str | None, str], scrub: Callable[[str], str]) -> di
     error = chunk.get("error")
     if error or event == "error":
         message = error.get("message") if isinstance(error, dict) else error
-        raise ServerSaid(scrub(str(message or snippet(data))))
+        raise ServerSaid(scrub(str(message or snippet(data))), retryable_status(error))
     return chunk
+
+
+_RETRYABLE_ERROR_TYPES = {
+    "rate_limit_exceeded": 429,
+    "rate_limit_error": 429,
+    "overloaded_error": 503,
+}
+"""Error types (or string codes) that name a busy server without giving its status."""
+
+
+def retryable_status(error: object) -> int | None:
+    """The status an in-stream error object names, when a retry may fix it; else None.
+
+    A numeric ``code`` (an int or a string of digits) counts when it is in
+    :data:`~orchestrator.retry.RETRYABLE_STATUS_CODES`; a ``type`` or string ``code`` in
+    :data:`_RETRYABLE_ERROR_TYPES` maps to its status. Anything else (a 400, an unknown
+    type) is None, so the error stays a rejection that is not retried.
+    """
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code")
+    if isinstance(code, str) and code.strip().isdigit():
+        code = int(code.strip())
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code if is_retryable_status(code) else None
+    for name in (code, error.get("type")):
+        if isinstance(name, str) and name.lower() in _RETRYABLE_ERROR_TYPES:
+            return _RETRYABLE_ERROR_TYPES[name.lower()]
+    return None
 
 
 def blind(event: StreamEvent) -> StreamEvent:
