@@ -107,7 +107,7 @@ async def test_an_error_in_the_stream_that_stays_is_retried_until_giving_up() ->
         server.garble_next(0, requests=10, line="data: " + json.dumps(
             {"error": {"message": "the engine is overloaded", "code": 503}}))
         async with backend_for(server, max_attempts=3) as backend:
-            with pytest.raises(RetriesExhausted, match="3 attempt.*503.*overloaded"):
+            with pytest.raises(RetriesExhausted, match=r"3 attempt.*503.*overloaded"):
                 await read_all(backend, chat())
         assert len(server.generation_requests()) == 3
 
