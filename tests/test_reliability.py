@@ -135,6 +135,20 @@ async def test_an_error_in_the_stream_that_a_retry_cannot_fix_is_not_retried() -
         assert len(server.generation_requests()) == 1
 
 
+@pytest.mark.parametrize("code", ["\u00b2", "\u0663", " 5\u00b903", True, 503.0, "5e2", None])
+async def test_an_in_stream_error_with_an_odd_code_is_a_plain_rejection(code) -> None:
+    # "\u00b2".isdigit() is True but int() refuses it: the ValueError escaped the chunk
+    # parser and the sample failed as "ValueError" (found by review). A code that is
+    # not a plain number or a known type is a rejection, not retried.
+    async with OpenAIServer() as server:
+        server.garble_next(0, line="data: " + json.dumps(
+            {"error": {"message": "odd code", "code": code}}))
+        async with backend_for(server) as backend:
+            with pytest.raises(RequestRejected, match="sent an error in its stream: odd code"):
+                await read_all(backend, chat())
+        assert len(server.generation_requests()) == 1
+
+
 async def test_a_malformed_first_chunk_is_a_replaceable_sample() -> None:
     from orchestrator.runtime import solve
     from orchestrator.types import Problem

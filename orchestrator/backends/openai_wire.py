@@ -178,7 +178,7 @@ _RETRYABLE_ERROR_TYPES = {
 def retryable_status(error: object) -> int | None:
     """The status an in-stream error object names, when a retry may fix it; else None.
 
-    A numeric ``code`` (an int or a string of digits) counts when it is in
+    A numeric ``code`` (an int or a string of ASCII digits) counts when it is in
     :data:`~orchestrator.retry.RETRYABLE_STATUS_CODES`; a ``type`` or string ``code`` in
     :data:`_RETRYABLE_ERROR_TYPES` maps to its status. Anything else (a 400, an unknown
     type) is None, so the error stays a rejection that is not retried.
@@ -186,8 +186,8 @@ def retryable_status(error: object) -> int | None:
     if not isinstance(error, dict):
         return None
     code = error.get("code")
-    if isinstance(code, str) and code.strip().isdigit():
-        code = int(code.strip())
+    if isinstance(code, str) and code.strip().isascii() and code.strip().isdigit():
+        code = int(code.strip())  # ASCII only: "\u00b2".isdigit() is True, int() refuses it
     if isinstance(code, int) and not isinstance(code, bool):
         return code if is_retryable_status(code) else None
     for name in (code, error.get("type")):
