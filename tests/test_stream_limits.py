@@ -133,6 +133,69 @@ async def test_a_failed_emulated_choice_leaves_its_siblings_running():
     assert fake.aborted_streams == 1 and fake.open_streams == 0  # the broken one only
 
 
+async def test_a_failed_emulated_choice_is_charged_when_its_siblings_report_more():
+    """Choices 1 and 2 stream 40 tokens each and report 41 (the server counted an end
+    token it did not send); choice 0 streams 2 tokens, never reports, and fails. Summed
+    over the request, 82 received against 82 reported hid choice 0's two tokens: the
+    ledger charged 82 of 84 as exact (found by review)."""
+    from orchestrator.backends.streams import merge_streams
+    from orchestrator.ledger import RequestRecord
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for choice in (1, 2):
+        await queue.put((choice, TextDelta(choice=0, text="w " * 40, tokens=40,
+                                           finish_reason="stop")))
+        await queue.put((choice, UsageReport(10, 41, final=True)))
+        await queue.put((choice, None))
+    await queue.put((0, TextDelta(choice=0, text="w w", tokens=2)))
+    await queue.put((0, StreamBroken("choice 0 broke")))
+    record = RequestRecord(request_id=1, kind="solve", n=3, max_tokens=64,
+                           choice_tokens=[0, 0, 0], choice_done=[False] * 3)
+    with pytest.raises(StreamBroken, match="choice 0 broke"):
+        async for event in merge_streams(queue, 3, "fake"):
+            if isinstance(event, TextDelta):
+                record.add_delta(event.tokens, event.estimated)
+            else:
+                record.add_usage(event.prompt_tokens, event.completion_tokens, event.final,
+                                 event.cached_prompt_tokens, event.estimated_from)
+    usage = record.usage
+    assert usage.completion_tokens == 41 + 41 + 2
+    assert usage.prompt_tokens == 30  # choice 0 sent the same prompt
+    assert usage.estimated and "streamed" in usage.estimated_from
+
+
+async def test_a_failed_emulated_choice_that_reported_less_than_it_sent_is_charged_all():
+    from orchestrator.backends.streams import merge_streams
+
+    queue: asyncio.Queue = asyncio.Queue()
+    await queue.put((1, TextDelta(choice=0, text="w w w", tokens=3, finish_reason="stop")))
+    await queue.put((1, UsageReport(10, 4, final=True)))
+    await queue.put((1, None))
+    await queue.put((0, TextDelta(choice=0, text="w " * 5, tokens=5)))
+    await queue.put((0, UsageReport(10, 3, final=False)))  # a running count, behind
+    await queue.put((0, StreamBroken("choice 0 broke")))
+    reports = []
+    with pytest.raises(StreamBroken):
+        async for event in merge_streams(queue, 2, "fake"):
+            if isinstance(event, UsageReport):
+                reports.append(event)
+    assert (reports[-1].completion_tokens, reports[-1].final) == (4 + 5, False)
+    assert reports[-1].prompt_tokens == 20 and reports[-1].estimated_from == ("streamed",)
+
+
+async def test_emulated_choices_that_all_reported_end_on_their_final_sum():
+    from orchestrator.backends.streams import merge_streams
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for choice in (0, 1):
+        await queue.put((choice, TextDelta(choice=0, text="w", tokens=1, finish_reason="stop")))
+        await queue.put((choice, UsageReport(10, 2, final=True)))
+        await queue.put((choice, None))
+    reports = [e async for e in merge_streams(queue, 2, "fake") if isinstance(e, UsageReport)]
+    assert reports[-1] == UsageReport(20, 4, final=True)
+    assert not any(r.estimated_from for r in reports)
+
+
 async def test_a_failed_emulated_choice_is_replaced_and_its_siblings_kept():
     def respond(req: GenerationRequest, i: int) -> FakeReply:
         if i == 0:

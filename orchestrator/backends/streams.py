@@ -306,12 +306,20 @@ async def merge_streams(
     streams of their own, so they run on (their samples are kept, their tokens charged)
     and the failure is raised when they have ended, as the
     :class:`~orchestrator.errors.StreamBroken` of the whole request; its reader records
-    the failed choice as failed. A failure before any event is raised at once."""
+    the failed choice as failed. A failure before any event is raised at once.
+
+    When the choices' reports do not add up to a final count (one failed, one never
+    reported), a last report is sent before the end that counts, per choice, the larger
+    of its server count and the tokens it streamed, flagged ``"streamed"`` where the
+    latter was used. Summed over the whole request instead, siblings whose server count
+    exceeds what they streamed (an end token counted, not sent) hid a failed choice's
+    tokens from the ledger (found by review)."""
     finished = 0
     yielded = False
     failure: tuple[int, BaseException] | None = None  # the first choice that failed
     latest: dict[int, UsageReport] = {}
     streaming: set[int] = set()  # choices that have sent text
+    sent: dict[int, int] = {}  # tokens each choice has streamed
     while finished < k:
         if first is not None:  # taken from the queue already (EmulatedN._emulated)
             (index, item), first = first, None
@@ -328,12 +336,16 @@ async def merge_streams(
         elif isinstance(item, TextDelta):
             yielded = True
             streaming.add(index)
+            sent[index] = sent.get(index, 0) + item.tokens
             yield dataclasses.replace(item, choice=index)
         else:
             latest[index] = item
             yielded = True
             yield _sum_reports(latest.values(), final=False,
                                unreported=len(streaming - latest.keys()))
+    settled = len(latest) == k and all(r.final for r in latest.values())
+    if latest and not settled:
+        yield _per_choice_report(latest, sent)
     if failure is not None:
         index, error = failure
         if isinstance(error, StreamBroken):
@@ -341,8 +353,27 @@ async def merge_streams(
         raise StreamBroken(
             f"choice {index} of an n={k} request emulated on {where} failed: {error}"
         ) from error
-    if len(latest) == k and all(r.final for r in latest.values()):
+    if settled:
         yield _sum_reports(latest.values(), final=True)
+
+
+def _per_choice_report(latest: dict[int, UsageReport], sent: dict[int, int]) -> UsageReport:
+    """A count that is not final: per choice, its server count or the tokens it streamed,
+    whichever is larger; a choice that streamed but never reported is charged the prompt
+    of one that did."""
+    prompt = next(iter(latest.values())).prompt_tokens
+    completion = prompt_total = 0
+    sources = {src for r in latest.values() for src in r.estimated_from}
+    for choice in latest.keys() | sent.keys():
+        report = latest.get(choice)
+        streamed = sent.get(choice, 0)
+        reported = report.completion_tokens if report is not None else 0
+        if report is None or streamed > reported:
+            sources.add("streamed")
+        completion += max(streamed, reported)
+        prompt_total += report.prompt_tokens if report is not None else prompt
+    return UsageReport(prompt_total, completion, final=False,
+                       estimated_from=tuple(sorted(sources)))
 
 
 def _sum_reports(reports: Any, *, final: bool, unreported: int = 0) -> UsageReport:
