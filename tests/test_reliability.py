@@ -556,3 +556,18 @@ async def test_the_probe_reports_the_tokens_it_cost() -> None:
     async with OpenAIServer() as server, OpenAIBackend(server.url, "test-model") as backend:
         await backend.probe("chat")
         assert backend.probe_completion_tokens == server.generation_tokens_total > 0
+
+
+@pytest.mark.parametrize(("at", "unsent"), [(3, 1), (4, 0)])
+async def test_a_probe_asked_again_after_a_busy_error_reports_both_attempts(at, unsent) -> None:
+    # the first probe stream (n=2, one token each) is events 0-1 the role chunks, 2-3 the
+    # tokens, 4 the closing usage. A 503 in it after a token is retried; the abandoned
+    # attempt's tokens were left out of the probe's cost (found by review). Before event
+    # 3 the server has made choice 1's token but not sent it: that one is not seen.
+    async with OpenAIServer() as server, OpenAIBackend(
+            server.url, "test-model", backoff_base=0.001, backoff_cap=0.01) as backend:
+        server.garble_next(at, line="data: " + json.dumps(
+            {"error": {"message": "the engine is overloaded", "code": 503}}))
+        await backend.probe("chat")
+        assert len(server.generation_requests()) == 3 == backend.probe_requests  # a retry
+        assert backend.probe_completion_tokens == server.generation_tokens_total - unsent

@@ -711,18 +711,20 @@ class OpenAIBackend(Backend):
             await self._throttle()
             self.probe_requests += 1
             response = await self._create(endpoint, kwargs)
+            chunks: list[Any] = []
             try:
                 sse = SSEReader.of(response)
-                chunks = []
                 while (item := await sse.next()) is not None:
                     try:
                         chunks.append(self._parse(item))
                     except Malformed as exc:
                         raise MalformedStream(f"probe stream sent malformed data: {exc}"
                                               ) from None
-                self.probe_completion_tokens += probe_tokens(chunks, n, endpoint == "chat")
                 return chunks
             finally:
+                # an attempt given up (a busy error after its tokens, then asked again)
+                # cost what it had sent too
+                self.probe_completion_tokens += probe_tokens(chunks, n, endpoint == "chat")
                 await close_quietly(response)
 
         return await self._with_retries(once)
