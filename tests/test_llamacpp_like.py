@@ -8,7 +8,12 @@ import json
 
 import aiohttp
 
-from orchestrator.backends.tokenizer import PROBE_ATTEMPTS, ServerTokenizer, root_url
+from orchestrator.backends.tokenizer import (
+    PROBE_ATTEMPTS,
+    PROBE_SPACING_S,
+    ServerTokenizer,
+    root_url,
+)
 from tests.openai_server import OpenAIServer, Step
 
 
@@ -142,23 +147,52 @@ def scripted_post(failures: list[BaseException | None]):
     return post, calls
 
 
+class Clock:
+    """A monotonic clock that moves only when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_a_probe_the_server_could_not_answer_is_asked_again():
     # no connection, then a 503 (the server busy): neither says the path is missing
     post, calls = scripted_post([ConnectionError("refused"), ConnectionError("refused"),
                                  _Status(503), _Status(503)])
-    tokenizer = ServerTokenizer(post, "m")
+    clock = Clock()
+    tokenizer = ServerTokenizer(post, "m", clock=clock)
     assert await tokenizer.probe() is None
+    clock.now += PROBE_SPACING_S
     assert await tokenizer.probe() is None
+    clock.now += 2 * PROBE_SPACING_S
     assert await tokenizer.probe() == "vllm"  # answered at last, and kept
     assert await tokenizer.probe() == "vllm" and len(calls) == 5
 
 
 async def test_a_probe_never_answered_gives_up_after_its_attempts():
     post, calls = scripted_post([ConnectionError("refused")] * 100)
-    tokenizer = ServerTokenizer(post, "m")
+    clock = Clock()
+    tokenizer = ServerTokenizer(post, "m", clock=clock)
     for _ in range(PROBE_ATTEMPTS + 2):
         assert await tokenizer.probe() is None
+        clock.now += 1000
     assert len(calls) == 2 * PROBE_ATTEMPTS  # both paths tried on each attempt, then no more
+
+
+async def test_counts_in_one_outage_use_one_probe_attempt():
+    # many streams ending together while the server is down: one attempt, not all three
+    # (found by review); once the spacing has passed and the server is back, it is found
+    post, calls = scripted_post([ConnectionError("refused")] * 2)
+    clock = Clock()
+    tokenizer = ServerTokenizer(post, "m", clock=clock)
+    for _ in range(6):
+        assert await tokenizer.probe() is None
+        clock.now += PROBE_SPACING_S / 10
+    assert len(calls) == 2  # the first probe's two paths; the rest made no call
+    clock.now += PROBE_SPACING_S
+    assert await tokenizer.probe() == "vllm"
 
 
 async def test_a_missing_path_is_an_answer_kept_at_once():

@@ -21,13 +21,17 @@ is an estimate, flagged ``tokenize-text`` (see :data:`orchestrator.ledger.ESTIMA
 The probe's answer is kept only when the server gave one: a path it does not have (an HTTP
 4xx, a reply of another shape) means that shape is absent, but a call that could not be
 made or that the server could not answer then (no connection, a timeout, 408, 429, a 5xx
-other than 501) decides nothing, and the next count probes again, up to
-:data:`PROBE_ATTEMPTS` times, after which the server is taken to have no tokenizer.
+other than 501) decides nothing, and a later count probes again, up to
+:data:`PROBE_ATTEMPTS` times, after which the server is taken to have no tokenizer. The
+attempts are spaced (:data:`PROBE_SPACING_S` after the first, twice that after the
+second): counts asked for before then are estimates without a probe. Unspaced, the
+streams that ended together in one outage used up every attempt in it (found by review).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -35,7 +39,7 @@ from typing import Any, Literal
 
 import structlog
 
-__all__ = ["PROBE_ATTEMPTS", "ServerTokenizer", "root_url"]
+__all__ = ["PROBE_ATTEMPTS", "PROBE_SPACING_S", "ServerTokenizer", "root_url"]
 
 _log = structlog.get_logger(__name__)
 
@@ -45,6 +49,8 @@ _PROMPT_CACHE = 512  # distinct prompts whose counts are kept (one problem's sam
 
 #: probes that could not be answered (see the module's docstring) before giving up
 PROBE_ATTEMPTS = 3
+#: seconds after an unanswered probe before the next may be made (doubled after each)
+PROBE_SPACING_S = 15.0
 
 
 def _status(exc: BaseException) -> int | None:
@@ -77,11 +83,14 @@ class ServerTokenizer:
 
     ``post(path, body) -> JSON`` is the caller's HTTP call at the server root (the OpenAI
     backend passes its own client, so auth and timeouts are the same as for generation).
+    ``clock`` (seconds, monotonic) spaces the probes that got no answer.
     """
 
-    def __init__(self, post: Any, model: str) -> None:
+    def __init__(self, post: Any, model: str, *, clock: Any = time.monotonic) -> None:
         self._post = post
         self._model = model
+        self._clock = clock
+        self._next_probe_at: float | None = None  # after an unanswered probe
         self.shape: Shape | None = None
         self._probed = False
         self._unanswered = 0  # probes that got no answer (see the module's docstring)
@@ -98,10 +107,12 @@ class ServerTokenizer:
     async def probe(self) -> Shape | None:
         """Which tokenizer the server has (asked once the server has answered; later calls
         return that answer). None for a server without one, and for now when the server
-        could not be asked (it is asked again next time, see the module's docstring)."""
+        could not be asked (it is asked again later, see the module's docstring)."""
         async with self._lock:
             if self._probed:
                 return self.shape
+            if self._next_probe_at is not None and self._clock() < self._next_probe_at:
+                return None  # too soon after an unanswered probe: no call
             shape: Shape | None = None
             unanswered = False
             try:
@@ -127,8 +138,10 @@ class ServerTokenizer:
             if shape is None and unanswered:
                 self._unanswered += 1
                 if self._unanswered < PROBE_ATTEMPTS:
+                    wait = PROBE_SPACING_S * 2 ** (self._unanswered - 1)
+                    self._next_probe_at = self._clock() + wait
                     _log.warning("tokenizer.probe_unanswered", attempt=self._unanswered,
-                                 of=PROBE_ATTEMPTS)
+                                 of=PROBE_ATTEMPTS, next_in_s=wait)
                     return None
             self.shape, self._probed = shape, True
             _log.info("tokenizer.found", shape=shape)
