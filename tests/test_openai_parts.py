@@ -69,6 +69,20 @@ def test_parse_chunk_tells_garbage_from_a_server_error() -> None:
                     lambda text: text.replace("secret", "HIDDEN"))
 
 
+def test_an_error_event_with_a_flat_error_object_names_its_status() -> None:
+    # ``event: error`` whose data is the error itself (no "error" key): its message and
+    # status were lost, so a busy server's 503 was not retried (found by review)
+    with pytest.raises(ServerSaid, match=r"^engine busy$") as caught:
+        parse_chunk(("error", json.dumps({"message": "engine busy", "code": 503})), str)
+    assert caught.value.status_code == 503
+    with pytest.raises(ServerSaid) as caught:
+        parse_chunk(("error", json.dumps({"type": "overloaded_error", "message": "x"})), str)
+    assert caught.value.status_code == 503
+    with pytest.raises(ServerSaid) as caught:
+        parse_chunk(("error", json.dumps({"message": "bad prompt", "code": 400})), str)
+    assert caught.value.status_code is None
+
+
 # ---------------------------------------------------------------------- chunks -> events
 def _chat_chunk(index: int, text: str, *, completion: int | None = None,
                 finish: str | None = None) -> dict[str, Any]:

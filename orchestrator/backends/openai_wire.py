@@ -162,6 +162,8 @@ def parse_chunk(item: tuple[str | None, str], scrub: Callable[[str], str]) -> di
         raise Malformed(f"unreadable data line ({snippet(data)})")
     error = chunk.get("error")
     if error or event == "error":
+        if event == "error" and not error:
+            error = chunk  # an ``event: error`` whose data is the error object itself
         message = error.get("message") if isinstance(error, dict) else error
         raise ServerSaid(scrub(str(message or snippet(data))), retryable_status(error))
     return chunk
