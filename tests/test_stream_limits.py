@@ -164,6 +164,38 @@ async def test_a_failed_emulated_choice_is_charged_when_its_siblings_report_more
     assert usage.estimated and "streamed" in usage.estimated_from
 
 
+async def test_a_choice_cut_before_its_report_is_charged_when_its_siblings_report_more():
+    """As above, but the reader stops at choice 0's delta (a Cancel, a stream that cannot
+    be cut): a count sent only at the end never went out, and 82 of 84 were charged as
+    exact (found by review)."""
+    from orchestrator.backends.streams import merge_streams
+    from orchestrator.ledger import RequestRecord
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for choice in (1, 2):
+        await queue.put((choice, TextDelta(choice=0, text="w " * 40, tokens=40,
+                                           finish_reason="stop")))
+        await queue.put((choice, UsageReport(10, 41, final=True)))
+        await queue.put((choice, None))
+    await queue.put((0, TextDelta(choice=0, text="w w", tokens=2)))
+    record = RequestRecord(request_id=1, kind="solve", n=3, max_tokens=64,
+                           choice_tokens=[0, 0, 0], choice_done=[False] * 3)
+    merged = merge_streams(queue, 3, "fake")
+    deltas = 0
+    async for event in merged:
+        if isinstance(event, TextDelta):
+            record.add_delta(event.tokens, event.estimated)
+            deltas += 1
+            if deltas == 3:
+                break  # choice 0's delta: the reader stops here
+        else:
+            record.add_usage(event.prompt_tokens, event.completion_tokens, event.final,
+                             event.cached_prompt_tokens, event.estimated_from)
+    await merged.aclose()
+    assert (record.usage.completion_tokens, record.usage.prompt_tokens) == (84, 30)
+    assert "streamed" in record.usage.estimated_from
+
+
 async def test_a_failed_emulated_choice_that_reported_less_than_it_sent_is_charged_all():
     from orchestrator.backends.streams import merge_streams
 
@@ -192,8 +224,7 @@ async def test_emulated_choices_that_all_reported_end_on_their_final_sum():
         await queue.put((choice, UsageReport(10, 2, final=True)))
         await queue.put((choice, None))
     reports = [e async for e in merge_streams(queue, 2, "fake") if isinstance(e, UsageReport)]
-    assert reports[-1] == UsageReport(20, 4, final=True)
-    assert not any(r.estimated_from for r in reports)
+    assert reports[-1] == UsageReport(20, 4, final=True)  # the servers' own, not flagged
 
 
 async def test_a_failed_emulated_choice_is_replaced_and_its_siblings_kept():

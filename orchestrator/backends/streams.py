@@ -296,30 +296,27 @@ async def merge_streams(
 ) -> AsyncIterator[StreamEvent]:
     """Events of ``k`` single-choice streams as one ``n=k`` stream.
 
-    Its usage reports sum the choices' latest reports; a choice that has streamed text
-    but not reported yet is charged the prompt of one that has (every choice sends the
-    same prompt). Its completion tokens are not in the sum until it reports: the ledger
-    charges the tokens received where they exceed a running count
-    (:attr:`orchestrator.ledger.RequestRecord.streamed_exceeds_server`).
+    Its usage reports count, per choice, the larger of the choice's latest server count
+    and the tokens it has streamed (flagged ``"streamed"`` where the latter was used); a
+    choice that has streamed text but not reported yet is charged the prompt of one that
+    has (every choice sends the same prompt). Summed over the whole request instead (the
+    tokens received against the reports), siblings whose server count exceeds what they
+    streamed (an end token counted, not sent) hid the tokens of a choice that had not
+    reported, one that failed or was cut before its report (found by review). While such
+    a surplus exists, a delta of a choice that is ahead of its own count is preceded by
+    a report that includes it, so the count is right wherever the reader stops.
 
     A choice that fails once the stream has begun does not end the others: they are
     streams of their own, so they run on (their samples are kept, their tokens charged)
     and the failure is raised when they have ended, as the
     :class:`~orchestrator.errors.StreamBroken` of the whole request; its reader records
-    the failed choice as failed. A failure before any event is raised at once.
-
-    When the choices' reports do not add up to a final count (one failed, one never
-    reported), a last report is sent before the end that counts, per choice, the larger
-    of its server count and the tokens it streamed, flagged ``"streamed"`` where the
-    latter was used. Summed over the whole request instead, siblings whose server count
-    exceeds what they streamed (an end token counted, not sent) hid a failed choice's
-    tokens from the ledger (found by review)."""
+    the failed choice as failed. A failure before any event is raised at once."""
     finished = 0
     yielded = False
     failure: tuple[int, BaseException] | None = None  # the first choice that failed
     latest: dict[int, UsageReport] = {}
-    streaming: set[int] = set()  # choices that have sent text
-    sent: dict[int, int] = {}  # tokens each choice has streamed
+    sent: dict[int, int] = {}  # tokens each choice has streamed (choices that sent text)
+    surplus: dict[int, int] = {}  # choices whose server count exceeds what they streamed
     while finished < k:
         if first is not None:  # taken from the queue already (EmulatedN._emulated)
             (index, item), first = first, None
@@ -335,14 +332,25 @@ async def merge_streams(
                 failure = (index, item)
         elif isinstance(item, TextDelta):
             yielded = True
-            streaming.add(index)
-            sent[index] = sent.get(index, 0) + item.tokens
+            sent[index] = streamed = sent.get(index, 0) + item.tokens
+            surplus.pop(index, None)
+            report = latest.get(index)
+            if report is not None and report.completion_tokens > streamed:
+                surplus[index] = report.completion_tokens - streamed
+            elif surplus and item.tokens and (report is None
+                                              or streamed > report.completion_tokens):
+                # ahead of its own count: charged before the text is handed on, so a
+                # reader that stops at this delta has the right count
+                yield _per_choice_report(latest, sent)
             yield dataclasses.replace(item, choice=index)
         else:
             latest[index] = item
             yielded = True
-            yield _sum_reports(latest.values(), final=False,
-                               unreported=len(streaming - latest.keys()))
+            if item.completion_tokens > sent.get(index, 0):
+                surplus[index] = item.completion_tokens - sent.get(index, 0)
+            else:
+                surplus.pop(index, None)
+            yield _per_choice_report(latest, sent)
     settled = len(latest) == k and all(r.final for r in latest.values())
     if latest and not settled:
         yield _per_choice_report(latest, sent)
@@ -376,14 +384,13 @@ def _per_choice_report(latest: dict[int, UsageReport], sent: dict[int, int]) -> 
                        estimated_from=tuple(sorted(sources)))
 
 
-def _sum_reports(reports: Any, *, final: bool, unreported: int = 0) -> UsageReport:
-    """The reports summed, plus ``unreported`` more choices' prompts (the first
-    report's)."""
+def _sum_reports(reports: Any, *, final: bool) -> UsageReport:
+    """The reports summed."""
     reports = list(reports)
     cached = [r.cached_prompt_tokens for r in reports]
     sources = sorted({s for r in reports for s in r.estimated_from})
     return UsageReport(
-        sum(r.prompt_tokens for r in reports) + unreported * reports[0].prompt_tokens,
+        sum(r.prompt_tokens for r in reports),
         sum(r.completion_tokens for r in reports),
         final=final,
         cached_prompt_tokens=None if not final or all(c is None for c in cached)
