@@ -81,6 +81,10 @@ def test_an_error_event_with_a_flat_error_object_names_its_status() -> None:
     with pytest.raises(ServerSaid) as caught:
         parse_chunk(("error", json.dumps({"message": "bad prompt", "code": 400})), str)
     assert caught.value.status_code is None
+    # the status beside an error given as plain text
+    with pytest.raises(ServerSaid, match=r"^Overloaded$") as caught:
+        parse_chunk((None, json.dumps({"error": "Overloaded", "code": 503})), str)
+    assert caught.value.status_code == 503
 
 
 # ---------------------------------------------------------------------- chunks -> events

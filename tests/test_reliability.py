@@ -135,7 +135,8 @@ async def test_an_error_in_the_stream_that_a_retry_cannot_fix_is_not_retried() -
         assert len(server.generation_requests()) == 1
 
 
-@pytest.mark.parametrize("code", ["\u00b2", "\u0663", " 5\u00b903", True, 503.0, "5e2", None])
+@pytest.mark.parametrize("code", ["\u00b2", "\u0663", " 5\u00b903", True, 503.0, "5e2", None,
+                                  "9" * 5000, "0503"])
 async def test_an_in_stream_error_with_an_odd_code_is_a_plain_rejection(code) -> None:
     # "\u00b2".isdigit() is True but int() refuses it: the ValueError escaped the chunk
     # parser and the sample failed as "ValueError" (found by review). A code that is
@@ -556,6 +557,20 @@ async def test_the_probe_reports_the_tokens_it_cost() -> None:
     async with OpenAIServer() as server, OpenAIBackend(server.url, "test-model") as backend:
         await backend.probe("chat")
         assert backend.probe_completion_tokens == server.generation_tokens_total > 0
+
+
+async def test_a_probe_attempt_that_cannot_be_counted_is_still_asked_again() -> None:
+    # a chunk the decoder cannot read ("choices": 5), then a 503: counting the abandoned
+    # attempt raised TypeError in its ``finally``, which replaced the 503, so the probe
+    # failed instead of asking again (found by review)
+    async with OpenAIServer() as server, OpenAIBackend(
+            server.url, "test-model", backoff_base=0.001, backoff_cap=0.01) as backend:
+        server.garble_next(3, line='data: {"choices": 5}\n\ndata: ' + json.dumps(
+            {"error": {"message": "the engine is overloaded", "code": 503}}))
+        caps = await backend.probe("chat")
+        assert caps.n and len(server.generation_requests()) == 3
+        # all the server made, less choice 1's token in the first attempt (made, not sent)
+        assert backend.probe_completion_tokens == server.generation_tokens_total - 1
 
 
 @pytest.mark.parametrize(("at", "unsent"), [(3, 1), (4, 0)])

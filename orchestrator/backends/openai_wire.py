@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -165,9 +166,15 @@ def parse_chunk(item: tuple[str | None, str], scrub: Callable[[str], str]) -> di
         if event == "error" and not error:
             error = chunk  # an ``event: error`` whose data is the error object itself
         message = error.get("message") if isinstance(error, dict) else error
-        raise ServerSaid(scrub(str(message or snippet(data))), retryable_status(error))
+        # {"error": "Overloaded", "code": 503}: the status beside a plain-text error
+        status = retryable_status(error if isinstance(error, dict) else chunk)
+        raise ServerSaid(scrub(str(message or snippet(data))), status)
     return chunk
 
+
+_STATUS_DIGITS = re.compile(r"[0-9]{3}")
+"""A status code as a string: three ASCII digits (a longer string is no status, and
+``int()`` refuses one of over 4300 digits)."""
 
 _RETRYABLE_ERROR_TYPES = {
     "rate_limit_exceeded": 429,
@@ -180,7 +187,7 @@ _RETRYABLE_ERROR_TYPES = {
 def retryable_status(error: object) -> int | None:
     """The status an in-stream error object names, when a retry may fix it; else None.
 
-    A numeric ``code`` (an int or a string of ASCII digits) counts when it is in
+    A numeric ``code`` (an int or a string of three ASCII digits) counts when it is in
     :data:`~orchestrator.retry.RETRYABLE_STATUS_CODES`; a ``type`` or string ``code`` in
     :data:`_RETRYABLE_ERROR_TYPES` maps to its status. Anything else (a 400, an unknown
     type) is None, so the error stays a rejection that is not retried.
@@ -188,8 +195,8 @@ def retryable_status(error: object) -> int | None:
     if not isinstance(error, dict):
         return None
     code = error.get("code")
-    if isinstance(code, str) and code.strip().isascii() and code.strip().isdigit():
-        code = int(code.strip())  # ASCII only: "\u00b2".isdigit() is True, int() refuses it
+    if isinstance(code, str) and _STATUS_DIGITS.fullmatch(code.strip()):
+        code = int(code.strip())  # "\u00b2".isdigit() is True and int() refuses it
     if isinstance(code, int) and not isinstance(code, bool):
         return code if is_retryable_status(code) else None
     for name in (code, error.get("type")):
