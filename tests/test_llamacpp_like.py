@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import aiohttp
+import pytest
 
 from orchestrator.backends.tokenizer import (
     PROBE_ATTEMPTS,
@@ -191,6 +192,37 @@ async def test_counts_in_one_outage_use_one_probe_attempt():
         assert await tokenizer.probe() is None
         clock.now += PROBE_SPACING_S / 10
     assert len(calls) == 2  # the first probe's two paths; the rest made no call
+    clock.now += PROBE_SPACING_S
+    assert await tokenizer.probe() == "vllm"
+
+
+async def test_a_probe_cut_off_by_the_deadline_spaces_the_next():
+    # a hung /tokenize: the caller's deadline cancels the probe. It counted no attempt
+    # and set no spacing, so every stream ending in the hang probed again and waited out
+    # the deadline (found by review). It now waits as after an unanswered probe.
+    hung, calls = asyncio.Event(), []  # set: the server is back
+
+    async def post(path: str, body: dict):
+        calls.append(path)
+        if len(calls) == 1:
+            await asyncio.Event().wait()  # never answers
+        if not hung.is_set():
+            raise ConnectionError("refused")
+        return {"count": 1, "tokens": [1], "max_model_len": 8}
+
+    clock = Clock()
+    tokenizer = ServerTokenizer(post, "m", clock=clock)
+    probe = asyncio.ensure_future(tokenizer.probe())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    clock.now += PROBE_SPACING_S / 2
+    assert await tokenizer.probe() is None
+    assert await tokenizer.probe() is None
+    assert len(calls) == 1  # the later two came too soon: no call
+    hung.set()
     clock.now += PROBE_SPACING_S
     assert await tokenizer.probe() == "vllm"
 

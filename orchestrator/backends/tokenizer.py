@@ -113,39 +113,51 @@ class ServerTokenizer:
                 return self.shape
             if self._next_probe_at is not None and self._clock() < self._next_probe_at:
                 return None  # too soon after an unanswered probe: no call
-            shape: Shape | None = None
-            unanswered = False
             try:
-                reply = await self._call("/tokenize", {
-                    "model": self._model, "prompt": "Hi", "add_special_tokens": False,
-                    "content": "Hi", "add_special": False})
-                if isinstance(reply, Mapping) and isinstance(reply.get("count"), int):
-                    shape = "vllm"
-                elif isinstance(reply, Mapping) and reply.get("tokens"):
-                    shape = "llamacpp"
-            except Exception as exc:  # no such endpoint (or no answer): try the next shape
+                return await self._ask()
+            except asyncio.CancelledError:
+                # cut off (the caller's deadline on a hung endpoint): no answer, and no
+                # attempt counted (the caller may just have stopped), but the next probe
+                # waits as after one; unspaced, every stream ending in a hang probed
+                wait = PROBE_SPACING_S * 2 ** max(self._unanswered - 1, 0)
+                self._next_probe_at = self._clock() + wait
+                raise
+
+    async def _ask(self) -> Shape | None:
+        """One probe of both paths (under the lock); its answer, kept when it is one."""
+        shape: Shape | None = None
+        unanswered = False
+        try:
+            reply = await self._call("/tokenize", {
+                "model": self._model, "prompt": "Hi", "add_special_tokens": False,
+                "content": "Hi", "add_special": False})
+            if isinstance(reply, Mapping) and isinstance(reply.get("count"), int):
+                shape = "vllm"
+            elif isinstance(reply, Mapping) and reply.get("tokens"):
+                shape = "llamacpp"
+        except Exception as exc:  # no such endpoint (or no answer): try the next shape
+            unanswered = unanswered or _unanswered(exc)
+            _log.debug("tokenizer.probe", path="/tokenize", error=repr(exc))
+        if shape is None:
+            try:
+                empty = await self._call("/extras/tokenize", {"model": self._model,
+                                                               "input": ""})
+                if isinstance(empty, Mapping) and isinstance(empty.get("tokens"), list):
+                    shape, self._bos = "llamacpp-python", len(empty["tokens"])
+            except Exception as exc:
                 unanswered = unanswered or _unanswered(exc)
-                _log.debug("tokenizer.probe", path="/tokenize", error=repr(exc))
-            if shape is None:
-                try:
-                    empty = await self._call("/extras/tokenize", {"model": self._model,
-                                                                   "input": ""})
-                    if isinstance(empty, Mapping) and isinstance(empty.get("tokens"), list):
-                        shape, self._bos = "llamacpp-python", len(empty["tokens"])
-                except Exception as exc:
-                    unanswered = unanswered or _unanswered(exc)
-                    _log.debug("tokenizer.probe", path="/extras/tokenize", error=repr(exc))
-            if shape is None and unanswered:
-                self._unanswered += 1
-                if self._unanswered < PROBE_ATTEMPTS:
-                    wait = PROBE_SPACING_S * 2 ** (self._unanswered - 1)
-                    self._next_probe_at = self._clock() + wait
-                    _log.warning("tokenizer.probe_unanswered", attempt=self._unanswered,
-                                 of=PROBE_ATTEMPTS, next_in_s=wait)
-                    return None
-            self.shape, self._probed = shape, True
-            _log.info("tokenizer.found", shape=shape)
-            return shape
+                _log.debug("tokenizer.probe", path="/extras/tokenize", error=repr(exc))
+        if shape is None and unanswered:
+            self._unanswered += 1
+            if self._unanswered < PROBE_ATTEMPTS:
+                wait = PROBE_SPACING_S * 2 ** (self._unanswered - 1)
+                self._next_probe_at = self._clock() + wait
+                _log.warning("tokenizer.probe_unanswered", attempt=self._unanswered,
+                             of=PROBE_ATTEMPTS, next_in_s=wait)
+                return None
+        self.shape, self._probed = shape, True
+        _log.info("tokenizer.found", shape=shape)
+        return shape
 
     async def count_text(self, text: str) -> int:
         """Tokens of ``text`` alone (no ``<bos>``); raises when the server has no tokenizer."""
