@@ -363,13 +363,18 @@ class ProblemRun:
         for i, choice in enumerate(req.choices):
             if req.done(i):
                 continue
+            # a choice of an emulated n that failed while the others ran on is failed,
+            # even when the request then ended cancelled (the problem stopped)
+            failure = req.failed_choices.get(i)
+            why = "failed" if failure is not None else reason
             sample = FailedSample(
-                id=choice.sample_id, request_id=req.request_id, kind=req.kind, reason=reason,
-                error=error, partial_text=choice.text, completion_tokens=req.tokens(i),
+                id=choice.sample_id, request_id=req.request_id, kind=req.kind, reason=why,
+                error=failure if failure is not None else error, partial_text=choice.text,
+                completion_tokens=req.tokens(i),
                 solution_id=req.solution.id if req.solution else None,
             )
             self.failed.append(sample)
-            cls = SampleCancelled if reason == "cancelled" else SampleFailed
+            cls = SampleCancelled if why == "cancelled" else SampleFailed
             if self.sinks:
                 self.emit(cls(self.problem.id, now, sample))
         if error is not None and isinstance(error, FATAL_ERRORS) and self.fatal is None:

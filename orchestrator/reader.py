@@ -57,7 +57,7 @@ from orchestrator.backends.base import (
     TextDelta,
     UsageReport,
 )
-from orchestrator.errors import BackendError
+from orchestrator.errors import BackendError, StreamBroken
 from orchestrator.ledger import ProblemLedger, RequestRecord
 from orchestrator.limiter import Limiter
 from orchestrator.types import RequestKind, Solution, TokenLogprob
@@ -100,6 +100,8 @@ class Request:
     cut_on_open: bool = False  # cut the stream as soon as it opens (it was opening late)
     begun: bool = False  # its task has run: however it ends, it closes the request itself
     cancelling: bool = False  # a Cancel decision cancelled it (it may still be closing)
+    #: choices that failed while the others ran on (``EventStream.failed``), with errors
+    failed_choices: dict[int, BackendError] = field(default_factory=dict)
 
     def done(self, choice: int) -> bool:
         return self.record.choice_done[choice]
@@ -135,12 +137,15 @@ async def read_request(req: Request, ledger: ProblemLedger, limiter: Limiter,
     outcome = "failed"
     error: BackendError | None = None
     counting = HTTP_REQUESTS.set(req.record)  # the backend counts its HTTP requests
+    stream: EventStream | None = None
     try:
         async with limiter.slot():
             req.sent = True
             req.opening = True
             async with req.backend.stream(req.request) as events:
                 req.opening = False
+                if isinstance(events, EventStream):
+                    stream = events
                 if isinstance(events, EventStream) and events.cuttable:
                     req.events = events
                     if req.cut_on_open:
@@ -162,6 +167,10 @@ async def read_request(req: Request, ledger: ProblemLedger, limiter: Limiter,
             error = exc
     finally:
         HTTP_REQUESTS.reset(counting)
+        if stream is not None and stream.failed:  # recorded failed, however it ended
+            req.failed_choices = {
+                i: e if isinstance(e, BackendError) else StreamBroken(f"choice {i}: {e}")
+                for i, e in stream.failed.items()}
         if outcome == "ok" and req.pending():
             outcome = "failed"
             error = BackendError("stream ended without a finish_reason for every choice")

@@ -98,6 +98,33 @@ async def test_emulated_n_charges_a_cut_choice_that_never_reported(usage):
         assert ("streamed" in r.usage.estimated_from) == (usage == "final")
 
 
+@pytest.mark.parametrize("cut_grace", [0.0, 1.0])
+async def test_a_failed_emulated_choice_is_recorded_failed_when_the_problem_stops(cut_grace):
+    """Choice 0 breaks while choice 1 runs on; choice 1's answer stops the problem. The
+    request ends cancelled, and choice 0 was recorded "cancelled" with no error: the
+    server's failure was hidden from the results (found by review)."""
+    broke = asyncio.Event()
+
+    def respond(req: GenerationRequest, i: int) -> FakeReply:
+        if i == 0:
+            return FakeReply.text("w w w so seven", fail_after=2)
+        return FakeReply.text("so seven", hold=broke, hold_after=0)
+
+    fake = FakeBackend(scripted(respond), cut_grace=cut_grace)
+    backend = EmulatedN(fake, native_n=False)
+    async with asyncio.TaskGroup() as tg:
+        run = tg.create_task(solve(PROBLEM, _FirstAnswer(), backend=backend, task=WordTask()))
+        await spin_until(lambda: fake.aborted_streams >= 1)  # choice 0 has failed
+        for _ in range(50):  # and its failure reached the merged stream
+            await asyncio.sleep(0)
+        broke.set()
+    r = run.result()
+    assert r.answer == "seven"
+    assert [(f.reason, f.completion_tokens) for f in r.failed] == [("failed", 2)]
+    assert isinstance(r.failed[0].error, StreamBroken) and "broke" in str(r.failed[0].error)
+    assert r.usage.completion_tokens == fake.generated_tokens == 4
+
+
 async def test_a_failed_emulated_choice_leaves_its_siblings_running():
     """Choice 0 breaks after two tokens while choices 1 and 2 are mid-stream: they are
     streams of their own, so they finish (their tokens charged, their samples kept) and

@@ -165,15 +165,19 @@ class EventStream:
     be cut (the runtime closes it after the step it reads). ``lockstep``: its choices
     advance together, one engine step for all (one request with ``n``); False for choices
     that are streams of their own (an emulated ``n``), some of which may not have started.
+    ``failed``: choices that failed while the others ran on (an emulated ``n``), with
+    their errors, so a stream that ends cut or closed still says which choices failed.
     """
 
-    __slots__ = ("_cut", "_events", "cut_requested", "lockstep")
+    __slots__ = ("_cut", "_events", "cut_requested", "failed", "lockstep")
 
     def __init__(self, events: AsyncIterator[StreamEvent],
-                 cut: Callable[[], None] | None = None, *, lockstep: bool = True) -> None:
+                 cut: Callable[[], None] | None = None, *, lockstep: bool = True,
+                 failed: dict[int, BaseException] | None = None) -> None:
         self._events = events
         self._cut = cut
         self.lockstep = lockstep
+        self.failed: dict[int, BaseException] = failed if failed is not None else {}
         #: :meth:`cut` was called
         self.cut_requested = False
 

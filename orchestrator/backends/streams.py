@@ -247,8 +247,9 @@ class EmulatedN(Backend):
                 for pump in pumps:
                     pump.cancel()
             else:
-                merged = EventStream(merge_streams(queue, request.n, where, first), cut_all,
-                                     lockstep=False)
+                failed: dict[int, BaseException] = {}
+                merged = EventStream(merge_streams(queue, request.n, where, first, failed),
+                                     cut_all, lockstep=False, failed=failed)
                 try:
                     yield merged
                 except BaseException as exc:
@@ -293,6 +294,7 @@ async def merge_streams(
     k: int,
     where: str,
     first: tuple[int, StreamEvent | BaseException | None] | None = None,
+    failed: dict[int, BaseException] | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """Events of ``k`` single-choice streams as one ``n=k`` stream.
 
@@ -310,7 +312,9 @@ async def merge_streams(
     streams of their own, so they run on (their samples are kept, their tokens charged)
     and the failure is raised when they have ended, as the
     :class:`~orchestrator.errors.StreamBroken` of the whole request; its reader records
-    the failed choice as failed. A failure before any event is raised at once."""
+    the failed choice as failed. A failure before any event is raised at once. Each
+    failure is also put in ``failed`` (choice -> error) as it comes, for a reader that
+    stops before the end (:attr:`~orchestrator.backends.base.EventStream.failed`)."""
     finished = 0
     yielded = False
     failure: tuple[int, BaseException] | None = None  # the first choice that failed
@@ -330,6 +334,8 @@ async def merge_streams(
             finished += 1
             if failure is None:
                 failure = (index, item)
+            if failed is not None:
+                failed[index] = item
         elif isinstance(item, TextDelta):
             yielded = True
             sent[index] = streamed = sent.get(index, 0) + item.tokens
