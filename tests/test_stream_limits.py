@@ -5,10 +5,11 @@ backend, with gates: no test here waits on the clock)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
-from orchestrator.backends.base import GenerationRequest, TextDelta, UsageReport
+from orchestrator.backends.base import EventStream, GenerationRequest, TextDelta, UsageReport
 from orchestrator.backends.fake import FakeBackend, FakeReply, scripted
 from orchestrator.backends.streams import EmulatedN, StreamSlots
 from orchestrator.errors import ConfigError, StreamBroken
@@ -123,6 +124,51 @@ async def test_a_failed_emulated_choice_is_recorded_failed_when_the_problem_stop
     assert [(f.reason, f.completion_tokens) for f in r.failed] == [("failed", 2)]
     assert isinstance(r.failed[0].error, StreamBroken) and "broke" in str(r.failed[0].error)
     assert r.usage.completion_tokens == fake.generated_tokens == 4
+
+
+class _CutEndsBroken:
+    """A fake backend whose cut streams end with a broken connection, as a half-closed
+    HTTP stream may (the reader takes that as the normal end of a cut)."""
+
+    cut_grace = 1.0
+
+    def __init__(self, responder) -> None:
+        self.inner = FakeBackend(responder, cut_grace=1.0)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, request: GenerationRequest):
+        async with self.inner.stream(request) as events:
+            async def read():
+                async for event in events:
+                    yield event
+                if events.cut_requested:
+                    raise StreamBroken("peer closed the connection mid-body")
+            gen = read()
+            try:
+                yield EventStream(gen, events.cut)
+            finally:
+                await gen.aclose()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_an_emulated_choice_whose_cut_ends_broken_is_cancelled_not_failed():
+    # with dfc0c2f every error of a choice went into EventStream.failed, the end of a
+    # cut too: choice 0, cut when choice 1 answered, was recorded failed (found by review)
+    never = asyncio.Event()
+
+    def respond(req: GenerationRequest, i: int) -> FakeReply:
+        if i == 0:
+            return FakeReply.text("w w w w so seven", hold=never, hold_after=2)
+        return FakeReply.text("so seven")
+
+    backend = _CutEndsBroken(scripted(respond))
+    r = await solve(PROBLEM, _FirstAnswer(), backend=EmulatedN(backend, native_n=False),
+                    task=WordTask())
+    assert r.answer == "seven"
+    assert [(f.reason, f.completion_tokens) for f in r.failed] == [("cancelled", 2)]
+    assert backend.inner.cut_streams >= 1  # choice 0 was cut (choice 1 may be, at its end)
 
 
 async def test_a_failed_emulated_choice_leaves_its_siblings_running():

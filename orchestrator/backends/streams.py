@@ -278,7 +278,9 @@ class EmulatedN(Backend):
                 async for event in events:
                     await queue.put((index, event))
         except Exception as exc:
-            await queue.put((index, exc))
+            # after the request was cut, a stream ending with an error (a half-closed
+            # connection closed mid-body) is the end of the cut, not a failed choice
+            await queue.put((index, None if cut[0] else exc))
         else:
             await queue.put((index, None))
 
