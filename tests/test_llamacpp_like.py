@@ -196,35 +196,49 @@ async def test_counts_in_one_outage_use_one_probe_attempt():
     assert await tokenizer.probe() == "vllm"
 
 
-async def test_a_probe_cut_off_by_the_deadline_spaces_the_next():
-    # a hung /tokenize: the caller's deadline cancels the probe. It counted no attempt
-    # and set no spacing, so every stream ending in the hang probed again and waited out
-    # the deadline (found by review). It now waits as after an unanswered probe.
-    hung, calls = asyncio.Event(), []  # set: the server is back
+def hanging_post():
+    """A tokenizer ``post`` whose first call never answers and whose later calls find no
+    connection; ``calls`` lists the paths asked."""
+    calls: list[str] = []
 
     async def post(path: str, body: dict):
         calls.append(path)
         if len(calls) == 1:
             await asyncio.Event().wait()  # never answers
-        if not hung.is_set():
-            raise ConnectionError("refused")
-        return {"count": 1, "tokens": [1], "max_model_len": 8}
+        raise ConnectionError("refused")
+    return post, calls
 
+
+async def test_a_probe_cut_off_by_the_deadline_spaces_the_next():
+    # a hung /tokenize: the backend's deadline cut the count off. No attempt was counted
+    # and no spacing set, so every stream ending in the hang probed again and waited out
+    # the deadline (found by review). Now the next probe waits as after an unanswered one.
+    from orchestrator.backends.base import GenerationRequest
+
+    post, calls = hanging_post()
     clock = Clock()
-    tokenizer = ServerTokenizer(post, "m", clock=clock)
+    backend = OpenAIBackend("http://127.0.0.1:9/v1", "m", timeout=0.01)
+    backend._tokenizer = ServerTokenizer(post, "m", clock=clock)
+    request = GenerationRequest(kind="solve", prompt="q", max_tokens=8)
+    assert await backend._tokenizer_usage(request, {0: ["a"]}, {0: "stop"}) is None
+    assert await backend._tokenizer.probe() is None  # too soon: no call
+    assert calls == ["/tokenize"]
+    clock.now += PROBE_SPACING_S
+    assert await backend._tokenizer.probe() is None and len(calls) == 3  # asked again
+    await backend.aclose()
+
+
+async def test_a_probe_the_caller_cancels_spaces_nothing():
+    # the caller stopping (a Cancel) says nothing about the server: the next count asks
+    post, calls = hanging_post()
+    tokenizer = ServerTokenizer(post, "m", clock=Clock())
     probe = asyncio.ensure_future(tokenizer.probe())
     for _ in range(5):
         await asyncio.sleep(0)
     probe.cancel()
     with pytest.raises(asyncio.CancelledError):
         await probe
-    clock.now += PROBE_SPACING_S / 2
-    assert await tokenizer.probe() is None
-    assert await tokenizer.probe() is None
-    assert len(calls) == 1  # the later two came too soon: no call
-    hung.set()
-    clock.now += PROBE_SPACING_S
-    assert await tokenizer.probe() == "vllm"
+    assert await tokenizer.probe() is None and len(calls) == 3  # asked at once
 
 
 async def test_a_missing_path_is_an_answer_kept_at_once():

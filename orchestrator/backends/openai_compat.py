@@ -598,6 +598,8 @@ class OpenAIBackend(Backend):
                         completion += 1  # the stop sequence's token: generated, not sent
                         stopped = True
         except Exception as exc:  # counting is a courtesy: the chunk estimates stand
+            if isinstance(exc, TimeoutError):  # the deadline: the endpoint hangs
+                tokenizer.deadline_passed()
             _log.warning("backend.tokenize_failed", base_url=self._base_url,
                          error=self._scrub(describe(exc)))
             return None

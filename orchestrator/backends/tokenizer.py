@@ -113,15 +113,16 @@ class ServerTokenizer:
                 return self.shape
             if self._next_probe_at is not None and self._clock() < self._next_probe_at:
                 return None  # too soon after an unanswered probe: no call
-            try:
-                return await self._ask()
-            except asyncio.CancelledError:
-                # cut off (the caller's deadline on a hung endpoint): no answer, and no
-                # attempt counted (the caller may just have stopped), but the next probe
-                # waits as after one; unspaced, every stream ending in a hang probed
-                wait = PROBE_SPACING_S * 2 ** max(self._unanswered - 1, 0)
-                self._next_probe_at = self._clock() + wait
-                raise
+            return await self._ask()
+
+    def deadline_passed(self) -> None:
+        """The caller's deadline cut a count off: while the probe has no answer, the next
+        one waits as after an unanswered probe (no attempt is counted). Unspaced, every
+        stream ending while the endpoint hung probed again and waited out the deadline.
+        (A plain cancellation, the caller stopping, spaces nothing.)"""
+        if not self._probed:
+            wait = PROBE_SPACING_S * 2 ** max(self._unanswered - 1, 0)
+            self._next_probe_at = self._clock() + wait
 
     async def _ask(self) -> Shape | None:
         """One probe of both paths (under the lock); its answer, kept when it is one."""
