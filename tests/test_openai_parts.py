@@ -97,6 +97,16 @@ def _chat_chunk(index: int, text: str, *, completion: int | None = None,
     return chunk
 
 
+def test_decoder_reads_a_usage_count_too_large_for_an_int() -> None:
+    # JSON 1e400 is float inf: int() raised OverflowError, which escaped the decoder and
+    # failed the stream as a non-backend error (found by review); it is no count, as a
+    # string or null is
+    chunk = json.loads('{"choices": [{"index": 0, "delta": {"content": "a"}}], '
+                       '"usage": {"prompt_tokens": 1, "completion_tokens": 1e400}}')
+    events = ChunkDecoder(n=1, chat=True).feed(chunk)
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["a"]
+
+
 def test_decoder_counts_per_choice_running_usage_exactly() -> None:
     decoder = ChunkDecoder(n=2, chat=True)
     out = []

@@ -338,7 +338,7 @@ def get(obj: Any, key: str, default: Any = None) -> Any:
 def to_int(value: Any) -> int:
     try:
         return int(value or 0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(1e400)
         return 0
 
 
