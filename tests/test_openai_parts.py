@@ -107,6 +107,35 @@ def test_decoder_reads_a_usage_count_too_large_for_an_int() -> None:
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["a"]
 
 
+_BIG = "1" + "0" * 400  # a JSON integer float() cannot hold
+
+
+@pytest.mark.parametrize(("chat", "raw"), [
+    (True, '{"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, '
+           '"prompt_tokens_details": {"cached_tokens": 1e400}}}'),
+    (True, '{"choices": [{"index": 0, "delta": {"content": "a"}, "logprobs": {"content": '
+           '[{"token": "a", "logprob": -' + _BIG + '}]}}]}'),
+    (True, '{"choices": [{"index": 0, "delta": {"content": "a"}, "logprobs": {"content": '
+           '[{"token": "a", "logprob": -1, "top_logprobs": [{"token": "a", "logprob": -'
+           + _BIG + '}]}]}}]}'),
+    (False, '{"choices": [{"index": 0, "text": "a", "logprobs": {"tokens": ["a"], '
+            '"token_logprobs": [-' + _BIG + ']}}]}'),
+    (False, '{"choices": [{"index": 0, "text": "a", "logprobs": {"tokens": ["a"], '
+            '"token_logprobs": [-1], "top_logprobs": [[["a", -1]]]}}]}'),
+])
+def test_decoder_reads_odd_numbers_and_shapes_as_no_value(chat, raw) -> None:
+    # each raised OverflowError or AttributeError out of the decoder (found by review)
+    events = ChunkDecoder(n=1, chat=chat).feed(json.loads(raw))
+    assert events
+
+
+def test_an_undecodable_chunk_is_malformed() -> None:
+    from orchestrator.backends.openai_wire import decode
+
+    with pytest.raises(Malformed, match="undecodable chunk"):
+        decode(ChunkDecoder(n=1, chat=True), {"choices": 5})
+
+
 def test_decoder_counts_per_choice_running_usage_exactly() -> None:
     decoder = ChunkDecoder(n=2, chat=True)
     out = []

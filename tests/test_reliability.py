@@ -70,6 +70,18 @@ async def test_malformed_data_is_a_broken_stream_charged_to_the_end(at: int) -> 
         assert finished == (at == 8)  # text after the bad line is not trusted
 
 
+async def test_an_undecodable_chunk_mid_stream_is_a_broken_stream_charged_to_the_end() -> None:
+    # valid JSON the decoder cannot read ("choices": 5) after the first tokens: it was a
+    # TypeError out of the backend (not a BackendError); now it is malformed data
+    async with OpenAIServer() as server:
+        server.garble_next(3, line='data: {"choices": 5}')
+        async with backend_for(server) as backend:
+            events, error = await read_all(backend, chat())
+        assert error is not None and "undecodable chunk" in str(error)
+        usage = [e for e in events if not isinstance(e, TextDelta)]
+        assert usage[-1].completion_tokens == 7 == server.generation_tokens_total
+
+
 async def test_malformed_data_before_any_token_is_retried() -> None:
     async with OpenAIServer() as server:
         server.garble_next(0)

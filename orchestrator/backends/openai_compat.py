@@ -125,6 +125,7 @@ from orchestrator.backends.openai_wire import (
     blind,
     carries_tokens,
     close_quietly,
+    decode,
     parse_chunk,
     probe_tokens,
     snippet,
@@ -509,11 +510,10 @@ class OpenAIBackend(Backend):
                         opened.first = opened.held  # a stream without a token: all of it
                     break
                 try:
-                    chunk = self._parse(item)
+                    events = decode(opened.decoder, self._parse(item))
                 except Malformed as exc:
                     opened.malformed = opened.malformed or exc
                     continue
-                events = opened.decoder.feed(chunk)
                 if opened.malformed is not None:
                     events = [blind(e) for e in events]
                 if not any(carries_tokens(e) for e in events):
@@ -544,7 +544,7 @@ class OpenAIBackend(Backend):
                 item = await opened.sse.next()
                 if item is None:
                     break
-                chunk = self._parse(item)
+                events = decode(opened.decoder, self._parse(item))
             except Malformed as exc:
                 malformed = malformed or exc  # read on: what follows is still charged
                 continue
@@ -552,7 +552,7 @@ class OpenAIBackend(Backend):
                 raise StreamBroken(self._scrub(
                     f"stream from {self._base_url} broke after {count} event(s): "
                     f"{describe(exc)}")) from exc
-            for event in opened.decoder.feed(chunk):
+            for event in events:
                 count += 1
                 yield blind(event) if malformed is not None else event
         if malformed is not None:

@@ -34,6 +34,7 @@ __all__ = [
     "blind",
     "carries_tokens",
     "close_quietly",
+    "decode",
     "parse_chunk",
     "probe_tokens",
     "retryable_status",
@@ -320,8 +321,19 @@ def cached_tokens(usage: Any) -> int | None:
         return None
     try:
         return int(cached)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
+
+
+def decode(decoder: ChunkDecoder, chunk: Any) -> list[StreamEvent]:
+    """``decoder.feed(chunk)``; :class:`Malformed` when a field of the chunk has a shape or
+    value the decoder cannot read (``"choices": 5``), so the stream treats it as it treats
+    an unreadable line (read on, charged) instead of failing with a non-backend error."""
+    try:
+        return decoder.feed(chunk)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError,
+            OverflowError) as exc:
+        raise Malformed(f"undecodable chunk ({type(exc).__name__}: {exc})") from None
 
 
 def get(obj: Any, key: str, default: Any = None) -> Any:
@@ -345,7 +357,7 @@ def to_int(value: Any) -> int:
 def to_float(value: Any) -> float:
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a 400-digit integer
         return -math.inf
 
 
@@ -372,7 +384,7 @@ def completion_logprobs(logprobs: Any) -> tuple[TokenLogprob, ...]:
     out = []
     for i, token in enumerate(tokens):
         value = to_float(values[i]) if i < len(values) else -math.inf
-        alternatives = tops[i] if i < len(tops) and tops[i] else {}
+        alternatives = tops[i] if i < len(tops) and isinstance(tops[i], Mapping) else {}
         top = tuple(
             sorted(((str(t), to_float(lp)) for t, lp in alternatives.items()), key=lambda x: -x[1])
         )
