@@ -171,6 +171,40 @@ async def test_an_emulated_choice_whose_cut_ends_broken_is_cancelled_not_failed(
     assert backend.inner.cut_streams >= 1  # choice 0 was cut (choice 1 may be, at its end)
 
 
+class _SampleThenFirst(_FirstAnswer):
+    """Sample ``n`` at once, stop at the first solution."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def decide(self, snapshot):
+        from orchestrator.decisions import Sample
+        if not self.asked and not snapshot.solutions:
+            self.asked = True
+            return [Sample(self.n)]
+        return super().decide(snapshot)
+
+
+async def test_emulated_choices_waiting_for_a_slot_are_not_sent_after_the_cut():
+    """Two streams at a time, n=4: choice 1 answers and the problem stops; choice 0 is
+    cut after its next step. Choices 2 and 3, waiting for a slot, were then sent anyway
+    and cut as they opened: two requests (and their prompts) for nothing (found by
+    review). Now a stream whose request was cut while it waited is not sent."""
+    def respond(req: GenerationRequest, i: int) -> FakeReply:
+        if i == 1:
+            return FakeReply.text("so seven")
+        return FakeReply.text(" ".join(["w"] * 30) + " so seven")
+
+    fake = FakeBackend(scripted(respond), cut_grace=1.0)
+    r = await solve(PROBLEM, _SampleThenFirst(4),
+                    backend=EmulatedN(fake, native_n=False, max_streams=2), task=WordTask())
+    assert r.answer == "seven"
+    assert len(fake.requests) == 2
+    assert [f.reason for f in r.failed] == ["cancelled"] * 3
+    assert r.usage.completion_tokens == fake.generated_tokens
+
+
 async def test_a_failed_emulated_choice_leaves_its_siblings_running():
     """Choice 0 breaks after two tokens while choices 1 and 2 are mid-stream: they are
     streams of their own, so they finish (their tokens charged, their samples kept) and

@@ -132,20 +132,33 @@ class StreamSlots:
 
 @asynccontextmanager
 async def limited_stream(
-    backend: Backend, request: GenerationRequest, slots: StreamSlots | None
+    backend: Backend, request: GenerationRequest, slots: StreamSlots | None,
+    *, unwanted: Callable[[], bool] | None = None,
 ) -> AsyncIterator[AsyncIterator[StreamEvent]]:
-    """``backend.stream(request)`` in one slot of ``slots``, watched for server-side cuts."""
+    """``backend.stream(request)`` in one slot of ``slots``, watched for server-side cuts.
+
+    ``unwanted``: asked once a slot is free; True (the request was cut while this stream
+    waited for its slot) yields an empty stream and sends nothing."""
     if slots is None:
         async with backend.stream(request) as events:
             yield events
         return
-    async with slots.slot(), backend.stream(request) as events:
-        watched = _watch(events, request.n, slots)
-        cut = events.cut if isinstance(events, EventStream) and events.cuttable else None
-        try:
-            yield EventStream(watched, cut)
-        finally:
-            await watched.aclose()
+    async with slots.slot():
+        if unwanted is not None and unwanted():
+            yield _nothing()
+            return
+        async with backend.stream(request) as events:
+            watched = _watch(events, request.n, slots)
+            cut = events.cut if isinstance(events, EventStream) and events.cuttable else None
+            try:
+                yield EventStream(watched, cut)
+            finally:
+                await watched.aclose()
+
+
+async def _nothing() -> AsyncIterator[StreamEvent]:
+    return
+    yield  # an async generator with no events
 
 
 async def _watch(events: AsyncIterator[StreamEvent], n: int,
@@ -270,7 +283,8 @@ class EmulatedN(Backend):
         cut: list[bool],
     ) -> None:
         try:
-            async with limited_stream(self.backend, request, self.slots) as events:
+            async with limited_stream(self.backend, request, self.slots,
+                                      unwanted=lambda: cut[0]) as events:
                 if isinstance(events, EventStream):
                     streams.append(events)
                     if cut[0]:  # opened after the request was cut
