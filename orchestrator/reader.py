@@ -167,6 +167,9 @@ async def read_request(req: Request, ledger: ProblemLedger, limiter: Limiter,
             error = exc
     finally:
         HTTP_REQUESTS.reset(counting)
+        if stream is not None:
+            for event in stream.unread:  # handed over, not read: the server counts them
+                _on_event(req, ledger, None, event)
         if stream is not None and stream.failed:  # recorded failed, however it ended
             req.failed_choices = {
                 i: e if isinstance(e, BackendError) else StreamBroken(f"choice {i}: {e}")

@@ -205,6 +205,41 @@ async def test_emulated_choices_waiting_for_a_slot_are_not_sent_after_the_cut():
     assert r.usage.completion_tokens == fake.generated_tokens
 
 
+async def test_emulated_events_read_ahead_are_charged_when_the_reader_is_cancelled():
+    """cut_grace 0: the stop cancels the reader. The events the single streams had
+    already handed over sat in the merge queue and were dropped: the server counted
+    5 tokens, the ledger 4 (found by review)."""
+    def respond(req: GenerationRequest, i: int) -> FakeReply:
+        if i == 0:
+            return FakeReply.text(" ".join(["w"] * 200) + " so seven")
+        return FakeReply.text("so seven")
+
+    fake = FakeBackend(scripted(respond), cut_grace=0.0)
+    r = await solve(PROBLEM, _FirstAnswer(), backend=EmulatedN(fake, native_n=False),
+                    task=WordTask())
+    assert r.answer == "seven"
+    assert r.usage.completion_tokens == fake.generated_tokens
+    assert [f.reason for f in r.failed] == ["cancelled"]
+    assert r.failed[0].completion_tokens == fake.generated_tokens - 2
+
+
+async def test_an_emulated_failure_read_ahead_is_recorded_when_the_reader_is_cancelled():
+    # choice 0's failure reached the merge queue, not the reader, before the stop: it
+    # was recorded cancelled with no error (found by review)
+    def respond(req: GenerationRequest, i: int) -> FakeReply:
+        if i == 0:
+            return FakeReply.text("w " * 20 + "so seven", fail_after=1)
+        return FakeReply.text("so seven")
+
+    fake = FakeBackend(scripted(respond), cut_grace=0.0)
+    r = await solve(PROBLEM, _FirstAnswer(), backend=EmulatedN(fake, native_n=False),
+                    task=WordTask())
+    assert r.answer == "seven"
+    assert [(f.reason, f.completion_tokens) for f in r.failed] == [("failed", 1)]
+    assert isinstance(r.failed[0].error, StreamBroken)
+    assert r.usage.completion_tokens == fake.generated_tokens == 3
+
+
 async def test_a_failed_emulated_choice_leaves_its_siblings_running():
     """Choice 0 breaks after two tokens while choices 1 and 2 are mid-stream: they are
     streams of their own, so they finish (their tokens charged, their samples kept) and

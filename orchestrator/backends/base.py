@@ -167,17 +167,22 @@ class EventStream:
     that are streams of their own (an emulated ``n``), some of which may not have started.
     ``failed``: choices that failed while the others ran on (an emulated ``n``), with
     their errors, so a stream that ends cut or closed still says which choices failed.
+    ``unread``: once the stream is closed early, events the server had already handed
+    over that the reader did not read (an emulated ``n`` reads its streams ahead), for
+    the reader to charge.
     """
 
-    __slots__ = ("_cut", "_events", "cut_requested", "failed", "lockstep")
+    __slots__ = ("_cut", "_events", "cut_requested", "failed", "lockstep", "unread")
 
     def __init__(self, events: AsyncIterator[StreamEvent],
                  cut: Callable[[], None] | None = None, *, lockstep: bool = True,
-                 failed: dict[int, BaseException] | None = None) -> None:
+                 failed: dict[int, BaseException] | None = None,
+                 unread: list[StreamEvent] | None = None) -> None:
         self._events = events
         self._cut = cut
         self.lockstep = lockstep
         self.failed: dict[int, BaseException] = failed if failed is not None else {}
+        self.unread: list[StreamEvent] = unread if unread is not None else []
         #: :meth:`cut` was called
         self.cut_requested = False
 

@@ -261,8 +261,10 @@ class EmulatedN(Backend):
                     pump.cancel()
             else:
                 failed: dict[int, BaseException] = {}
-                merged = EventStream(merge_streams(queue, request.n, where, first, failed),
-                                     cut_all, lockstep=False, failed=failed)
+                unread: list[StreamEvent] = []
+                merged = EventStream(
+                    merge_streams(queue, request.n, where, first, failed, unread),
+                    cut_all, lockstep=False, failed=failed, unread=unread)
                 try:
                     yield merged
                 except BaseException as exc:
@@ -311,6 +313,7 @@ async def merge_streams(
     where: str,
     first: tuple[int, StreamEvent | BaseException | None] | None = None,
     failed: dict[int, BaseException] | None = None,
+    unread: list[StreamEvent] | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """Events of ``k`` single-choice streams as one ``n=k`` stream.
 
@@ -330,49 +333,59 @@ async def merge_streams(
     :class:`~orchestrator.errors.StreamBroken` of the whole request; its reader records
     the failed choice as failed. A failure before any event is raised at once. Each
     failure is also put in ``failed`` (choice -> error) as it comes, for a reader that
-    stops before the end (:attr:`~orchestrator.backends.base.EventStream.failed`)."""
+    stops before the end (:attr:`~orchestrator.backends.base.EventStream.failed`).
+
+    Closed before the end (the reader cancelled), what the streams had already handed
+    over and the reader had not read is put in ``unread`` (their deltas, then a count
+    that includes them), and failures among it in ``failed``: the server counts those
+    tokens, so the reader charges them
+    (:attr:`~orchestrator.backends.base.EventStream.unread`; found by review)."""
     finished = 0
     yielded = False
     failure: tuple[int, BaseException] | None = None  # the first choice that failed
     latest: dict[int, UsageReport] = {}
     sent: dict[int, int] = {}  # tokens each choice has streamed (choices that sent text)
     surplus: dict[int, int] = {}  # choices whose server count exceeds what they streamed
-    while finished < k:
-        if first is not None:  # taken from the queue already (EmulatedN._emulated)
-            (index, item), first = first, None
-        else:
-            index, item = await queue.get()
-        if item is None:
-            finished += 1
-        elif isinstance(item, BaseException):
-            if not yielded:
-                raise item
-            finished += 1
-            if failure is None:
-                failure = (index, item)
-            if failed is not None:
-                failed[index] = item
-        elif isinstance(item, TextDelta):
-            yielded = True
-            sent[index] = streamed = sent.get(index, 0) + item.tokens
-            surplus.pop(index, None)
-            report = latest.get(index)
-            if report is not None and report.completion_tokens > streamed:
-                surplus[index] = report.completion_tokens - streamed
-            elif surplus and item.tokens and (report is None
-                                              or streamed > report.completion_tokens):
-                # ahead of its own count: charged before the text is handed on, so a
-                # reader that stops at this delta has the right count
-                yield _per_choice_report(latest, sent)
-            yield dataclasses.replace(item, choice=index)
-        else:
-            latest[index] = item
-            yielded = True
-            if item.completion_tokens > sent.get(index, 0):
-                surplus[index] = item.completion_tokens - sent.get(index, 0)
+    try:
+        while finished < k:
+            if first is not None:  # taken from the queue already (EmulatedN._emulated)
+                (index, item), first = first, None
             else:
+                index, item = await queue.get()
+            if item is None:
+                finished += 1
+            elif isinstance(item, BaseException):
+                if not yielded:
+                    raise item
+                finished += 1
+                if failure is None:
+                    failure = (index, item)
+                if failed is not None:
+                    failed[index] = item
+            elif isinstance(item, TextDelta):
+                yielded = True
+                sent[index] = streamed = sent.get(index, 0) + item.tokens
                 surplus.pop(index, None)
-            yield _per_choice_report(latest, sent)
+                report = latest.get(index)
+                if report is not None and report.completion_tokens > streamed:
+                    surplus[index] = report.completion_tokens - streamed
+                elif surplus and item.tokens and (report is None
+                                                  or streamed > report.completion_tokens):
+                    # ahead of its own count: charged before the text is handed on, so a
+                    # reader that stops at this delta has the right count
+                    yield _per_choice_report(latest, sent)
+                yield dataclasses.replace(item, choice=index)
+            else:
+                latest[index] = item
+                yielded = True
+                if item.completion_tokens > sent.get(index, 0):
+                    surplus[index] = item.completion_tokens - sent.get(index, 0)
+                else:
+                    surplus.pop(index, None)
+                yield _per_choice_report(latest, sent)
+    finally:
+        if finished < k and unread is not None:  # closed early: what was handed over
+            _drain(queue, sent, latest, failed, unread)
     settled = len(latest) == k and all(r.final for r in latest.values())
     if latest and not settled:
         yield _per_choice_report(latest, sent)
@@ -385,6 +398,26 @@ async def merge_streams(
         ) from error
     if settled:
         yield _sum_reports(latest.values(), final=True)
+
+
+def _drain(queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]],
+           sent: dict[int, int], latest: dict[int, UsageReport],
+           failed: dict[int, BaseException] | None, unread: list[StreamEvent]) -> None:
+    """Move what is left in ``queue`` to ``unread`` (see :func:`merge_streams`)."""
+    counted = False
+    while not queue.empty():
+        index, item = queue.get_nowait()
+        if isinstance(item, TextDelta):
+            sent[index] = sent.get(index, 0) + item.tokens
+            unread.append(dataclasses.replace(item, choice=index))
+            counted = True
+        elif isinstance(item, UsageReport):
+            latest[index] = item
+            counted = True
+        elif isinstance(item, BaseException) and failed is not None:
+            failed.setdefault(index, item)
+    if counted and latest:
+        unread.append(_per_choice_report(latest, sent))
 
 
 def _per_choice_report(latest: dict[int, UsageReport], sent: dict[int, int]) -> UsageReport:
