@@ -197,10 +197,10 @@ async def test_emulated_choices_waiting_for_a_slot_are_not_sent_after_the_cut():
         return FakeReply.text(" ".join(["w"] * 30) + " so seven")
 
     fake = FakeBackend(scripted(respond), cut_grace=1.0)
-    r = await solve(PROBLEM, _SampleThenFirst(4),
-                    backend=EmulatedN(fake, native_n=False, max_streams=2), task=WordTask())
+    backend = EmulatedN(fake, native_n=False, max_streams=2)
+    r = await solve(PROBLEM, _SampleThenFirst(4), backend=backend, task=WordTask())
     assert r.answer == "seven"
-    assert len(fake.requests) == 2
+    assert len(fake.requests) == 2 == backend.slots.stats()["streams_opened"]
     assert [f.reason for f in r.failed] == ["cancelled"] * 3
     assert r.usage.completion_tokens == fake.generated_tokens
 

@@ -99,7 +99,6 @@ class StreamSlots:
             finally:
                 self._waiting -= 1
             self._in_use += 1
-            self.opened += 1
             self.peak = max(self.peak, self._in_use)
         try:
             yield
@@ -147,6 +146,7 @@ async def limited_stream(
         if unwanted is not None and unwanted():
             yield _nothing()
             return
+        slots.opened += 1  # streams sent (one skipped above is not)
         async with backend.stream(request) as events:
             watched = _watch(events, request.n, slots)
             cut = events.cut if isinstance(events, EventStream) and events.cuttable else None
