@@ -50,6 +50,7 @@ from typing import Protocol
 
 from orchestrator.backends.base import (
     HTTP_REQUESTS,
+    UNREAD_EVENTS,
     Backend,
     EventStream,
     GenerationRequest,
@@ -137,6 +138,8 @@ async def read_request(req: Request, ledger: ProblemLedger, limiter: Limiter,
     outcome = "failed"
     error: BackendError | None = None
     counting = HTTP_REQUESTS.set(req.record)  # the backend counts its HTTP requests
+    unread: list[StreamEvent] = []  # received, not handed over: the backend puts them here
+    sink = UNREAD_EVENTS.set(unread)
     stream: EventStream | None = None
     try:
         async with limiter.slot():
@@ -167,9 +170,11 @@ async def read_request(req: Request, ledger: ProblemLedger, limiter: Limiter,
             error = exc
     finally:
         HTTP_REQUESTS.reset(counting)
+        UNREAD_EVENTS.reset(sink)
         if stream is not None:
-            for event in stream.unread:  # handed over, not read: the server counts them
-                _on_event(req, ledger, None, event)
+            unread.extend(stream.unread)
+        for event in unread:  # handed over by the server, not read: it counts them
+            _on_event(req, ledger, None, event)
         if stream is not None and stream.failed:  # recorded failed, however it ended
             req.failed_choices = {
                 i: e if isinstance(e, BackendError) else StreamBroken(f"choice {i}: {e}")

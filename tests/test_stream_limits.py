@@ -223,6 +223,44 @@ async def test_emulated_events_read_ahead_are_charged_when_the_reader_is_cancell
     assert r.failed[0].completion_tokens == fake.generated_tokens - 2
 
 
+class _OneAndMany:
+    """A request for one sample and one for ``n`` at once; stop at the first solution."""
+
+    spec = "one-and-many"
+
+    def __init__(self, n: int) -> None:
+        self.n, self.asked = n, False
+
+    def decide(self, snapshot):
+        from orchestrator.decisions import Sample, Stop
+        if snapshot.solutions:
+            s = snapshot.solutions[0]
+            return [Stop(s.answer, "first", s.key)]
+        if not self.asked:
+            self.asked = True
+            return [Sample(1), Sample(self.n)]
+        return []
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("length", [1, 2])
+async def test_emulated_events_read_ahead_before_the_handover_are_charged(n, length):
+    """The one-sample request answers at once; the emulated n=``n`` request is cancelled
+    (cut_grace 0) while it waits for its first event, which its streams had already
+    queued: those tokens were lost with the queue, 2-3 of 3-5 (found by review)."""
+    def respond(req: GenerationRequest, i: int) -> FakeReply:
+        if i == 0:
+            return FakeReply.text(" ".join(["w"] * (length - 1) + ["seven"]))
+        return FakeReply.text(" ".join(["w"] * 50) + " so seven")
+
+    fake = FakeBackend(scripted(respond), cut_grace=0.0)
+    r = await solve(PROBLEM, _OneAndMany(n), backend=EmulatedN(fake, native_n=False),
+                    task=WordTask())
+    assert r.answer == "seven"
+    assert r.usage.completion_tokens == fake.generated_tokens > length
+    assert sum(f.completion_tokens for f in r.failed) == fake.generated_tokens - length
+
+
 async def test_an_emulated_failure_read_ahead_is_recorded_when_the_reader_is_cancelled():
     # choice 0's failure reached the merge queue, not the reader, before the stop: it
     # was recorded cancelled with no error (found by review)

@@ -131,6 +131,13 @@ HTTP_REQUESTS: ContextVar[HttpCounter | None] = ContextVar("solverify_http_reque
                                                            default=None)
 
 
+#: where a backend puts the events it had already received for the logical request served
+#: in this task when that request is cancelled before its stream was handed over (an
+#: emulated ``n`` reads its streams ahead): the reader charges them (None: no reader)
+UNREAD_EVENTS: ContextVar[list[StreamEvent] | None] = ContextVar("solverify_unread_events",
+                                                                 default=None)
+
+
 def count_http_request(count: int = 1) -> None:
     """Add ``count`` HTTP requests to the logical request served in this task, if any."""
     counter = HTTP_REQUESTS.get()

@@ -34,6 +34,7 @@ from typing import Any
 import structlog
 
 from orchestrator.backends.base import (
+    UNREAD_EVENTS,
     Backend,
     EventStream,
     GenerationRequest,
@@ -254,7 +255,17 @@ class EmulatedN(Backend):
             pumps = [group.create_task(self._pump(single_choice(request, i), i, queue,
                                                   streams, cut))
                      for i in range(request.n)]
-            first = await queue.get()
+            try:
+                first = await queue.get()
+            except asyncio.CancelledError:
+                # cancelled before the stream was handed over (the stop, cut_grace 0):
+                # what the streams had already handed over goes to the reader's sink
+                for pump in pumps:
+                    pump.cancel()
+                sink = UNREAD_EVENTS.get()
+                if sink is not None:
+                    _drain(queue, {}, {}, None, sink)
+                raise
             if isinstance(first[1], BaseException):  # failed before any event: on opening
                 held = first[1]
                 for pump in pumps:
