@@ -244,8 +244,13 @@ async def _read_step(req: Request, ledger: ProblemLedger,
     running = [i for i in range(req.record.n) if not req.done(i)]
     if req.events is not None and not getattr(req.events, "lockstep", True):
         # separate streams: one that has sent nothing may be waiting for a stream slot
-        # behind the others, and its step would not come before the cut grace ran out
-        running = [i for i in running if req.tokens(i) > 0] or running
+        # behind the others, and its step would not come before the cut grace ran out.
+        # With none mid-step, cut at once: waiting for a waiting one's step sent it and
+        # ran it (and those behind it) to that step after the stop (found by review)
+        running = [i for i in running if req.tokens(i) > 0]
+        if not running:
+            _on_event(req, ledger, None, event)
+            return
     last = max(running, default=-1)
     stepped = False  # the last running choice's tokens of this step were read
     while True:

@@ -186,6 +186,26 @@ class _SampleThenFirst(_FirstAnswer):
         return super().decide(snapshot)
 
 
+async def test_one_stream_at_a_time_the_cut_does_not_wait_for_a_waiting_choice():
+    """One stream at a time, n=4: choice 0 answers and the problem stops with no running
+    choice mid-step. The settle waited for the step of the last choice, which was still
+    waiting for the slot: the three were sent one after another and run to their ends,
+    68 tokens generated for an answer of 2 (found by review). Now it cuts at once; choice
+    1 has taken the slot as choice 0's stream ended, before the stop was decided."""
+    def respond(req: GenerationRequest, i: int) -> FakeReply:
+        if i == 0:
+            return FakeReply.text("so seven")
+        return FakeReply.text(" ".join(["w"] * 30) + " so seven")
+
+    fake = FakeBackend(scripted(respond), cut_grace=1.0)
+    r = await solve(PROBLEM, _SampleThenFirst(4),
+                    backend=EmulatedN(fake, native_n=False, max_streams=1), task=WordTask())
+    assert r.answer == "seven"
+    assert len(fake.requests) == 2 and fake.generated_tokens == 4
+    assert [f.reason for f in r.failed] == ["cancelled"] * 3
+    assert r.usage.completion_tokens == 4
+
+
 async def test_emulated_choices_waiting_for_a_slot_are_not_sent_after_the_cut():
     """Two streams at a time, n=4: choice 1 answers and the problem stops; choice 0 is
     cut after its next step. Choices 2 and 3, waiting for a slot, were then sent anyway

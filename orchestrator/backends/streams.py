@@ -303,6 +303,12 @@ class EmulatedN(Backend):
                     if cut[0]:  # opened after the request was cut
                         events.cut()
                 async for event in events:
+                    if (isinstance(event, TextDelta) and event.finish_reason is not None
+                            and events in streams):
+                        # finished: nothing left to stop, and half-closing a connection
+                        # whose body is ending races its return to the pool (a request
+                        # then sent on it fails and is asked again)
+                        streams.remove(events)
                     await queue.put((index, event))
         except Exception as exc:
             # after the request was cut, a stream ending with an error (a half-closed
