@@ -1,6 +1,7 @@
 """Start-up CPU: ``solverify run`` on one problem against ``python -c "import openai"``.
 
     python -m benchmarks.startup [--rounds 7] [--policy sc:n=1] [--json OUT] [--imports]
+                                 [--python PY]
 
 Each round runs, one after the other, ``python -c "import openai"`` and a whole
 ``solverify run`` of one maths problem (answer ``42``) against the local test server
@@ -8,6 +9,10 @@ Each round runs, one after the other, ``python -c "import openai"`` and a whole
 measures each child's CPU time (user + system, from ``resource.getrusage`` of the
 children). The ratio printed is the median over rounds of run / import. ``--imports``
 also prints the ten slowest imports of ``solverify run``'s process (``-X importtime``).
+``--python PY`` runs both children with another interpreter, e.g. that of a venv with
+only ``pip install solverify`` (what a user has: no aiohttp, no dev tools), while the test
+server stays in this one (it needs aiohttp); the children then run outside the checkout,
+so they import the solverify installed there.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from benchmarks.client_cpu import ServerProcess
 PROBLEM = {"id": "p1", "problem": "What is 6 * 7?", "answer": "42"}
 
 
-def _child_cpu(argv: Sequence[str], env: dict[str, str] | None = None) -> float:
+def _child_cpu(argv: Sequence[str], env: dict[str, str] | None = None,
+               cwd: str | None = None) -> float:
     """CPU seconds (user + system) of one child process run to its end; it must exit 0."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                          cwd=cwd,
                           check=False)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
@@ -41,7 +48,7 @@ def _child_cpu(argv: Sequence[str], env: dict[str, str] | None = None) -> float:
 
 
 def _slowest_imports(argv: Sequence[str], env: dict[str, str], count: int) -> list[str]:
-    done = subprocess.run([sys.executable, "-X", "importtime", *argv[1:]],
+    done = subprocess.run([argv[0], "-X", "importtime", *argv[1:]],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, check=True)
     rows = []
     for line in done.stderr.decode().splitlines():
@@ -61,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--imports", action="store_true",
                         help="also list the slowest top-level imports of the run")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter of the measured children (default: this one)")
     args = parser.parse_args(argv)
 
     server = ServerProcess(tokens=None)
@@ -68,22 +77,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems = Path(tmp) / "one.jsonl"
         problems.write_text(json.dumps(PROBLEM) + "\n")
         out = Path(tmp) / "out.jsonl"
-        solverify = str(Path(sys.executable).with_name("solverify"))
+        python = args.python
+        solverify = str(Path(python).with_name("solverify"))
         if not Path(solverify).exists():
-            raise SystemExit(f"no solverify command beside {sys.executable}")
+            raise SystemExit(f"no solverify command beside {python}")
         env = dict(os.environ)
-        run = [sys.executable, solverify, "run", "--base-url", server.url, "--model",
+        run = [python, solverify, "run", "--base-url", server.url, "--model",
                "test-model", "--problems", str(problems), "--policy", args.policy,
                "--out", str(out), "--overwrite", "--no-progress"]
-        importing = [sys.executable, "-c", "import openai"]
+        importing = [python, "-c", "import openai"]
         try:
             server.wait_ready()
-            _child_cpu(importing, env)  # warm the file cache for both
-            _child_cpu(run, env)
+            cwd = tmp if python != sys.executable else None  # outside the checkout
+            _child_cpu(importing, env, cwd)  # warm the file cache for both
+            _child_cpu(run, env, cwd)
             times: dict[str, list[float]] = {"import openai": [], "solverify run": []}
             for _ in range(args.rounds):
-                times["import openai"].append(_child_cpu(importing, env))
-                times["solverify run"].append(_child_cpu(run, env))
+                times["import openai"].append(_child_cpu(importing, env, cwd))
+                times["solverify run"].append(_child_cpu(run, env, cwd))
             answered = json.loads(out.read_text().splitlines()[-1])
             imports = _slowest_imports(run, env, 10) if args.imports else []
         finally:
