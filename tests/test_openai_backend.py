@@ -833,25 +833,3 @@ async def _failure(call: Any) -> BaseException:
     except Exception as exc:
         return exc
     raise AssertionError("expected a failure")
-
-
-@pytest.mark.parametrize(("url", "loads"), [("http://127.0.0.1:9/v1", False),
-                                             ("HTTP://127.0.0.1:9/v1", False),
-                                             ("https://example.invalid/v1", True)])
-async def test_a_plain_http_endpoint_does_not_load_the_ca_bundle(monkeypatch, url, loads):
-    # about 29 ms of CPU at every start for a connection that never uses TLS; https
-    # endpoints keep the client's default verification
-    import ssl
-
-    loaded: list[object] = []
-    original = ssl.SSLContext.load_verify_locations
-
-    def counting(self, *args, **kwargs):
-        loaded.append(args or kwargs)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counting)
-    backend = OpenAIBackend(url, "m", capabilities=Capabilities())
-    await backend.aclose()
-    assert bool(loaded) == loads
-

@@ -85,7 +85,6 @@ import dataclasses
 import itertools
 import json
 import math
-import ssl
 import sys
 import urllib.parse
 import uuid
@@ -200,17 +199,6 @@ AFFINITY_HEADER = "X-Session-ID"
 SOLUTION_HEADER = "X-Solverify-Solution"
 
 
-def _tls_for(base_url: str) -> dict[str, Any]:
-    """The HTTP client's TLS setting for ``base_url``. For a plain ``http://`` endpoint a
-    context without the CA bundle: loading that costs about 29 ms of CPU at every start
-    (a tenth of what solverify adds to ``import openai``) for a connection that never
-    uses TLS. It still verifies, with nothing to trust, so a redirect to ``https://``
-    fails closed instead of going unverified. ``https://`` gets the client's default."""
-    if urllib.parse.urlsplit(base_url).scheme.lower() != "http":
-        return {}
-    return {"verify": ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)}
-
-
 def _note_abandoned(exc: BaseException) -> None:
     """Count an HTTP request given up before its first token (a timeout, a dropped
     connection, a cancellation; not a status error: the server answered that one), whose
@@ -304,7 +292,7 @@ class OpenAIBackend(Backend):
             base_url=base_url, api_key=api_key, timeout=client_timeout, max_retries=0,
             http_client=openai.DefaultAsyncHttpxClient(limits=_HTTP.Limits(
                 max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_KEEPALIVE,
-                keepalive_expiry=keepalive_expiry), **_tls_for(base_url)),
+                keepalive_expiry=keepalive_expiry)),
         )
         self._caps = capabilities
         self._probed: Capabilities | None = None
