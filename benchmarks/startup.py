@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,15 +73,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the interpreter of the measured children (default: this one)")
     args = parser.parse_args(argv)
 
+    # an absolute path: the children may run elsewhere (below); a bare name is looked up
+    python = os.path.abspath(shutil.which(args.python) or args.python)
+    solverify = str(Path(python).with_name("solverify"))
+    if not Path(solverify).exists():  # checked before the server is started
+        raise SystemExit(f"no solverify command beside {python}")
     server = ServerProcess(tokens=None)
     with tempfile.TemporaryDirectory() as tmp:
         problems = Path(tmp) / "one.jsonl"
         problems.write_text(json.dumps(PROBLEM) + "\n")
         out = Path(tmp) / "out.jsonl"
-        python = args.python
-        solverify = str(Path(python).with_name("solverify"))
-        if not Path(solverify).exists():
-            raise SystemExit(f"no solverify command beside {python}")
         env = dict(os.environ)
         run = [python, solverify, "run", "--base-url", server.url, "--model",
                "test-model", "--problems", str(problems), "--policy", args.policy,
@@ -88,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         importing = [python, "-c", "import openai"]
         try:
             server.wait_ready()
-            cwd = tmp if python != sys.executable else None  # outside the checkout
+            other = os.path.realpath(python) != os.path.realpath(sys.executable)
+            cwd = tmp if other else None  # another interpreter: outside the checkout
             _child_cpu(importing, env, cwd)  # warm the file cache for both
             _child_cpu(run, env, cwd)
             times: dict[str, list[float]] = {"import openai": [], "solverify run": []}
