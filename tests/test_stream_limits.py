@@ -49,11 +49,13 @@ async def test_emulated_n_merges_single_choice_streams():
 
 
 class _FirstAnswer:
-    """Sample two at once, stop at the first solution (the other is still streaming)."""
+    """Send one request per size in ``sizes`` at once (default: one of two samples), stop
+    at the first solution (the others still streaming or waiting)."""
 
     spec = "first-answer"
 
-    def __init__(self) -> None:
+    def __init__(self, *sizes: int) -> None:
+        self.sizes = sizes or (2,)
         self.asked = False
 
     def decide(self, snapshot):
@@ -63,7 +65,7 @@ class _FirstAnswer:
             return [Stop(s.answer, "first", s.key)]
         if not self.asked:
             self.asked = True
-            return [Sample(2)]
+            return [Sample(k) for k in self.sizes]
         return []
 
 
@@ -171,21 +173,6 @@ async def test_an_emulated_choice_whose_cut_ends_broken_is_cancelled_not_failed(
     assert backend.inner.cut_streams >= 1  # choice 0 was cut (choice 1 may be, at its end)
 
 
-class _SampleThenFirst(_FirstAnswer):
-    """Sample ``n`` at once, stop at the first solution."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n = n
-
-    def decide(self, snapshot):
-        from orchestrator.decisions import Sample
-        if not self.asked and not snapshot.solutions:
-            self.asked = True
-            return [Sample(self.n)]
-        return super().decide(snapshot)
-
-
 async def test_one_stream_at_a_time_the_cut_does_not_wait_for_a_waiting_choice():
     """One stream at a time, n=4: choice 0 answers and the problem stops with no running
     choice mid-step. The settle waited for the step of the last choice, which was still
@@ -198,7 +185,7 @@ async def test_one_stream_at_a_time_the_cut_does_not_wait_for_a_waiting_choice()
         return FakeReply.text(" ".join(["w"] * 30) + " so seven")
 
     fake = FakeBackend(scripted(respond), cut_grace=1.0)
-    r = await solve(PROBLEM, _SampleThenFirst(4),
+    r = await solve(PROBLEM, _FirstAnswer(4),
                     backend=EmulatedN(fake, native_n=False, max_streams=1), task=WordTask())
     assert r.answer == "seven"
     assert len(fake.requests) == 2 and fake.generated_tokens == 4
@@ -218,7 +205,7 @@ async def test_emulated_choices_waiting_for_a_slot_are_not_sent_after_the_cut():
 
     fake = FakeBackend(scripted(respond), cut_grace=1.0)
     backend = EmulatedN(fake, native_n=False, max_streams=2)
-    r = await solve(PROBLEM, _SampleThenFirst(4), backend=backend, task=WordTask())
+    r = await solve(PROBLEM, _FirstAnswer(4), backend=backend, task=WordTask())
     assert r.answer == "seven"
     assert len(fake.requests) == 2 == backend.slots.stats()["streams_opened"]
     assert [f.reason for f in r.failed] == ["cancelled"] * 3
@@ -243,25 +230,6 @@ async def test_emulated_events_read_ahead_are_charged_when_the_reader_is_cancell
     assert r.failed[0].completion_tokens == fake.generated_tokens - 2
 
 
-class _OneAndMany:
-    """A request for one sample and one for ``n`` at once; stop at the first solution."""
-
-    spec = "one-and-many"
-
-    def __init__(self, n: int) -> None:
-        self.n, self.asked = n, False
-
-    def decide(self, snapshot):
-        from orchestrator.decisions import Sample, Stop
-        if snapshot.solutions:
-            s = snapshot.solutions[0]
-            return [Stop(s.answer, "first", s.key)]
-        if not self.asked:
-            self.asked = True
-            return [Sample(1), Sample(self.n)]
-        return []
-
-
 @pytest.mark.parametrize("n", [2, 3])
 @pytest.mark.parametrize("length", [1, 2])
 async def test_emulated_events_read_ahead_before_the_handover_are_charged(n, length):
@@ -274,7 +242,7 @@ async def test_emulated_events_read_ahead_before_the_handover_are_charged(n, len
         return FakeReply.text(" ".join(["w"] * 50) + " so seven")
 
     fake = FakeBackend(scripted(respond), cut_grace=0.0)
-    r = await solve(PROBLEM, _OneAndMany(n), backend=EmulatedN(fake, native_n=False),
+    r = await solve(PROBLEM, _FirstAnswer(1, n), backend=EmulatedN(fake, native_n=False),
                     task=WordTask())
     assert r.answer == "seven"
     assert r.usage.completion_tokens == fake.generated_tokens > length
