@@ -121,8 +121,14 @@ class ServerTokenizer:
         stream ending while the endpoint hung probed again and waited out the deadline.
         (A plain cancellation, the caller stopping, spaces nothing.)"""
         if not self._probed:
-            wait = PROBE_SPACING_S * 2 ** max(self._unanswered - 1, 0)
-            self._next_probe_at = self._clock() + wait
+            self._space_next()
+
+    def _space_next(self) -> float:
+        """Hold the next probe off: :data:`PROBE_SPACING_S` after the first unanswered
+        one, doubled after each more; the wait."""
+        wait = PROBE_SPACING_S * 2 ** max(self._unanswered - 1, 0)
+        self._next_probe_at = self._clock() + wait
+        return wait
 
     async def _ask(self) -> Shape | None:
         """One probe of both paths (under the lock); its answer, kept when it is one."""
@@ -151,8 +157,7 @@ class ServerTokenizer:
         if shape is None and unanswered:
             self._unanswered += 1
             if self._unanswered < PROBE_ATTEMPTS:
-                wait = PROBE_SPACING_S * 2 ** (self._unanswered - 1)
-                self._next_probe_at = self._clock() + wait
+                wait = self._space_next()
                 _log.warning("tokenizer.probe_unanswered", attempt=self._unanswered,
                              of=PROBE_ATTEMPTS, next_in_s=wait)
                 return None
