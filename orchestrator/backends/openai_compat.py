@@ -729,27 +729,10 @@ class OpenAIBackend(Backend):
                 finally:
                     # an attempt given up (a busy error after its tokens, then asked
                     # again) cost what it had sent too
-                    self.probe_completion_tokens += self._probe_cost(chunks, n, endpoint)
+                    self.probe_completion_tokens += probe_tokens(chunks, n,
+                                                                 endpoint == "chat")
 
         return await self._with_retries(once)
-
-    @staticmethod
-    def _probe_cost(chunks: list[Any], n: int, endpoint: Endpoint) -> int:
-        """Completion tokens of a probe attempt's chunks, leaving out chunks that cannot be
-        decoded (counting must not replace the error being raised)."""
-        chat = endpoint == "chat"
-        try:
-            return probe_tokens(chunks, n, chat)
-        except Exception as exc:
-            _log.debug("backend.probe_undecodable", error=repr(exc))
-        readable = []
-        for chunk in chunks:
-            try:
-                probe_tokens([chunk], n, chat)
-            except Exception:
-                continue
-            readable.append(chunk)
-        return probe_tokens(readable, n, chat)
 
     # ------------------------------------------------------------------ retries and errors
     async def _with_retries(self, fn: Callable[[], Awaitable[T]]) -> T:

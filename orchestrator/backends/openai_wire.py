@@ -223,7 +223,8 @@ def carries_tokens(event: StreamEvent) -> bool:
 
 def probe_tokens(chunks: list[Any], n: int, chat: bool) -> int:
     """Completion tokens of a probe stream: its closing usage, else its running counts,
-    else its per-delta counts."""
+    else its per-delta counts; a chunk the decoder cannot read is left out (counting an
+    attempt given up must not raise in place of the error that ended it)."""
     for chunk in reversed(chunks):
         usage = get(chunk, "usage")
         if usage is not None and not get(chunk, "choices"):
@@ -231,7 +232,11 @@ def probe_tokens(chunks: list[Any], n: int, chat: bool) -> int:
     decoder = ChunkDecoder(n=n, chat=chat)
     running = counted = 0
     for chunk in chunks:
-        for event in decoder.feed(chunk):
+        try:
+            events = decode(decoder, chunk)
+        except Malformed:
+            continue
+        for event in events:
             if isinstance(event, UsageReport):
                 running = max(running, event.completion_tokens)
             else:
