@@ -414,7 +414,7 @@ async def merge_streams(
             f"choice {index} of an n={k} request emulated on {where} failed: {error}"
         ) from error
     if settled:
-        yield _sum_reports(latest.values(), final=True)
+        yield _final_sum(latest.values())
 
 
 def _drain(queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]],
@@ -456,16 +456,17 @@ def _per_choice_report(latest: dict[int, UsageReport], sent: dict[int, int]) -> 
                        estimated_from=tuple(sorted(sources)))
 
 
-def _sum_reports(reports: Any, *, final: bool) -> UsageReport:
-    """The reports summed."""
+def _final_sum(reports: Any) -> UsageReport:
+    """Every choice's final report, summed: the request's final count (the running ones
+    are :func:`_per_choice_report`)."""
     reports = list(reports)
     cached = [r.cached_prompt_tokens for r in reports]
     sources = sorted({s for r in reports for s in r.estimated_from})
     return UsageReport(
         sum(r.prompt_tokens for r in reports),
         sum(r.completion_tokens for r in reports),
-        final=final,
-        cached_prompt_tokens=None if not final or all(c is None for c in cached)
+        final=True,
+        cached_prompt_tokens=None if all(c is None for c in cached)
         else sum(c or 0 for c in cached),
         estimated_from=tuple(sources),
     )
