@@ -56,10 +56,14 @@ async def test_consistent_hash_keeps_each_problem_on_one_replica_and_the_ledger_
 
 
 async def test_round_robin_spreads_a_problem_over_replicas():
-    problems = [Problem(id=f"p{i}", problem=f"question {i}") for i in range(4)]
+    # one problem: its requests are the only ones, so consecutive ones alternate replicas.
+    # With four problems in flight, which replicas a problem got hung on the order their
+    # requests reached the router: on a busy machine two problems in lockstep could each
+    # stay on one replica, and the test failed once with both cores saturated
+    problems = [Problem(id="p0", problem="question 0")]
     _, results, generated, where = await _run_through("round_robin", problems)
     assert all(r.ok for r in results)
-    assert any(len(v) == 2 for v in where.values())  # what affinity prevents
+    assert len(where["p0"]) == 2  # what affinity prevents
     assert sum(r.usage.completion_tokens for r in results) == generated
 
 
