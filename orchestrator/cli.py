@@ -365,22 +365,32 @@ def _print_policies() -> int:
 
 def _configure_logging() -> None:
     """The CLI is an application, so it (unlike the library) sets up structlog: plain
-    lines on stderr at the level in $SOLVERIFY_LOG (default: warning)."""
-    import logging
+    lines on stderr (that of this moment) at the level in $SOLVERIFY_LOG (default:
+    warning). The level is checked now; structlog itself is set up when it is first
+    loaded (``orchestrator.logs``), so a run that logs nothing never imports it."""
+    import logging  # (loaded anyway: openai imports it)
 
-    import structlog
+    from orchestrator import logs
 
     name = os.environ.get("SOLVERIFY_LOG", "warning").upper()
     level = getattr(logging, name, None)
     if not isinstance(level, int):
         raise ConfigError(f"SOLVERIFY_LOG={name.lower()!r} is not a log level "
                           "(debug, info, warning, error)")
-    processors = [x for x in structlog.get_config()["processors"] if x is not _redact_event]
-    structlog.configure(
-        processors=[*processors[:-1], _redact_event, processors[-1]],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
+    stream = sys.stderr
+
+    def setup() -> None:
+        import structlog
+
+        processors = [x for x in structlog.get_config()["processors"]
+                      if x is not _redact_event]
+        structlog.configure(
+            processors=[*processors[:-1], _redact_event, processors[-1]],
+            wrapper_class=structlog.make_filtering_bound_logger(level),
+            logger_factory=structlog.PrintLoggerFactory(stream),
+        )
+
+    logs.configure(level, setup)
 
 
 def _redact_event(logger, method, event: dict) -> dict:

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import structlog
-
+from orchestrator import logs
 from orchestrator.decisions import Cancel, Decision, Sample, Stop, Verify
 from orchestrator.types import FailedSample, Solution, Usage, Verification
 
@@ -187,7 +186,7 @@ class StructlogSink:
     """
 
     def __init__(self, logger: Any | None = None) -> None:
-        self._log = logger if logger is not None else structlog.get_logger("solverify")
+        self._log = logger if logger is not None else logs.get_logger("solverify")
 
     def __call__(self, event: Event) -> None:
         data = event_to_dict(event)

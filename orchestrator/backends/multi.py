@@ -40,8 +40,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
+from orchestrator import logs
 from orchestrator.backends.base import Backend, Capabilities, GenerationRequest, StreamEvent
 from orchestrator.errors import (
     BackendError,
@@ -52,7 +51,7 @@ from orchestrator.errors import (
 )
 from orchestrator.retry import is_connection_error
 
-log = structlog.get_logger("solverify.backend.multi")
+log = logs.get_logger("solverify.backend.multi")
 
 #: errors opening a stream after which the request is tried on the next replica
 FAILOVER_ERRORS: tuple[type[BackendError], ...] = (EndpointUnreachable, RetriesExhausted)

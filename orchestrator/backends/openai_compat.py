@@ -93,10 +93,9 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeVar
 
 import openai
-import structlog
 import tenacity
 
-from orchestrator import defaults
+from orchestrator import defaults, logs
 from orchestrator.backends.base import (
     HTTP_REQUESTS,
     Backend,
@@ -155,7 +154,7 @@ __all__ = ["OpenAIBackend"]
 Endpoint = Literal["chat", "completions"]
 T = TypeVar("T")
 
-_log = structlog.get_logger(__name__)
+_log = logs.get_logger(__name__)
 
 DEFAULT_TIMEOUT = defaults.REQUEST_TIMEOUT_S
 """Request deadline (s): a stream's first event, retries included, or a small call's answer."""

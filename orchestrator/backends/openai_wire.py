@@ -18,8 +18,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-import structlog
-
+from orchestrator import logs
 from orchestrator.backends.base import StreamEvent, TextDelta, UsageReport
 from orchestrator.backends.openai_errors import Malformed, ServerSaid, describe
 from orchestrator.retry import is_retryable_status
@@ -41,7 +40,7 @@ __all__ = [
     "snippet",
 ]
 
-_log = structlog.get_logger("orchestrator.backends.openai_compat")
+_log = logs.get_logger("orchestrator.backends.openai_compat")
 
 DRAIN_S = 1.0
 """The most a finished stream is read on after its ``[DONE]``."""

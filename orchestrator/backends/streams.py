@@ -31,8 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import structlog
-
+from orchestrator import logs
 from orchestrator.backends.base import (
     UNREAD_EVENTS,
     Backend,
@@ -46,7 +45,7 @@ from orchestrator.errors import ConfigError, StreamBroken
 
 __all__ = ["EmulatedN", "StreamSlots", "limited_stream"]
 
-_log = structlog.get_logger(__name__)
+_log = logs.get_logger(__name__)
 
 _MERGE_QUEUE_SIZE = 256
 

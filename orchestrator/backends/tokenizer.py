@@ -37,11 +37,11 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import structlog
+from orchestrator import logs
 
 __all__ = ["PROBE_ATTEMPTS", "PROBE_SPACING_S", "ServerTokenizer", "root_url"]
 
-_log = structlog.get_logger(__name__)
+_log = logs.get_logger(__name__)
 
 Shape = Literal["vllm", "llamacpp", "llamacpp-python"]
 
