@@ -56,6 +56,7 @@ import hashlib
 import json
 import math
 import re
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -222,7 +223,9 @@ class OpenAIServer:
         tokenize_paths: Sequence[str] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        self.ssl_context = ssl_context  # serve HTTPS with it (url: https://)
         self.responder: Responder = responder or echo_responder
         self.models = tuple(models) if models is not None else None
         self.token_delay = token_delay
@@ -269,7 +272,7 @@ class OpenAIServer:
             app.router.add_post(path, self._tokenize)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self._port)
+        site = web.TCPSite(runner, self.host, self._port, ssl_context=self.ssl_context)
         await site.start()
         self._runner = runner
         address = runner.addresses[0]
@@ -293,8 +296,10 @@ class OpenAIServer:
 
     @property
     def url(self) -> str:
-        """The base URL to give an OpenAI client: ``http://127.0.0.1:PORT/v1``."""
-        return f"http://{self.host}:{self._port}/v1"
+        """The base URL to give an OpenAI client: ``http://127.0.0.1:PORT/v1`` (https with
+        an ``ssl_context``)."""
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self._port}/v1"
 
     # ------------------------------------------------------------------ faults
     def fail_next(

@@ -108,6 +108,7 @@ from orchestrator.backends.base import (
     count_abandoned_request,
     count_http_request,
 )
+from orchestrator.backends.lazytls import LazyTLSTransport
 from orchestrator.backends.openai_caps import downgraded, probe_kwargs, run_probe
 from orchestrator.backends.openai_errors import (
     Failure,
@@ -289,9 +290,10 @@ class OpenAIBackend(Backend):
         self._serial = itertools.count(1)
         self._client = openai.AsyncOpenAI(
             base_url=base_url, api_key=api_key, timeout=client_timeout, max_retries=0,
-            http_client=openai.DefaultAsyncHttpxClient(limits=_HTTP.Limits(
-                max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_KEEPALIVE,
-                keepalive_expiry=keepalive_expiry)),
+            http_client=openai.DefaultAsyncHttpxClient(transport=LazyTLSTransport(
+                _HTTP, _HTTP.Limits(max_connections=MAX_CONNECTIONS,
+                                    max_keepalive_connections=MAX_KEEPALIVE,
+                                    keepalive_expiry=keepalive_expiry))),
         )
         self._caps = capabilities
         self._probed: Capabilities | None = None

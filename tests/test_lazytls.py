@@ -1,0 +1,158 @@
+"""The openai client's transport (orchestrator.backends.lazytls): an ``http://`` endpoint
+never builds an SSL context; ``https://``, also reached through a redirect from an
+``http://`` base URL, is verified with the default TLS set-up (``SSL_CERT_FILE`` read).
+
+The HTTPS server is the local test server with a self-signed certificate for 127.0.0.1
+made for these tests (tests/data/tls, valid to 2126)."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from orchestrator.backends.base import Capabilities, GenerationRequest, TextDelta
+from orchestrator.backends.lazytls import LazyTLSTransport
+from orchestrator.backends.openai_compat import OpenAIBackend
+from orchestrator.errors import SolverifyError
+from tests.openai_server import OpenAIServer
+
+TLS = Path(__file__).resolve().parent / "data" / "tls"
+CERT = TLS / "cert.pem"
+
+
+def _chat() -> GenerationRequest:
+    return GenerationRequest(kind="solve", max_tokens=8,
+                             messages=({"role": "user", "content": "say hello"},))
+
+
+async def _text(backend: OpenAIBackend) -> str:
+    out = []
+    async with backend.stream(_chat()) as events:
+        async for event in events:
+            if isinstance(event, TextDelta):
+                out.append(event.text)
+    return "".join(out)
+
+
+def _transport(backend: OpenAIBackend) -> LazyTLSTransport:
+    transport = backend._client._client._transport
+    assert isinstance(transport, LazyTLSTransport)
+    return transport
+
+
+def _untrusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The system's trust only, which does not hold the test certificate."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+@pytest.fixture
+async def https_server() -> AsyncIterator[OpenAIServer]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(CERT, TLS / "key.pem")
+    async with OpenAIServer(ssl_context=context) as server:
+        yield server
+
+
+@pytest.fixture
+async def redirector(https_server: OpenAIServer) -> AsyncIterator[str]:
+    """An ``http://`` base URL whose every request is sent on (307) to the HTTPS server."""
+    target = https_server.url.removesuffix("/v1")
+
+    async def forward(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(target + request.path_qs)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
+
+
+def _backend(url: str) -> OpenAIBackend:
+    return OpenAIBackend(url, "test-model", capabilities=Capabilities(),
+                         backoff_base=0.001, backoff_cap=0.01)
+
+
+async def test_a_plain_http_endpoint_never_loads_a_ca_bundle(openai_server, monkeypatch):
+    loads = []
+    real = ssl.SSLContext.load_verify_locations
+
+    def counting(self, *args, **kwargs):
+        loads.append(args or kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counting)
+    backend = _backend(openai_server.url)
+    try:
+        assert await _text(backend)
+        assert loads == []
+        assert not _transport(backend).tls_built
+    finally:
+        await backend.aclose()
+
+
+async def test_https_is_verified_with_the_default_setup_built_at_the_first_request(
+        https_server, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", str(CERT))
+    backend = _backend(https_server.url)
+    try:
+        assert not _transport(backend).tls_built  # nothing built before a request
+        assert await _text(backend)
+        assert _transport(backend).tls_built
+    finally:
+        await backend.aclose()
+
+
+async def test_an_untrusted_https_certificate_is_refused(https_server, monkeypatch):
+    _untrusted(monkeypatch)
+    backend = _backend(https_server.url)
+    try:
+        with pytest.raises(SolverifyError) as caught:
+            await _text(backend)
+    finally:
+        await backend.aclose()
+    assert any(isinstance(e, ssl.SSLCertVerificationError) for e in _chain(caught.value))
+    assert https_server.generation_requests() == []
+
+
+async def test_an_http_base_url_redirecting_to_https_is_followed_and_verified(
+        https_server, redirector, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", str(CERT))
+    backend = _backend(redirector)
+    try:
+        assert await _text(backend)
+        assert _transport(backend).tls_built
+        assert len(https_server.generation_requests()) == 1
+    finally:
+        await backend.aclose()
+
+
+async def test_a_redirect_to_an_untrusted_https_server_is_refused(
+        https_server, redirector, monkeypatch):
+    _untrusted(monkeypatch)
+    backend = _backend(redirector)
+    try:
+        with pytest.raises(SolverifyError) as caught:
+            await _text(backend)
+    finally:
+        await backend.aclose()
+    assert any(isinstance(e, ssl.SSLCertVerificationError) for e in _chain(caught.value))
+    assert https_server.generation_requests() == []
