@@ -383,8 +383,9 @@ class OpenAIBackend(Backend):
         """``GET /models``, read as JSON by hand: a reply that is not a model list (an
         HTML page, an event stream: usually a URL that is not an OpenAI-compatible API)
         is a clear :class:`RequestRejected`, not a parse error deep in the client."""
-        raw = await self._client.models.with_raw_response.list()
-        response = raw.http_response
+        # the client's plain GET (its auth, retries off, error types), not
+        # ``client.models``, whose resource and pagination modules cost some 5 ms to load
+        response = await self._client.get("/models", cast_to=_HTTP_RESPONSE)
         kind = response.headers.get("content-type") or "no content type"
         text = response.text
         try:
