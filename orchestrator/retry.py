@@ -4,7 +4,8 @@ The constants that shape retrying are defined in :mod:`orchestrator.defaults` an
 here too. The backend asks three questions:
 
 * :func:`is_retryable` — may this failure go away if the same request is sent again?
-  Connection errors and timeouts, and the statuses in :data:`RETRYABLE_STATUS_CODES`.
+  Connection errors and timeouts, and the statuses in :data:`RETRYABLE_STATUS_CODES`;
+  not a server certificate that failed verification (:func:`certificate_refused`).
 * :func:`next_delay` — how long to wait before the next attempt? The server's
   ``Retry-After`` (``retry-after-ms``, delta-seconds or an HTTP date) when it sent one,
   capped at :data:`RETRY_AFTER_CAP`; otherwise exponential backoff with full jitter.
@@ -27,6 +28,7 @@ import asyncio
 import email.utils
 import math
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -85,6 +87,20 @@ def is_connection_error(exc: BaseException) -> bool:
     return bool(names & {"APIConnectionError", "APITimeoutError", "TransportError"})
 
 
+def certificate_refused(exc: BaseException) -> bool:
+    """True when the chain of causes holds a failed verification of the server's TLS
+    certificate: the same request would fail the same way (an untrusted or expired
+    certificate, a host name it does not name)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def is_retryable(exc: BaseException) -> bool:
     """May sending the same request again succeed? Never true for cancellation."""
     if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
@@ -94,7 +110,7 @@ def is_retryable(exc: BaseException) -> bool:
     code = status_code_of(exc)
     if code is not None:
         return is_retryable_status(code)
-    return is_connection_error(exc)
+    return is_connection_error(exc) and not certificate_refused(exc)
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

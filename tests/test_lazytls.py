@@ -1,6 +1,7 @@
 """The openai client's transport (orchestrator.backends.lazytls): an ``http://`` endpoint
 never builds an SSL context; ``https://``, also reached through a redirect from an
-``http://`` base URL, is verified with the default TLS set-up (``SSL_CERT_FILE`` read).
+``http://`` base URL, is verified with the default TLS set-up (``SSL_CERT_FILE`` read),
+and a certificate that fails verification is refused at once, not retried.
 
 The HTTPS server is the local test server with a self-signed certificate for 127.0.0.1
 made for these tests (tests/data/tls, valid to 2126)."""
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from orchestrator.backends.base import Capabilities, GenerationRequest, TextDelta
 from orchestrator.backends.lazytls import LazyTLSTransport
 from orchestrator.backends.openai_compat import OpenAIBackend
-from orchestrator.errors import SolverifyError
+from orchestrator.errors import EndpointUnreachable
 from tests.openai_server import OpenAIServer
 
 TLS = Path(__file__).resolve().parent / "data" / "tls"
@@ -121,15 +123,24 @@ async def test_https_is_verified_with_the_default_setup_built_at_the_first_reque
         await backend.aclose()
 
 
-async def test_an_untrusted_https_certificate_is_refused(https_server, monkeypatch):
+def _assert_refused_once(caught: pytest.ExceptionInfo[EndpointUnreachable],
+                         logged: list[dict]) -> None:
+    """Refused with a clear error, and not retried: it would fail the same way again."""
+    assert any(isinstance(e, ssl.SSLCertVerificationError) for e in _chain(caught.value))
+    assert "TLS certificate failed verification" in str(caught.value)
+    assert "SSL_CERT_FILE" in str(caught.value)
+    assert [e for e in logged if e["event"] == "backend.retry"] == []
+
+
+async def test_an_untrusted_https_certificate_is_refused_at_once(https_server, monkeypatch):
     _untrusted(monkeypatch)
     backend = _backend(https_server.url)
     try:
-        with pytest.raises(SolverifyError) as caught:
+        with capture_logs() as logged, pytest.raises(EndpointUnreachable) as caught:
             await _text(backend)
     finally:
         await backend.aclose()
-    assert any(isinstance(e, ssl.SSLCertVerificationError) for e in _chain(caught.value))
+    _assert_refused_once(caught, logged)
     assert https_server.generation_requests() == []
 
 
@@ -150,9 +161,9 @@ async def test_a_redirect_to_an_untrusted_https_server_is_refused(
     _untrusted(monkeypatch)
     backend = _backend(redirector)
     try:
-        with pytest.raises(SolverifyError) as caught:
+        with capture_logs() as logged, pytest.raises(EndpointUnreachable) as caught:
             await _text(backend)
     finally:
         await backend.aclose()
-    assert any(isinstance(e, ssl.SSLCertVerificationError) for e in _chain(caught.value))
+    _assert_refused_once(caught, logged)
     assert https_server.generation_requests() == []

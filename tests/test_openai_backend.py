@@ -833,3 +833,21 @@ async def _failure(call: Any) -> BaseException:
     except Exception as exc:
         return exc
     raise AssertionError("expected a failure")
+
+
+def test_a_certificate_that_failed_verification_is_not_retried() -> None:
+    import ssl
+
+    def chained(cause: BaseException) -> BaseException:
+        outer = ConnectionError("Connection error.")
+        outer.__cause__ = cause
+        return outer
+
+    refused = ssl.SSLCertVerificationError(1, "certificate verify failed: self-signed")
+    assert retry.certificate_refused(chained(refused))
+    assert not retry.is_retryable(chained(refused))
+    assert not retry.is_retryable(refused)
+    # other TLS trouble (a handshake cut short) and plain connection errors may pass
+    assert retry.is_retryable(chained(ssl.SSLEOFError(8, "EOF occurred in violation")))
+    assert retry.is_retryable(ConnectionResetError())
+    assert not retry.certificate_refused(ConnectionResetError())

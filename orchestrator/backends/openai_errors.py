@@ -22,6 +22,7 @@ from orchestrator.errors import (
 )
 from orchestrator.retry import (
     MalformedStream,
+    certificate_refused,
     is_connection_error,
     is_retryable_status,
     status_code_of,
@@ -179,6 +180,14 @@ TRANSLATIONS: tuple[Translation, ...] = (
         RequestRejected,
         "{where} answered {status}: {message}{hint}",
         keeps_status=True,
+    ),
+    Translation(
+        "the server's TLS certificate failed verification (not retried)",
+        lambda f: certificate_refused(f.exc),
+        EndpointUnreachable,
+        "cannot reach {base_url}: its TLS certificate failed verification "
+        "({described}); for a certificate from a private CA, point SSL_CERT_FILE at "
+        "that CA's bundle",
     ),
     Translation(
         "no connection ever made",
