@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -256,6 +257,12 @@ class _Status(Exception):
 ConnectError = type("ConnectError", (Exception,), {})
 
 
+def _cert_refused() -> BaseException:
+    exc = ConnectError("verify failed")
+    exc.__cause__ = ssl.SSLCertVerificationError(1, "self-signed certificate")
+    return exc
+
+
 async def _served() -> list[str]:
     return ["m1", "m2"]
 
@@ -273,6 +280,10 @@ async def test_each_row_of_the_table_is_reached() -> None:
          "http://h/v1 (model 'm'): gave up after 3 attempt(s); last status 503: busy"),
         (_Status(401, {"message": "no key"}), RequestRejected,
          "http://h/v1 (model 'm') answered 401: no key"),
+        (_cert_refused(), EndpointUnreachable,
+         "cannot reach http://h/v1: its TLS certificate failed verification (ConnectError: "
+         "verify failed (SSLCertVerificationError: self-signed certificate)); for a "
+         "certificate from a private CA, point SSL_CERT_FILE at that CA's bundle"),
         (ConnectError("refused"), EndpointUnreachable,
          "cannot reach http://h/v1 after 3 attempt(s): ConnectError: refused"),
         (MalformedStream("garbage"), RetriesExhausted,
