@@ -30,7 +30,7 @@ import math
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import tenacity
@@ -87,18 +87,22 @@ def is_connection_error(exc: BaseException) -> bool:
     return bool(names & {"APIConnectionError", "APITimeoutError", "TransportError"})
 
 
-def certificate_refused(exc: BaseException) -> bool:
-    """True when the chain of causes holds a failed verification of the server's TLS
-    certificate: the same request would fail the same way (an untrusted or expired
-    certificate, a host name it does not name)."""
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what caused it (``__cause__``, else ``__context__``), and so on,
+    each once (a chain that loops ends where it would repeat)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, ssl.SSLCertVerificationError):
-            return True
+        yield current
         current = current.__cause__ or current.__context__
-    return False
+
+
+def certificate_refused(exc: BaseException) -> bool:
+    """True when the chain of causes holds a failed verification of the server's TLS
+    certificate: the same request would fail the same way (an untrusted or expired
+    certificate, a host name it does not name)."""
+    return any(isinstance(e, ssl.SSLCertVerificationError) for e in causes(exc))
 
 
 def is_retryable(exc: BaseException) -> bool:

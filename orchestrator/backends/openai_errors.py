@@ -22,6 +22,7 @@ from orchestrator.errors import (
 )
 from orchestrator.retry import (
     MalformedStream,
+    causes,
     certificate_refused,
     is_connection_error,
     is_retryable_status,
@@ -102,16 +103,9 @@ def is_model_missing(status: int, exc: BaseException) -> bool:
 
 def never_connected(exc: BaseException) -> bool:
     """True when the chain of causes shows that no connection was ever made."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ConnectionRefusedError):
-            return True
-        if {cls.__name__ for cls in type(current).__mro__} & _NEVER_CONNECTED:
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any(isinstance(e, ConnectionRefusedError)
+               or {cls.__name__ for cls in type(e).__mro__} & _NEVER_CONNECTED
+               for e in causes(exc))
 
 
 @dataclass(frozen=True, slots=True)
