@@ -889,6 +889,18 @@ class MathResponder:
         return [Tok(word, top[0][1], top)]
 
 
+async def serve_handler(handler: Callable[[web.Request], Any]) -> tuple[web.AppRunner, str]:
+    """A plain HTTP server on 127.0.0.1 that answers every path and method with
+    ``handler``: its runner (``await runner.cleanup()`` stops it) and its root URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
 async def _serve(
     host: str, port: int, delay: float, models: Sequence[str] | None, block: int | None,
     llamacpp: bool = False,

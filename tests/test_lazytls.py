@@ -20,7 +20,8 @@ from orchestrator.backends.base import Capabilities, GenerationRequest, TextDelt
 from orchestrator.backends.lazytls import LazyTLSTransport
 from orchestrator.backends.openai_compat import OpenAIBackend
 from orchestrator.errors import EndpointUnreachable
-from tests.openai_server import OpenAIServer
+from orchestrator.retry import causes
+from tests.openai_server import OpenAIServer, serve_handler
 
 TLS = Path(__file__).resolve().parent / "data" / "tls"
 CERT = TLS / "cert.pem"
@@ -52,14 +53,6 @@ def _untrusted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return seen
-
-
 @pytest.fixture
 async def https_server() -> AsyncIterator[OpenAIServer]:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -76,14 +69,9 @@ async def redirector(https_server: OpenAIServer) -> AsyncIterator[str]:
     async def forward(request: web.Request) -> web.Response:
         raise web.HTTPTemporaryRedirect(target + request.path_qs)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, root = await serve_handler(forward)
     try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        yield root + "/v1"
     finally:
         await runner.cleanup()
 
@@ -123,25 +111,25 @@ async def test_https_is_verified_with_the_default_setup_built_at_the_first_reque
         await backend.aclose()
 
 
-def _assert_refused_once(caught: pytest.ExceptionInfo[EndpointUnreachable],
-                         logged: list[dict]) -> None:
-    """Refused with a clear error, and not retried: it would fail the same way again."""
-    assert any(isinstance(e, ssl.SSLCertVerificationError) for e in _chain(caught.value))
-    assert "TLS certificate failed verification" in str(caught.value)
-    assert "SSL_CERT_FILE" in str(caught.value)
-    assert [e for e in logged if e["event"] == "backend.retry"] == []
-
-
-async def test_an_untrusted_https_certificate_is_refused_at_once(https_server, monkeypatch):
-    _untrusted(monkeypatch)
-    backend = _backend(https_server.url)
+async def _assert_refused_at_once(url: str, https_server: OpenAIServer) -> None:
+    """A request to ``url`` is refused with a clear error, and not retried (it would fail
+    the same way again); nothing reached the HTTPS server."""
+    backend = _backend(url)
     try:
         with capture_logs() as logged, pytest.raises(EndpointUnreachable) as caught:
             await _text(backend)
     finally:
         await backend.aclose()
-    _assert_refused_once(caught, logged)
+    assert any(isinstance(e, ssl.SSLCertVerificationError) for e in causes(caught.value))
+    assert "TLS certificate failed verification" in str(caught.value)
+    assert "SSL_CERT_FILE" in str(caught.value)
+    assert [e for e in logged if e["event"] == "backend.retry"] == []
     assert https_server.generation_requests() == []
+
+
+async def test_an_untrusted_https_certificate_is_refused_at_once(https_server, monkeypatch):
+    _untrusted(monkeypatch)
+    await _assert_refused_at_once(https_server.url, https_server)
 
 
 async def test_an_http_base_url_redirecting_to_https_is_followed_and_verified(
@@ -159,11 +147,4 @@ async def test_an_http_base_url_redirecting_to_https_is_followed_and_verified(
 async def test_a_redirect_to_an_untrusted_https_server_is_refused(
         https_server, redirector, monkeypatch):
     _untrusted(monkeypatch)
-    backend = _backend(redirector)
-    try:
-        with capture_logs() as logged, pytest.raises(EndpointUnreachable) as caught:
-            await _text(backend)
-    finally:
-        await backend.aclose()
-    _assert_refused_once(caught, logged)
-    assert https_server.generation_requests() == []
+    await _assert_refused_at_once(redirector, https_server)

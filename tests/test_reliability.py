@@ -17,7 +17,7 @@ from orchestrator.backends.openai_compat import OpenAIBackend
 from orchestrator.errors import ConfigError, DataError, RequestRejected, StreamBroken
 from orchestrator.redact import redact_secrets, redact_text, redact_url
 from orchestrator.results_io import open_results, read_results, sidecar_path
-from tests.openai_server import OpenAIServer
+from tests.openai_server import OpenAIServer, serve_handler
 
 
 @pytest.fixture(autouse=True)
@@ -197,16 +197,6 @@ async def test_without_server_usage_the_count_says_it_is_estimated_and_from_what
 
 
 # ---- endpoints that are not what they seem -----------------------------------------------
-async def _serve(handler) -> tuple[web.AppRunner, str]:
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-
 @pytest.mark.parametrize(("body", "kind"), [
     ("<html><body>Welcome to nginx</body></html>", "text/html"),
     ('data: {"id": 1}\n\n', "text/event-stream"),
@@ -215,7 +205,7 @@ async def test_a_models_reply_that_is_not_json_is_a_clear_error(body: str, kind:
     async def handler(request):
         return web.Response(text=body, content_type=kind)
 
-    runner, root = await _serve(handler)
+    runner, root = await serve_handler(handler)
     try:
         async with OpenAIBackend(root + "/v1", "m") as backend:
             with pytest.raises(RequestRejected, match=rf"answered 200 with {kind}.*not JSON.*"
@@ -237,7 +227,7 @@ async def test_a_stream_reply_that_is_not_an_event_stream_is_a_clear_error(
     async def handler(request):
         return web.Response(text=body, content_type=kind)
 
-    runner, root = await _serve(handler)
+    runner, root = await serve_handler(handler)
     try:
         async with OpenAIBackend(root + "/v1", "m", capabilities=Capabilities()) as backend:
             with pytest.raises(RequestRejected, match=rf"with {kind}.*, not an event stream"):
