@@ -97,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "--policy", args.policy, "--out", str(out), "--overwrite",
                     "--no-progress"]
 
+        def importing(python: str) -> list[str]:
+            return [python, "-c", "import openai"]
+
         def cwd(python: str) -> str | None:  # another interpreter: outside the checkout
             return tmp if os.path.realpath(python) != os.path.realpath(sys.executable) else None
 
@@ -106,13 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             server.wait_ready()
             for python in pythons:  # warm the file cache (and bytecode) for each
-                _child_cpu([python, "-c", "import openai"], env, cwd(python))
+                _child_cpu(importing(python), env, cwd(python))
                 _child_cpu(run(python), env, cwd(python))
             for i in range(args.rounds):
                 # each interpreter's import, then the runs, in an order that alternates
                 for python in pythons:
                     times[python]["import openai"].append(
-                        _child_cpu([python, "-c", "import openai"], env, cwd(python)))
+                        _child_cpu(importing(python), env, cwd(python)))
                 for python in (pythons if i % 2 == 0 else pythons[::-1]):
                     times[python]["solverify run"].append(
                         _child_cpu(run(python), env, cwd(python)))
