@@ -9,9 +9,15 @@ import contextlib
 
 import pytest
 
-from orchestrator.backends.base import EventStream, GenerationRequest, TextDelta, UsageReport
+from orchestrator.backends.base import (
+    Backend,
+    EventStream,
+    GenerationRequest,
+    TextDelta,
+    UsageReport,
+)
 from orchestrator.backends.fake import FakeBackend, FakeReply, scripted
-from orchestrator.backends.streams import EmulatedN, StreamSlots
+from orchestrator.backends.streams import _MERGE_QUEUE_SIZE, EmulatedN, StreamSlots
 from orchestrator.errors import ConfigError, StreamBroken
 from orchestrator.runtime import run_batch, solve
 from orchestrator.types import Problem
@@ -247,6 +253,57 @@ async def test_emulated_events_read_ahead_before_the_handover_are_charged(n, len
     assert r.answer == "seven"
     assert r.usage.completion_tokens == fake.generated_tokens > length
     assert sum(f.completion_tokens for f in r.failed) == fake.generated_tokens - length
+
+
+class _Burst(Backend):
+    """Request 0 hands over ``words`` tokens and an answer in one burst (no await between
+    them: an HTTP read that brings many SSE lines at once), faster than the merged
+    stream's reader takes them; request 1 answers after one loop turn. ``generated``:
+    the tokens handed over, as the server counts them."""
+
+    cut_grace = 0.0
+
+    def __init__(self, words: int) -> None:
+        self.words = words
+        self.generated = 0
+        self.opened = 0
+
+    @contextlib.asynccontextmanager
+    async def stream(self, request: GenerationRequest):
+        index = self.opened
+        self.opened += 1
+        words = ["w"] * self.words + ["so", "seven"] if index == 0 else ["so", "seven"]
+
+        async def events():
+            if index:
+                await asyncio.sleep(0)
+            for j, word in enumerate(words):
+                self.generated += 1
+                yield TextDelta(choice=0, text=f" {word}" if j else word, tokens=1,
+                                finish_reason="stop" if j == len(words) - 1 else None)
+            yield UsageReport(5, len(words), final=True)
+
+        gen = events()
+        try:
+            yield gen
+        finally:
+            await gen.aclose()
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("words", [_MERGE_QUEUE_SIZE // 2, 3 * _MERGE_QUEUE_SIZE])
+async def test_an_event_waiting_for_room_in_the_merge_queue_is_charged(words):
+    """Choice 0 floods the merge queue (256 events) and waits for room with one more
+    event in hand when choice 1's answer stops the problem (cut_grace 0: the stream is
+    cancelled at once). That event was never queued, so it was lost: 768 tokens handed
+    over, 767 charged."""
+    backend = _Burst(words)
+    r = await solve(PROBLEM, _FirstAnswer(), backend=EmulatedN(backend, native_n=False),
+                    task=WordTask())
+    assert r.answer == "seven"
+    assert r.usage.completion_tokens == backend.generated
 
 
 async def test_an_emulated_failure_read_ahead_is_recorded_when_the_reader_is_cancelled():

@@ -49,6 +49,32 @@ _log = logs.get_logger(__name__)
 
 _MERGE_QUEUE_SIZE = 256
 
+_Item = tuple[int, StreamEvent | BaseException | None]
+
+
+class _MergeQueue(asyncio.Queue[_Item]):
+    """The queue from the single-choice streams to the merger, which also knows what a
+    stream holds while it waits for room. An event a stream has received is charged by
+    the server; a stream cancelled while it waits for a full queue (more than
+    :data:`_MERGE_QUEUE_SIZE` events ahead of the reader) never queues it, so it stays
+    in :attr:`in_hand` for :func:`_drain` (it was lost: 768 tokens generated, 767
+    charged)."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        #: choice -> the item its stream is waiting to queue (at most one per stream)
+        self.in_hand: dict[int, StreamEvent | BaseException | None] = {}
+
+    async def hand(self, index: int, item: StreamEvent | BaseException | None) -> None:
+        """Queue ``item`` of choice ``index``, waiting for room."""
+        if not self.full():
+            self.put_nowait((index, item))
+            return
+        self.in_hand[index] = item
+        await self.put((index, item))  # cancelled: not queued, and left in in_hand
+        self.in_hand.pop(index, None)  # (taken by _drain if the stream was closed first)
+
+
 NativeN = bool | Callable[[GenerationRequest], Awaitable[bool]]
 
 
@@ -238,8 +264,7 @@ class EmulatedN(Backend):
         raised here, on opening, as it is for a single stream, so a caller that fails
         over on opening (:class:`~orchestrator.backends.multi.MultiBackend`) does so.
         """
-        queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]] = asyncio.Queue(
-            _MERGE_QUEUE_SIZE)
+        queue = _MergeQueue(_MERGE_QUEUE_SIZE)
         held: BaseException | None = None
         where = self.slots.name or repr(self.backend)
         streams: list[EventStream] = []  # the open single-choice streams, cut together
@@ -290,7 +315,7 @@ class EmulatedN(Backend):
         self,
         request: GenerationRequest,
         index: int,
-        queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]],
+        queue: _MergeQueue,
         streams: list[EventStream],
         cut: list[bool],
     ) -> None:
@@ -308,13 +333,13 @@ class EmulatedN(Backend):
                         # whose body is ending races its return to the pool (a request
                         # then sent on it fails and is asked again)
                         streams.remove(events)
-                    await queue.put((index, event))
+                    await queue.hand(index, event)
         except Exception as exc:
             # after the request was cut, a stream ending with an error (a half-closed
             # connection closed mid-body) is the end of the cut, not a failed choice
-            await queue.put((index, None if cut[0] else exc))
+            await queue.hand(index, None if cut[0] else exc)
         else:
-            await queue.put((index, None))
+            await queue.hand(index, None)
 
 
 def single_choice(request: GenerationRequest, index: int) -> GenerationRequest:
@@ -324,10 +349,10 @@ def single_choice(request: GenerationRequest, index: int) -> GenerationRequest:
 
 
 async def merge_streams(
-    queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]],
+    queue: asyncio.Queue[_Item],
     k: int,
     where: str,
-    first: tuple[int, StreamEvent | BaseException | None] | None = None,
+    first: _Item | None = None,
     failed: dict[int, BaseException] | None = None,
     unread: list[StreamEvent] | None = None,
 ) -> AsyncIterator[StreamEvent]:
@@ -416,13 +441,17 @@ async def merge_streams(
         yield _final_sum(latest.values())
 
 
-def _drain(queue: asyncio.Queue[tuple[int, StreamEvent | BaseException | None]],
-           sent: dict[int, int], latest: dict[int, UsageReport],
+def _drain(queue: asyncio.Queue[_Item], sent: dict[int, int], latest: dict[int, UsageReport],
            failed: dict[int, BaseException] | None, unread: list[StreamEvent]) -> None:
-    """Move what is left in ``queue`` to ``unread`` (see :func:`merge_streams`)."""
+    """Move what is left in ``queue`` to ``unread`` (see :func:`merge_streams`), then
+    what its streams hold waiting for room (:class:`_MergeQueue`; each stream's is the
+    latest of its items)."""
     counted = False
-    while not queue.empty():
-        index, item = queue.get_nowait()
+    left = [queue.get_nowait() for _ in range(queue.qsize())]
+    if isinstance(queue, _MergeQueue):
+        left.extend(queue.in_hand.items())
+        queue.in_hand.clear()
+    for index, item in left:
         if isinstance(item, TextDelta):
             sent[index] = sent.get(index, 0) + item.tokens
             unread.append(dataclasses.replace(item, choice=index))
