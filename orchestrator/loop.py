@@ -377,8 +377,14 @@ class ProblemRun:
             cls = SampleCancelled if why == "cancelled" else SampleFailed
             if self.sinks:
                 self.emit(cls(self.problem.id, now, sample))
-        if error is not None and isinstance(error, FATAL_ERRORS) and self.fatal is None:
-            self.fatal = error
+        if self.fatal is None:
+            # a fatal error of one choice of an emulated n (a choice's stream opened after
+            # the others had begun: the request's own error is then a StreamBroken) is
+            # fatal too, as it is when it is the request's
+            for e in (error, *req.failed_choices.values()):
+                if isinstance(e, FATAL_ERRORS):
+                    self.fatal = e
+                    break
         self.open.pop(req.request_id, None)
         if self.sinks:
             self.emit(RequestFinished(

@@ -18,7 +18,7 @@ from orchestrator.backends.base import (
 )
 from orchestrator.backends.fake import FakeBackend, FakeReply, scripted
 from orchestrator.backends.streams import _MERGE_QUEUE_SIZE, EmulatedN, StreamSlots
-from orchestrator.errors import ConfigError, StreamBroken
+from orchestrator.errors import ConfigError, ModelNotFound, StreamBroken
 from orchestrator.runtime import run_batch, solve
 from orchestrator.types import Problem
 from policies import SelfConsistency
@@ -321,6 +321,26 @@ async def test_an_emulated_failure_read_ahead_is_recorded_when_the_reader_is_can
     assert [(f.reason, f.completion_tokens) for f in r.failed] == [("failed", 1)]
     assert isinstance(r.failed[0].error, StreamBroken)
     assert r.usage.completion_tokens == fake.generated_tokens == 3
+
+
+async def test_a_fatal_error_of_one_emulated_choice_ends_the_problem():
+    """One stream at a time: choice 1's stream opens after choice 0 has begun and is
+    refused (the model is gone). The request's error is then a StreamBroken, and the
+    choice's ModelNotFound was treated as a broken sample and replaced, where the same
+    error of a request of its own ends the problem."""
+    def respond(req: GenerationRequest, i: int) -> FakeReply:
+        if i == 1:
+            return FakeReply.text("x", fail_after=0, error=ModelNotFound("model gone"))
+        return FakeReply.text("so seven")
+
+    fake = FakeBackend(scripted(respond))
+    r = await solve(PROBLEM, SelfConsistency(n=3),
+                    backend=EmulatedN(fake, native_n=False, max_streams=1), task=WordTask())
+    assert isinstance(r.error, ModelNotFound)
+    assert r.stop_code == "error"
+    assert r.answer == "seven"  # the votes in hand
+    assert len(fake.requests) == 3  # nothing sent after the fatal error
+    assert [(f.reason, type(f.error)) for f in r.failed] == [("failed", ModelNotFound)]
 
 
 async def test_a_failed_emulated_choice_leaves_its_siblings_running():
