@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 
 import aiohttp
 import pytest
@@ -180,6 +181,22 @@ async def test_a_probe_never_answered_gives_up_after_its_attempts():
         assert await tokenizer.probe() is None
         clock.now += 1000
     assert len(calls) == 2 * PROBE_ATTEMPTS  # both paths tried on each attempt, then no more
+
+
+async def test_a_probe_refused_by_certificate_verification_is_not_asked_again():
+    # the same call would fail the same way (as generation requests are not retried)
+    def refused() -> ConnectionError:
+        exc = ConnectionError("TLS handshake failed")
+        exc.__cause__ = ssl.SSLCertVerificationError("certificate verify failed")
+        return exc
+
+    post, calls = scripted_post([refused(), refused()])
+    clock = Clock()
+    tokenizer = ServerTokenizer(post, "m", clock=clock)
+    assert await tokenizer.probe() is None
+    clock.now += 1000
+    assert await tokenizer.probe() is None
+    assert len(calls) == 2  # one probe of both paths, then taken as no tokenizer
 
 
 async def test_counts_in_one_outage_use_one_probe_attempt():

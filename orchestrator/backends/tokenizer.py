@@ -21,7 +21,8 @@ is an estimate, flagged ``tokenize-text`` (see :data:`orchestrator.ledger.ESTIMA
 The probe's answer is kept only when the server gave one: a path it does not have (an HTTP
 4xx, a reply of another shape) means that shape is absent, but a call that could not be
 made or that the server could not answer then (no connection, a timeout, 408, 429, a 5xx
-other than 501) decides nothing, and a later count probes again, up to
+other than 501) decides nothing (a server certificate that failed verification does: no
+tokenizer), and a later count probes again, up to
 :data:`PROBE_ATTEMPTS` times, after which the server is taken to have no tokenizer. The
 attempts are spaced (:data:`PROBE_SPACING_S` after the first, twice that after the
 second): counts asked for before then are estimates without a probe. Unspaced, the
@@ -38,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from orchestrator import logs
+from orchestrator.retry import certificate_refused
 
 __all__ = ["PROBE_ATTEMPTS", "PROBE_SPACING_S", "ServerTokenizer", "root_url"]
 
@@ -64,9 +66,13 @@ def _status(exc: BaseException) -> int | None:
 
 def _unanswered(exc: BaseException) -> bool:
     """True when ``exc`` says nothing about whether the path exists: the call did not reach
-    the server (no status) or the server could not answer it then."""
+    the server (no status) or the server could not answer it then. Not a server
+    certificate that failed verification: the same call fails the same way
+    (:func:`~orchestrator.retry.certificate_refused`, as for generation requests)."""
     status = _status(exc)
-    return status is None or status in (408, 429) or (status >= 500 and status != 501)
+    if status is None:
+        return not certificate_refused(exc)
+    return status in (408, 429) or (status >= 500 and status != 501)
 
 
 def root_url(base_url: str) -> str:
