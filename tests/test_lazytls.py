@@ -8,6 +8,7 @@ made for these tests (tests/data/tls, valid to 2126)."""
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -148,3 +149,28 @@ async def test_a_redirect_to_an_untrusted_https_server_is_refused(
         https_server, redirector, monkeypatch):
     _untrusted(monkeypatch)
     await _assert_refused_at_once(redirector, https_server)
+
+
+async def test_a_replica_whose_certificate_is_refused_is_failed_over(
+        https_server, openai_server, monkeypatch):
+    """MultiBackend: the refusal is an EndpointUnreachable, so a replica with an untrusted
+    certificate is marked down and its requests go to the next one, each at once."""
+    from orchestrator.backends.multi import MultiBackend
+
+    _untrusted(monkeypatch)
+    backend = MultiBackend([_backend(https_server.url), _backend(openai_server.url)],
+                           names=["https", "http"])
+    try:
+        requests = [dataclasses.replace(_chat(), affinity=f"p{i}") for i in range(4)]
+        first = next(r for r in requests if next(iter(backend.order(r))) == 0)
+        with capture_logs() as logged:
+            for request in (first, *requests):  # the first one's home is the https replica
+                async with backend.stream(request) as events:
+                    assert [e async for e in events if isinstance(e, TextDelta)]
+        https, http = backend.stats()
+    finally:
+        await backend.aclose()
+    assert https_server.generation_requests() == []
+    assert http["requests"] == 5
+    assert https["requests"] == 0 and https["failovers"] == 1 and not https["up"]
+    assert [e for e in logged if e["event"] == "backend.retry"] == []
