@@ -46,6 +46,7 @@ def _add_pool_args(p: argparse.ArgumentParser) -> None:
                    help="pool JSONL (repeatable)")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="only the first N problems of each pool")
+    _add_contested_arg(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--simulated-verifier", action="store_true",
                    help="draw verifier readings from Beta distributions conditioned on each "
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pool the threshold is chosen on (repeatable)")
     ca.add_argument("--pool", action="append", default=[], type=Path, metavar="FILE",
                     help="with --folds: a pool of the cross-validation (repeatable)")
+    _add_contested_arg(ca)
     ca.add_argument("--folds", choices=("model", "dataset"), default=None,
                     help="leave-one-model-out (or -dataset-out) cross-validation over the "
                          "--pool pools instead of one fit/holdout split")
@@ -231,9 +233,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _share(text: str) -> float:
+    """A fraction in (0, 1] (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value:g}")
+    return value
+
+
+def _add_contested_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--contested", type=_share, default=None, metavar="SHARE",
+                   help="only the problems whose most common answer has less than SHARE "
+                        "of their samples (a harder batch: a stress test; reports name "
+                        "the pool <name>+contested<SHARE>)")
+
+
+def _load(path: Path, args: argparse.Namespace, limit: int | None = None) -> Any:
+    """A pool as the command's --limit and --contested select it."""
+    from benchmarks.pools import load_pool
+
+    pool = load_pool(path, limit=limit)
+    return pool if args.contested is None else pool.contested(args.contested)
+
+
 # ---- shared helpers ---------------------------------------------------------------------------
 def _sources(args: argparse.Namespace) -> list[Any]:
-    from benchmarks.pools import load_pool
     from benchmarks.source import ReplaySource, SimulatedVerifier
 
     verifier: Any = "auto"
@@ -241,7 +268,7 @@ def _sources(args: argparse.Namespace) -> list[Any]:
         verifier = SimulatedVerifier(correct=args.sim_correct, wrong=args.sim_wrong,
                                      lam=args.sim_lambda, vmax=args.sim_vmax, seed=args.seed,
                                      corr=args.sim_corr)
-    return [ReplaySource(load_pool(p, limit=args.limit), seed=args.seed, verifier=verifier,
+    return [ReplaySource(_load(p, args, args.limit), seed=args.seed, verifier=verifier,
                          verify_tokens=args.verify_tokens) for p in args.pool]
 
 
@@ -492,7 +519,6 @@ def _check_record_out(args: argparse.Namespace, task: Any) -> Any:
 
 def _calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from benchmarks.calibrate import calibrate, markdown
-    from benchmarks.pools import load_pool
     from benchmarks.replay import ReplayConfig
     from benchmarks.source import ReplaySource
 
@@ -500,7 +526,7 @@ def _calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:
                        decode_rate=args.decode_rate, workers=args.workers)
 
     def sources(paths: Sequence[Path]) -> list[Any]:
-        return [ReplaySource(load_pool(p), seed=args.seed) for p in paths]
+        return [ReplaySource(_load(p, args), seed=args.seed) for p in paths]
 
     if args.folds is not None:
         from benchmarks.calibrate import cross_validate, cv_markdown, spec_for

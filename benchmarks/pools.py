@@ -161,6 +161,31 @@ class Pool:
     def subset(self, limit: int) -> Pool:
         return Pool(self.name, self.problems[:limit], self.path)
 
+    def contested(self, share: float) -> Pool:
+        """The problems whose most common answer has less than ``share`` of the problem's
+        samples (samples without an answer count in the total, not as an answer): a
+        harder batch, to see how a policy holds up where more problems are contested
+        (``bench replay`` / ``bench calibrate --contested``). Named
+        ``<name>+contested<share>``, so reports tell it from the whole pool; for
+        ``bench calibrate --folds`` its dataset is the pool's, and every pool of one model
+        still makes one model fold (``<model>+contested<share>``)."""
+        if not 0 < share <= 1:
+            raise DataError(f"contested share must be in (0, 1], got {share!r}")
+        kept = tuple(p for p in self.problems if majority_share(p) < share)
+        if not kept:
+            raise DataError(f"pool {self.name}: no problem has a majority share below "
+                            f"{share:g}")
+        return Pool(f"{self.name}+contested{share:g}", kept, self.path)
+
+
+def majority_share(problem: PoolProblem) -> float:
+    """The fraction of a problem's samples that gave its most common answer."""
+    counts: dict[str, int] = {}
+    for s in problem.samples:
+        if s.key is not None:
+            counts[s.key] = counts.get(s.key, 0) + 1
+    return max(counts.values(), default=0) / len(problem.samples) if problem.samples else 0.0
+
 
 # ---- reading ---------------------------------------------------------------------------
 def _opt_int(value: Any, where: str, name: str) -> int | None:

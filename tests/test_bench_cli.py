@@ -227,3 +227,20 @@ def test_plot_without_matplotlib_fails_before_any_work(tmp_path, monkeypatch):
         main(["replay", "--pool", str(pool), "--policy", "sc:n=3", "--orders", "2",
               "--json", str(out), "--plot", str(tmp_path / "r.png")])
     assert not out.exists()
+
+
+def test_replay_on_the_contested_problems_only(tmp_path):
+    from benchmarks.calibrate import pool_group
+
+    pool = write_pool(tmp_path / "src_data_model.jsonl")  # majority shares 4/7 and 5/7
+    out = tmp_path / "r.json"
+    rc = main(["replay", "--pool", str(pool), "--contested", "0.6", "--policy", "sc:n=all",
+               "--orders", "2", "--workers", "1", "--quiet", "--json", str(out)])
+    assert rc == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["pool"] == "src_data_model+contested0.6" and run["problems"] == 2
+    # the same dataset fold, and every pool of a model in one model fold still
+    assert pool_group(run["pool"], "dataset") == "data"
+    assert pool_group(run["pool"], "model") == "model+contested0.6"
+    with pytest.raises(SystemExit):
+        main(["replay", "--pool", str(pool), "--contested", "0", "--policy", "sc:n=all"])

@@ -150,3 +150,22 @@ def test_every_shipped_pool_loads():
     capitals = load_pool(DATA / "pools" / "live_capitals_gemma3-270m.jsonl")
     assert capitals.has_verifications
     assert not load_pool(DATA / "pools" / "boinf_aime2024_Qwen3-4B.jsonl").has_verifications
+
+
+def test_contested_keeps_the_problems_below_a_majority_share(tmp_path):
+    path = write_pool(tmp_path / "boinf_aime_m.jsonl", [
+        row("unanimous", ["4", "4", "4", "4"]),
+        row("three-of-four", ["4", "4", "4", "5"]),
+        row("split", ["4", "5", "4", "5"]),
+        row("unanswered", ["4", None, None, None]),  # no answer counts in the total
+    ])
+    pool = load_pool(path)
+    hard = pool.contested(0.75)
+    assert [p.id for p in hard.problems] == ["split", "unanswered"]
+    assert hard.name == "boinf_aime_m+contested0.75"
+    assert [p.id for p in pool.contested(1.0).problems] == ["three-of-four", "split",
+                                                             "unanswered"]
+    with pytest.raises(DataError, match=r"no problem has a majority share below 0\.25"):
+        pool.contested(0.25)
+    with pytest.raises(DataError, match=r"in \(0, 1\]"):
+        pool.contested(0.0)
