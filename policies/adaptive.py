@@ -409,7 +409,9 @@ class Adaptive:
     """Finite-horizon posterior stopping with an empirical-Bayes prior learned from the run.
 
     Parameters (spec keys in brackets):
-      * ``width`` [width]: samples kept in flight (default 8).
+      * ``width`` [width]: samples kept in flight before the votes widen it (default 4,
+        chosen by leave-one-model-out cross-validation among 4-8, README "Calibration";
+        8 until Dec 7).
       * ``wide`` [wide]: most samples kept in flight when the votes are contested
         (default 16, chosen by leave-one-model-out cross-validation among 8-32, README
         "Calibration"; = ``width`` turns widening off, and one below ``width`` counts as
@@ -435,7 +437,7 @@ class Adaptive:
       * ``max_failures`` [max_failures]: broken samples replaced (default ``max``).
     """
 
-    width: int = 8
+    width: int = 4
     confidence: float = 0.9
     max: int = 64
     min_votes: int = 3

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.engine import run_order
 from benchmarks.online_diag import diagnose, main
+from benchmarks.replay import policy_for
 from benchmarks.source import ReplaySource, SimulatedVerifier
 from orchestrator.errors import ConfigError
 from tests.test_replay import make_pool
@@ -20,15 +22,26 @@ def _src() -> ReplaySource:
 
 
 def test_rows_count_readings_and_pseudo_labels():
-    rows = diagnose(_src(), "solverify", orders=2)
+    src = _src()
+    rows = diagnose(src, "solverify", orders=2)
     assert [r["order"] for r in rows] == [0, 1]
     for r in rows:
         assert r["readings"] > 0
-        # the policy holds a settled stop for its exploratory readings: none is cut
-        assert r["readings_cut"] == 0
         assert r["pseudo_positives"] + r["pseudo_negatives"] <= r["readings"]
         assert 0 <= r["pseudo_negatives_right"] <= r["pseudo_negatives"]
         assert 0.0 <= r["accuracy"] <= 1.0
+    # While it explores (its stops are adaptive's), the policy holds a settled stop for
+    # the readings in flight: none is cut. A stop on the verifier's posterior (the online
+    # estimate usable by then) may cut one launched while exploring: the posterior no
+    # longer needs it (seen once adaptive's width became 4). The rows count both.
+    policy = policy_for("solverify", 8)
+    cuts = {"exploring": 0, "verifying": 0}
+    for order in range(2):
+        for res in run_order(src, policy, order):
+            mode = "exploring" if res.reason.startswith("adaptive:") else "verifying"
+            cuts[mode] += sum(1 for f in res.failed if f.kind == "verify")
+    assert cuts["exploring"] == 0
+    assert cuts["verifying"] == sum(r["readings_cut"] for r in rows)
 
 
 def test_needs_a_verifying_policy_without_a_profile():

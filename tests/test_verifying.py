@@ -33,6 +33,10 @@ from policies.profile import BetaFit, VerifierProfile, pseudo_labelled
 from policies.verifying import Solverify, VerifyContested
 from tests.helpers import WordTask
 
+#: samples the verifying policies keep in flight while they sample (adaptive's default)
+WIDTH = Adaptive().width
+
+
 GOOD = VerifierProfile(BetaFit(6.0, 2.0), BetaFit(2.0, 6.0), auc=0.93, lam=1.0,
                        repeat_icc=0.0, simulated=True)
 REPEATS = VerifierProfile(BetaFit(6.0, 2.0), BetaFit(2.0, 6.0), auc=0.93, lam=1.0,
@@ -254,7 +258,7 @@ def test_solverify_verifies_a_contested_tie_and_samples_when_nothing_is_known(tm
     got = policy.decide(tie)
     assert got and all(isinstance(d, Verify) for d in got)
     assert {d.solution.key for d in got} == {"4", "5"}
-    assert policy.decide(make_snapshot([])) == [Sample(8)]
+    assert policy.decide(make_snapshot([])) == [Sample(WIDTH)]
 
 
 def test_verified_and_confident_is_settled_and_the_verifier_can_overturn(tmp_path):
@@ -299,7 +303,7 @@ def test_extend_samples_on_while_the_verifier_doubts_what_the_votes_settled(tmp_
     kw = {"profile": path, "doubt": 0.2, "max_reads": 4}
     if cls is Solverify:
         kw["min_gain"] = 0.5  # no reading is worth that much: only sampling is left
-    assert cls(**kw, extend=True).decide(damned) == [Sample(8)]
+    assert cls(**kw, extend=True).decide(damned) == [Sample(WIDTH)]
     (stop,) = cls(**kw, extend=False).decide(damned)
     assert isinstance(stop, Stop) and stop.key == "4"
     (stop,) = cls(**kw, extend=True, max=12).decide(damned)
@@ -342,7 +346,7 @@ def test_at_the_defaults_extend_samples_on_only_when_a_useful_verifier_doubts_th
     assert isinstance(base, Stop) and base.code == "settled"
     (asked,) = policy.decide(doubted)
     assert isinstance(asked, Verify) and asked.solution.key == "4"
-    assert policy.decide(damned) == [Sample(8)]
+    assert policy.decide(damned) == [Sample(WIDTH)]
     (stop,) = policy.decide(blessed)
     assert stop.code == "settled" and stop.key == "4"
     for snap in (doubted, damned, blessed):
@@ -626,6 +630,6 @@ def test_extend_stops_sampling_past_the_failure_cap(tmp_path):
     good = saved(tmp_path, GOOD, "g.json")
     damned = dict(scores={i: [0.05] for i in range(4)})
     policy = VerifyContested(profile=good, max_failures=2)
-    assert policy.decide(make_snapshot(["4"] * 12, failed=2, **damned)) == [Sample(8)]
+    assert policy.decide(make_snapshot(["4"] * 12, failed=2, **damned)) == [Sample(WIDTH)]
     (stop,) = policy.decide(make_snapshot(["4"] * 12, failed=3, **damned))
     assert isinstance(stop, Stop) and stop.key == "4"
