@@ -58,6 +58,12 @@ class StreamBroken(BackendError):
     """A stream failed after its first token; the partial work is recorded, not retried."""
 
 
+#: errors after which a problem cannot make progress: it ends with the error recorded
+#: (orchestrator.loop), and an emulated n sends no more of its choices
+#: (orchestrator.backends.streams)
+FATAL_ERRORS: tuple[type[BackendError], ...] = (EndpointUnreachable, ModelNotFound, RequestRejected)
+
+
 class PolicyError(SolverifyError):
     """A policy returned a decision the runtime cannot carry out."""
 

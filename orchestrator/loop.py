@@ -35,11 +35,9 @@ from collections.abc import Iterable, Sequence
 from orchestrator.backends.base import Backend
 from orchestrator.decisions import Cancel, Decision, Sample, Stop, StopCode, Verify
 from orchestrator.errors import (
+    FATAL_ERRORS,
     BackendError,
-    EndpointUnreachable,
-    ModelNotFound,
     PolicyError,
-    RequestRejected,
 )
 from orchestrator.events import (
     DecisionMade,
@@ -74,8 +72,6 @@ from orchestrator.types import (
 __all__ = ["FATAL_ERRORS", "ProblemRun", "first_exception", "majority_stop",
            "verify_reservation"]
 
-#: errors after which a problem cannot make progress: it ends with the error recorded
-FATAL_ERRORS: tuple[type[BackendError], ...] = (EndpointUnreachable, ModelNotFound, RequestRejected)
 
 
 def verify_reservation(task: Task) -> int:

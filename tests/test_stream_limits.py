@@ -327,7 +327,8 @@ async def test_a_fatal_error_of_one_emulated_choice_ends_the_problem():
     """One stream at a time: choice 1's stream opens after choice 0 has begun and is
     refused (the model is gone). The request's error is then a StreamBroken, and the
     choice's ModelNotFound was treated as a broken sample and replaced, where the same
-    error of a request of its own ends the problem."""
+    error of a request of its own ends the problem; and choice 2, waiting for the slot,
+    was still sent."""
     def respond(req: GenerationRequest, i: int) -> FakeReply:
         if i == 1:
             return FakeReply.text("x", fail_after=0, error=ModelNotFound("model gone"))
@@ -339,8 +340,10 @@ async def test_a_fatal_error_of_one_emulated_choice_ends_the_problem():
     assert isinstance(r.error, ModelNotFound)
     assert r.stop_code == "error"
     assert r.answer == "seven"  # the votes in hand
-    assert len(fake.requests) == 3  # nothing sent after the fatal error
-    assert [(f.reason, type(f.error)) for f in r.failed] == [("failed", ModelNotFound)]
+    assert len(fake.requests) == 2  # choice 2, still waiting for its slot, not sent
+    # choice 1 failed on its error; choice 2 ends with the request's, having sent nothing
+    assert [(f.reason, type(f.error), f.completion_tokens) for f in r.failed] == [
+        ("failed", ModelNotFound, 0), ("failed", StreamBroken, 0)]
 
 
 async def test_a_failed_emulated_choice_leaves_its_siblings_running():

@@ -20,7 +20,9 @@ merged into one ``n``-choice stream, choices renumbered. A seeded request gives 
 ``n``) is one stream, in one slot. A choice whose stream fails after the merged stream has
 begun leaves the others running to their ends (their samples kept, every token they were
 sent charged); the failure is then raised as the request's
-:class:`~orchestrator.errors.StreamBroken`.
+:class:`~orchestrator.errors.StreamBroken`. After a fatal failure
+(:data:`~orchestrator.errors.FATAL_ERRORS`: the problem ends on it) the choices still
+waiting for a slot are not sent.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from orchestrator.backends.base import (
     TextDelta,
     UsageReport,
 )
-from orchestrator.errors import ConfigError, StreamBroken
+from orchestrator.errors import FATAL_ERRORS, ConfigError, StreamBroken
 
 __all__ = ["EmulatedN", "StreamSlots", "limited_stream"]
 
@@ -159,11 +161,14 @@ class StreamSlots:
 async def limited_stream(
     backend: Backend, request: GenerationRequest, slots: StreamSlots | None,
     *, unwanted: Callable[[], bool] | None = None,
+    failing: Callable[[Exception], None] | None = None,
 ) -> AsyncIterator[AsyncIterator[StreamEvent]]:
     """``backend.stream(request)`` in one slot of ``slots``, watched for server-side cuts.
 
     ``unwanted``: asked once a slot is free; True (the request was cut while this stream
-    waited for its slot) yields an empty stream and sends nothing."""
+    waited for its slot) yields an empty stream and sends nothing. ``failing``: told of an
+    error of the stream (opening it or reading it) before its slot is freed, so that what
+    it decides holds for the next stream the slot lets in."""
     if slots is None:
         async with backend.stream(request) as events:
             yield events
@@ -173,13 +178,18 @@ async def limited_stream(
             yield _nothing()
             return
         slots.opened += 1  # streams sent (one skipped above is not)
-        async with backend.stream(request) as events:
-            watched = _watch(events, request.n, slots)
-            cut = events.cut if isinstance(events, EventStream) and events.cuttable else None
-            try:
-                yield EventStream(watched, cut)
-            finally:
-                await watched.aclose()
+        try:
+            async with backend.stream(request) as events:
+                watched = _watch(events, request.n, slots)
+                cut = events.cut if isinstance(events, EventStream) and events.cuttable else None
+                try:
+                    yield EventStream(watched, cut)
+                finally:
+                    await watched.aclose()
+        except Exception as exc:
+            if failing is not None:
+                failing(exc)
+            raise
 
 
 async def _nothing() -> AsyncIterator[StreamEvent]:
@@ -269,6 +279,7 @@ class EmulatedN(Backend):
         where = self.slots.name or repr(self.backend)
         streams: list[EventStream] = []  # the open single-choice streams, cut together
         cut = [False]
+        fatal = [False]  # a choice failed fatally: send no more choices (see _pump)
 
         def cut_all() -> None:
             cut[0] = True
@@ -277,7 +288,7 @@ class EmulatedN(Backend):
 
         async with asyncio.TaskGroup() as group:
             pumps = [group.create_task(self._pump(single_choice(request, i), i, queue,
-                                                  streams, cut))
+                                                  streams, cut, fatal))
                      for i in range(request.n)]
             try:
                 first = await queue.get()
@@ -318,10 +329,18 @@ class EmulatedN(Backend):
         queue: _MergeQueue,
         streams: list[EventStream],
         cut: list[bool],
+        fatal: list[bool],
     ) -> None:
+        def failing(exc: Exception) -> None:
+            if not cut[0] and isinstance(exc, FATAL_ERRORS):
+                # the problem ends on it (orchestrator.loop): the choices still waiting for
+                # a slot are not sent; those running go on (their samples are kept)
+                fatal[0] = True
+
         try:
             async with limited_stream(self.backend, request, self.slots,
-                                      unwanted=lambda: cut[0]) as events:
+                                      unwanted=lambda: cut[0] or fatal[0],
+                                      failing=failing) as events:
                 if isinstance(events, EventStream):
                     streams.append(events)
                     if cut[0]:  # opened after the request was cut
