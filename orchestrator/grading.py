@@ -33,7 +33,8 @@ from typing import Any, Protocol, runtime_checkable
 from orchestrator.types import Problem
 
 # sympy and math_verify (about a second of CPU to import) are imported where an answer first
-# needs them, not here: a run whose answers are numbers, letters or words never loads them.
+# needs them, not here: a run whose answers are numbers, letters or words never loads them
+# to key them, nor to grade integers (a wrong integer answer is told from its key).
 
 __all__ = ["Grader", "MathGrader", "TextGrader", "grader_for", "math_key", "text_key"]
 
@@ -141,6 +142,8 @@ _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mbo
 _WORDS_RE = re.compile(r"[A-Za-z]{2,}(?:[ '\-][A-Za-z]+)*")
 _CHOICE_RE = re.compile(r"\(?([A-J])\)?")
 _NUMBER_RE = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+")
+#: a key that is an exact integer (what :func:`_number_key` gives an integral literal)
+_INTEGER_KEY_RE = re.compile(r"-?\d+")
 
 
 def _clean_latex(answer: str) -> str:
@@ -352,8 +355,11 @@ class MathGrader:
         key = math_key(answer)
         if key is None:
             return False
-        if key == math_key(problem.answer):
+        gold = math_key(problem.answer)
+        if key == gold:
             return True
+        if gold is not None and _INTEGER_KEY_RE.fullmatch(key) and _INTEGER_KEY_RE.fullmatch(gold):
+            return False  # two different integers (AIME's answers): no need to load sympy
         return _math_verify(problem.answer, answer)
 
 

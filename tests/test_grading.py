@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -286,3 +288,23 @@ def test_text_grading_agrees_with_capitals_pool() -> None:
             total += 1
             agree += TEXT.is_correct(TEXT.extract(sample["text"]), problem) == sample["correct"]
     assert agree / total >= 0.98, f"{agree}/{total}"
+
+
+def test_a_wrong_integer_answer_is_graded_without_loading_sympy() -> None:
+    # two different integers (AIME's answers) need no math_verify: it cost ~0.85 s to
+    # load for the first wrong answer of a run; a child interpreter, to see it cold
+    code = (
+        "import sys\n"
+        "from orchestrator.grading import MathGrader\n"
+        "from orchestrator.types import Problem\n"
+        "g = MathGrader()\n"
+        "p = Problem(id='p', problem='q', answer='025')\n"
+        "assert g.is_correct('24', p) is False and g.is_correct('-25', p) is False\n"
+        "assert g.is_correct('25', p) is True\n"
+        "assert 'sympy' not in sys.modules and 'math_verify' not in sys.modules\n"
+        "assert g.is_correct('24.5', p) is False\n"  # not an integer: math_verify decides
+        "assert 'math_verify' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr
