@@ -291,7 +291,7 @@ def test_text_grading_agrees_with_capitals_pool() -> None:
 
 
 def test_a_wrong_integer_answer_is_graded_without_loading_sympy() -> None:
-    # two different integers (AIME's answers) need no math_verify: it cost ~0.85 s to
+    # two different integers (AIME's answers) need no math_verify: it cost ~0.4 s to
     # load for the first wrong answer of a run; a child interpreter, to see it cold
     code = (
         "import sys\n"
