@@ -30,6 +30,7 @@ from orchestrator.cliargs import (
     add_task_args,
     beta_params,
     float_list,
+    fraction,
     int_list,
     non_negative_float,
     non_negative_int,
@@ -233,19 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _share(text: str) -> float:
-    """A fraction in (0, 1] (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value:g}")
-    return value
-
-
 def _add_contested_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--contested", type=_share, default=None, metavar="SHARE",
+    p.add_argument("--contested", type=fraction, default=None, metavar="SHARE",
                    help="only the problems whose most common answer has less than SHARE "
                         "of their samples (a harder batch: a stress test; reports name "
                         "the pool <name>+contested<SHARE>)")

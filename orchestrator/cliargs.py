@@ -40,6 +40,11 @@ def positive_float(text: str) -> float:
     return _number(float, text, lambda v: v > 0, "a positive number")
 
 
+def fraction(text: str) -> float:
+    """A number in (0, 1]."""
+    return _number(float, text, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
 def non_negative_float(text: str) -> float:
     return _number(float, text, lambda v: v >= 0, "a number >= 0")
 
