@@ -455,6 +455,47 @@ async def test_n_emulated_when_server_ignores_n(make_backend: MakeBackend) -> No
         assert [u.final for u in usages(events)].count(True) == 1
 
 
+async def test_n_refused_mid_run_is_emulated(make_backend: MakeBackend) -> None:
+    """Capabilities said n (given, not probed); the server refuses n=3 with a 400 naming
+    it: the request is sent again as three single streams (not a fatal RequestRejected),
+    and later requests go emulated at once."""
+    counter = iter(range(100))
+
+    def numbered(body: Mapping[str, Any]) -> list[list[str | Tok]]:
+        return [[" answer", f" {next(counter)}"]]
+
+    async with OpenAIServer(numbered) as server:
+        backend = make_backend(base_url=server.url)
+        assert backend.capabilities is not None and backend.capabilities.n
+        server.fail_next(1, 400, message="'n' is not supported with this model")
+        with capture_logs() as logs:
+            events = await collect(backend, chat(n=3, seed=7))
+            again = await collect(backend, chat(n=2))
+
+        assert sorted(texts(events).values()) == [" answer 0", " answer 1", " answer 2"]
+        assert set(texts(again)) == {0, 1}
+        assert backend.capabilities is not None and not backend.capabilities.n
+        bodies = [r.body or {} for r in server.generation_requests()]
+        assert len(bodies) == 1 + 3 + 2
+        assert bodies[0]["n"] == 3
+        assert all("n" not in b for b in bodies[1:])
+        assert sorted(b["seed"] for b in bodies[1:4]) == [7, 8, 9]
+        assert sum(d.tokens for d in deltas(events + again)) == 10 == \
+            server.generation_tokens_total
+        assert [e["event"] for e in logs].count("backend.downgrade") == 1
+
+
+async def test_a_400_naming_n_on_a_single_choice_stands(make_backend: MakeBackend) -> None:
+    """n=1 asked for no n: a 400 that names it is not about n, and stands."""
+    async with OpenAIServer() as server:
+        backend = make_backend(base_url=server.url)
+        server.fail_next(1, 400, message="'n' is not supported with this model")
+        with pytest.raises(RequestRejected, match="'n' is not supported"):
+            await collect(backend, chat())
+        assert backend.capabilities is not None and backend.capabilities.n
+        assert len(server.generation_requests()) == 1
+
+
 async def test_n_emulation_a_dropped_choice_leaves_the_others_running(
     make_backend: MakeBackend,
 ) -> None:

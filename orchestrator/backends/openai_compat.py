@@ -62,7 +62,10 @@ it, and the limit on open streams (``max_streams``), are
 :class:`~orchestrator.backends.streams.EmulatedN` in front of this module's single
 streams: every HTTP stream holds a slot of the endpoint's
 :class:`~orchestrator.backends.streams.StreamSlots`, and a server that cuts a running
-stream when another arrives is served one stream at a time once seen doing it.
+stream when another arrives is served one stream at a time once seen doing it. A 400
+naming ``n`` on a real request (capabilities given, not probed, or a server behind a
+router that stopped accepting it) drops ``n`` from the capabilities and the request is
+emulated (:class:`~orchestrator.backends.streams.NativeNRefused`).
 
 HTTP requests are counted for the logical request being served
 (:func:`~orchestrator.backends.base.count_http_request`): every generation POST, retries
@@ -130,7 +133,7 @@ from orchestrator.backends.openai_wire import (
     probe_tokens,
     snippet,
 )
-from orchestrator.backends.streams import EmulatedN, StreamSlots
+from orchestrator.backends.streams import EmulatedN, NativeNRefused, StreamSlots
 from orchestrator.backends.tokenizer import ServerTokenizer, root_url
 from orchestrator.errors import (
     BackendError,
@@ -483,6 +486,11 @@ class OpenAIBackend(Backend):
             except openai.BadRequestError as exc:
                 if not self._downgrade(exc, request, caps):
                     raise
+                if request.n > 1 and self._caps is not None and not self._caps.n:
+                    # n refused, nothing generated: EmulatedN sends it as n single streams
+                    raise NativeNRefused(self._scrub(
+                        f"{self._base_url} refused n={request.n}: {error_message(exc)}"
+                    )) from exc
                 continue
             except BaseException as exc:
                 _note_abandoned(exc)
@@ -678,7 +686,8 @@ class OpenAIBackend(Backend):
         self, exc: openai.BadRequestError, request: GenerationRequest, caps: Capabilities
     ) -> bool:
         """Remember what a 400 says the server does not support; True to send again."""
-        new = downgraded(caps, error_message(exc), top_logprobs=request.top_logprobs)
+        new = downgraded(caps, error_message(exc), n=request.n,
+                         top_logprobs=request.top_logprobs)
         if new is None:
             return False
         _log.warning(

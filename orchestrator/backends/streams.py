@@ -22,7 +22,10 @@ begun leaves the others running to their ends (their samples kept, every token t
 sent charged); the failure is then raised as the request's
 :class:`~orchestrator.errors.StreamBroken`. After a fatal failure
 (:data:`~orchestrator.errors.FATAL_ERRORS`: the problem ends on it) the choices still
-waiting for a slot are not sent.
+waiting for a slot are not sent. A backend that finds out only when it sends the request
+that the server refuses ``n > 1`` (a 400 naming ``n``, before anything was generated)
+raises :class:`NativeNRefused`; the request is then emulated, and ``native_n`` (which
+reads the backend's capabilities) says no from then on.
 """
 
 from __future__ import annotations
@@ -43,13 +46,20 @@ from orchestrator.backends.base import (
     TextDelta,
     UsageReport,
 )
-from orchestrator.errors import FATAL_ERRORS, ConfigError, StreamBroken
+from orchestrator.errors import FATAL_ERRORS, BackendError, ConfigError, StreamBroken
 
-__all__ = ["EmulatedN", "StreamSlots", "limited_stream"]
+__all__ = ["EmulatedN", "NativeNRefused", "StreamSlots", "limited_stream"]
 
 _log = logs.get_logger(__name__)
 
 _MERGE_QUEUE_SIZE = 256
+
+
+class NativeNRefused(BackendError):
+    """Raised by a backend wrapped in :class:`EmulatedN` when the server refused an
+    ``n > 1`` request before generating anything, and the backend will not ask for a
+    native ``n`` again: :class:`EmulatedN` serves the request with single-choice streams.
+    Never leaves :meth:`EmulatedN.stream`."""
 
 _Item = tuple[int, StreamEvent | BaseException | None]
 
@@ -251,11 +261,17 @@ class EmulatedN(Backend):
     @asynccontextmanager
     async def stream(self, request: GenerationRequest) -> AsyncIterator[AsyncIterator[StreamEvent]]:
         if request.n == 1 or await self._native(request):
-            async with limited_stream(self.backend, request, self.slots) as events:
-                yield events
-        else:
-            async with self._emulated(request) as events:
-                yield events
+            opened = False
+            try:
+                async with limited_stream(self.backend, request, self.slots) as events:
+                    opened = True
+                    yield events
+                return
+            except NativeNRefused:
+                if opened or request.n == 1:
+                    raise  # not from sending this request: not ours to handle
+        async with self._emulated(request) as events:
+            yield events
 
     async def aclose(self) -> None:
         await self.backend.aclose()
