@@ -8,6 +8,8 @@ runs SC, GenRM and ``adaptive`` over 100 problems through it, and each run must 
 every problem in ``--out`` exactly once; the ledger equal to the completion tokens the
 proxy forwarded from the upstream; no request retried after a token reached the client;
 no task and no client socket left open; the token cap held; the documented exit status.
+SC and ``adaptive`` run once more against a server that ignores ``n``, so every ``n > 1``
+is emulated with single streams, at most 6 open at once.
 
 Set ``SOLVERIFY_FAULT_REPORT=FILE`` to get the per-run numbers as JSON.
 """
@@ -70,6 +72,16 @@ def upstream(bg: Background) -> Iterator[OpenAIServer]:
 
 def root(server: OpenAIServer) -> str:
     return f"http://{server.host}:{server.port}"
+
+
+@pytest.fixture(scope="module")
+def upstream_without_n(bg: Background) -> Iterator[OpenAIServer]:
+    """A server that ignores ``n`` (one choice whatever is asked), as llama.cpp's does:
+    the probe finds it out and every n > 1 request is emulated with single streams."""
+    server = OpenAIServer(MathResponder(), models=None, prefix_cache_block=4, ignore_n=True)
+    bg.call(server.start())
+    yield server
+    bg.call(server.stop())
 
 
 @pytest.fixture
@@ -187,25 +199,49 @@ def _report(entry: dict) -> None:
                          ids=[p[0] for p in POLICIES])
 def test_a_faulty_endpoint_loses_nothing_and_charges_exactly(
         spec, cap, max_tokens, tmp_path, proxy_factory, upstream, monkeypatch, capsys):
-    proxy = proxy_factory(rate=0.2, seed=sum(map(ord, spec)))
+    check_a_faulty_run(spec, cap, max_tokens, tmp_path, proxy_factory, upstream,
+                       monkeypatch, capsys)
+
+
+EMULATED = [("sc:n=8", 8 * 64 + 2 * 64, 64), ("adaptive", 16 * 64, 64)]
+
+
+@pytest.mark.parametrize(("spec", "cap", "max_tokens"), EMULATED,
+                         ids=[p[0] for p in EMULATED])
+def test_a_faulty_endpoint_without_n_loses_nothing_and_charges_exactly(
+        spec, cap, max_tokens, tmp_path, proxy_factory, upstream_without_n, monkeypatch,
+        capsys):
+    """The same faults and checks with every n > 1 emulated (the server ignores n) and at
+    most 6 streams open at once: a choice's fault is one single stream's, its siblings run
+    on, and choices wait for a slot."""
+    check_a_faulty_run(spec, cap, max_tokens, tmp_path, proxy_factory, upstream_without_n,
+                       monkeypatch, capsys, extra=["--max-streams", "6"], emulated=True,
+                       count=50)
+
+
+def check_a_faulty_run(spec, cap, max_tokens, tmp_path, proxy_factory, upstream, monkeypatch,
+                       capsys, *, extra: list[str] = (), emulated: bool = False,
+                       count: int = PROBLEMS) -> None:
+    proxy = proxy_factory(rate=0.2, seed=sum(map(ord, spec)) + emulated,
+                          upstream=root(upstream))
     out = tmp_path / "out.jsonl"
-    problems = problems_file(tmp_path / "p.jsonl")
+    problems = problems_file(tmp_path / "p.jsonl", count)
     generated_before = upstream.generation_tokens_total
     argv = ["run", "--base-url", proxy.url, "--model", "test-model", "--problems",
             str(problems), "--policy", spec, "--out", str(out), "--no-progress",
             "--max-tokens", str(max_tokens), "--budget-tokens", str(cap),
-            "--timeout", "8", "--idle-timeout", "1.5", "--concurrency", "16"]
+            "--timeout", "8", "--idle-timeout", "1.5", "--concurrency", "16", *extra]
     rc, leftover = run_cli(argv, monkeypatch)
     captured = capsys.readouterr()
 
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     ids = [r["id"] for r in rows]
-    assert sorted(ids) == sorted(f"q{i}" for i in range(PROBLEMS)), "every problem once"
+    assert sorted(ids) == sorted(f"q{i}" for i in range(count)), "every problem once"
     assert len(ids) == len(set(ids))
     errors = [r for r in rows if ended_on_error(r)]
     assert rc == (1 if errors else 0), captured.err
     if errors:
-        assert f"ended on an error {len(errors)} of {PROBLEMS}" in captured.out
+        assert f"ended on an error {len(errors)} of {count}" in captured.out
     ledger = sum(r["completion_tokens"] for r in rows)
     stats = proxy.stats
     assert ledger == stats.tokens_forwarded, "ledger == tokens the upstream streamed"
@@ -215,8 +251,13 @@ def test_a_faulty_endpoint_loses_nothing_and_charges_exactly(
     assert client_sockets_to(proxy.port) == 0
     assert max(r["completion_tokens"] for r in rows) <= cap
     assert all(stats.injected[k] > 0 for k in FAULT_KINDS), dict(stats.injected)
+    if emulated:
+        sent = [r.body or {} for r in upstream.generation_requests()
+                if (r.body or {}).get("max_tokens") != 1]  # not the probe's
+        assert sent and all(b.get("n", 1) == 1 for b in sent), "every request one choice"
     _report({
-        "policy": spec, "problems": len(rows), "exit": rc, "errors": len(errors),
+        "policy": spec, "emulated": emulated, "problems": len(rows), "exit": rc,
+        "errors": len(errors),
         "injected": dict(stats.injected), "requests": stats.requests,
         "retried_attempts": stats.retried(), "ledger": ledger,
         "upstream_forwarded": stats.tokens_forwarded,
