@@ -374,8 +374,10 @@ class ProblemLedger:
 
         Tokens: the worst case of everything in flight (every unfinished choice's
         reservation, in every problem of the run) plus the new samples must fit under
-        the problem's cap and the run's, so no token cap is ever exceeded. Requests and
-        cost units are counted at launch, so those caps are never exceeded either.
+        the problem's cap and the run's, so no token cap is ever exceeded. Requests are
+        counted at launch, so that cap is never exceeded either; cost units too, with λ
+        as measured now, so the cost recomputed with a λ measured later can exceed its
+        cap (:class:`~orchestrator.types.Budget`).
         """
         tokens, requests, _ = self.left()
         if requests is not None and requests < 1:

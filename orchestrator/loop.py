@@ -240,9 +240,14 @@ class ProblemRun:
             if isinstance(d, Sample):
                 kind, remaining, solution = "solve", d.k, None
             elif isinstance(d, Verify):
-                if d.solution.id not in {s.id for s in self.solutions}:
+                solution = next((s for s in self.solutions if s.id == d.solution.id), None)
+                if solution is None:
                     raise PolicyError(f"Verify of unknown solution id {d.solution.id}")
-                kind, remaining, solution = "verify", d.times, d.solution
+                if solution != d.solution:  # ids start at 0 in every problem
+                    raise PolicyError(
+                        f"Verify of solution id {d.solution.id} with a solution that is not "
+                        "this problem's (another problem's, or altered)")
+                kind, remaining = "verify", d.times
             else:
                 raise PolicyError(f"policy returned {d!r}, not a Sample, Verify, Cancel or "
                                   "Stop")

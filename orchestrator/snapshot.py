@@ -62,6 +62,8 @@ class BudgetLeft:
     run-level room included); ``sample_tokens`` is what one more solution sample reserves
     (its ``max_tokens``), ``verify_tokens`` what one more verification reserves;
     ``verify_units`` the cost units one verification counts (λ as measured, 1 before).
+    ``cost_units`` is recomputed with λ as measured now, so it can go below 0 when λ
+    rises after launches (:class:`~orchestrator.types.Budget`).
     ``can_sample`` / ``can_verify`` say whether one more of each fits right now, by the
     same rule the runtime applies at launch.
     """

@@ -10,6 +10,7 @@ through the completions endpoint, for one-line text answers such as capital citi
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -43,6 +44,9 @@ Endpoint = Literal["chat", "completions"]
 
 MAX_TOP_LOGPROBS = defaults.MAX_TOP_LOGPROBS
 """The most alternatives an OpenAI-compatible server returns per token (vLLM's default)."""
+
+#: the placeholders of a ``verify_template``
+_PLACEHOLDER = re.compile(r"\{(problem|solution)\}")
 
 MATH_INSTRUCTION = (
     "Work through the problem one step at a time, showing your reasoning. When you are "
@@ -349,8 +353,10 @@ class Task:
         shown = self.shown_solution(solution)
         prompt, messages = None, None
         if self.verify_template is not None:
-            text = self.verify_template.replace("{problem}", problem.problem.strip()).replace(
-                "{solution}", shown)
+            fill = {"problem": problem.problem.strip(), "solution": shown}
+            # one pass: a problem or solution that itself contains "{solution}" (LaTeX's
+            # \text{solution}) is left as it is
+            text = _PLACEHOLDER.sub(lambda m: fill[m.group(1)], self.verify_template)
             if self.endpoint == "chat":
                 system = ({"role": "system", "content": self.verify_system},
                           ) if self.verify_system else ()

@@ -171,9 +171,13 @@ class Budget:
     ``requests`` caps HTTP requests; ``cost_units`` caps the paper's C(S, V) = S·(1+λV),
     i.e. solutions launched plus λ per verification launched, with λ as measured so far
     (1.0 until both kinds have been seen). Caps are checked before work is launched:
-    requests and cost units are counted at launch, and for tokens every sample in flight
-    holds a reservation of what it may still generate (its ``max_tokens`` minus what it has
-    streamed), so no cap is ever exceeded; a sample that does not fit is not launched.
+    requests are counted at launch, and for tokens every sample in flight holds a
+    reservation of what it may still generate (its ``max_tokens`` minus what it has
+    streamed), so neither cap is ever exceeded; a sample that does not fit is not launched.
+    Cost units are counted at launch with λ as measured then; λ is measured on, so the
+    C(S, V) of the end (the final λ) can exceed ``cost_units`` when the verifications
+    turn out longer against the solutions than measured at launch (no bound on λ can be
+    known before they finish): a cap on C, not a hard one; ``tokens`` is.
     """
 
     tokens: int | None = None

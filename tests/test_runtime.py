@@ -591,6 +591,40 @@ def test_a_bad_decision_is_a_policy_error(make):
         make()
 
 
+async def test_verify_of_another_problems_solution_is_a_policy_error():
+    """Solution ids start at 0 in every problem: a policy that kept problem A's solution 0
+    and asks to verify it in problem B used to have A's text read and the verdict recorded
+    as B's solution 0 (found by review)."""
+    from orchestrator.backends.fake import FakeBackend, FakeReply
+    from orchestrator.decisions import Verify
+    from tests.helpers import WordTask
+
+    class Stale:
+        spec = "stale"
+        verifies = True
+
+        def __init__(self) -> None:
+            self.kept = None
+
+        def decide(self, s):
+            if not s.solutions:
+                return [] if s.samples_launched else [Sample(1)]
+            if self.kept is None:
+                self.kept = s.solutions[0]
+                return [Stop(s.solutions[0].answer, "first")]
+            return [Verify(self.kept)]
+
+    backend = FakeBackend(lambda req, i: FakeReply.text(
+        "yes" if req.kind == "verify" else ("so seven" if i == 0 else "so eight")))
+    policy = Stale()
+    first = await solve(Problem(id="A", problem="qa"), policy, backend=backend,
+                        task=WordTask())
+    assert first.answer == "seven"
+    with pytest.raises(PolicyError, match="not this problem's"):
+        await solve(Problem(id="B", problem="qb"), policy, backend=backend, task=WordTask())
+    assert not any(r.kind == "verify" for r in backend.requests)
+
+
 async def test_a_policy_returning_a_bare_decision_is_a_policy_error():
     @dataclass(frozen=True)
     class Bare:

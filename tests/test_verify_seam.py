@@ -206,6 +206,11 @@ def test_verification_settings_and_prompt_template():
         "Capital of France? -> 4?"
     with pytest.raises(ConfigError, match="verify_template"):
         dataclasses.replace(short, verify_template="no placeholders")
+    # a problem that itself holds a placeholder's text (LaTeX's \text{solution}) is shown
+    # as it is, not with the solution pasted into it (found by review)
+    odd = Problem("x", r"Let $S$ be \text{solution} of {problem}; find {solution}.")
+    assert short.verify_request(odd, sol, 1).prompt == \
+        r"Let $S$ be \text{solution} of {problem}; find {solution}. -> 4?"
 
 
 # ---- the CLI --------------------------------------------------------------------------
