@@ -40,11 +40,10 @@ from orchestrator.cliargs import (
 )
 from orchestrator.defaults import CONCURRENCY as DEFAULT_CONCURRENCY
 from orchestrator.errors import ConfigError, SolverifyError
-from orchestrator.result import ended_on_error
+from orchestrator.result import EXIT_PROBLEM_ERRORS, ended_on_error, first_error
 from orchestrator.types import Budget
 
 EXIT_OK = 0
-EXIT_PROBLEM_ERRORS = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -166,15 +165,6 @@ def print_summary(summary: dict, policy: str, out: Path, file=sys.stdout) -> Non
     print("\n".join(lines), file=file)
 
 
-def first_error(row: dict) -> str:
-    if row.get("error"):
-        return str(row["error"])
-    for failed in row.get("failed") or ():
-        if failed.get("reason") == "failed" and failed.get("error"):
-            return str(failed["error"])
-    return str(row.get("reason") or "error")
-
-
 class Outcomes:
     """The rows of a run as they come, reduced to what its exit status needs (how many,
     how many ended on an error, the first such row), so no row has to be kept."""
@@ -215,10 +205,17 @@ def outcome_lines(rows: list[dict], earlier: int) -> tuple[int, list[str]]:
 
 
 def run_fingerprint(args, policy, task, budget) -> dict:
-    """What must match for ``--resume`` to continue a results file (results_io)."""
+    """What must match for ``--resume`` to continue a results file (results_io). For a
+    policy that verifies, also the verifier: its model and the verification requests'
+    settings and prompt (a resumed file must not mix two verifiers); the endpoints' URLs
+    are not in it, for the solver as for the verifier (a resume may reach the same model
+    elsewhere)."""
+    import hashlib
+
+    from orchestrator.protocols import policy_verifies
     from orchestrator.results_io import file_sha256
 
-    return {
+    fingerprint = {
         "command": "run", "model": args.model, "policy": policy.spec,
         "problems": str(args.problems.name), "problems_sha256": file_sha256(args.problems),
         "endpoint": task.endpoint, "max_tokens": task.max_tokens,
@@ -226,6 +223,16 @@ def run_fingerprint(args, policy, task, budget) -> dict:
         "budget_tokens": budget.tokens, "budget_requests": budget.requests,
         "run_budget_tokens": args.run_budget_tokens,
     }
+    if policy_verifies(policy):
+        template = getattr(task, "verify_template", None)
+        fingerprint.update({
+            "verifier_model": args.verifier_model or args.model,
+            "verify_max_tokens": getattr(task, "verify_max_tokens", None),
+            "verify_temperature": getattr(task, "verify_temperature", None),
+            "verify_prompt_sha256": None if template is None
+            else hashlib.sha256(template.encode("utf-8")).hexdigest(),
+        })
+    return fingerprint
 
 
 async def _run(args) -> int:
@@ -250,7 +257,8 @@ async def _run(args) -> int:
         warn(f"{args.out}: {len(done.redo)} problem(s) ended on an error in the run being "
              f"resumed (e.g. {done.redo[0]!r}); they are run again and their rows replaced")
     todo = [p for p in problems if p.id not in done.ids]
-    earlier = [r for r in done.rows if str(r.get("id")) in {p.id for p in problems}]
+    ids = {p.id for p in problems}
+    earlier = [r for r in done.rows if str(r.get("id")) in ids]
     if not todo:
         writer.close()
         print(f"all {len(problems)} problem(s) already in {args.out}; nothing to run",

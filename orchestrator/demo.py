@@ -34,6 +34,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.events import Event, RequestFinished, RequestStarted
 from orchestrator.problems import load_problems
 from orchestrator.progress import LiveLine
+from orchestrator.result import EXIT_PROBLEM_ERRORS, ended_on_error, first_error
 from orchestrator.runtime import SolveResult, run_batch
 
 DEFAULT_POLICIES = ("sc:n=16", "ac:threshold=0.95,max=16", "adaptive:max=16")
@@ -57,10 +58,13 @@ class Row:
     completion_tokens: int
     requests: int
     wall_s: float
+    #: problems that ended on an error (:func:`orchestrator.result.ended_on_error`)
     errors: int
     problems: int = 0
     #: set when the run was interrupted: how many problems the policy was given
     of: int | None = None
+    #: the first problem that ended on an error: "id: what it ended on"
+    first_error: str | None = None
 
     def saved_vs(self, base: Row) -> float | None:
         if self.completion_tokens <= 0:
@@ -82,6 +86,7 @@ def bootstrap_ci(correct: Sequence[bool], *, seed: int = 0, resamples: int = 200
 
 def row_of(policy: str, results: Sequence[SolveResult], wall: float) -> Row:
     graded = [bool(r.correct) for r in results if r.correct is not None]
+    bad = [row for row in (r.to_dict() for r in results) if ended_on_error(row)]
     return Row(
         policy=policy,
         accuracy=(sum(graded) / len(graded)) if graded else None,
@@ -89,8 +94,9 @@ def row_of(policy: str, results: Sequence[SolveResult], wall: float) -> Row:
         completion_tokens=sum(r.usage.completion_tokens for r in results),
         requests=sum(r.requests for r in results),
         wall_s=wall,
-        errors=sum(1 for r in results if r.error),
+        errors=len(bad),
         problems=len(results),
+        first_error=f"{bad[0]['id']}: {first_error(bad[0])}" if bad else None,
     )
 
 
@@ -335,6 +341,12 @@ def main(argv: Sequence[str] | None = None, *, server_factory=None,
                 shown = f"plot: {png}   "
             print(f"\n{shown}results: {args.out}/results_*.jsonl   "
                   f"total wall time {time.monotonic() - started:.0f} s")
+    failed = [r for r in rows if r.errors]
+    if failed and not rc:  # the table says it; the status must too
+        for r in failed:
+            print(f"solverify: {r.policy}: {r.errors} of {r.problems} problem(s) ended on an "
+                  f"error; first: {r.first_error}", file=sys.stderr)
+        return EXIT_PROBLEM_ERRORS
     if rc:
         print(f"solverify: interrupted; results of the finished problems are in {args.out}/",
               file=sys.stderr)

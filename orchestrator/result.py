@@ -109,17 +109,36 @@ class SolveResult:
         }
 
 
+#: the exit status of a command some of whose problems ended on an error
+#: (:func:`ended_on_error`): ``solverify run``, ``bench record``, ``solverify demo``
+EXIT_PROBLEM_ERRORS = 1
+
+
 def ended_on_error(row: dict) -> bool:
     """Did this result (:meth:`SolveResult.to_dict`, a results-file row) end on an error
     rather than a normal stop? A fatal backend error (``error``); a policy that gave up
-    because its samples kept failing (``stop_code`` ``failures``); or a verifier that
+    because its samples kept failing (``stop_code`` ``failures``); samples that failed
+    with none finished, whatever the stop (failed streams can spend the budget before
+    ``max_failures`` is reached: stop code ``budget``, no answer); or a verifier that
     never answered: verification requests failed and none finished (a verifying policy
     then answers without the verifier it was asked to use)."""
     if row.get("error") or row.get("stop_code") in ("error", "failures"):
         return True
-    return not row.get("verifications") and any(
-        f.get("kind") == "verify" and f.get("reason") == "failed"
-        for f in row.get("failed") or ())
+    failed = row.get("failed") or ()
+    return any(not row.get(done) and any(
+        f.get("kind") == kind and f.get("reason") == "failed" for f in failed)
+        for kind, done in (("solve", "solutions"), ("verify", "verifications")))
+
+
+def first_error(row: dict) -> str:
+    """What a row that :func:`ended_on_error` ended on, in words: its error, else its
+    first failed request's, else its stop reason."""
+    if row.get("error"):
+        return str(row["error"])
+    for failed in row.get("failed") or ():
+        if failed.get("reason") == "failed" and failed.get("error"):
+            return str(failed["error"])
+    return str(row.get("reason") or "error")
 
 
 class RunSummary:

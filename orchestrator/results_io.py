@@ -141,15 +141,17 @@ class ResultsWriter:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, row: Mapping[str, Any], *, redact=None) -> None:
-        """Write ``row`` as one line; an id already written raises (never twice)."""
+        """Write ``row`` as one line; an id already written raises (never twice).
+        ``redact(text)`` is applied to every string value but the id (not to the keys, the
+        numbers or the JSON around them, so the line stays a row of this problem)."""
         self.commit()
         assert self._fd is not None
         pid = str(row["id"])
         if pid in self.written:
             raise RuntimeError(f"result for id {pid!r} written twice to {self.path}")
-        text = json.dumps(row, ensure_ascii=False)
         if redact is not None:
-            text = redact(text)
+            row = {k: v if k == "id" else _redacted(v, redact) for k, v in row.items()}
+        text = json.dumps(row, ensure_ascii=False)
         data = (text + "\n").encode("utf-8")
         view = memoryview(data)
         while view:
@@ -261,3 +263,14 @@ def open_results(out: Path, fingerprint: Mapping[str, Any], *, resume: bool,
         _write_sidecar(out, fingerprint)
 
     return done, ResultsWriter(out, prepare)
+
+
+def _redacted(value: Any, redact: Any) -> Any:
+    """``value`` with ``redact`` applied to each string in it (dict keys kept)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, Mapping):
+        return {k: _redacted(v, redact) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redacted(v, redact) for v in value]
+    return value

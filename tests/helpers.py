@@ -1,10 +1,14 @@
 """A minimal task for runtime tests: answers are the last word; verdicts are Yes/No text.
 
-Runtime tests use it so they exercise the scheduler, not the math grader.
+Runtime tests use it so they exercise the scheduler, not the math grader. Also
+:class:`Background`, an event loop in a thread for servers that a command's own
+``asyncio.run`` talks to.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from dataclasses import dataclass, field
 
 from orchestrator.backends.base import GenerationRequest
@@ -60,3 +64,20 @@ class StopAtFirst:
         if s.solutions:
             return [Stop(s.solutions[0].answer, "first", s.solutions[0].key)]
         return [] if s.samples_launched else [Sample(self.k)]
+
+
+class Background:
+    """An event loop in a thread, for servers that must outlive one ``asyncio.run``."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()

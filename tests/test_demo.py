@@ -81,3 +81,34 @@ async def test_demo_against_an_unreachable_endpoint_leaves_no_folder(tmp_path):
         await run_demo("http://127.0.0.1:9/v1", "m", problems, None, ("sc:n=2",),
                        tmp_path / "out", concurrency=2)
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_whose_problems_end_on_an_error_exits_1(server_url, tmp_path, monkeypatch,
+                                                     capsys):
+    """Every stream is cut midway (a fault proxy in front of the test server): the
+    samples keep failing, so every problem ends on an error. The table says so, and so
+    must the exit status (it was 0; found by review)."""
+    from benchmarks import plots
+    from orchestrator.demo import main
+    from tests.fault_proxy import FaultProxy
+    from tests.helpers import Background
+
+    monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"What is {i} + 1?",
+                                            "answer": str(i + 1)}) + "\n" for i in range(2)))
+    bg = Background()
+    proxy = FaultProxy(server_url.removesuffix("/v1"), rate=1.0, kinds=("cut",))
+    bg.call(proxy.start())
+    try:
+        rc = main(["--base-url", proxy.url, "--model", "test-model", "--problems",
+                   str(problems), "--policy", "sc:n=2", "--out", str(tmp_path / "out")],
+                  fast_exit=False)
+    finally:
+        bg.call(proxy.stop())
+        bg.close()
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "2 errors" in out
+    assert "sc:n=2: 2 of 2 problem(s) ended on an error; first: q" in err
+    assert len((tmp_path / "out" / "results_sc_n-2.jsonl").read_text().splitlines()) == 2

@@ -22,7 +22,6 @@ import os
 import random
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,26 +32,10 @@ import structlog
 from orchestrator import cli
 from orchestrator.cli import ended_on_error
 from tests.fault_proxy import FAULT_KINDS, FaultProxy
+from tests.helpers import Background
 from tests.openai_server import MathResponder, OpenAIServer
 
 PROBLEMS = 100
-
-
-class Background:
-    """An event loop in a thread, for servers that must outlive one ``asyncio.run``."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")

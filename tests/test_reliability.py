@@ -389,6 +389,63 @@ def test_a_non_empty_out_needs_resume_or_overwrite(tmp_path: Path) -> None:
     assert out.read_text() == '{"id": "b"}\n' and sidecar_path(out).exists()
 
 
+def test_the_resume_fingerprint_of_a_verifying_run_names_its_verifier(tmp_path: Path) -> None:
+    """A resumed GenRM file must not mix two verifiers or two prompts: the verifier's
+    model, the verification requests' max tokens and temperature and the prompt are in
+    the fingerprint (they were not; found by review); a policy that does not verify keeps
+    the fingerprint it had, so its files written before still resume."""
+    from orchestrator.cli import build_parser, run_fingerprint
+    from orchestrator.cliargs import make_task
+    from orchestrator.problems import load_problems
+    from orchestrator.types import Budget
+    from policies import parse_policy
+
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "problem": "1+1?", "answer": "2"}\n')
+    (tmp_path / "v.txt").write_text("{problem} {solution} Is the answer correct (Yes/No)?")
+
+    def fingerprint(policy: str, *extra: str) -> dict:
+        args = build_parser().parse_args(
+            ["run", "--base-url", "http://x/v1", "--model", "m", "--problems",
+             str(tmp_path / "p.jsonl"), "--policy", policy, "--out", str(tmp_path / "o.jsonl"),
+             *extra])
+        task = make_task(load_problems(args.problems), args)
+        return run_fingerprint(args, parse_policy(args.policy), task,
+                               Budget(args.budget_tokens, args.budget_requests))
+
+    ref = fingerprint("genrm:s=4,v=2")
+    assert ref["verifier_model"] == "m" and ref["verify_prompt_sha256"] is None
+    for extra, key in ((["--verifier-model", "judge"], "verifier_model"),
+                       (["--verify-max-tokens", "8"], "verify_max_tokens"),
+                       (["--verify-temperature", "0"], "verify_temperature"),
+                       (["--verify-prompt", str(tmp_path / "v.txt")], "verify_prompt_sha256")):
+        other = fingerprint("genrm:s=4,v=2", *extra)
+        assert [k for k in ref if ref[k] != other[k]] == [key], extra
+    plain = fingerprint("sc:n=4")
+    assert not any(k.startswith("verif") for k in plain)
+    assert plain == fingerprint("sc:n=4", "--verifier-model", "judge")
+
+
+def test_a_secret_that_looks_like_a_number_or_a_key_leaves_the_row_whole(
+        tmp_path: Path) -> None:
+    """Secrets are scrubbed from a row's string values, not from its JSON line: a password
+    "2048" used to turn ``"completion_tokens": 2048`` into ``***``, so the file no longer
+    parsed and resume failed on it, or dropped it as a torn last line (found by review).
+    The id is kept as it is, so resume still knows the problem."""
+    from orchestrator.redact import redact_secrets
+    from orchestrator.results_io import read_results
+
+    out = tmp_path / "o.jsonl"
+    redact = lambda text: redact_secrets(text, ["2048", "true", "correct", "p-77"])  # noqa: E731
+    _, writer = open_results(out, FP, resume=False, overwrite=False)
+    writer.write({"id": "p-77", "completion_tokens": 2048, "correct": True,
+                  "solutions": [{"text": "it is 2048, true", "answer": "2048"}]},
+                 redact=redact)
+    writer.close()
+    rows = read_results(out).rows
+    assert rows == [{"id": "p-77", "completion_tokens": 2048, "correct": True,
+                     "solutions": [{"text": "it is ***, ***", "answer": "***"}]}]
+
+
 def test_out_that_is_a_directory_is_named_as_such(tmp_path: Path) -> None:
     for flags in ({"resume": False, "overwrite": False}, {"resume": False, "overwrite": True},
                   {"resume": True, "overwrite": False}):
@@ -509,6 +566,34 @@ def test_overwrite_against_an_unreachable_endpoint_keeps_the_old_results(tmp_pat
                    "--problems", str(problems), "--policy", "sc:n=1", "--out", str(fresh),
                    "--no-progress", "--timeout", "2"])
     assert rc == 2 and not fresh.exists() and not sidecar_path(fresh).exists()
+
+
+@pytest.mark.parametrize("spec", ["adaptive", "sc:n=16"])
+async def test_samples_that_all_failed_are_an_error_even_when_the_budget_stops_it(
+        spec: str) -> None:
+    """Every stream breaks after 3 tokens and the token budget runs out before
+    ``max_failures``: the stop code is ``budget`` and there is no answer; that used to
+    count as a normal stop (exit 0, not run again on resume; found by review)."""
+    from orchestrator.backends.fake import FakeBackend, FakeReply
+    from orchestrator.result import ended_on_error
+    from orchestrator.runtime import solve
+    from orchestrator.types import Budget, Problem
+    from policies import parse_policy
+    from tests.helpers import WordTask
+
+    backend = FakeBackend(lambda req, i: FakeReply.text("a b c d e seven", fail_after=3))
+    res = await solve(Problem(id="p", problem="q", answer="seven"), parse_policy(spec),
+                      Budget(tokens=40), backend, task=WordTask(max_tokens=8), max_n=1)
+    assert res.stop_code == "budget" and res.answer is None and not res.solutions
+    assert any(f.reason == "failed" for f in res.failed)
+    assert ended_on_error(res.to_dict())
+    # one finished sample is enough for the problem not to count as an error
+    fine = FakeBackend(lambda req, i: FakeReply.text("a b c d e seven",
+                                                     fail_after=3 if i else None))
+    res = await solve(Problem(id="p", problem="q", answer="seven"), parse_policy(spec),
+                      Budget(tokens=40), fine, task=WordTask(max_tokens=8), max_n=1)
+    assert res.solutions and any(f.reason == "failed" for f in res.failed)
+    assert not ended_on_error(res.to_dict())
 
 
 async def test_a_verifier_that_never_answers_is_an_error_not_a_normal_stop() -> None:
