@@ -82,6 +82,16 @@ def _backend(url: str) -> OpenAIBackend:
                          backoff_base=0.001, backoff_cap=0.01)
 
 
+PROXY_VARS = [v for base in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+              for v in (base, base.upper())]
+
+
+@pytest.fixture(autouse=True)
+def _no_proxies(monkeypatch):
+    for name in PROXY_VARS:  # these tests are about the direct transport
+        monkeypatch.delenv(name, raising=False)
+
+
 async def test_a_plain_http_endpoint_never_loads_a_ca_bundle(openai_server, monkeypatch):
     loads = []
     real = ssl.SSLContext.load_verify_locations
@@ -174,3 +184,26 @@ async def test_a_replica_whose_certificate_is_refused_is_failed_over(
     assert http["requests"] == 5
     assert https["requests"] == 0 and https["failovers"] == 1 and not https["up"]
     assert [e for e in logged if e["event"] == "backend.retry"] == []
+
+
+@pytest.mark.parametrize("var", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
+async def test_a_proxy_in_the_environment_is_used(openai_server, monkeypatch, var):
+    """A transport given to the HTTP client turns off the environment's proxies, so a
+    user behind a proxy got EndpointUnreachable or went around it (found by review):
+    with a proxy variable set, requests go through it (here a proxy that forwards
+    nothing and answers GET /models itself)."""
+    seen: list[str] = []
+
+    async def proxy(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.raw_path}")
+        return web.json_response({"object": "list", "data": [{"id": "via-proxy"}]})
+
+    runner, root = await serve_handler(proxy)
+    monkeypatch.setenv(var, root)
+    backend = _backend(openai_server.url)
+    try:
+        assert await backend.list_models() == ["via-proxy"]
+    finally:
+        await backend.aclose()
+        await runner.cleanup()
+    assert seen and seen[0].startswith("GET http://127.0.0.1:")  # absolute form: a proxy's

@@ -455,6 +455,104 @@ async def test_n_emulated_when_server_ignores_n(make_backend: MakeBackend) -> No
         assert [u.final for u in usages(events)].count(True) == 1
 
 
+async def test_reasoning_chunks_open_the_stream_and_are_counted(
+        make_backend: MakeBackend) -> None:
+    """A reasoning model streams ``reasoning_content`` with ``content`` null, and usage only
+    at the end: each such chunk is a delta (one estimated token, its text apart from the
+    answer), so the stream opens at the first of them. The server here holds the answer
+    back until the reader has seen a reasoning delta; before, the open waited for the
+    first content token, so long thinking ran into the request deadline, uncharged (found
+    by review)."""
+    import json
+
+    from aiohttp import web
+
+    from tests.openai_server import serve_handler
+
+    gate = asyncio.Event()
+
+    def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None
+              ) -> bytes:
+        body: dict[str, Any] = {"id": "x", "object": "chat.completion.chunk", "model": "m",
+                                "choices": [] if delta is None else
+                                [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(chunk({"role": "assistant", "content": ""}))
+        for i in range(5):
+            await resp.write(chunk({"content": None, "reasoning_content": f" think{i}"}))
+        await resp.write(chunk({"reasoning": " and so"}))  # OpenRouter's / Ollama's key
+        await gate.wait()
+        await resp.write(chunk({"content": " 42"}, "stop"))
+        await resp.write(chunk(None, usage={"prompt_tokens": 5, "completion_tokens": 7}))
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    runner, root = await serve_handler(handler)
+    try:
+        backend = make_backend(base_url=root + "/v1", capabilities=Capabilities(
+            n=False, continuous_usage=False, logprobs=False))
+        seen: list[StreamEvent] = []
+        async with backend.stream(chat()) as events:
+            async for event in events:
+                seen.append(event)
+                if isinstance(event, TextDelta) and event.reasoning:
+                    gate.set()
+    finally:
+        await runner.cleanup()
+    reasoning = [d for d in deltas(seen) if d.reasoning]
+    assert "".join(d.reasoning for d in reasoning) == " think0 think1 think2 think3 think4 and so"
+    assert all(d.text == "" and d.tokens == 1 and d.estimated for d in reasoning)
+    assert texts(seen) == {0: " 42"}
+    assert usages(seen)[-1] == UsageReport(5, 7, final=True)
+
+
+async def test_a_tokenizer_count_never_goes_below_the_exact_logprob_count(
+        make_backend: MakeBackend) -> None:
+    """No usage in the stream (llama.cpp): the tokenizer re-counts the text at the end, but
+    generated text may re-tokenize into fewer tokens than were generated; the logprob
+    entries counted them exactly, and the final count is not below that (it was 1 for 4
+    generated tokens here; found by review)."""
+    def four_as_one(body: Mapping[str, Any]) -> list[list[str | Tok]]:
+        return [[Tok("un"), Tok("be"), Tok("liev"), Tok("able")]]
+
+    async with OpenAIServer(four_as_one, llamacpp=True) as server:
+        backend = make_backend(base_url=server.url, capabilities=None)
+        events = await collect(backend, completion(top_logprobs=1))
+    assert sum(d.tokens for d in deltas(events)) == 4
+    assert not any(d.estimated for d in deltas(events))
+    assert usages(events)[-1].final and usages(events)[-1].completion_tokens >= 4
+
+
+async def test_the_request_deadline_stops_while_the_rate_limit_holds_a_request(
+        make_backend: MakeBackend) -> None:
+    """The wait for ``rate_limit`` is this process's, not the endpoint's: it counted
+    against the request deadline, so a burst queued behind the limiter failed as
+    RetriesExhausted with nothing sent, and a MultiBackend failed a healthy replica over
+    (found by review). While the limiter holds a request the deadline has no time set;
+    afterwards it has the time that was left."""
+    from orchestrator.backends import openai_compat
+
+    seen: list[float | None] = []
+
+    class Held:
+        async def acquire(self) -> None:
+            deadline = openai_compat._DEADLINE.get()
+            assert deadline is not None
+            seen.append(deadline.when())
+
+    backend = make_backend(timeout=30)
+    backend._throttler = Held()
+    events = await collect(backend, chat())
+    assert texts(events)
+    assert seen == [None]
+
+
 async def test_n_refused_mid_run_is_emulated(make_backend: MakeBackend) -> None:
     """Capabilities said n (given, not probed); the server refuses n=3 with a 400 naming
     it: the request is sent again as three single streams (not a fatal RequestRejected),

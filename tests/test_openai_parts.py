@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -108,6 +109,33 @@ def test_decoder_reads_a_usage_count_too_large_for_an_int() -> None:
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["a"]
 
 
+@pytest.mark.parametrize(("count", "expected"), [
+    ("missing", None), (None, None), ("three", None), (-1, None), (2.5, None), (True, None),
+    (3, 3), (3.0, 3), ("3", 3), ("3.0", 3)])
+def test_a_usage_count_that_cannot_be_read_is_no_count_not_zero(count, expected) -> None:
+    """A closing usage chunk whose completion_tokens is missing, null or not a whole number
+    used to be a final count of 0, charged as exact over the deltas' own count (found by
+    review): it is no usage at all now, and the deltas' estimate stands."""
+    usage: dict[str, Any] = {"prompt_tokens": 7}
+    if count != "missing":
+        usage["completion_tokens"] = count
+    events = ChunkDecoder(n=1, chat=True).feed({"choices": [], "usage": usage})
+    reports = [e for e in events if isinstance(e, UsageReport)]
+    if expected is None:
+        assert reports == []
+    else:
+        assert [(r.completion_tokens, r.final) for r in reports] == [(expected, True)]
+
+
+def test_a_reasoning_delta_is_a_token_apart_from_the_answer_text() -> None:
+    decoder = ChunkDecoder(n=1, chat=True)
+    for key in ("reasoning_content", "reasoning"):
+        (event,) = decoder.feed({"choices": [{"index": 0, "delta": {"content": None,
+                                                                      key: " hmm"}}]})
+        assert event == TextDelta(choice=0, text="", tokens=1, estimated=True,
+                                  reasoning=" hmm")
+
+
 _BIG = "1" + "0" * 400  # a JSON integer float() cannot hold
 
 
@@ -202,6 +230,25 @@ def test_downgraded_reads_a_400_once(message: str, kw: dict[str, Any],
     assert downgraded(FULL, message, **kw) == expected
 
 
+def test_two_downgrades_from_one_snapshot_keep_both() -> None:
+    """Two requests sent with the same capabilities are refused for different features:
+    the second downgrade, computed from its own (stale) snapshot, used to switch back on
+    what the first had just switched off (n; found by review). Merged field by field,
+    both stay off."""
+    from orchestrator.backends.openai_caps import narrower
+
+    first = downgraded(FULL, "'n' is not supported", n=2)
+    second = downgraded(FULL, "stream_options.continuous_usage_stats is not allowed")
+    assert first is not None and second is not None and second.n
+    both = narrower(second, first)
+    assert not both.n and not both.continuous_usage and both.stream_usage
+    assert narrower(both, FULL) == both == narrower(FULL, both)
+    fewer = downgraded(FULL, "logprobs: at most 5", top_logprobs=20)
+    assert fewer is not None and narrower(fewer, FULL).max_top_logprobs == fewer.max_top_logprobs
+    none = dataclasses.replace(FULL, logprobs=False, max_top_logprobs=None)
+    assert narrower(fewer, none).max_top_logprobs is None and not narrower(fewer, none).logprobs
+
+
 def test_downgraded_drops_the_continuous_counts_before_stream_options() -> None:
     caps = downgraded(FULL, "stream_options.continuous_usage_stats is not allowed")
     assert caps == Capabilities(continuous_usage=False)
@@ -209,6 +256,23 @@ def test_downgraded_drops_the_continuous_counts_before_stream_options() -> None:
     caps = downgraded(caps, "stream_options.continuous_usage_stats is not allowed")
     assert caps == Capabilities(stream_usage=False, continuous_usage=False)
     assert stream_options_of(caps) is None
+
+
+async def test_a_probe_reply_of_odd_shapes_is_no_evidence_not_a_crash() -> None:
+    """Chunks the decoder cannot read ("choices": 5, a list, a string) in a probe reply
+    raised a bare TypeError out of the probe, past the reader (found by review); they are
+    no evidence of a capability, and the readable ones still count."""
+    async def call(*, n: int, stream_options: Any, top_logprobs: int | None = None
+                   ) -> list[Any]:
+        if top_logprobs is not None:
+            return [{"choices": 5}, {"choices": [{"index": 0, "delta": {"content": "OK"},
+                                                  "logprobs": {"content": 3}}]}]
+        return [{"choices": 5}, [1], "junk", {"choices": [7, {"index": 0}]},
+                {"choices": None, "usage": {"prompt_tokens": 3, "completion_tokens": 1}}]
+
+    caps = await run_probe(call, "chat")
+    assert caps == Capabilities(n=False, stream_usage=True, continuous_usage=False,
+                                logprobs=False, max_top_logprobs=None)
 
 
 async def test_probe_downgrades_through_the_same_reading() -> None:

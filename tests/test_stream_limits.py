@@ -612,3 +612,75 @@ async def test_a_stream_cut_by_its_reader_is_not_a_cutting_server():
         second.cut()
         _ = [e async for e in second]
     assert slots.degraded is None and slots.cut_streams == 0 and slots.limit == 4
+
+
+class _FirstRefused(Backend):
+    """Request 0 fails before any event, once request 1 has generated 5 tokens; request 1
+    hands them over as soon as that failure is being queued (``failing``, set by the test
+    just before the failure goes into the merge queue), so its event is queued behind
+    the failure before the merger reads the queue: loop order only, no clock."""
+
+    cut_grace = 0.0
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.generated = 0
+        self.failing = asyncio.Event()
+        self.started = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def stream(self, request: GenerationRequest):
+        index = self.opened
+        self.opened += 1
+        if index == 0:
+            await self.started.wait()
+            raise ModelNotFound("replica 0 refuses")
+
+        async def events():
+            self.generated += 5
+            self.started.set()
+            await self.failing.wait()
+            yield TextDelta(choice=0, text="a b c d e", tokens=5)
+            yield UsageReport(3, 5, final=False)
+            await asyncio.Event().wait()  # never ends by itself
+
+        gen = events()
+        try:
+            yield gen
+        finally:
+            await gen.aclose()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_choice_failing_on_opening_leaves_what_its_siblings_sent_charged(
+        monkeypatch):
+    """Choice 0 fails on opening while choice 1 has already handed over tokens: the
+    request fails on opening (a failover may send it elsewhere), and choice 1's events,
+    queued behind the failure, go to the reader's sink, since the server counts them;
+    they used to be dropped (found by review)."""
+    from orchestrator.backends import streams
+    from orchestrator.backends.base import UNREAD_EVENTS
+
+    backend = _FirstRefused()
+    hand = streams._MergeQueue.hand
+
+    async def handing(self, index, item):
+        if isinstance(item, BaseException):
+            backend.failing.set()  # request 1 wakes before the merger does
+        await hand(self, index, item)
+
+    monkeypatch.setattr(streams._MergeQueue, "hand", handing)
+    sink: list = []
+    token = UNREAD_EVENTS.set(sink)
+    try:
+        with pytest.raises(ModelNotFound):
+            async with EmulatedN(backend).stream(GenerationRequest(
+                    kind="solve", max_tokens=8, prompt="p", n=2)):
+                pass
+    finally:
+        UNREAD_EVENTS.reset(token)
+    assert backend.generated == 5
+    assert [e.tokens for e in sink if isinstance(e, TextDelta)] == [5]
+    assert [e.completion_tokens for e in sink if isinstance(e, UsageReport)][-1] == 5

@@ -85,7 +85,9 @@ class GenerationRequest:
 
 @dataclass(frozen=True, slots=True)
 class TextDelta:
-    """New text for choice ``choice``; ``finish_reason`` is set on the choice's last delta."""
+    """New text for choice ``choice``; ``finish_reason`` is set on the choice's last delta.
+    ``reasoning``: text the server sent apart from the answer (a reasoning model's
+    ``reasoning_content`` / ``reasoning``): generated and counted, not part of ``text``."""
 
     choice: int
     text: str
@@ -93,6 +95,7 @@ class TextDelta:
     estimated: bool = False
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: str | None = None
+    reasoning: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,13 +16,13 @@ from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
 from orchestrator.backends.base import Capabilities, TextDelta
-from orchestrator.backends.openai_errors import error_message
-from orchestrator.backends.openai_wire import ChunkDecoder, get, to_int
+from orchestrator.backends.openai_errors import Malformed, error_message
+from orchestrator.backends.openai_wire import ChunkDecoder, decode, get, to_int
 from orchestrator.defaults import PROBE_TOP_LOGPROBS
 from orchestrator.errors import RequestRejected
 
-__all__ = ["PROBE_PROMPT", "PROBE_TOP_LOGPROBS", "ProbeCall", "downgraded", "probe_kwargs",
-           "run_probe"]
+__all__ = ["PROBE_PROMPT", "PROBE_TOP_LOGPROBS", "ProbeCall", "downgraded", "narrower",
+           "probe_kwargs", "run_probe"]
 
 PROBE_PROMPT = "Say OK."
 _N_WORD = re.compile(r"\bn\b")
@@ -53,6 +53,34 @@ def downgraded(
             return dataclasses.replace(caps, max_top_logprobs=lower[0])
         return dataclasses.replace(caps, logprobs=False, max_top_logprobs=None)
     return None
+
+
+def _choices(chunk: Any) -> list[Any]:
+    """A probe chunk's ``choices`` when it is a list, else none."""
+    choices = get(chunk, "choices")
+    return choices if isinstance(choices, list) else []
+
+
+def _decoded(decoder: ChunkDecoder, chunk: Any) -> list[Any]:
+    """A probe chunk's events; none for a chunk the decoder cannot read."""
+    try:
+        return decode(decoder, chunk)
+    except Malformed:
+        return []
+
+
+def narrower(a: Capabilities, b: Capabilities) -> Capabilities:
+    """What both ``a`` and ``b`` allow, field by field: a capability one of them turned
+    off stays off (two requests refused for different features at once)."""
+    logprobs = a.logprobs and b.logprobs
+    limits = [x for x in (a.max_top_logprobs, b.max_top_logprobs) if x is not None]
+    return Capabilities(
+        n=a.n and b.n,
+        stream_usage=a.stream_usage and b.stream_usage,
+        continuous_usage=a.continuous_usage and b.continuous_usage,
+        logprobs=logprobs,
+        max_top_logprobs=(min(limits) if limits else None) if logprobs else None,
+    )
 
 
 def stream_options_of(caps: Capabilities) -> dict[str, bool] | None:
@@ -121,10 +149,15 @@ async def run_probe(call: ProbeCall, endpoint: str) -> Capabilities:
             if new is None:
                 raise
             caps = new
-    indices = {to_int(get(c, "index", 0)) for ch in chunks for c in get(ch, "choices", [])}
+    # a chunk of an odd shape ("choices": 5) is no evidence of anything (it used to raise
+    # a bare TypeError out of the probe; found by review)
+    chunks = [ch for ch in chunks if isinstance(ch, Mapping)]
+    indices = {to_int(get(c, "index", 0)) for ch in chunks for c in _choices(ch)
+               if isinstance(c, Mapping)}
     n_ok = n > 1 and len(indices) >= n
-    usage_ok = any(get(ch, "usage") is not None and not get(ch, "choices") for ch in chunks)
-    continuous_ok = any(get(ch, "usage") is not None and get(ch, "choices") for ch in chunks)
+    usage_ok = any(isinstance(get(ch, "usage"), Mapping) and not _choices(ch) for ch in chunks)
+    continuous_ok = any(isinstance(get(ch, "usage"), Mapping) and _choices(ch)
+                        for ch in chunks)
     # a server that counts on every chunk also closes with a count: a probe stream
     # that lost its closing chunk (a flaky proxy) must not turn usage off for good
     usage_ok = usage_ok or continuous_ok
@@ -141,7 +174,7 @@ async def run_probe(call: ProbeCall, endpoint: str) -> Capabilities:
         entries = [
             lp
             for ch in chunks
-            for ev in decoder.feed(ch)
+            for ev in _decoded(decoder, ch)
             if isinstance(ev, TextDelta)
             for lp in ev.logprobs
         ]

@@ -88,11 +88,13 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import sys
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, Literal, TypeVar
 
 import openai
@@ -112,7 +114,7 @@ from orchestrator.backends.base import (
     count_http_request,
 )
 from orchestrator.backends.lazytls import LazyTLSTransport
-from orchestrator.backends.openai_caps import downgraded, probe_kwargs, run_probe
+from orchestrator.backends.openai_caps import downgraded, narrower, probe_kwargs, run_probe
 from orchestrator.backends.openai_errors import (
     Failure,
     Malformed,
@@ -183,6 +185,17 @@ _PATHS: dict[str, str] = {"chat": "/chat/completions", "completions": "/completi
 #: in recent releases): asked for as ``cast_to``, the client hands the response back unread
 #: (the openai README's way for undocumented endpoints). Found through the public
 #: ``openai.DefaultAsyncHttpxClient``, whose base class is that package's ``AsyncClient``.
+#: the request deadline in force (``asyncio.timeout``) while a request is being sent
+_DEADLINE: ContextVar[asyncio.Timeout | None] = ContextVar("solverify_deadline", default=None)
+
+
+def _env_proxies() -> bool:
+    """Does the environment name an HTTP proxy (``HTTP_PROXY``, ``HTTPS_PROXY``,
+    ``ALL_PROXY``, any case)?"""
+    return any(os.environ.get(name) for base in ("http_proxy", "https_proxy", "all_proxy")
+               for name in (base, base.upper()))
+
+
 _HTTP: Any = next(
     sys.modules[cls.__module__.partition(".")[0]]
     for cls in openai.DefaultAsyncHttpxClient.__mro__
@@ -291,12 +304,18 @@ class OpenAIBackend(Backend):
         client_timeout = openai.Timeout(idle_timeout, connect=connect)
         self._tag = uuid.uuid4().hex[:8]
         self._serial = itertools.count(1)
+        limits = _HTTP.Limits(max_connections=MAX_CONNECTIONS,
+                              max_keepalive_connections=MAX_KEEPALIVE,
+                              keepalive_expiry=keepalive_expiry)
+        # a transport given to the client turns off the proxies of the environment
+        # (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY): with any set, the package's own transports
+        # (which honour them and NO_PROXY) and TLS set up at once (found by review)
+        http_client = (openai.DefaultAsyncHttpxClient(limits=limits) if _env_proxies()
+                       else openai.DefaultAsyncHttpxClient(
+                           transport=LazyTLSTransport(_HTTP, limits)))
         self._client = openai.AsyncOpenAI(
             base_url=base_url, api_key=api_key, timeout=client_timeout, max_retries=0,
-            http_client=openai.DefaultAsyncHttpxClient(transport=LazyTLSTransport(
-                _HTTP, _HTTP.Limits(max_connections=MAX_CONNECTIONS,
-                                    max_keepalive_connections=MAX_KEEPALIVE,
-                                    keepalive_expiry=keepalive_expiry))),
+            http_client=http_client,
         )
         self._caps = capabilities
         self._probed: Capabilities | None = None
@@ -575,11 +594,17 @@ class OpenAIBackend(Backend):
         """``events``, then (when the stream ended by itself with no server usage) its
         counts from the server's tokenizer as a final ``UsageReport``."""
         texts: dict[int, list[str]] = {}
+        exact: dict[int, int] = {}  # per choice: tokens its deltas counted exactly
         finishes: dict[int, str | None] = {}
         reported = False
         async for event in events:
             if isinstance(event, TextDelta):
-                texts.setdefault(event.choice, []).append(event.text)
+                parts = texts.setdefault(event.choice, [])
+                if event.reasoning:
+                    parts.append(event.reasoning)
+                parts.append(event.text)
+                if not event.estimated:
+                    exact[event.choice] = exact.get(event.choice, 0) + event.tokens
                 if event.finish_reason is not None:
                     finishes[event.choice] = event.finish_reason
             elif event.final:
@@ -587,12 +612,16 @@ class OpenAIBackend(Backend):
             yield event
         if reported:
             return
-        report = await self._tokenizer_usage(request, texts, finishes)
+        report = await self._tokenizer_usage(request, texts, finishes, exact)
         if report is not None:
             yield report
 
     async def _tokenizer_usage(self, request: GenerationRequest, texts: dict[int, list[str]],
-                               finishes: dict[int, str | None]) -> UsageReport | None:
+                               finishes: dict[int, str | None],
+                               exact: dict[int, int] | None = None) -> UsageReport | None:
+        """The final count from the server's tokenizer: the prompt, and each choice's text
+        (its reasoning text included) re-tokenized, but never below the tokens its deltas
+        counted exactly (logprob entries: generated text often re-tokenizes into fewer)."""
         tokenizer = self._tokenizer
         assert tokenizer is not None
         try:
@@ -603,7 +632,8 @@ class OpenAIBackend(Backend):
                                                                         request.messages)
                 completion, stopped = 0, False
                 for choice, parts in texts.items():
-                    completion += await tokenizer.count_text("".join(parts))
+                    completion += max(await tokenizer.count_text("".join(parts)),
+                                      (exact or {}).get(choice, 0))
                     if request.stop and finishes.get(choice) == "stop":
                         completion += 1  # the stop sequence's token: generated, not sent
                         stopped = True
@@ -685,11 +715,15 @@ class OpenAIBackend(Backend):
     def _downgrade(
         self, exc: openai.BadRequestError, request: GenerationRequest, caps: Capabilities
     ) -> bool:
-        """Remember what a 400 says the server does not support; True to send again."""
+        """Remember what a 400 says the server does not support; True to send again.
+        ``caps``: those the refused request was sent with; what other requests dropped
+        meanwhile stays dropped (:func:`~.openai_caps.narrower`)."""
         new = downgraded(caps, error_message(exc), n=request.n,
                          top_logprobs=request.top_logprobs)
         if new is None:
             return False
+        if self._caps is not None:
+            new = narrower(new, self._caps)
         _log.warning(
             "backend.downgrade",
             base_url=self._base_url,
@@ -760,8 +794,12 @@ class OpenAIBackend(Backend):
                 raise
 
         try:
-            async with asyncio.timeout(self._deadline):
-                return await self._retrying(attempt)
+            async with asyncio.timeout(self._deadline) as deadline:
+                token = _DEADLINE.set(deadline)
+                try:
+                    return await self._retrying(attempt)
+                finally:
+                    _DEADLINE.reset(token)
         except BackendError:
             raise
         except Exception as exc:
@@ -809,8 +847,24 @@ class OpenAIBackend(Backend):
 
     # ------------------------------------------------------------------ helpers
     async def _throttle(self) -> None:
-        if self._throttler is not None:
+        """Wait for the rate limit (``rate_limit``). The wait is this process's own, not
+        the endpoint's: the request deadline in force is stopped while it lasts, so a
+        burst queued behind the limiter is not a timeout, nor a replica failed over
+        (found by review)."""
+        if self._throttler is None:
+            return
+        deadline = _DEADLINE.get()
+        when = deadline.when() if deadline is not None else None
+        if deadline is None or when is None:
             await self._throttler.acquire()
+            return
+        loop = asyncio.get_running_loop()
+        left = when - loop.time()
+        deadline.reschedule(None)  # the clock stops while this process holds it back
+        try:
+            await self._throttler.acquire()
+        finally:
+            deadline.reschedule(loop.time() + left)
 
     def _ensure_open(self) -> None:
         if self._closed:

@@ -263,12 +263,21 @@ class ChunkDecoder:
         events: list[StreamEvent] = []
         choices = list(get(chunk, "choices") or [])
         usage = get(chunk, "usage")
-        completion = to_int(get(usage, "completion_tokens", 0)) if usage is not None else 0
+        completion = 0
+        if usage is not None:
+            count = _token_count(get(usage, "completion_tokens"))
+            if count is None:  # no readable count: not a count of 0 (deltas stand)
+                usage = None
+            else:
+                completion = count
         for choice in choices:
             index = to_int(get(choice, "index", 0))
+            reasoning = ""
             if self._chat:
                 delta = get(choice, "delta")
                 text = (get(delta, "content") or "") if delta is not None else ""
+                if delta is not None:
+                    reasoning = _reasoning_of(delta)
                 logprobs = chat_logprobs(get(choice, "logprobs"))
             else:
                 text = get(choice, "text") or ""
@@ -282,13 +291,13 @@ class ChunkDecoder:
                 # as its last count with running usage; with a count only on the last
                 # content chunk, not the whole count again on top of one per chunk)
                 tokens = max(0, completion - self._counted.get(index, 0))
-            elif text:
+            elif text or reasoning:
                 tokens, estimated = 1, True
             else:
                 tokens = 0
             if tokens:
                 self._counted[index] = self._counted.get(index, 0) + tokens
-            if text or tokens or finish or logprobs:
+            if text or tokens or finish or logprobs or reasoning:
                 events.append(
                     TextDelta(
                         choice=index,
@@ -297,6 +306,7 @@ class ChunkDecoder:
                         estimated=estimated,
                         logprobs=logprobs,
                         finish_reason=finish,
+                        reasoning=reasoning,
                     )
                 )
         if usage is not None:
@@ -312,6 +322,16 @@ class ChunkDecoder:
                     total = completion
                 events.append(UsageReport(prompt, total, final=False))
         return events
+
+
+def _reasoning_of(delta: Any) -> str:
+    """A chat delta's reasoning text: ``reasoning_content`` (vLLM's reasoning parsers,
+    DeepSeek, llama.cpp) or ``reasoning`` (OpenRouter, Ollama); "" when neither is text."""
+    for key in ("reasoning_content", "reasoning"):
+        value = get(delta, key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
 
 
 def cached_tokens(usage: Any) -> int | None:
@@ -349,6 +369,23 @@ def get(obj: Any, key: str, default: Any = None) -> Any:
     else:
         value = getattr(obj, key, default)
     return default if value is None else value
+
+
+def _token_count(value: Any) -> int | None:
+    """A usage count as a server may write it (``3``, ``3.0``, ``"3"``), or None when it is
+    missing or not a whole number >= 0."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and math.isfinite(value) and value >= 0 and value.is_integer():
+        return int(value)
+    return None
 
 
 def to_int(value: Any) -> int:
