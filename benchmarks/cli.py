@@ -258,8 +258,20 @@ def _sources(args: argparse.Namespace) -> list[Any]:
         verifier = SimulatedVerifier(correct=args.sim_correct, wrong=args.sim_wrong,
                                      lam=args.sim_lambda, vmax=args.sim_vmax, seed=args.seed,
                                      corr=args.sim_corr)
-    return [ReplaySource(_load(p, args, args.limit), seed=args.seed, verifier=verifier,
-                         verify_tokens=args.verify_tokens) for p in args.pool]
+    sources = [ReplaySource(_load(p, args, args.limit), seed=args.seed, verifier=verifier,
+                            verify_tokens=args.verify_tokens) for p in args.pool]
+    seen: dict[str, Path] = {}
+    for path, src in zip(args.pool, sources, strict=True):
+        if src.name in seen:  # reports and folds go by name: one would hide the other
+            raise ConfigError(f"two pools are named {src.name!r} ({seen[src.name]} and "
+                              f"{path}): give the files distinct names")
+        seen[src.name] = path
+        if not src.pool.arrays.key_labelled.any():
+            raise ConfigError(
+                f"pool {src.name} ({path}): no answered sample has a 'correct' label, so "
+                "no accuracy can be replayed (it read as 0.000 for every policy); label "
+                "the samples (bench record does, from the problems' answers)")
+    return sources
 
 
 def _command_line(argv: Sequence[str]) -> str:

@@ -333,8 +333,11 @@ class PoolArrays:
     """Dense per-(problem, sample) arrays; padding beyond ``n[i]`` samples is inert.
 
     ``key[i, j]``: key id of sample j (ids by first occurrence in pool order; -1 = no
-    answer, -2 = padding). ``key_correct[i, k]``: label of key k. ``tokens``: completion
-    tokens (estimated from the text when the pool gives none; ``tokens_estimated`` says so).
+    answer, -2 = padding). ``key_correct[i, k]``: label of key k (its first labelled
+    sample's), ``key_labelled[i, k]``: whether any sample of key k has a label (an answer
+    without one is ungraded, as the runtime and the other engines grade it). ``tokens``:
+    completion tokens (estimated from the text when the pool gives none;
+    ``tokens_estimated`` says so). ``labelled``: every answered sample has a label.
     """
 
     n: np.ndarray  # (P,) int
@@ -342,6 +345,7 @@ class PoolArrays:
     correct: np.ndarray  # (P, N) bool
     tokens: np.ndarray  # (P, N) float64
     key_correct: np.ndarray  # (P, K) bool
+    key_labelled: np.ndarray  # (P, K) bool
     n_keys: np.ndarray  # (P,) int
     tokens_estimated: bool
     labelled: bool
@@ -364,12 +368,12 @@ class PoolArrays:
         tokens = np.zeros((P, N), dtype=np.float64)
         n = np.zeros(P, dtype=np.int64)
         all_keys: list[tuple[str, ...]] = []
-        labels: list[list[bool]] = []
+        labels: list[list[bool | None]] = []
         estimated = False
         labelled = True
         for i, prob in enumerate(pool.problems):
             ids: dict[str, int] = {}
-            lab: list[bool] = []
+            lab: list[bool | None] = []
             n[i] = len(prob.samples)
             for j, s in enumerate(prob.samples):
                 k = s.key
@@ -378,8 +382,10 @@ class PoolArrays:
                 else:
                     if k not in ids:
                         ids[k] = len(ids)
-                        lab.append(bool(s.correct))
+                        lab.append(None)
                     key[i, j] = ids[k]
+                    if lab[ids[k]] is None and s.correct is not None:
+                        lab[ids[k]] = bool(s.correct)
                 if s.correct is None and k is not None:
                     labelled = False
                 correct[i, j] = bool(s.correct) and k is not None
@@ -395,8 +401,11 @@ class PoolArrays:
             labels.append(lab)
         K = max(1, max(len(lab) for lab in labels))
         key_correct = np.zeros((P, K), dtype=bool)
+        key_labelled = np.zeros((P, K), dtype=bool)
         for i, lab in enumerate(labels):
-            key_correct[i, : len(lab)] = lab
+            key_correct[i, : len(lab)] = [bool(x) for x in lab]
+            key_labelled[i, : len(lab)] = [x is not None for x in lab]
         return cls(n=n, key=key, correct=correct, tokens=tokens, key_correct=key_correct,
+                   key_labelled=key_labelled,
                    n_keys=np.array([len(lab) for lab in labels], dtype=np.int64),
                    tokens_estimated=estimated, labelled=labelled, keys=tuple(all_keys))

@@ -329,10 +329,18 @@ def _agree(src: ReplaySource, winner: np.ndarray, has: np.ndarray) -> np.ndarray
 
 
 def _key_correct(src: ReplaySource, winner: np.ndarray, has: np.ndarray) -> np.ndarray:
-    kc = src.pool.arrays.key_correct  # (P, K)
+    """1 / 0 per (order, problem) for a right / wrong (or no) answer; NaN for an answer
+    whose key has no label (ungraded, as the lean and direct engines and the runtime
+    leave it)."""
+    a = src.pool.arrays
     R = winner.shape[0]
-    got = np.take_along_axis(np.broadcast_to(kc, (R, *kc.shape)), winner[..., None], axis=2)
-    return (got[..., 0] & has).astype(float)
+
+    def at(table: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(np.broadcast_to(table, (R, *table.shape)),
+                                  winner[..., None], axis=2)[..., 0]
+
+    right = (at(a.key_correct) & has).astype(float)
+    return np.where(has & ~at(a.key_labelled), np.nan, right)
 
 
 def _drawn(src: ReplaySource, plan: FixedPlan, cfg: ReplayConfig, trim: bool = False

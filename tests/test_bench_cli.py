@@ -244,3 +244,46 @@ def test_replay_on_the_contested_problems_only(tmp_path):
     assert pool_group(run["pool"], "model") == "model+contested0.6"
     with pytest.raises(SystemExit):
         main(["replay", "--pool", str(pool), "--contested", "0", "--policy", "sc:n=all"])
+
+
+def _labels_pool(path: Path, label) -> Path:
+    """write_pool's pool with ``label(i, j, sample)`` as each sample's "correct"."""
+    rows = [json.loads(x) for x in write_pool(path).read_text().splitlines()]
+    for i, row in enumerate(rows):
+        for j, sample in enumerate(row["samples"]):
+            sample["correct"] = label(i, j, sample)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_answers_without_a_label_are_ungraded_in_every_engine(tmp_path):
+    """The vectorised engine graded an answer without a label as wrong where the lean and
+    direct engines and the runtime leave it ungraded, so one policy scored differently
+    by engine (found by review)."""
+    pool = _labels_pool(tmp_path / "partial.jsonl",
+                        lambda i, j, s: None if s["pred"] == "b" and i % 2 else
+                        s["pred"] == "a")
+    got = {}
+    for engine in ("auto", "lean"):
+        out = tmp_path / f"{engine}.json"
+        assert main(["replay", "--pool", str(pool), "--policy", "sc:n=all", "--policy",
+                     "sc:n=2", "--orders", "4", "--engine", engine, "--workers", "1",
+                     "--json", str(out), "--quiet"]) == 0
+        got[engine] = [(r["policy"], r["accuracy"], r["engine"])
+                       for r in json.loads(out.read_text())["runs"]]
+    assert [x[:2] for x in got["auto"]] == [x[:2] for x in got["lean"]]
+    assert {x[2] for x in got["auto"]} == {"vectorised"}
+
+
+def test_a_pool_without_labels_or_two_pools_of_one_name_are_refused(tmp_path):
+    """An unlabelled pool replayed as accuracy 0.000 for every policy, and two files of one
+    name (reports and folds go by name) were merged silently (found by review)."""
+    bare = _labels_pool(tmp_path / "bare.jsonl", lambda i, j, s: None)
+    with pytest.raises(ConfigError, match="no answered sample has a 'correct' label"):
+        main(["replay", "--pool", str(bare), "--policy", "sc:n=all", "--quiet"])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one, two = write_pool(tmp_path / "a" / "toy.jsonl"), write_pool(tmp_path / "b" / "toy.jsonl")
+    with pytest.raises(ConfigError, match="two pools are named 'toy'"):
+        main(["replay", "--pool", str(one), "--pool", str(two), "--policy", "sc:n=all",
+              "--quiet"])
