@@ -192,7 +192,11 @@ def run_direct_order(src: ReplaySource, policy: Any, order: int, *, decode_rate:
             # stop needs, so they do not stop with any in flight.
             return None
         winner = None
-        if counts:
+        unanimous = policy.unanimous_key(keys) if k == SETTLED and type(
+            policy) is EarlyStoppingSC else None
+        if unanimous is not None:  # ESC answers with its unanimous window
+            winner = unanimous
+        elif counts:
             winner = max(counts, key=lambda x: (counts[x], -first[x]))
             b = unsure.get(winner)
             if b is not None:  # a tie for the most votes decided by an order we do not know

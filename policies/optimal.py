@@ -26,7 +26,7 @@ from pathlib import Path
 from orchestrator.decisions import Decision
 from orchestrator.errors import ConfigError
 from orchestrator.snapshot import ProblemSnapshot
-from policies.base import non_default, num
+from policies.base import non_default, num, policy_verifies
 from policies.fixed import GenRM, SelfConsistency
 from policies.profile import VerifierProfile
 
@@ -93,6 +93,12 @@ class Optimal:
     def resolved(self) -> SelfConsistency | GenRM:
         """The fixed policy this allocation runs."""
         return self._inner
+
+    @property
+    def verifies(self) -> bool:
+        """Whether the allocation sends solutions to the verifier (a GenRM one does): the
+        runtime's budget check and the resume fingerprint read it (found by review)."""
+        return policy_verifies(self._inner)
 
     @property
     def spec(self) -> str:

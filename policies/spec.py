@@ -198,7 +198,7 @@ _FAILURES = "broken samples replaced"
 #: help of the parameters ``adaptive`` and the verifying policies share
 ADAPTIVE_HELP: dict[str, str] = {
     "width": "samples kept in flight",
-    "confidence": "stop when P(leader is still sc:n=max's answer) >= confidence",
+    "confidence": "stop when P(runner-up does not catch the leader by max) >= confidence",
     "max": "horizon: the sc:n=max approximated, and the sample cap "
            "(in replays 'all' = the pool size)",
     "min_votes": "votes the leader needs before a probabilistic stop",

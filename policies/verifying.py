@@ -137,6 +137,7 @@ class _Verifying:
         _check(name, "min_auc", 0.0 <= self.min_auc < 1.0, self.min_auc, "in [0, 1)")
         _check(name, "max_icc", 0.0 <= self.max_icc <= 1.0, self.max_icc, "in [0, 1]")
         _check(name, "doubt", 0.0 <= self.doubt < 1.0, self.doubt, "in [0, 1)")
+        _check(name, "extend", isinstance(self.extend, bool), self.extend, "true or false")
         inner = Adaptive(**{key: getattr(self, key) for key in _ADAPTIVE})
         object.__setattr__(self, "_adaptive", inner)
         object.__setattr__(self, "wide", inner.wide)  # as adaptive stores it
@@ -155,8 +156,9 @@ class _Verifying:
                  f"doubt={num(self.doubt)}", f"extend={'true' if self.extend else 'false'}"]
         if self.profile:
             parts.append(f"profile={self.profile}")
-        else:
-            parts += [f"explore={self.explore}", f"explore_others={self.explore_others}"]
+        # with a profile the online estimate is not used, but the spec still says them,
+        # so it parses back to an equal policy
+        parts += [f"explore={self.explore}", f"explore_others={self.explore_others}"]
         return [*parts, *non_default(self, "min_auc", "max_icc", "max_failures")]
 
     @property

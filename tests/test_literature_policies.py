@@ -171,7 +171,17 @@ def test_esc_second_window_after_a_split_one():
     esc = EarlyStoppingSC(window=3)
     assert list(esc.decide(make_snapshot(["7", "8", "7"]))) == [Sample(3)]
     (stop,) = esc.decide(make_snapshot(["7", "8", "7", "8", "8", "8"]))
-    assert isinstance(stop, Stop) and stop.answer == "8"  # majority over all: 4 vs 2
+    assert isinstance(stop, Stop) and stop.answer == "8"  # the unanimous window's
+
+
+def test_esc_answers_with_the_unanimous_window_not_the_overall_majority():
+    """As the authors' code does: a unanimous window ends the loop with its own answer.
+    It answered with the vote over every sample, here 7 (4 votes against 3), while its
+    reason named window 3 (found by review)."""
+    esc = EarlyStoppingSC(window=3)
+    (stop,) = esc.decide(make_snapshot(["7", "7", "8", "7", "7", "9", "8", "8", "8"]))
+    assert isinstance(stop, Stop) and stop.answer == "8" and stop.code == "settled"
+    assert "window 3 unanimous" in stop.reason
 
 
 def test_esc_launches_the_next_window_early_when_the_current_cannot_agree():

@@ -54,6 +54,43 @@ def test_optimal_spec_names_its_profile_and_parses_back(tmp_path):
     assert parse_policy(policy.spec) == policy
 
 
+def test_an_optimal_allocation_that_verifies_says_so(tmp_path):
+    """An ``optimal`` that resolves to GenRM sends solutions to the verifier: it must say
+    so, or the runtime skips the check that a budget holds one verification and the
+    resume fingerprint leaves the verifier out (found by review)."""
+    from orchestrator.protocols import policy_verifies
+    from policies.profile import BetaFit, ScalingLaw, VerifierProfile
+
+    path = tmp_path / "law.json"
+    law = ScalingLaw(1.0, 0.6, 0.5, 0.4, crossover=8.0, verify_pays=True, lam=1.0)
+    VerifierProfile(BetaFit(4, 2), BetaFit(2, 4), auc=0.9, lam=1.0, scaling=law).save(path)
+    genrm = parse_policy(f"optimal:c=64,profile={path}")
+    assert genrm.allocation[1] > 0 and policy_verifies(genrm)
+    sc = parse_policy(f"optimal:c=2,profile={path}")
+    assert sc.allocation[1] == 0 and not policy_verifies(sc)
+
+
+def test_verifying_specs_with_a_profile_round_trip_their_explore_settings(tmp_path):
+    """With a profile the spec left out ``explore``/``explore_others``, so it parsed back
+    to a different policy (found by review)."""
+    from policies.profile import BetaFit, VerifierProfile
+    from policies.verifying import Solverify, VerifyContested
+
+    path = tmp_path / "p.json"
+    VerifierProfile(BetaFit(4, 2), BetaFit(2, 4), auc=0.9, lam=1.0).save(path)
+    for cls in (VerifyContested, Solverify):
+        policy = cls(profile=str(path), explore=3, explore_others=2)
+        assert parse_policy(policy.spec) == policy
+
+
+@pytest.mark.parametrize("kw", [{"max_failures": 2.5}, {"max_failures": True},
+                                {"learn": "false"}, {"learn": 1}])
+def test_adaptive_refuses_a_count_or_a_flag_of_the_wrong_type(kw):
+    # accepted before, and the spec they wrote did not parse or parsed to another policy
+    with pytest.raises(ConfigError, match=r"max_failures|learn"):
+        Adaptive(**kw)
+
+
 @pytest.mark.parametrize("spec", ["adaptive:prior=inf", "adaptive:shrink=inf",
                                   "verify-contested:prior=inf", "boinf:alpha=inf",
                                   f"adaptive:max={MAX_HORIZON + 1}"])
