@@ -181,10 +181,7 @@ PROBE_TOP_LOGPROBS = defaults.PROBE_TOP_LOGPROBS
 """``top_logprobs`` values the probe tries, largest first."""
 
 _PATHS: dict[str, str] = {"chat": "/chat/completions", "completions": "/completions"}
-#: the HTTP response class of the HTTP package the openai client sits on (httpx, or httpx2
-#: in recent releases): asked for as ``cast_to``, the client hands the response back unread
-#: (the openai README's way for undocumented endpoints). Found through the public
-#: ``openai.DefaultAsyncHttpxClient``, whose base class is that package's ``AsyncClient``.
+
 #: the request deadline in force (``asyncio.timeout``) while a request is being sent
 _DEADLINE: ContextVar[asyncio.Timeout | None] = ContextVar("solverify_deadline", default=None)
 
@@ -196,6 +193,10 @@ def _env_proxies() -> bool:
                for name in (base, base.upper()))
 
 
+#: the HTTP response class of the HTTP package the openai client sits on (httpx, or httpx2
+#: in recent releases): asked for as ``cast_to``, the client hands the response back unread
+#: (the openai README's way for undocumented endpoints). Found through the public
+#: ``openai.DefaultAsyncHttpxClient``, whose base class is that package's ``AsyncClient``.
 _HTTP: Any = next(
     sys.modules[cls.__module__.partition(".")[0]]
     for cls in openai.DefaultAsyncHttpxClient.__mro__
