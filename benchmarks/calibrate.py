@@ -24,7 +24,7 @@ chosen without it) — the figures to quote for pools not seen. Two choice rules
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,12 +157,19 @@ FOLDS = ("model", "dataset")
 SELECT = ("agreement", "accuracy")
 
 
-def pool_group(name: str, by: str) -> str:
-    """The fold a pool belongs to, from its file stem ``<source>_<dataset>_<model>``
-    (``boinf_aime2024_Qwen3-4B``: dataset ``aime2024``, model ``Qwen3-4B``); a stem
-    without that shape is its own fold."""
+def pool_group(name: str, by: str, model: str | None = None) -> str:
+    """The fold a pool belongs to. By model: the ``model`` field its lines share when
+    given (:attr:`benchmarks.pools.Pool.model`; a ``+contested...`` batch keeps its
+    suffix), else from its file stem ``<source>_<dataset>_<model>``; by dataset: from the
+    stem (``boinf_aime2024_Qwen3-4B``: dataset ``aime2024``, model ``Qwen3-4B``). A stem
+    without that shape is its own fold. (Grouping by the stem alone put
+    ``..._Qwen3-4B_seed1`` in a fold of its own, beside ``..._Qwen3-4B``: one model on both
+    sides of a fold; found by review.)"""
     if by not in FOLDS:
         raise ConfigError(f"folds must be one of {', '.join(FOLDS)}, got {by!r}")
+    if by == "model" and model:
+        _, plus, batch = name.partition("+")
+        return f"{model}{plus}{batch}"
     parts = name.split("_", 2)
     if len(parts) < 3:
         return name
@@ -242,8 +249,9 @@ def cross_validate(sources: Sequence[Any], specs: Sequence[str], cfg: ReplayConf
     if not specs:
         raise ConfigError("calibrate needs at least one candidate")
     groups: dict[str, list[str]] = {}
+    models = {src.name: getattr(src.pool, "model", None) for src in sources}
     for src in sources:
-        groups.setdefault(pool_group(src.name, folds), []).append(src.name)
+        groups.setdefault(pool_group(src.name, folds, models[src.name]), []).append(src.name)
     if len(groups) < 2:
         raise ConfigError(f"cross-validation by {folds} needs pools of at least two "
                           f"{folds}s, got {len(groups)}")
@@ -272,7 +280,8 @@ def cross_validate(sources: Sequence[Any], specs: Sequence[str], cfg: ReplayConf
         "folds": fold_rows,
         "pooled_holdout": pooled,
         "pooled_holdout_by": {"by": other_grouping(folds),
-                              "groups": held_out_by(fold_rows, other_grouping(folds))},
+                              "groups": held_out_by(fold_rows, other_grouping(folds),
+                                                    models)},
         "fold_spread": spread,
         "chosen_on_all": final, "chosen_on_all_met": met,
         "in_sample": [aggregate(s, table[s]) for s in specs],
@@ -285,13 +294,16 @@ def other_grouping(folds: str) -> str:
     return "dataset" if folds == "model" else "model"
 
 
-def held_out_by(fold_rows: Sequence[dict[str, Any]], by: str) -> dict[str, dict[str, Any]]:
+def held_out_by(fold_rows: Sequence[dict[str, Any]], by: str,
+                models: Mapping[str, str | None] | None = None) -> dict[str, dict[str, Any]]:
     """The pooled held-out figures split by another grouping of the pools (e.g. the held-out
-    AIME pools alone, each scored with the choice made without its model)."""
+    AIME pools alone, each scored with the choice made without its model); ``models``: each
+    pool's ``model`` field, by name (:func:`pool_group`)."""
     groups: dict[str, list[PoolScore]] = {}
     for f in fold_rows:
         for x in f["holdout_pools"]:
-            groups.setdefault(pool_group(x["pool"], by), []).append(PoolScore(
+            model = (models or {}).get(x["pool"])
+            groups.setdefault(pool_group(x["pool"], by, model), []).append(PoolScore(
                 x["pool"], x["agreement_with_full_sc"], x["accuracy_delta"],
                 x["token_saving_x"], x["latency_ratio"]))
     return {g: aggregate("cross-validated choice", xs) for g, xs in groups.items()}

@@ -145,6 +145,17 @@ class Pool:
     def __len__(self) -> int:
         return len(self.problems)
 
+    @property
+    def model(self) -> str | None:
+        """The ``model`` field its problems share (a non-empty string on every line), else
+        None: what ``bench calibrate --folds model`` groups it by before its file name."""
+        models = {p.problem.meta.get("model") for p in self.problems}
+        if len(models) == 1:
+            (model,) = models
+            if isinstance(model, str) and model.strip():
+                return model.strip()
+        return None
+
     @cached_property
     def index(self) -> dict[str, int]:
         return {p.id: i for i, p in enumerate(self.problems)}

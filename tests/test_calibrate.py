@@ -116,6 +116,41 @@ def _write_pool(path, problems):
                 for pred, tok in samples]}) + "\n")
 
 
+def test_folds_by_model_read_the_pools_model_field(tmp_path):
+    """A second recording of one model named ``..._Qwen3-4B_seed1`` made a fold of its own
+    from the file stem, so the model sat on both sides of a fold; the pool's ``model``
+    field groups them (found by review). A stem is still the fallback."""
+    import json
+
+    from benchmarks.pools import load_pool
+    from benchmarks.source import ReplaySource
+
+    def write(name: str, model: str | None) -> ReplaySource:
+        path = tmp_path / f"{name}.jsonl"
+        with open(path, "w") as f:
+            for i in range(4):
+                row = {"id": f"p{i}", "problem": "q", "answer": "1", "samples": [
+                    {"pred": "1" if (i + j) % 3 else "2", "correct": (i + j) % 3 != 0,
+                     "tokens": 10 + j} for j in range(6)]}
+                if model is not None:
+                    row["model"] = model
+                f.write(json.dumps(row) + "\n")
+        return ReplaySource(load_pool(path), seed=0)
+
+    srcs = [write("boinf_aime2025_Qwen3-4B", "Qwen3-4B"),
+            write("boinf_aime2025_Qwen3-4B_seed1", "Qwen3-4B"),
+            write("boinf_aime2025_LIMO-v2", None)]
+    assert pool_group("boinf_aime2025_Qwen3-4B_seed1", "model", "Qwen3-4B") == "Qwen3-4B"
+    assert pool_group("x_y_Qwen3-4B+contested1", "model", "Qwen3-4B") == "Qwen3-4B+contested1"
+    assert pool_group("boinf_aime2025_Qwen3-4B_seed1", "dataset", "Qwen3-4B") == "aime2025"
+    res = cross_validate(srcs, ["sc:n=2", "sc:n=4"], ReplayConfig(orders=2, workers=1,
+                                                                   bootstrap=20),
+                         folds="model", select="accuracy")
+    assert {f["fold"]: sorted(f["pools"]) for f in res["folds"]} == {
+        "Qwen3-4B": ["boinf_aime2025_Qwen3-4B", "boinf_aime2025_Qwen3-4B_seed1"],
+        "LIMO-v2": ["boinf_aime2025_LIMO-v2"]}
+
+
 def test_length_and_order_analysis_on_a_hand_built_pool(tmp_path):
     """Short traces right, long ones wrong and in the majority: the length quintiles, the
     first finishers and the length-weighted vote all see it; plain majority does not."""
