@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -255,35 +256,29 @@ async def test_emulated_events_read_ahead_before_the_handover_are_charged(n, len
     assert sum(f.completion_tokens for f in r.failed) == fake.generated_tokens - length
 
 
-class _Burst(Backend):
-    """Request 0 hands over ``words`` tokens and an answer in one burst (no await between
-    them: an HTTP read that brings many SSE lines at once), faster than the merged
-    stream's reader takes them; request 1 answers after one loop turn. ``generated``:
-    the tokens handed over, as the server counts them."""
+class _Requests(Backend):
+    """A backend whose ``index``-th request (0, 1, ...) streams ``events(index)``, after
+    ``opening(index)``; the generator is closed with the stream. ``generated``: the tokens
+    handed over, as the server counts them."""
 
     cut_grace = 0.0
 
-    def __init__(self, words: int) -> None:
-        self.words = words
-        self.generated = 0
+    def __init__(self) -> None:
         self.opened = 0
+        self.generated = 0
+
+    async def opening(self, index: int) -> None:
+        """Before request ``index``'s stream is handed over (raise: it fails on opening)."""
+
+    def events(self, index: int) -> AsyncIterator:
+        raise NotImplementedError
 
     @contextlib.asynccontextmanager
     async def stream(self, request: GenerationRequest):
         index = self.opened
         self.opened += 1
-        words = ["w"] * self.words + ["so", "seven"] if index == 0 else ["so", "seven"]
-
-        async def events():
-            if index:
-                await asyncio.sleep(0)
-            for j, word in enumerate(words):
-                self.generated += 1
-                yield TextDelta(choice=0, text=f" {word}" if j else word, tokens=1,
-                                finish_reason="stop" if j == len(words) - 1 else None)
-            yield UsageReport(5, len(words), final=True)
-
-        gen = events()
+        await self.opening(index)
+        gen = self.events(index)
         try:
             yield gen
         finally:
@@ -291,6 +286,26 @@ class _Burst(Backend):
 
     async def aclose(self) -> None:
         pass
+
+
+class _Burst(_Requests):
+    """Request 0 hands over ``words`` tokens and an answer in one burst (no await between
+    them: an HTTP read that brings many SSE lines at once), faster than the merged
+    stream's reader takes them; request 1 answers after one loop turn."""
+
+    def __init__(self, words: int) -> None:
+        super().__init__()
+        self.words = words
+
+    async def events(self, index: int):
+        words = ["w"] * self.words + ["so", "seven"] if index == 0 else ["so", "seven"]
+        if index:
+            await asyncio.sleep(0)
+        for j, word in enumerate(words):
+            self.generated += 1
+            yield TextDelta(choice=0, text=f" {word}" if j else word, tokens=1,
+                            finish_reason="stop" if j == len(words) - 1 else None)
+        yield UsageReport(5, len(words), final=True)
 
 
 @pytest.mark.parametrize("words", [_MERGE_QUEUE_SIZE // 2, 3 * _MERGE_QUEUE_SIZE])
@@ -581,7 +596,6 @@ async def test_an_unfinished_stream_alone_is_not_a_cutting_server():
 async def test_a_stream_cut_by_its_reader_is_not_a_cutting_server():
     """The runtime's settled cut asks the server to stop (``EventStream.cut``); the stream
     then ends without a finish reason, which must not count as the server cutting it."""
-    from collections.abc import AsyncIterator
     from contextlib import asynccontextmanager
 
     from orchestrator.backends.base import Backend, EventStream
@@ -614,44 +628,29 @@ async def test_a_stream_cut_by_its_reader_is_not_a_cutting_server():
     assert slots.degraded is None and slots.cut_streams == 0 and slots.limit == 4
 
 
-class _FirstRefused(Backend):
+class _FirstRefused(_Requests):
     """Request 0 fails before any event, once request 1 has generated 5 tokens; request 1
     hands them over as soon as that failure is being queued (``failing``, set by the test
     just before the failure goes into the merge queue), so its event is queued behind
     the failure before the merger reads the queue: loop order only, no clock."""
 
-    cut_grace = 0.0
-
     def __init__(self) -> None:
-        self.opened = 0
-        self.generated = 0
+        super().__init__()
         self.failing = asyncio.Event()
         self.started = asyncio.Event()
 
-    @contextlib.asynccontextmanager
-    async def stream(self, request: GenerationRequest):
-        index = self.opened
-        self.opened += 1
+    async def opening(self, index: int) -> None:
         if index == 0:
             await self.started.wait()
             raise ModelNotFound("replica 0 refuses")
 
-        async def events():
-            self.generated += 5
-            self.started.set()
-            await self.failing.wait()
-            yield TextDelta(choice=0, text="a b c d e", tokens=5)
-            yield UsageReport(3, 5, final=False)
-            await asyncio.Event().wait()  # never ends by itself
-
-        gen = events()
-        try:
-            yield gen
-        finally:
-            await gen.aclose()
-
-    async def aclose(self) -> None:
-        pass
+    async def events(self, index: int):
+        self.generated += 5
+        self.started.set()
+        await self.failing.wait()
+        yield TextDelta(choice=0, text="a b c d e", tokens=5)
+        yield UsageReport(3, 5, final=False)
+        await asyncio.Event().wait()  # never ends by itself
 
 
 async def test_a_choice_failing_on_opening_leaves_what_its_siblings_sent_charged(
