@@ -258,11 +258,18 @@ def _sources(args: argparse.Namespace) -> list[Any]:
         verifier = SimulatedVerifier(correct=args.sim_correct, wrong=args.sim_wrong,
                                      lam=args.sim_lambda, vmax=args.sim_vmax, seed=args.seed,
                                      corr=args.sim_corr)
-    sources = [ReplaySource(_load(p, args, args.limit), seed=args.seed, verifier=verifier,
-                            verify_tokens=args.verify_tokens) for p in args.pool]
+    return _checked(args.pool, [
+        ReplaySource(_load(p, args, args.limit), seed=args.seed, verifier=verifier,
+                     verify_tokens=args.verify_tokens) for p in args.pool])
+
+
+def _checked(paths: Sequence[Path], sources: list[Any]) -> list[Any]:
+    """``sources`` (one per path), refused when two share a name (reports and folds go by
+    name: one would hide the other) or one has no label at all (its accuracy read as
+    0.000 for every policy)."""
     seen: dict[str, Path] = {}
-    for path, src in zip(args.pool, sources, strict=True):
-        if src.name in seen:  # reports and folds go by name: one would hide the other
+    for path, src in zip(paths, sources, strict=True):
+        if src.name in seen:
             raise ConfigError(f"two pools are named {src.name!r} ({seen[src.name]} and "
                               f"{path}): give the files distinct names")
         seen[src.name] = path
@@ -528,7 +535,7 @@ def _calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:
                        decode_rate=args.decode_rate, workers=args.workers)
 
     def sources(paths: Sequence[Path]) -> list[Any]:
-        return [ReplaySource(_load(p, args), seed=args.seed) for p in paths]
+        return _checked(paths, [ReplaySource(_load(p, args), seed=args.seed) for p in paths])
 
     if args.folds is not None:
         from benchmarks.calibrate import cross_validate, cv_markdown, spec_for

@@ -287,3 +287,6 @@ def test_a_pool_without_labels_or_two_pools_of_one_name_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="two pools are named 'toy'"):
         main(["replay", "--pool", str(one), "--pool", str(two), "--policy", "sc:n=all",
               "--quiet"])
+    with pytest.raises(ConfigError, match="two pools are named 'toy'"):  # folds too
+        main(["calibrate", "--folds", "model", "--pool", str(one), "--pool", str(two),
+              "--candidate", "sc:n=2", "--candidate", "sc:n=4"])
