@@ -249,7 +249,7 @@ def cross_validate(sources: Sequence[Any], specs: Sequence[str], cfg: ReplayConf
     if not specs:
         raise ConfigError("calibrate needs at least one candidate")
     groups: dict[str, list[str]] = {}
-    models = {src.name: getattr(src.pool, "model", None) for src in sources}
+    models = {src.name: src.pool.model for src in sources}
     for src in sources:
         groups.setdefault(pool_group(src.name, folds, models[src.name]), []).append(src.name)
     if len(groups) < 2:

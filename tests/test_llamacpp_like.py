@@ -237,7 +237,7 @@ async def test_a_probe_cut_off_by_the_deadline_spaces_the_next():
     backend = OpenAIBackend("http://127.0.0.1:9/v1", "m", timeout=0.01)
     backend._tokenizer = ServerTokenizer(post, "m", clock=clock)
     request = GenerationRequest(kind="solve", prompt="q", max_tokens=8)
-    assert await backend._tokenizer_usage(request, {0: ["a"]}, {0: "stop"}) is None
+    assert await backend._tokenizer_usage(request, {0: ["a"]}, {0: "stop"}, {}) is None
     assert await backend._tokenizer.probe() is None  # too soon: no call
     assert calls == ["/tokenize"]
     clock.now += PROBE_SPACING_S

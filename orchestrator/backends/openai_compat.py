@@ -618,8 +618,8 @@ class OpenAIBackend(Backend):
             yield report
 
     async def _tokenizer_usage(self, request: GenerationRequest, texts: dict[int, list[str]],
-                               finishes: dict[int, str | None],
-                               exact: dict[int, int] | None = None) -> UsageReport | None:
+                               finishes: dict[int, str | None], exact: dict[int, int]
+                               ) -> UsageReport | None:
         """The final count from the server's tokenizer: the prompt, and each choice's text
         (its reasoning text included) re-tokenized, but never below the tokens its deltas
         counted exactly (logprob entries: generated text often re-tokenizes into fewer)."""
@@ -634,7 +634,7 @@ class OpenAIBackend(Backend):
                 completion, stopped = 0, False
                 for choice, parts in texts.items():
                     completion += max(await tokenizer.count_text("".join(parts)),
-                                      (exact or {}).get(choice, 0))
+                                      exact.get(choice, 0))
                     if request.stop and finishes.get(choice) == "stop":
                         completion += 1  # the stop sequence's token: generated, not sent
                         stopped = True
