@@ -173,17 +173,18 @@ def _policy_closed(policy, done: int, flying: int, failed: int, exhausted: bool
 
 
 def _decide_by_step(policy, s: ProblemSnapshot, counts: Sequence[int], keys: Sequence,
-                    settled: Callable[[], str], stopped: Callable[[str | None], str]
+                    settled: Callable[[], Stop], stopped: Callable[[str | None], str]
                     ) -> list[Decision]:
     """``decide`` of a counting policy from its ``sampling_step``: sample what it asks
-    for; when settled, stop with the majority and ``settled()``; else wait for what is in
-    flight, then stop with ``stopped(why sampling is closed)``."""
+    for; when settled, stop with ``settled()`` (the rule's answer: AC's and boinf's the
+    majority, ESC's its unanimous window's); else wait for what is in flight, then stop
+    with the majority and ``stopped(why sampling is closed)``."""
     k = policy.sampling_step(counts, keys, s.in_flight.samples, s.failed_samples,
                              s.budget_left.exhausted)
     if k > 0:
         return [Sample(k)]
     if k == SETTLED:
-        return [majority_stop(s, settled())]
+        return [settled()]
     closed = _policy_closed(policy, len(s.solutions), s.in_flight.samples, s.failed_samples,
                             s.budget_left.exhausted)
     return wait_or_stop(s, lambda: majority_stop(s, stopped(closed), _closed_code(closed)))
@@ -281,8 +282,9 @@ class AdaptiveConsistency:
         counts = [v.votes for v in s.votes()]
         return _decide_by_step(
             self, s, counts, s.solutions,
-            lambda: (f"adaptive-consistency: confidence {self.confidence(counts):.3f} >= "
-                     f"{self.threshold:g} after {len(s.solutions)} samples"),
+            lambda: majority_stop(
+                s, f"adaptive-consistency: confidence {self.confidence(counts):.3f} >= "
+                   f"{self.threshold:g} after {len(s.solutions)} samples"),
             lambda closed: (f"adaptive-consistency stopped ({closed or 'no room'}), "
                             f"confidence {self.confidence(counts):.3f}"))
 
@@ -348,15 +350,18 @@ class EarlyStoppingSC:
 
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
         keys = [x.key for x in s.solutions]
-        b = self._unanimous(keys)
-        if b is not None:
+
+        def settled() -> Stop:
             # ESC answers with the unanimous window's answer, not the vote over every
             # sample (they differ when earlier windows leaned elsewhere; found by review)
+            b = self._unanimous(keys)
+            assert b is not None  # sampling_step said SETTLED
             won = s.solutions[b * self.window]
-            return [Stop(won.answer, f"esc: window {b + 1} unanimous after {len(keys)} "
-                                     f"samples ({self.window} votes)", won.key, "settled")]
+            return Stop(won.answer, f"esc: window {b + 1} unanimous after {len(keys)} "
+                                    f"samples ({self.window} votes)", won.key, "settled")
+
         return _decide_by_step(
-            self, s, (), keys, lambda: "esc: settled",
+            self, s, (), keys, settled,
             lambda closed: f"esc stopped ({closed or 'no room'}) after {len(keys)} samples")
 
 
@@ -429,7 +434,8 @@ class BestOfInfinity:
         counts = [v.votes for v in s.votes()]
         return _decide_by_step(
             self, s, counts, s.solutions,
-            lambda: (f"boinf: Bayes factor {bayes_factor(counts, self.alpha):.3g} >= "
-                     f"{self.bayes_factor:g} after {len(s.solutions)} samples"),
+            lambda: majority_stop(
+                s, f"boinf: Bayes factor {bayes_factor(counts, self.alpha):.3g} >= "
+                   f"{self.bayes_factor:g} after {len(s.solutions)} samples"),
             lambda closed: (f"boinf stopped ({closed}), Bayes factor "
                             f"{bayes_factor(counts, self.alpha):.3g}"))
