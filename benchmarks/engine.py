@@ -271,6 +271,7 @@ class _Engine:
         from policies.adaptive import _PLANS, Adaptive
 
         self.plans = _PLANS if type(policy) is Adaptive else None
+        self.all_rivals = self.plans is not None and policy.rivals == "all"
         self.prior_records: tuple | None = None
         self.prior: Any = None
         self.samples = _served_samples(src)
@@ -442,8 +443,9 @@ class _Engine:
             self.prior = policy.prior_for(records)
         plans = self.plans
         assert plans is not None  # only asked for adaptive
+        others = tuple([r.votes for r in ranked[2:]]) if self.all_rivals else ()
         plan = plans.get(policy, self.prior, a, b, len(p.solutions) - a - b, flying, failed,
-                         False)
+                         False, others)
         return None if plan[0] == "stop" else plan
 
     def _decide(self, p: _Problem) -> None:

@@ -16,8 +16,10 @@ catching up: with several answers close behind it, the chance that some answer o
 the leader wins ``sc:n=max`` is higher than the one computed (a review's Monte Carlo at
 votes 5-1-1-1-1-1-1: 0.19 against the 0.05 computed). ``confidence`` is therefore a
 setting calibrated by cross-validation (its measured agreement with ``sc:n=all`` is in the
-README's tables), not a guarantee; summing the risk over every contender within reach (a
-union bound) would make it conservative.
+README's tables), not a guarantee. ``rivals=all`` sums the risk over every answer the
+remaining samples can still bring level with the leader (a union bound; 0.29 there); it
+is not the default: cross-validated, it saves 9-16% fewer tokens for at most +0.10 pp, a
+trade ``wide=24`` makes better (README "Harder batches", ``rivals=all``).
 
 The prior is learned from the run (empirical Bayes). A problem is summarised by the
 shares (u, v, 1-u-v) of its leading answer, its runner-up and everything else. The
@@ -99,6 +101,9 @@ def overturn_probability(a: int, b: int, rest: int, remaining: int, prior: float
     )
     return float(np.exp(log_p[valid]).sum()) if valid.any() else 0.0
 
+
+#: what ``rivals`` may be: the answers whose overturn risk the stop counts
+RIVALS = ("runner-up", "all")
 
 #: the largest ``max`` (horizon) accepted: :func:`_overturn_tables` holds
 #: ~horizon^2 / 2 x 561 floats (564 MiB at 512, 2.1 GiB at 1000)
@@ -444,6 +449,11 @@ class Adaptive:
         ``max`` (Self-Consistency's assumption: an answer is right with the probability of
         its share) is at most ``loss`` per problem (default 0.01, chosen by
         leave-one-model-out cross-validation, README "Calibration"; 0 turns it off).
+      * ``rivals`` [rivals]: whose overturn the stop counts: ``runner-up`` (default) or
+        ``all`` — every answer below it too that the remaining samples can bring level,
+        each scored in the three-outcome model against everything else, the risks and
+        losses summed (a union bound, capped at 1; cross-validated in README
+        "Harder batches": not better than ``wide=24`` at the same cost).
       * ``max_failures`` [max_failures]: broken samples replaced (default ``max``).
     """
 
@@ -457,6 +467,7 @@ class Adaptive:
     shrink: float = 4.0
     learn: bool = True
     loss: float = 0.01
+    rivals: str = "runner-up"
 
     def __post_init__(self) -> None:
         _check("width", is_count(self.width, 1), self.width, "an integer >= 1")
@@ -474,6 +485,7 @@ class Adaptive:
         _check("shrink", 0 < self.shrink < math.inf, self.shrink, "> 0 and finite")
         _check("loss", 0.0 <= self.loss < 1.0, self.loss, "in [0, 1) (0: off)")
         _check("learn", isinstance(self.learn, bool), self.learn, "true or false")
+        _check("rivals", self.rivals in RIVALS, self.rivals, " or ".join(RIVALS))
         if self.max_failures is not None:
             _check("max_failures", is_count(self.max_failures, 0), self.max_failures,
                    "an integer >= 0")
@@ -485,7 +497,7 @@ class Adaptive:
             f"confidence={num(self.confidence)},max={self.max},min_votes={self.min_votes},"
             f"prior={num(self.prior)},shrink={num(self.shrink)},"
             f"learn={'true' if self.learn else 'false'},loss={num(self.loss)}",
-            *non_default(self, "max_failures")])
+            *non_default(self, "rivals", "max_failures")])
 
     @property
     def widest(self) -> int:
@@ -504,20 +516,42 @@ class Adaptive:
                  ) -> float:
         return posterior_overturn(a, b, rest, remaining, log_prior, self.max)
 
-    def risk(self, a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray
-             ) -> tuple[float, float]:
-        return posterior_risk(a, b, rest, remaining, log_prior, self.max)
+    def risk(self, a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray,
+             others: tuple[int, ...] = ()) -> tuple[float, float]:
+        """(P(overturn), expected accuracy lost) of stopping now with ``remaining`` samples
+        to come: the runner-up's (:func:`posterior_risk`), plus with ``rivals=all`` each
+        answer's below it (``others``: their votes, decreasing; counted in ``rest``) that
+        can still reach the leader — a union bound (the sum, capped at 1), each rival
+        scored in the same three-outcome model against everything else."""
+        p, lost = posterior_risk(a, b, rest, remaining, log_prior, self.max)
+        if not others:
+            return p, lost
+        n = a + b + rest
+        i = 0
+        while i < len(others):
+            c = others[i]
+            if a - c > remaining:
+                break  # this one and every smaller one cannot reach the leader
+            j = i + 1
+            while j < len(others) and others[j] == c:
+                j += 1
+            pc, lc = posterior_risk(a, c, n - a - c, remaining, log_prior, self.max)
+            p += (j - i) * pc
+            lost += (j - i) * lc
+            i = j
+        return min(p, 1.0), lost
 
-    def stop_reason(self, a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray
-                    ) -> str | None:
+    def stop_reason(self, a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray,
+                    others: tuple[int, ...] = ()) -> str | None:
         """Why the probabilistic rule stops at these counts (``a >= min_votes`` checked by
         the caller), or None."""
-        p, lost = self.risk(a, b, rest, remaining, log_prior)
+        p, lost = self.risk(a, b, rest, remaining, log_prior, others)
+        at = "-".join(str(v) for v in (a, b, *others))
         if self._confident(p):
-            return f"P(overturn by {remaining} more) = {p:.3f} at {a}-{b}"
+            return f"P(overturn by {remaining} more) = {p:.3f} at {at}"
         if self._cheap(lost):
             return (f"expected accuracy lost = {lost:.4f} (P(overturn by {remaining} more) "
-                    f"= {p:.3f}) at {a}-{b}")
+                    f"= {p:.3f}) at {at}")
         return None
 
     def _confident(self, p_overturn: float) -> bool:
@@ -526,25 +560,29 @@ class Adaptive:
     def _cheap(self, lost: float) -> bool:
         return self.loss > 0 and lost <= self.loss
 
-    def _stops(self, a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray
-               ) -> bool:
+    def _stops(self, a: int, b: int, rest: int, remaining: int, log_prior: np.ndarray,
+               others: tuple[int, ...] = ()) -> bool:
         """``stop_reason(...) is not None``, without writing the reason."""
-        p, lost = self.risk(a, b, rest, remaining, log_prior)
+        p, lost = self.risk(a, b, rest, remaining, log_prior, others)
         return self._confident(p) or self._cheap(lost)
 
-    def _counts(self, s: ProblemSnapshot) -> tuple[int, int, int]:
+    def _counts(self, s: ProblemSnapshot) -> tuple[int, int, int, tuple[int, ...]]:
         votes = s.votes()
         a = votes[0].votes if votes else 0
         b = votes[1].votes if len(votes) > 1 else 0
-        return a, b, len(s.solutions) - a - b
+        others = tuple(v.votes for v in votes[2:]) if self.rivals == "all" else ()
+        return a, b, len(s.solutions) - a - b, others
 
     def settled(self, s: ProblemSnapshot, log_prior: np.ndarray | None = None) -> str | None:
         """Why the leading answer is settled, or None if it is not yet."""
         lp = self.log_prior(s) if log_prior is None else log_prior
-        return self._settled(*self._counts(s), lp)
+        a, b, rest, others = self._counts(s)
+        return self._settled(a, b, rest, lp, others)
 
-    def _settled(self, a: int, b: int, rest: int, log_prior: np.ndarray) -> str | None:
-        """:meth:`settled` at vote counts (leader, runner-up, the rest)."""
+    def _settled(self, a: int, b: int, rest: int, log_prior: np.ndarray,
+                 others: tuple[int, ...] = ()) -> str | None:
+        """:meth:`settled` at vote counts (leader, runner-up, the rest; ``others``: the
+        votes of the answers below the runner-up, read with ``rivals=all``)."""
         if a == 0:
             return None
         finished = a + b + rest
@@ -555,9 +593,10 @@ class Adaptive:
             return f"lead {a}-{b} exceeds the {remaining} samples left of {self.max}"
         if a < self.min_votes:
             return None
-        return self.stop_reason(a, b, rest, remaining, log_prior)
+        return self.stop_reason(a, b, rest, remaining, log_prior, others)
 
-    def need(self, a: int, b: int, rest: int, log_prior: np.ndarray) -> int:
+    def need(self, a: int, b: int, rest: int, log_prior: np.ndarray,
+             others: tuple[int, ...] = ()) -> int:
         """Further samples after which the rule would stop if they split like the votes so
         far (the evidence-following width; ``max - finished`` when no split settles)."""
         n = a + b + rest
@@ -571,7 +610,8 @@ class Adaptive:
             rem = self.max - n - k
             if rem <= 0 or ka - kb > rem:
                 return True
-            return ka >= self.min_votes and self._stops(ka, kb, kr, rem, log_prior)
+            ko = tuple(round(c + k * c / n) for c in others)
+            return ka >= self.min_votes and self._stops(ka, kb, kr, rem, log_prior, ko)
 
         lo, hi = 0, 1
         while hi < left and not stops(hi):
@@ -588,9 +628,9 @@ class Adaptive:
 
     def decide(self, s: ProblemSnapshot) -> Sequence[Decision]:
         lp = self.log_prior(s)
-        a, b, rest = self._counts(s)
+        a, b, rest, others = self._counts(s)
         plan = _PLANS.get(self, lp, a, b, rest, s.in_flight.samples, s.failed_samples,
-                          s.budget_left.exhausted)
+                          s.budget_left.exhausted, others)
         if plan[0] == "sample":
             return [Sample(plan[1])]
         if plan[0] == "wait":
@@ -598,12 +638,13 @@ class Adaptive:
         return [majority_stop(s, plan[1], plan[2])]
 
     def plan(self, log_prior: np.ndarray, a: int, b: int, rest: int, flying: int,
-             failed: int, exhausted: bool) -> tuple:
+             failed: int, exhausted: bool, others: tuple[int, ...] = ()) -> tuple:
         """The decision at these counts (leader, runner-up and other votes of the finished
-        samples), samples in flight, broken samples and budget state, under ``log_prior``:
-        ``("sample", k)``, ``("wait",)`` or ``("stop", reason, code)``; what :meth:`decide`
-        does, on the numbers it reads (memoised there, :class:`_PlanMemo`)."""
-        why = self._settled(a, b, rest, log_prior)
+        samples; ``others``: the votes of the answers below the runner-up, decreasing, read
+        with ``rivals=all``), samples in flight, broken samples and budget state, under
+        ``log_prior``: ``("sample", k)``, ``("wait",)`` or ``("stop", reason, code)``; what
+        :meth:`decide` does, on the numbers it reads (memoised there, :class:`_PlanMemo`)."""
+        why = self._settled(a, b, rest, log_prior, others)
         if why is not None:
             return ("stop", f"adaptive: {why}", "settled")
         finished = a + b + rest
@@ -613,7 +654,8 @@ class Adaptive:
         can_launch = not exhausted and failed <= max_failures
         target = self.width
         if self.widest > self.width and finished >= 2:
-            target = min(max(self.width, self.need(a, b, rest, log_prior)), self.widest)
+            target = min(max(self.width, self.need(a, b, rest, log_prior, others)),
+                         self.widest)
         want = min(target, self.max - finished) - flying
         if can_launch and want > 0:
             return ("sample", want)
@@ -638,14 +680,15 @@ class _PlanMemo:
         self._size = size
 
     def get(self, policy: Adaptive, log_prior: np.ndarray, a: int, b: int, rest: int,
-            flying: int, failed: int, exhausted: bool) -> tuple:
+            flying: int, failed: int, exhausted: bool, others: tuple[int, ...] = ()
+            ) -> tuple:
         if log_prior.flags.writeable:
-            return policy.plan(log_prior, a, b, rest, flying, failed, exhausted)
-        key = (id(policy), id(log_prior), a, b, rest, flying, failed, exhausted)
+            return policy.plan(log_prior, a, b, rest, flying, failed, exhausted, others)
+        key = (id(policy), id(log_prior), a, b, rest, flying, failed, exhausted, others)
         hit = self._entries.get(key)
         if hit is not None and hit[0] is policy and hit[1] is log_prior:
             return hit[2]
-        value = policy.plan(log_prior, a, b, rest, flying, failed, exhausted)
+        value = policy.plan(log_prior, a, b, rest, flying, failed, exhausted, others)
         entries = self._entries
         if len(entries) >= self._size:
             del entries[next(iter(entries))]

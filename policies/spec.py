@@ -179,8 +179,13 @@ def parse_spec(spec: str) -> tuple[PolicyEntry, dict[str, str]]:
 
 
 def uses_all(spec: str) -> bool:
-    """Does the spec give some parameter as ``all``?"""
-    return "all" in parse_spec(spec)[1].values()
+    """Does the spec give some parameter as ``all`` in the sense of "the pool size" or
+    "no cap" (an integer parameter, or one that allows ``all``)? A string parameter's
+    value ``all`` (``adaptive:rivals=all``) is just that string."""
+    entry, raw = parse_spec(spec)
+    by_key = {p.key: p for p in entry.params}
+    return any(v == "all" and (by_key[k].type is int or by_key[k].allow_all)
+               for k, v in raw.items())
 
 
 def parse_policy(spec: str, *, size: int | None = None) -> Any:
@@ -209,6 +214,8 @@ ADAPTIVE_HELP: dict[str, str] = {
     "learn": "learn the prior from the problems already finished in the run",
     "loss": "also stop when the expected accuracy lost against going on to max is at most "
             "this (0: off)",
+    "rivals": "whose overturn the stop counts: runner-up, or all (every answer that can "
+              "still reach the leader, summed)",
 }
 
 #: help of the parameters the verifying policies add

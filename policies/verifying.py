@@ -104,6 +104,7 @@ class _Verifying:
     shrink: float = _ADAPTIVE["shrink"]
     learn: bool = _ADAPTIVE["learn"]
     loss: float = _ADAPTIVE["loss"]
+    rivals: str = _ADAPTIVE["rivals"]
     profile: str | None = None
     settle: float = 0.95
     max_reads: int = 4
@@ -159,7 +160,7 @@ class _Verifying:
         # with a profile the online estimate is not used, but the spec still says them,
         # so it parses back to an equal policy
         parts += [f"explore={self.explore}", f"explore_others={self.explore_others}"]
-        return [*parts, *non_default(self, "min_auc", "max_icc", "max_failures")]
+        return [*parts, *non_default(self, "rivals", "min_auc", "max_icc", "max_failures")]
 
     @property
     def spec(self) -> str:

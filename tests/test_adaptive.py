@@ -306,3 +306,42 @@ async def test_online_prior_on_a_deterministic_fake_run():
                         backend=backend, task=WordTask(), history=history)
         alone.append(len(r.solutions))
     assert alone == learned
+
+
+# ---- rivals=all: the union bound over every answer that can still reach the leader ------
+def test_all_rivals_sum_each_rivals_risk_on_the_grid():
+    """With ``rivals=all`` the risk is the runner-up's plus each lower answer's that can
+    still reach the leader (equal ones counted once each), each the grid brute force in
+    the three-outcome model of that rival against everything else."""
+    learned = fit_prior([(5, 0, 0)] * 6 + [(3, 2, 1)] * 3)
+    policy = Adaptive(rivals="all", max=16)
+    a, b, others, unanswered, remaining = 5, 2, (1, 1, 0), 1, 7
+    rest = sum(others) + unanswered
+    n = a + b + rest
+    for lp in (_base_log_weights(1.0), learned):
+        p, lost = policy.risk(a, b, rest, remaining, lp, others)
+        want_p = want_lost = 0.0
+        for c in (b, *others):
+            want_p += grid_overturn_brute_force(a, c, n - a - c, remaining, lp)
+            want_lost += grid_overturn_brute_force(a, c, n - a - c, remaining, lp, gain=True)
+        assert p == pytest.approx(want_p, abs=1e-10)
+        assert lost == pytest.approx(want_lost, abs=1e-10)
+        # without the others: the runner-up's alone, as with rivals=runner-up
+        assert policy.risk(a, b, rest, remaining, lp) == posterior_risk(
+            a, b, rest, remaining, lp, 16)
+    # a rival the remaining samples cannot bring level adds nothing; the sum is capped at 1
+    flat = _base_log_weights(1.0)
+    assert policy.risk(9, 3, 2, 6, flat, (1,)) == posterior_risk(9, 3, 2, 6, flat, 16)
+    assert policy.risk(1, 1, 6, 8, flat, (1,) * 6)[0] == 1.0
+
+
+def test_all_rivals_keep_sampling_where_many_answers_sit_behind_the_runner_up():
+    """At votes 5-1-1-1-1-1-1 the runner-up alone is unlikely to catch the leader, but one
+    of six such answers is not (a review's Monte Carlo put it at 0.19): the runner-up rule
+    stops, the union bound samples on; with the runner-up alone behind, they agree."""
+    crowd = make_snapshot(["7"] * 5 + ["1", "2", "3", "4", "5", "6"], in_flight=4)
+    (stop,) = Adaptive(wide=4).decide(crowd)  # P(overturn) 0.048 by the runner-up
+    assert isinstance(stop, Stop) and stop.answer == "7" and "at 5-1:" in stop.reason
+    assert Adaptive(wide=4, rivals="all").decide(crowd) == []  # 0.29 summed
+    duel = make_snapshot(["7"] * 5 + ["1"], in_flight=4)
+    assert Adaptive(wide=4).decide(duel) == Adaptive(wide=4, rivals="all").decide(duel)

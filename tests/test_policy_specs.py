@@ -24,9 +24,9 @@ SPECS = {
               "boinf:bayes_factor=1234567.5"],
     "adaptive": ["adaptive:width=4,wide=4,max=32,max_failures=7",
                  "adaptive:confidence=0.9999999,loss=0.00123456789,prior=0.5",
-                 "adaptive:width=32"],
+                 "adaptive:width=32", "adaptive:rivals=all,max=16"],
     "verify-contested": ["verify-contested:min_auc=0.7,max_icc=0.2,max_failures=2,floor=0.1",
-                         "verify-contested:width=24"],
+                         "verify-contested:width=24", "verify-contested:rivals=all"],
     "solverify": ["solverify:explore=3,min_auc=0.6,max_icc=0.9,min_gain=0.002,doubt=0.05"],
     "optimal": [],  # needs a profile file: below
 }
@@ -118,3 +118,18 @@ def test_a_prior_below_one_is_not_all_on_the_simplex_edge():
     # and the grid's overturn probability is close to the exact Dirichlet(0.5) one (0.0310)
     p = sharp.overturn(3, 0, 0, 61, sharp.prior_for(()))
     assert math.isclose(p, 0.0310, abs_tol=0.003)
+
+
+def test_rivals_is_runner_up_or_all_and_all_there_is_not_a_horizon():
+    """``rivals=all`` is a string value, not "the pool size": the replay tables read the
+    horizon from ``max`` (they said "all (80-160)" for ``adaptive:rivals=all``)."""
+    from benchmarks.replay import horizon
+    from policies.spec import uses_all
+
+    with pytest.raises(ConfigError, match="rivals"):
+        parse_policy("adaptive:rivals=some")
+    assert parse_policy("adaptive:rivals=all").rivals == "all"
+    assert not uses_all("adaptive:rivals=all") and uses_all("adaptive:max=all,rivals=all")
+    assert horizon("adaptive:rivals=all", 80) == "64"
+    assert horizon("adaptive:rivals=all,max=all", 80) == "all (80)"
+    assert horizon("ac:max=all", 80) == "all (80)"
