@@ -267,12 +267,16 @@ def _fit_shared(items: tuple[tuple[tuple[int, int, int], int], ...], prior: floa
 
 
 class _PriorCache:
-    """Fitted priors by (last record, number of records): a run's history only grows, so
-    a record object and a length identify its prefix; the entry holds the record so its
-    id cannot be reused while cached."""
+    """Fitted priors by the history's prefix the prior is fitted on. Looked up by (last
+    record, number of records) and checked against the whole prefix, held by the entry:
+    a run's history only grows, so its prefix is found at once (the runtime's histories
+    are tuples, and a tuple's full slice is itself), and two hand-built histories that
+    share a last record but not what comes before it get each its own prior (keyed by the
+    last record alone, the second got the first's)."""
 
     def __init__(self, size: int = 4096) -> None:
-        self._entries: OrderedDict[tuple[int, int, float, float], tuple[object, np.ndarray]]
+        self._entries: OrderedDict[tuple[int, int, float, float],
+                                   tuple[tuple[ProblemRecord, ...], np.ndarray]]
         self._entries = OrderedDict()
         self._size = size
 
@@ -280,14 +284,14 @@ class _PriorCache:
             ) -> np.ndarray:
         if n == 0:
             return _base_log_weights(prior)
-        last = history[n - 1]
-        key = (id(last), n, prior, shrink)
+        prefix = tuple(history[:n])
+        key = (id(prefix[-1]), n, prior, shrink)
         hit = self._entries.get(key)
-        if hit is not None and hit[0] is last:
+        if hit is not None and (hit[0] is prefix or hit[0] == prefix):
             self._entries.move_to_end(key)
             return hit[1]
-        lw = _fit_shared(_distinct([record_counts(r) for r in history[:n]]), prior, shrink)
-        self._entries[key] = (last, lw)
+        lw = _fit_shared(_distinct([record_counts(r) for r in prefix]), prior, shrink)
+        self._entries[key] = (prefix, lw)
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
         return lw

@@ -52,6 +52,24 @@ def _record() -> ProblemRecord:
     return ProblemRecord("x", "settled", "a", ("a",) * 6, (1,) * 6, (), 6, 0)
 
 
+def test_histories_that_share_their_last_record_get_each_its_own_prior():
+    """The prior cache was keyed by the last record and the length alone, so a second
+    hand-built history ending in the same record got the first one's prior (found by
+    review); the runtime's histories, which only grow, were not affected."""
+    last = _record()
+    split = ProblemRecord("y", "settled", "a", ("a", "b") * 3, (1,) * 6, (), 6, 0)
+    unanimous = ProblemRecord("z", "settled", "a", ("a",) * 6, (1,) * 6, (), 6, 0)
+    policy = Adaptive()
+    first = policy.prior_for([split, last])
+    second = policy.prior_for([unanimous, last])
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(second, fit_prior([(6, 0, 0), (6, 0, 0)]))
+    np.testing.assert_array_equal(policy.prior_for([split, last]), first)
+    # a growing tuple history is found again: the very same array
+    history = (split, last)
+    assert policy.prior_for(history) is policy.prior_for(history)
+
+
 def test_priors_in_use_are_read_only():
     policy = Adaptive()
     assert not _PRIORS.get([_record()], 1, 1.0, 4.0).flags.writeable
