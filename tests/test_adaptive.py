@@ -345,3 +345,18 @@ def test_all_rivals_keep_sampling_where_many_answers_sit_behind_the_runner_up():
     assert Adaptive(wide=4, rivals="all").decide(crowd) == []  # 0.29 summed
     duel = make_snapshot(["7"] * 5 + ["1"], in_flight=4)
     assert Adaptive(wide=4).decide(duel) == Adaptive(wide=4, rivals="all").decide(duel)
+
+
+def test_the_widening_extrapolation_keeps_the_rivals_inside_the_rest():
+    """need() scales the lower answers' votes with the rest: rounded one by one they could
+    hold more votes than the rest does (four 1s of 8 votes became four 2s of a rest of 6,
+    found by review), and the bound then over-counted and widened too far."""
+    from policies.adaptive import _scaled
+
+    assert _scaled((1, 1, 1, 1), 8, 4, 6) == (2, 2, 2)
+    assert _scaled((3, 1), 8, 8, 8) == (6, 2)
+    assert _scaled((2, 1), 4, 0, 3) == (2, 1)
+    assert _scaled((), 5, 5, 4) == ()
+    # a policy that counts the runner-up alone ignores any others it is handed
+    flat = _base_log_weights(1.0)
+    assert Adaptive().risk(5, 1, 5, 53, flat, (1,) * 4) == posterior_risk(5, 1, 5, 53, flat, 64)

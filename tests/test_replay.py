@@ -446,7 +446,8 @@ def test_lean_engine_is_identical_on_the_capitals_pool(spec):
 
 @needs_data
 @pytest.mark.parametrize("spec", ["adaptive", "ac:threshold=0.95,max=all", "esc:window=5",
-                                  "boinf", f"solverify:profile={LAW}", "verify-contested"])
+                                  "boinf", f"solverify:profile={LAW}", "verify-contested",
+                                  "adaptive:rivals=all"])
 def test_lean_engine_is_identical_on_an_aime_pool(spec):
     src = ReplaySource(load_pool(DATA / "pools" / "boinf_aime2024_Phi-4-reasoning.jsonl"),
                        seed=5, verifier=SimulatedVerifier(seed=5))
