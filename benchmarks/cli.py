@@ -29,6 +29,7 @@ from orchestrator.cliargs import (
     add_resume_args,
     add_task_args,
     beta_params,
+    check_output,
     float_list,
     fraction,
     int_list,
@@ -292,7 +293,11 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _print_replay_table(report: dict[str, Any], file: Any = None) -> None:
     file = file or sys.stdout
-    head = (f"{'pool':28s} {'policy':24s} {'accuracy':>8s} {'95% CI':>15s} "
+    # as wide as the longest name (found by review: 'adaptive:max=all,rivals=all' was cut
+    # to 'adaptive:max=all,rivals=')
+    pw = max([28, *(len(r["pool"]) for r in report["runs"])])
+    sw = max([24, *(len(r["policy"]) for r in report["runs"])])
+    head = (f"{'pool':{pw}s} {'policy':{sw}s} {'accuracy':>8s} {'95% CI':>15s} "
             f"{'tokens/prob':>12s} {'verif. tok':>10s} {'samples':>8s} {'latency s':>10s} engine")
     print(head, file=file)
     shown: set[str] = set()
@@ -302,7 +307,7 @@ def _print_replay_table(report: dict[str, Any], file: Any = None) -> None:
             shown.add(r["pool"])
             print(f"# {r['pool']}: {ver.replace('simulated', 'SIMULATED', 1)}", file=file)
         lo, hi = r["accuracy_ci95"]
-        print(f"{r['pool'][:28]:28s} {r['policy'][:24]:24s} {r['accuracy']:8.3f} "
+        print(f"{r['pool']:{pw}s} {r['policy']:{sw}s} {r['accuracy']:8.3f} "
               f"[{lo:.3f},{hi:.3f}] {r['tokens_per_problem']:12,.0f} "
               f"{r.get('verification_tokens_per_problem', 0):10,.0f} "
               f"{r['samples_per_problem']:8.2f} {r['latency_per_problem']:10,.1f} "
@@ -334,6 +339,8 @@ def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if progress is not None:
             progress.close()
     report["command"] = _command_line(argv)
+    if not args.quiet:  # first: a file that cannot be written after all loses no table
+        _print_replay_table(report)
     if args.json:
         _write_json(args.json, report)
     if args.markdown:
@@ -342,8 +349,6 @@ def _replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_replay(report, args.plot)
-    if not args.quiet:
-        _print_replay_table(report)
     return 0
 
 
@@ -568,11 +573,25 @@ def _calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+#: each command's output paths: (attribute, flag, a folder rather than a file)
+_OUTPUTS = (("json", "--json", False), ("markdown", "--markdown", False),
+            ("plot", "--plot", False), ("profile_out", "--profile-out", False),
+            ("out", "--out", False), ("profile_dir", "--profile-dir", True))
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output path the command was given, checked before the work (found by review:
+    a --json that was a folder failed after the whole sweep, and the table was lost)."""
+    for attr, flag, folder in _OUTPUTS:
+        check_output(flag, getattr(args, attr, None), folder=folder)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``solverify bench``; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(args_list)
+    _check_outputs(args)  # fail now, not after the work
     if getattr(args, "plot", None) is not None:  # fail now, not after the work
         from benchmarks.plots import require_matplotlib
 

@@ -31,6 +31,7 @@ from orchestrator.cliargs import (
     add_verifier_args,
     api_key_from,
     base_urls,
+    check_output,
     endpoint_backend,
     make_task,
     positive_float,
@@ -46,6 +47,17 @@ from orchestrator.types import Budget
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+
+class _Once(argparse.Action):
+    """A flag that may be given once: ``run --policy A --policy B`` ran B alone, silently
+    (found by review; ``demo`` and ``bench replay`` take several policies, ``run`` one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice: a run has one policy (to compare "
+                         "several, use solverify demo or solverify bench replay)")
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_endpoint_args(run)
     run.add_argument("--problems", required=True, type=Path,
                      help="JSONL with id, problem, optional answer/aliases")
-    run.add_argument("--policy", required=True,
+    run.add_argument("--policy", required=True, action=_Once,
                      help="policy spec, e.g. sc:n=16 or genrm:s=8,v=4 (see solverify policies)")
     run.add_argument("--out", required=True, type=Path,
                      help="results JSONL, one line per problem as it finishes")
@@ -244,6 +256,8 @@ async def _run(args) -> int:
     from policies import parse_policy
 
     policy = parse_policy(args.policy)
+    check_output("--out", args.out)  # before any request: not after the first problem
+    check_output("--trace", args.trace)
     problems = load_problems(args.problems, limit=args.limit)
     task = make_task(problems, args)
     budget = Budget(tokens=args.budget_tokens, requests=args.budget_requests)

@@ -85,6 +85,30 @@ def beta_params(text: str) -> tuple[float, float]:
     return a, b
 
 
+def check_output(flag: str, path: Path | None, *, folder: bool = False) -> None:
+    """Refuse, before any work is done, an output path that cannot be written: a folder
+    where a file is wanted (a file where a folder is, with ``folder``), a path below a
+    file, a folder this user cannot write in. Creates nothing (a run that fails later,
+    e.g. on an unreachable endpoint, leaves no folders behind); None: nothing to check."""
+    if path is None:
+        return
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{flag} {path} is a file: give a folder")
+    elif path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder: give the path of a file in it")
+    elif path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the file is not writable")
+    # the nearest ancestor that exists: where the missing folders would be made
+    ancestor = path if folder and path.exists() else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: cannot write in {ancestor}")
+
+
 def check_base_url(url: str, what: str = "--base-url") -> str:
     """An http(s) URL with a host, else a ConfigError at once (not retries later)."""
     from urllib.parse import urlsplit

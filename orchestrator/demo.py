@@ -295,10 +295,11 @@ def main(argv: Sequence[str] | None = None, *, server_factory=None,
         raise ConfigError("--base-url and --model go together")
     if args.limit < 0 or args.concurrency < 1 or not args.timeout > 0:
         raise ConfigError("--limit must be >= 0, --concurrency >= 1 and --timeout > 0")
-    if args.base_url:
-        from orchestrator.cliargs import check_base_url
+    from orchestrator.cliargs import check_base_url, check_output
 
+    if args.base_url:
         check_base_url(args.base_url, "--base-url")
+    check_output("--out", args.out, folder=True)  # before provisioning or starting anything
     policies = tuple(args.policy or DEFAULT_POLICIES)
     from policies import parse_policy
 

@@ -218,7 +218,6 @@ def open_results(out: Path, fingerprint: Mapping[str, Any], *, resume: bool,
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory: give the path of a results file "
                           f"(e.g. {out / 'results.jsonl'})")
-    out.parent.mkdir(parents=True, exist_ok=True)
     non_empty = out.exists() and out.stat().st_size > 0
     done = ExistingResults()
     if non_empty and not (resume or overwrite):
@@ -256,6 +255,8 @@ def open_results(out: Path, fingerprint: Mapping[str, Any], *, resume: bool,
                 done.ids = {str(r["id"]) for r in done.rows}
 
     def prepare() -> None:
+        # the folders too: a run that fails before its first result leaves none behind
+        out.parent.mkdir(parents=True, exist_ok=True)
         if non_empty and overwrite:
             os.truncate(out, 0)
         elif done.redo:

@@ -290,3 +290,32 @@ def test_a_pool_without_labels_or_two_pools_of_one_name_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="two pools are named 'toy'"):  # folds too
         main(["calibrate", "--folds", "model", "--pool", str(one), "--pool", str(two),
               "--candidate", "sc:n=2", "--candidate", "sc:n=4"])
+
+
+def test_bench_refuses_an_unwritable_output_before_the_sweep(tmp_path, capsys, monkeypatch):
+    """A --json that was a folder failed after the whole sweep, and the table was lost with
+    it (found by review); the paths are checked first, and the table is printed before
+    the files are written."""
+    import benchmarks.replay as replay
+
+    pool = write_pool(tmp_path / "toy.jsonl")
+    out = tmp_path / "out"
+    out.mkdir()
+    called = []
+    monkeypatch.setattr(replay, "sweep", lambda *a, **k: called.append(1) or {})
+    with pytest.raises(ConfigError, match=r"--json .* is a folder"):
+        main(["replay", "--pool", str(pool), "--policy", "sc:n=2", "--json", str(out)])
+    assert not called
+    monkeypatch.undo()
+
+    def broken(path, obj):
+        raise OSError("disk full")
+
+    import benchmarks.cli as bench_cli
+
+    monkeypatch.setattr(bench_cli, "_write_json", broken)
+    with pytest.raises(OSError, match="disk full"):
+        main(["replay", "--pool", str(pool), "--policy", "sc:n=2", "--orders", "2",
+                    "--json", str(out / "r.json")])
+    table = capsys.readouterr().out
+    assert "sc:n=2" in table and "wall time" in table

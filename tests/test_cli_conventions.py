@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cliargs import api_key_from, check_base_url
+from orchestrator.cliargs import api_key_from, check_base_url, check_output
 from orchestrator.errors import ConfigError
 from tests.conftest import run_solverify
 
@@ -92,3 +92,52 @@ def test_the_capitals_task_ships_with_the_package():
         problems = load_problems(Path(path))
     assert len(problems) == 146
     assert all(p.answer and p.aliases for p in problems)
+
+
+# ---- output paths: checked before any work, nothing created ----------------------------
+def test_an_output_path_that_cannot_be_written_is_refused_by_name(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match=r"--json .* is a folder: give the path of a file"):
+        check_output("--json", tmp_path)
+    with pytest.raises(ConfigError, match=r"--out .*afile/deeper/o.jsonl: .*afile is a file, "
+                                          r"not a folder"):
+        check_output("--out", afile / "deeper" / "o.jsonl")
+    with pytest.raises(ConfigError, match=r"--out .*afile is a file: give a folder"):
+        check_output("--out", afile, folder=True)
+    check_output("--out", tmp_path / "new" / "dir" / "o.jsonl")  # to be made: fine
+    check_output("--out", tmp_path, folder=True)
+    check_output("--json", None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing created
+
+
+def test_run_takes_one_policy_and_checks_its_outputs_before_any_request(tmp_path, capsys):
+    import asyncio
+
+    from orchestrator.cli import _run, build_parser
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["run", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--problems",
+            str(tmp_path / "missing.jsonl")]
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([*base, "--policy", "sc:n=4", "--policy", "sc:n=8",
+                                   "--out", "o.jsonl"])
+    assert exc.value.code == 2 and "--policy given twice" in capsys.readouterr().err
+    for flag, value in (("--out", afile / "o.jsonl"), ("--out", tmp_path),
+                        ("--trace", afile / "t.jsonl")):
+        extra = [] if flag == "--out" else ["--out", str(tmp_path / "o.jsonl")]
+        args = build_parser().parse_args([*base, "--policy", "sc:n=4", flag, str(value),
+                                          *extra])
+        with pytest.raises(ConfigError, match=flag):  # not the missing problems file
+            asyncio.run(_run(args))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_demo_refuses_an_out_that_is_a_file_before_starting_anything(tmp_path):
+    from orchestrator.demo import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match=r"--out .* is a file: give a folder"):
+        main(["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(afile)])

@@ -457,7 +457,8 @@ def test_a_fresh_results_file_appears_with_its_first_result(tmp_path: Path) -> N
     out = tmp_path / "sub" / "o.jsonl"
     _, writer = open_results(out, FP, resume=False, overwrite=False)
     writer.close()
-    assert not out.exists() and not sidecar_path(out).exists()
+    # nor its folder: a run that fails before its first result leaves nothing behind
+    assert not out.parent.exists() and not sidecar_path(out).exists()
     _, writer = open_results(out, FP, resume=False, overwrite=False)
     writer.write({"id": "a"})
     writer.close()
