@@ -90,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"max requests in flight across the run (default "
                           f"{DEFAULT_CONCURRENCY})")
     run.add_argument("--rate", type=positive_float, default=None,
-                     help="max requests per second (default: no limit)")
+                     help="max requests launched per second across the run (default: no "
+                          "limit); a request for n samples counts once, also where the "
+                          "server ignores n and it goes out as n HTTP streams, and retries "
+                          "are not paced: against an endpoint that limits HTTP requests, "
+                          "give it R/n")
     run.add_argument("--budget-tokens", type=positive_int, default=None,
                      help="cap on completion tokens per problem (never exceeded)")
     run.add_argument("--budget-requests", type=positive_int, default=None,

@@ -48,9 +48,12 @@ ESTIMATE_SOURCES = {
                      "received, plus one token per choice that ended at a stop sequence "
                      "(the server generates and counts that token but does not send it; "
                      "one too many where it ended at its end-of-sequence token instead)",
-    "streamed": "the server's last count (not a final one) was below the tokens received "
-                "(an emulated n whose cut or failed streams sent no usage of their own): "
+    "streamed": "the server's count was below the tokens received (a count that is not a "
+                "final one: an emulated n whose cut or failed streams sent no usage of their "
+                "own; or any count below the tokens counted exactly by their logprobs): "
                 "the tokens received were charged",
+    "capped": "the server's count was above what the request could generate (n x "
+              "max_tokens): that cap was charged",
 }
 
 
@@ -101,14 +104,18 @@ class RequestRecord:
 
     @property
     def streamed_exceeds_server(self) -> bool:
-        """The server's count is not a final one and is below the tokens received.
+        """The server's count is below the tokens received, and either not a final one or
+        below tokens counted exactly (one logprob entry per token).
 
         A running count covers at least what it has sent, so this happens only when the
         count covers part of the request: the summed reports of an emulated ``n`` whose
         unfinished streams have not reported (a server that sends usage only in its last
-        chunk). The tokens received are then the better (lower-bound) count."""
-        return (not self.server_final and self.server_completion is not None
-                and self.counted_completion > self.server_completion)
+        chunk). A final count below the exactly counted tokens is wrong (a closing chunk
+        saying 0 after five tokens with logprobs charged 0; found by review). The tokens
+        received are then the better (lower-bound) count."""
+        return (self.server_completion is not None
+                and self.counted_completion > self.server_completion
+                and (not self.server_final or not self.counted_estimated))
 
     @property
     def estimated_from(self) -> tuple[str, ...]:
@@ -126,6 +133,12 @@ class RequestRecord:
     def add_usage(self, prompt: int, completion: int, final: bool,
                   cached_prompt: int | None = None,
                   estimated_from: tuple[str, ...] = ()) -> None:
+        cap = self.n * self.max_tokens
+        if self.max_tokens > 0 and completion > cap:
+            # more than the request could generate: a server's impossible count (1e12 was
+            # charged as it came; found by review) is charged as the most it could be
+            completion = cap
+            estimated_from = tuple(sorted({*estimated_from, "capped"}))
         self.server_prompt = prompt
         self.server_estimated = estimated_from
         if cached_prompt is not None:

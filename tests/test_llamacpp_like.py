@@ -352,3 +352,32 @@ async def test_without_a_tokenizer_counts_stay_flagged_estimates():
     usage = results[0].usage
     assert usage.estimated and "prompt" in usage.estimated_from
     assert usage.completion_tokens == 4
+
+
+async def test_the_rate_limit_stops_the_deadline_for_the_tokenizer_calls_too():
+    """b2b86da stopped the request deadline while ``rate_limit`` holds a generation request
+    back; the tokenizer calls that count a stream at its end ran under a deadline of their
+    own that _throttle could not see, so time queued behind the limiter timed the count
+    out (found by review). Each acquire now finds a deadline in force, stopped."""
+    from orchestrator.backends import openai_compat
+    from orchestrator.backends.base import Capabilities, GenerationRequest, UsageReport
+
+    seen: list[object] = []
+
+    class Recording:
+        async def acquire(self) -> None:
+            deadline = openai_compat._DEADLINE.get()
+            seen.append(None if deadline is None else ("stopped", deadline.when()))
+
+    server = OpenAIServer(lambda body: [words("un be liev able")], llamacpp=True)
+    caps = Capabilities(n=False, stream_usage=False, continuous_usage=False, logprobs=False)
+    async with server, OpenAIBackend(server.url, "test-model", timeout=30.0,
+                                     capabilities=caps) as backend:
+        backend._throttler = Recording()
+        request = GenerationRequest(kind="solve", prompt="hello there", max_tokens=16)
+        async with backend.stream(request) as events:
+            got = [e async for e in events]
+    final = [e for e in got if isinstance(e, UsageReport) and e.final]
+    assert len(final) == 1 and final[0].completion_tokens >= 4
+    assert len(seen) >= 3  # the generation request, then the tokenizer's probe and counts
+    assert seen == [("stopped", None)] * len(seen)

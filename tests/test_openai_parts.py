@@ -405,3 +405,36 @@ def test_one_throttler_builder(rate: float, burst: int, period: float) -> None:
     assert make_throttler(None) is None
     with pytest.raises(ValueError):
         make_throttler(0.0)
+
+
+def test_an_impossible_usage_report_is_not_charged_as_it_came() -> None:
+    """A server's count is trusted within what is possible (found by review): a final 0
+    after five tokens counted exactly by their logprobs was charged 0, 1e12 tokens for a
+    request of 2 x 32 were charged, and a prompt of -7 was stored."""
+    from orchestrator.ledger import RequestRecord
+
+    def record() -> RequestRecord:
+        return RequestRecord(request_id=1, kind="solve", n=2, max_tokens=32,
+                             choice_tokens=[0, 0], choice_done=[False, False])
+
+    zero = record()
+    zero.add_delta(5, estimated=False)  # five logprob entries
+    zero.add_usage(10, 0, final=True)
+    assert zero.completion == 5
+    assert zero.usage.completion_tokens == 5 and "streamed" in zero.usage.estimated_from
+    rough = record()  # one token per chunk is an estimate: the final count stands
+    rough.add_delta(5, estimated=True)
+    rough.add_usage(10, 3, final=True)
+    assert rough.usage.completion_tokens == 3
+    huge = record()
+    huge.add_usage(10, 10 ** 12, final=True)
+    assert huge.usage.completion_tokens == 64 and huge.usage.estimated
+    assert "capped" in huge.usage.estimated_from
+    fine = record()
+    fine.add_delta(7, estimated=False)
+    fine.add_usage(10, 9, final=True)  # above what was streamed: the server's own count
+    assert fine.usage.completion_tokens == 9 and not fine.usage.estimated
+    events = ChunkDecoder(n=1, chat=True).feed(
+        {"choices": [], "usage": {"prompt_tokens": -7, "completion_tokens": 3}})
+    assert [(e.prompt_tokens, e.completion_tokens) for e in events
+            if isinstance(e, UsageReport)] == [(0, 3)]

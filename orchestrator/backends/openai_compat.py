@@ -626,18 +626,26 @@ class OpenAIBackend(Backend):
         tokenizer = self._tokenizer
         assert tokenizer is not None
         try:
-            async with asyncio.timeout(self._deadline):
-                if await tokenizer.probe() is None:
-                    return None
-                prompt, prompt_estimated = await tokenizer.count_prompt(request.prompt,
-                                                                        request.messages)
-                completion, stopped = 0, False
-                for choice, parts in texts.items():
-                    completion += max(await tokenizer.count_text("".join(parts)),
-                                      exact.get(choice, 0))
-                    if request.stop and finishes.get(choice) == "stop":
-                        completion += 1  # the stop sequence's token: generated, not sent
-                        stopped = True
+            async with asyncio.timeout(self._deadline) as deadline:
+                # the deadline in force for _throttle, which stops it while the rate limit
+                # holds a tokenizer request back (as _with_retries does for generation:
+                # without it, time queued behind the limiter timed the count out; found by
+                # review)
+                token = _DEADLINE.set(deadline)
+                try:
+                    if await tokenizer.probe() is None:
+                        return None
+                    prompt, prompt_estimated = await tokenizer.count_prompt(
+                        request.prompt, request.messages)
+                    completion, stopped = 0, False
+                    for choice, parts in texts.items():
+                        completion += max(await tokenizer.count_text("".join(parts)),
+                                          exact.get(choice, 0))
+                        if request.stop and finishes.get(choice) == "stop":
+                            completion += 1  # the stop sequence's token: generated, not sent
+                            stopped = True
+                finally:
+                    _DEADLINE.reset(token)
         except Exception as exc:  # counting is a courtesy: the chunk estimates stand
             if isinstance(exc, TimeoutError):  # the deadline: the endpoint hangs
                 tokenizer.deadline_passed()

@@ -310,7 +310,8 @@ class ChunkDecoder:
                     )
                 )
         if usage is not None:
-            prompt = to_int(get(usage, "prompt_tokens", 0))
+            # a count a server may write; unreadable or negative (-7 was stored): 0
+            prompt = _token_count(get(usage, "prompt_tokens")) or 0
             if not choices:
                 events.append(UsageReport(prompt, completion, final=True,
                                           cached_prompt_tokens=cached_tokens(usage)))
