@@ -260,8 +260,7 @@ async def _run(args) -> int:
     from policies import parse_policy
 
     policy = parse_policy(args.policy)
-    check_output("--out", args.out)  # before any request: not after the first problem
-    check_output("--trace", args.trace)
+    check_output("--trace", args.trace)  # before any request: not after the first problem
     problems = load_problems(args.problems, limit=args.limit)
     task = make_task(problems, args)
     budget = Budget(tokens=args.budget_tokens, requests=args.budget_requests)
@@ -285,6 +284,9 @@ async def _run(args) -> int:
         if lines:
             print("\n".join(lines))
         return rc
+    # there is work, so --out will be written, and its fingerprint beside it: before any
+    # request, not after the first problem (a finished run resumed writes nothing)
+    check_output("--out", args.out, siblings=True)
     api_key = api_key_from(args)
     verifier = verifier_backend(args, api_key)
     backend = endpoint_backend(args, api_key)

@@ -85,11 +85,15 @@ def beta_params(text: str) -> tuple[float, float]:
     return a, b
 
 
-def check_output(flag: str, path: Path | None, *, folder: bool = False) -> None:
+def check_output(flag: str, path: Path | None, *, folder: bool = False,
+                 siblings: bool = False) -> None:
     """Refuse, before any work is done, an output path that cannot be written: a folder
     where a file is wanted (a file where a folder is, with ``folder``), a path below a
-    file, a folder this user cannot write in. Creates nothing (a run that fails later,
-    e.g. on an unreachable endpoint, leaves no folders behind); None: nothing to check."""
+    file, a folder this user cannot write in. An existing file that can be written in
+    place (``/dev/null`` too) needs no writable folder, unless ``siblings``: files are
+    written beside it (``run``'s fingerprint and rewrites). Creates nothing (a run that
+    fails later, e.g. on an unreachable endpoint, leaves no folders behind); None:
+    nothing to check."""
     if path is None:
         return
     if folder:
@@ -97,8 +101,11 @@ def check_output(flag: str, path: Path | None, *, folder: bool = False) -> None:
             raise ConfigError(f"{flag} {path} is a file: give a folder")
     elif path.is_dir():
         raise ConfigError(f"{flag} {path} is a folder: give the path of a file in it")
-    elif path.exists() and not os.access(path, os.W_OK):
-        raise ConfigError(f"{flag} {path}: the file is not writable")
+    elif path.exists():
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{flag} {path}: the file is not writable")
+        if not siblings:
+            return  # written in place
     # the nearest ancestor that exists: where the missing folders would be made
     ancestor = path if folder and path.exists() else path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:

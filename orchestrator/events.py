@@ -151,24 +151,31 @@ class JsonlTraceSink:
     """Writes one JSON object per event to a file (a trace that can be replayed/audited).
 
     Use as a context manager, or call :meth:`close`. Each line is flushed, so a run that
-    dies midway leaves every event up to that point on disk.
+    dies midway leaves every event up to that point on disk. A path is opened (and its
+    folders made) at the first event, as ``--out`` is at the first result: a run that
+    fails before any event leaves nothing behind.
     """
 
     def __init__(self, path: str | Path | IO[str]) -> None:
+        self._path: Path | None = None
+        self._fh: IO[str] | None = None
         if isinstance(path, str | Path):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)  # as --out does
-            self._fh: IO[str] = open(path, "a", encoding="utf-8")
+            self._path = Path(path)
             self._owned = True
         else:
             self._fh = path
             self._owned = False
 
     def __call__(self, event: Event) -> None:
+        if self._fh is None:
+            assert self._path is not None
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self._path, "a", encoding="utf-8")
         self._fh.write(json.dumps(event_to_dict(event), ensure_ascii=False) + "\n")
         self._fh.flush()
 
     def close(self) -> None:
-        if self._owned and not self._fh.closed:
+        if self._owned and self._fh is not None and not self._fh.closed:
             self._fh.close()
 
     def __enter__(self) -> JsonlTraceSink:

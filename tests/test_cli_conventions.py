@@ -108,6 +108,8 @@ def test_an_output_path_that_cannot_be_written_is_refused_by_name(tmp_path):
     check_output("--out", tmp_path / "new" / "dir" / "o.jsonl")  # to be made: fine
     check_output("--out", tmp_path, folder=True)
     check_output("--json", None)
+    check_output("--json", Path("/dev/null"))  # written in place: /dev need not be writable
+    check_output("--json", afile)  # an existing writable file, the same
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing created
 
 
@@ -118,8 +120,10 @@ def test_run_takes_one_policy_and_checks_its_outputs_before_any_request(tmp_path
 
     afile = tmp_path / "afile"
     afile.write_text("x")
+    problems = tmp_path / "p.jsonl"
+    problems.write_text('{"id": "1", "problem": "2+2?", "answer": "4"}\n')
     base = ["run", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--problems",
-            str(tmp_path / "missing.jsonl")]
+            str(problems)]
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args([*base, "--policy", "sc:n=4", "--policy", "sc:n=8",
                                    "--out", "o.jsonl"])
@@ -129,9 +133,9 @@ def test_run_takes_one_policy_and_checks_its_outputs_before_any_request(tmp_path
         extra = [] if flag == "--out" else ["--out", str(tmp_path / "o.jsonl")]
         args = build_parser().parse_args([*base, "--policy", "sc:n=4", flag, str(value),
                                           *extra])
-        with pytest.raises(ConfigError, match=flag):  # not the missing problems file
+        with pytest.raises(ConfigError, match=flag):  # not the unreachable endpoint
             asyncio.run(_run(args))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "p.jsonl"]
 
 
 def test_demo_refuses_an_out_that_is_a_file_before_starting_anything(tmp_path):

@@ -7,7 +7,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from orchestrator.backends.fake import FakeBackend, FakeReply, scripted
-from orchestrator.events import JsonlTraceSink, StructlogSink
+from orchestrator.events import JsonlTraceSink, ProblemStarted, StructlogSink
 from orchestrator.runtime import solve
 from orchestrator.types import Problem
 from policies import SelfConsistency
@@ -76,3 +76,15 @@ async def test_a_failed_sample_keeps_its_exception_and_the_trace_writes_it_as_te
     failed_rows = [r for r in rows if r["event"] == "SampleFailed"]
     assert [r["sample"]["error"] for r in failed_rows] == [f.error_text for f in failed]
     assert all("error_text" not in r["sample"] for r in failed_rows)
+
+
+def test_a_trace_file_and_its_folders_appear_with_the_first_event(tmp_path):
+    """Like --out: a run that fails before any event (an unreachable endpoint) leaves no
+    trace file and no folder behind (found by review: the sink made both at once)."""
+    path = tmp_path / "new" / "trace.jsonl"
+    with JsonlTraceSink(path):
+        pass
+    assert not path.parent.exists()
+    with JsonlTraceSink(path) as sink:
+        sink(ProblemStarted(problem_id="p", t=0.0, policy="sc:n=1"))
+    assert len(path.read_text().splitlines()) == 1
