@@ -54,6 +54,9 @@ ESTIMATE_SOURCES = {
                 "the tokens received were charged",
     "capped": "the server's count was above what the request could generate (n x "
               "max_tokens): that cap was charged",
+    "abandoned": "tokens an attempt given up for another (a replica failed over) had "
+                 "streamed, counted from its chunks and charged on top: it may have "
+                 "generated more than it sent",
 }
 
 
@@ -85,6 +88,9 @@ class RequestRecord:
     #: per choice: tokens streamed while it was unfinished, and whether it is finished
     choice_tokens: list[int] = field(default_factory=list)
     choice_done: list[bool] = field(default_factory=list)
+    #: tokens streamed by an attempt given up for another that served the request (handed
+    #: over, never read: a replica failed over), charged on top of the served count
+    abandoned_completion: int = 0
 
     def add_delta(self, tokens: int, estimated: bool) -> None:
         self.counted_completion += tokens
@@ -154,8 +160,8 @@ class RequestRecord:
         (and those where they exceed a count that is not final:
         :attr:`streamed_exceeds_server`)."""
         if self.server_completion is not None and not self.streamed_exceeds_server:
-            return self.server_completion
-        return self.counted_completion
+            return self.server_completion + self.abandoned_completion
+        return self.counted_completion + self.abandoned_completion
 
     @property
     def usage(self) -> Usage:
@@ -171,8 +177,12 @@ class RequestRecord:
         # without any server report the prompt size is unknown: 0, flagged estimated
         prompt = self.server_prompt if self.server_prompt is not None else 0
         estimated = estimated or self.server_prompt is None
-        return Usage(prompt, completion, estimated, self.server_cached,
-                     self.estimated_from if estimated else ())
+        sources = self.estimated_from if estimated else ()
+        if self.abandoned_completion:
+            completion += self.abandoned_completion
+            estimated = True
+            sources = tuple(sorted({*sources, "abandoned"}))
+        return Usage(prompt, completion, estimated, self.server_cached, sources)
 
     def close(self, outcome: str) -> None:
         if self.outcome is not None:

@@ -173,8 +173,9 @@ async def read_request(req: Request, ledger: ProblemLedger, limiter: Limiter,
         UNREAD_EVENTS.reset(sink)
         if stream is not None:
             unread.extend(stream.unread)
+        served = req.record.server_usage_seen  # before the unread events add theirs
         for event in unread:  # handed over by the server, not read: it counts them
-            _on_event(req, ledger, None, event)
+            _on_unread(req, ledger, event, served)
         if stream is not None and stream.failed:  # recorded failed, however it ended
             req.failed_choices = {
                 i: e if isinstance(e, BackendError) else StreamBroken(f"choice {i}: {e}")
@@ -207,6 +208,23 @@ def _on_event(req: Request, ledger: ProblemLedger, owner: RequestOwner | None,
     elif isinstance(event, UsageReport):
         req.record.add_usage(event.prompt_tokens, event.completion_tokens, event.final,
                              event.cached_prompt_tokens, event.estimated_from)
+
+
+def _on_unread(req: Request, ledger: ProblemLedger, event: StreamEvent,
+               served: bool) -> None:
+    """Charge an event handed over but not read. For a choice already finished, or a count
+    once the served stream has reported its own, it comes from an attempt given up for
+    another (a replica failed over while a sibling of an emulated ``n`` had streamed):
+    its tokens are charged on top, its count does not replace the served one (the tokens
+    were dropped and the prompt count overwritten; found by review)."""
+    record = req.record
+    if isinstance(event, TextDelta):
+        if 0 <= event.choice < record.n and record.choice_done[event.choice]:
+            record.abandoned_completion += event.tokens
+            return
+    elif isinstance(event, UsageReport) and served:
+        return
+    _on_event(req, ledger, None, event)
 
 
 class _Ended(Exception):

@@ -299,3 +299,86 @@ async def test_the_cli_spreads_a_run_over_repeated_base_urls(tmp_path):
         assert all(len(v) == 1 for v in where.values())  # each problem on one
         assert f"{s1.url}, {s2.url}" in stderr.decode()  # the endpoint line names both
 
+
+
+# ---- a failed-over emulated n: what the given-up attempt streamed is charged ------------
+class _Replica:
+    """A replica serving emulated-n streams of 10 one-token deltas. ``fail_first``: its
+    first stream waits until the second is open, then fails on opening (retries spent),
+    while the second hands over its first delta in that loop turn."""
+
+    cut_grace = 0.0
+
+    def __init__(self, fail_first: bool) -> None:
+        self.fail_first = fail_first
+        self.calls = 0
+        self.handed = 0
+        self.both_open = asyncio.Event()
+
+    def stream(self, request):
+        from contextlib import asynccontextmanager
+
+        from orchestrator.backends.base import TextDelta, UsageReport
+        from orchestrator.errors import RetriesExhausted
+
+        @asynccontextmanager
+        async def opened():
+            call = self.calls
+            self.calls += 1
+            if self.fail_first:
+                if call == 1:
+                    self.both_open.set()
+                await self.both_open.wait()
+                if call == 0:
+                    raise RetriesExhausted("503 x4")
+                for _ in range(3):
+                    await asyncio.sleep(0)
+
+            async def deltas():
+                for i in range(10):
+                    await asyncio.sleep(0)
+                    self.handed += 1
+                    yield TextDelta(0, f" w{i}", 1, finish_reason="stop" if i == 9 else None)
+                    yield UsageReport(5, i + 1, final=False)
+                yield UsageReport(5, 10, final=True)
+
+            gen = deltas()
+            try:
+                yield gen
+            finally:
+                await gen.aclose()
+
+        return opened()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_failed_over_emulated_n_charges_what_the_given_up_attempt_streamed():
+    """Choice 0 of an emulated n fails on opening on the home replica while choice 1 has
+    streamed a token; the request is failed over and served whole by the other replica.
+    The token choice 1 had streamed was handed to the reader unread and applied after the
+    served stream, when choice 1 was finished: dropped, and its count overwrote the
+    prompt (found by review). It is charged on top now, flagged."""
+    from orchestrator.backends.streams import EmulatedN
+    from orchestrator.decisions import Sample, Stop
+    from orchestrator.runtime import solve
+
+    class Two:
+        spec = "two"
+
+        def decide(self, s):
+            if len(s.solutions) >= 2 or s.failed:
+                return [Stop(s.solutions[0].answer if s.solutions else None, "done")]
+            return [] if s.samples_launched else [Sample(2)]
+
+    failing, healthy = _Replica(True), _Replica(False)
+    names = ["A", "B"] if rendezvous_order("p", ["A", "B"])[0] == 0 else ["B", "A"]
+    multi = MultiBackend([EmulatedN(failing, native_n=False),
+                          EmulatedN(healthy, native_n=False)], names=names)
+    result = await solve(Problem(id="p", problem="q"), Two(), backend=multi, task=WordTask())
+    assert failing.handed >= 1 and healthy.handed == 20
+    usage = result.usage
+    assert usage.completion_tokens == failing.handed + healthy.handed
+    assert usage.prompt_tokens == 10  # the served stream's two choices, 5 each
+    assert "abandoned" in usage.estimated_from
