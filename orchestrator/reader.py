@@ -196,6 +196,10 @@ def _on_event(req: Request, ledger: ProblemLedger, owner: RequestOwner | None,
             raise BackendError(
                 f"backend sent choice {event.choice} for a request of n={record.n}")
         if record.choice_done[event.choice]:
+            # a chunk for a choice after its finish_reason: not part of its text, but
+            # tokens the server sent, charged (they were dropped; found by review)
+            if event.tokens:
+                record.add_delta(event.tokens, event.estimated)
             return
         choice = req.choices[event.choice]
         if event.text:
