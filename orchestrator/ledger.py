@@ -157,8 +157,8 @@ class RequestRecord:
     @property
     def completion(self) -> int:
         """Completion tokens charged: the server's latest count, else the counted deltas
-        (and those where they exceed a count that is not final:
-        :attr:`streamed_exceeds_server`)."""
+        (and those where they exceed the count: :attr:`streamed_exceeds_server`), plus
+        what an attempt given up for another had streamed (``abandoned_completion``)."""
         if self.server_completion is not None and not self.streamed_exceeds_server:
             return self.server_completion + self.abandoned_completion
         return self.counted_completion + self.abandoned_completion
