@@ -8,10 +8,12 @@ Runtime tests use it so they exercise the scheduler, not the math grader. Also
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from orchestrator.backends.base import GenerationRequest
+from orchestrator.backends.base import Backend, GenerationRequest
 from orchestrator.decisions import Sample, Stop
 from orchestrator.types import Problem, Solution, TokenLogprob
 
@@ -81,3 +83,35 @@ class Background:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+class ScriptedRequests(Backend):
+    """A backend whose ``index``-th request (0, 1, ...) streams ``events(index)``, after
+    ``opening(index)``; the generator is closed with the stream. ``generated``: the tokens
+    handed over, as the server counts them (subclasses count them)."""
+
+    cut_grace = 0.0
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.generated = 0
+
+    async def opening(self, index: int) -> None:
+        """Before request ``index``'s stream is handed over (raise: it fails on opening)."""
+
+    def events(self, index: int) -> AsyncIterator:
+        raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def stream(self, request: GenerationRequest):
+        index = self.opened
+        self.opened += 1
+        await self.opening(index)
+        gen = self.events(index)
+        try:
+            yield gen
+        finally:
+            await gen.aclose()
+
+    async def aclose(self) -> None:
+        pass

@@ -15,7 +15,7 @@ from orchestrator.errors import ConfigError, EndpointUnreachable, RequestRejecte
 from orchestrator.runtime import run_batch
 from orchestrator.types import Problem
 from policies import GenRM, SelfConsistency
-from tests.helpers import WordTask
+from tests.helpers import ScriptedRequests, WordTask
 from tests.openai_server import OpenAIServer
 from tests.routerkit import replicas_by_affinity
 
@@ -302,56 +302,37 @@ async def test_the_cli_spreads_a_run_over_repeated_base_urls(tmp_path):
 
 
 # ---- a failed-over emulated n: what the given-up attempt streamed is charged ------------
-class _Replica:
+class _Replica(ScriptedRequests):
     """A replica serving emulated-n streams of 10 one-token deltas. ``fail_first``: its
     first stream waits until the second is open, then fails on opening (retries spent),
     while the second hands over its first delta in that loop turn."""
 
-    cut_grace = 0.0
-
     def __init__(self, fail_first: bool) -> None:
+        super().__init__()
         self.fail_first = fail_first
-        self.calls = 0
-        self.handed = 0
         self.both_open = asyncio.Event()
 
-    def stream(self, request):
-        from contextlib import asynccontextmanager
-
-        from orchestrator.backends.base import TextDelta, UsageReport
+    async def opening(self, index: int) -> None:
         from orchestrator.errors import RetriesExhausted
 
-        @asynccontextmanager
-        async def opened():
-            call = self.calls
-            self.calls += 1
-            if self.fail_first:
-                if call == 1:
-                    self.both_open.set()
-                await self.both_open.wait()
-                if call == 0:
-                    raise RetriesExhausted("503 x4")
-                for _ in range(3):
-                    await asyncio.sleep(0)
+        if self.fail_first:
+            if index == 1:
+                self.both_open.set()
+            await self.both_open.wait()
+            if index == 0:
+                raise RetriesExhausted("503 x4")
+            for _ in range(3):
+                await asyncio.sleep(0)
 
-            async def deltas():
-                for i in range(10):
-                    await asyncio.sleep(0)
-                    self.handed += 1
-                    yield TextDelta(0, f" w{i}", 1, finish_reason="stop" if i == 9 else None)
-                    yield UsageReport(5, i + 1, final=False)
-                yield UsageReport(5, 10, final=True)
+    async def events(self, index: int):
+        from orchestrator.backends.base import TextDelta, UsageReport
 
-            gen = deltas()
-            try:
-                yield gen
-            finally:
-                await gen.aclose()
-
-        return opened()
-
-    async def aclose(self) -> None:
-        pass
+        for i in range(10):
+            await asyncio.sleep(0)
+            self.generated += 1
+            yield TextDelta(0, f" w{i}", 1, finish_reason="stop" if i == 9 else None)
+            yield UsageReport(5, i + 1, final=False)
+        yield UsageReport(5, 10, final=True)
 
 
 async def test_a_failed_over_emulated_n_charges_what_the_given_up_attempt_streamed():
@@ -377,8 +358,8 @@ async def test_a_failed_over_emulated_n_charges_what_the_given_up_attempt_stream
     multi = MultiBackend([EmulatedN(failing, native_n=False),
                           EmulatedN(healthy, native_n=False)], names=names)
     result = await solve(Problem(id="p", problem="q"), Two(), backend=multi, task=WordTask())
-    assert failing.handed >= 1 and healthy.handed == 20
+    assert failing.generated >= 1 and healthy.generated == 20
     usage = result.usage
-    assert usage.completion_tokens == failing.handed + healthy.handed
+    assert usage.completion_tokens == failing.generated + healthy.generated
     assert usage.prompt_tokens == 10  # the served stream's two choices, 5 each
     assert "abandoned" in usage.estimated_from

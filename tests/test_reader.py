@@ -276,39 +276,20 @@ async def test_chunks_for_a_choice_after_its_finish_are_charged_not_appended():
     """A server (llama.cpp-like, no usage) that sends chunks for a choice after its
     finish_reason: those tokens were dropped from the ledger (found by review). They are
     charged now; the solution's text stays what came up to the finish."""
-    from contextlib import asynccontextmanager
-
-    from orchestrator.backends.base import Backend
     from orchestrator.runtime import solve
     from orchestrator.types import Problem
     from policies import SelfConsistency
-    from tests.helpers import WordTask
+    from tests.helpers import ScriptedRequests, WordTask
 
-    class AfterFinish(Backend):
-        cut_grace = 0.0
-
-        def __init__(self) -> None:
-            self.handed = 0
-
-        @asynccontextmanager
-        async def stream(self, request):
-            async def deltas():
-                for i, finish in enumerate([None, "stop", None, None]):
-                    self.handed += 1
-                    yield TextDelta(0, f" w{i}", 1, estimated=True, finish_reason=finish)
-
-            gen = deltas()
-            try:
-                yield gen
-            finally:
-                await gen.aclose()
-
-        async def aclose(self) -> None:
-            pass
+    class AfterFinish(ScriptedRequests):
+        async def events(self, index: int):
+            for i, finish in enumerate([None, "stop", None, None]):
+                self.generated += 1
+                yield TextDelta(0, f" w{i}", 1, estimated=True, finish_reason=finish)
 
     backend = AfterFinish()
     result = await solve(Problem(id="p", problem="q"), SelfConsistency(1), backend=backend,
                          task=WordTask())
-    assert backend.handed == 4
+    assert backend.generated == 4
     assert result.usage.completion_tokens == 4
     assert result.solutions[0].text == " w0 w1"

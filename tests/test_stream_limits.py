@@ -23,7 +23,7 @@ from orchestrator.errors import ConfigError, ModelNotFound, StreamBroken
 from orchestrator.runtime import run_batch, solve
 from orchestrator.types import Problem
 from policies import SelfConsistency
-from tests.helpers import WordTask
+from tests.helpers import ScriptedRequests, WordTask
 
 PROBLEM = Problem(id="p1", problem="q", answer="seven")
 
@@ -256,39 +256,7 @@ async def test_emulated_events_read_ahead_before_the_handover_are_charged(n, len
     assert sum(f.completion_tokens for f in r.failed) == fake.generated_tokens - length
 
 
-class _Requests(Backend):
-    """A backend whose ``index``-th request (0, 1, ...) streams ``events(index)``, after
-    ``opening(index)``; the generator is closed with the stream. ``generated``: the tokens
-    handed over, as the server counts them."""
-
-    cut_grace = 0.0
-
-    def __init__(self) -> None:
-        self.opened = 0
-        self.generated = 0
-
-    async def opening(self, index: int) -> None:
-        """Before request ``index``'s stream is handed over (raise: it fails on opening)."""
-
-    def events(self, index: int) -> AsyncIterator:
-        raise NotImplementedError
-
-    @contextlib.asynccontextmanager
-    async def stream(self, request: GenerationRequest):
-        index = self.opened
-        self.opened += 1
-        await self.opening(index)
-        gen = self.events(index)
-        try:
-            yield gen
-        finally:
-            await gen.aclose()
-
-    async def aclose(self) -> None:
-        pass
-
-
-class _Burst(_Requests):
+class _Burst(ScriptedRequests):
     """Request 0 hands over ``words`` tokens and an answer in one burst (no await between
     them: an HTTP read that brings many SSE lines at once), faster than the merged
     stream's reader takes them; request 1 answers after one loop turn."""
@@ -598,7 +566,7 @@ async def test_a_stream_cut_by_its_reader_is_not_a_cutting_server():
     then ends without a finish reason, which must not count as the server cutting it."""
     from contextlib import asynccontextmanager
 
-    from orchestrator.backends.base import Backend, EventStream
+    from orchestrator.backends.base import EventStream
     from orchestrator.backends.streams import limited_stream
 
     class Cuttable(Backend):
@@ -628,7 +596,7 @@ async def test_a_stream_cut_by_its_reader_is_not_a_cutting_server():
     assert slots.degraded is None and slots.cut_streams == 0 and slots.limit == 4
 
 
-class _FirstRefused(_Requests):
+class _FirstRefused(ScriptedRequests):
     """Request 0 fails before any event, once request 1 has generated 5 tokens; request 1
     hands them over as soon as that failure is being queued (``failing``, set by the test
     just before the failure goes into the merge queue), so its event is queued behind
