@@ -93,7 +93,7 @@ import sys
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from typing import Any, Literal, TypeVar
 
@@ -184,6 +184,17 @@ _PATHS: dict[str, str] = {"chat": "/chat/completions", "completions": "/completi
 
 #: the request deadline in force (``asyncio.timeout``) while a request is being sent
 _DEADLINE: ContextVar[asyncio.Timeout | None] = ContextVar("solverify_deadline", default=None)
+
+
+@contextmanager
+def _in_force(deadline: asyncio.Timeout):
+    """``deadline`` is the one in force (for :meth:`OpenAIBackend._throttle`, which stops
+    it while the rate limit holds a request back) for the duration of the block."""
+    token = _DEADLINE.set(deadline)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
 
 
 def _env_proxies() -> bool:
@@ -626,13 +637,10 @@ class OpenAIBackend(Backend):
         tokenizer = self._tokenizer
         assert tokenizer is not None
         try:
+            # in force for the tokenizer's requests too (as for generation: without it,
+            # time queued behind the rate limit timed the count out; found by review)
             async with asyncio.timeout(self._deadline) as deadline:
-                # the deadline in force for _throttle, which stops it while the rate limit
-                # holds a tokenizer request back (as _with_retries does for generation:
-                # without it, time queued behind the limiter timed the count out; found by
-                # review)
-                token = _DEADLINE.set(deadline)
-                try:
+                with _in_force(deadline):
                     if await tokenizer.probe() is None:
                         return None
                     prompt, prompt_estimated = await tokenizer.count_prompt(
@@ -644,8 +652,6 @@ class OpenAIBackend(Backend):
                         if request.stop and finishes.get(choice) == "stop":
                             completion += 1  # the stop sequence's token: generated, not sent
                             stopped = True
-                finally:
-                    _DEADLINE.reset(token)
         except Exception as exc:  # counting is a courtesy: the chunk estimates stand
             if isinstance(exc, TimeoutError):  # the deadline: the endpoint hangs
                 tokenizer.deadline_passed()
@@ -804,11 +810,8 @@ class OpenAIBackend(Backend):
 
         try:
             async with asyncio.timeout(self._deadline) as deadline:
-                token = _DEADLINE.set(deadline)
-                try:
+                with _in_force(deadline):
                     return await self._retrying(attempt)
-                finally:
-                    _DEADLINE.reset(token)
         except BackendError:
             raise
         except Exception as exc:
