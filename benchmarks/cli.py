@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--limit", type=positive_int, default=None, help="first N problems")
     rec.add_argument("--concurrency", type=positive_int, default=defaults.CONCURRENCY,
                      help=f"requests in flight (default {defaults.CONCURRENCY})")
-    rec.add_argument("--rate", type=positive_float, default=None, help="requests per second")
+    rec.add_argument("--rate", type=positive_float, default=None,
+                     help="max HTTP requests per second to every endpoint together "
+                          "(retries, probes and each stream of an emulated n count)")
     rec.add_argument("--no-texts", action="store_true", help="do not store texts")
     add_resume_args(rec)
     add_task_args(rec)
@@ -489,7 +491,9 @@ def _record(args: argparse.Namespace) -> int:
     writer = _check_record_out(args, task)
 
     async def go() -> int:
-        backend = endpoint_backend(args, api_key)
+        from orchestrator.retry import make_throttler
+
+        backend = endpoint_backend(args, api_key, make_throttler(args.rate))
         try:
             # reachability, then a real tiny request (EndpointUnreachable, ModelNotFound:
             # exit 2 with one line), before the pool file is touched
@@ -499,7 +503,7 @@ def _record(args: argparse.Namespace) -> int:
             writer.close()
             summary = await record(problems, backend, task, args.out, samples=args.samples,
                                    verifications=args.verifications,
-                                   concurrency=args.concurrency, rate=args.rate,
+                                   concurrency=args.concurrency,
                                    model=args.model, texts=not args.no_texts)
         finally:
             writer.close()

@@ -90,11 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"max requests in flight across the run (default "
                           f"{DEFAULT_CONCURRENCY})")
     run.add_argument("--rate", type=positive_float, default=None,
-                     help="max requests launched per second across the run (default: no "
-                          "limit); a request for n samples counts once, also where the "
-                          "server ignores n and it goes out as n HTTP streams, and retries "
-                          "are not paced: against an endpoint that limits HTTP requests, "
-                          "give it R/n")
+                     help="max HTTP requests per second across the run, to every "
+                          "endpoint and the verifier together (default: no limit); "
+                          "retries, probes, tokenizer counts and each stream of an "
+                          "emulated n count")
     run.add_argument("--budget-tokens", type=positive_int, default=None,
                      help="cap on completion tokens per problem (never exceeded)")
     run.add_argument("--budget-requests", type=positive_int, default=None,
@@ -288,8 +287,14 @@ async def _run(args) -> int:
     # request, not after the first problem (a finished run resumed writes nothing)
     check_output("--out", args.out, siblings=True)
     api_key = api_key_from(args)
-    verifier = verifier_backend(args, api_key)
-    backend = endpoint_backend(args, api_key)
+    # --rate paces HTTP requests, every one of them (each replica's, the verifier's, the
+    # probes, retries, the streams of an emulated n, the tokenizer's counts): one
+    # throttler shared by every backend, so the limit is the run's
+    from orchestrator.retry import make_throttler
+
+    pace = make_throttler(args.rate)
+    verifier = verifier_backend(args, api_key, pace)
+    backend = endpoint_backend(args, api_key, pace)
     sinks = []
     trace = JsonlTraceSink(args.trace) if args.trace else None
     if trace is not None:
@@ -337,7 +342,7 @@ async def _run(args) -> int:
                     progress.set_postfix(acc=f"{correct / graded:.3f}", refresh=False)
 
         await run_batch(todo, policy, budget, backend, task=task,
-                        concurrency=args.concurrency, rate=args.rate,
+                        concurrency=args.concurrency,
                         sinks=sinks, on_result=on_result,
                         run_tokens=args.run_budget_tokens, verifier=verifier,
                         keep_results=False)

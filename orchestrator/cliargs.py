@@ -179,15 +179,17 @@ def base_urls(args) -> list[str]:
 
 
 
-def endpoint_backend(args, api_key: str):
-    """One OpenAIBackend for one --base-url; a MultiBackend over one per URL for several."""
+def endpoint_backend(args, api_key: str, rate_limit=None):
+    """One OpenAIBackend for one --base-url; a MultiBackend over one per URL for several.
+    ``rate_limit``: a throttler from :func:`orchestrator.retry.make_throttler` that every
+    replica shares (``--rate``: HTTP requests per second across them all), or None."""
     from orchestrator.backends.openai_compat import OpenAIBackend
 
     urls = base_urls(args)
     max_streams = getattr(args, "max_streams", None) or getattr(args, "concurrency", None)
     backends = [OpenAIBackend(base_url=u, model=args.model, api_key=api_key,
                               timeout=args.timeout, idle_timeout=args.idle_timeout,
-                              max_streams=max_streams)
+                              max_streams=max_streams, rate_limit=rate_limit)
                 for u in urls]
     if len(backends) == 1:
         return backends[0]
@@ -295,7 +297,7 @@ def verify_overrides(args) -> dict:
 
 
 
-def verifier_backend(args, api_key: str):
+def verifier_backend(args, api_key: str, rate_limit=None):
     """An OpenAIBackend for --verifier-base-url/--verifier-model, or None when neither is
     given (verifications then go to the solver's endpoint)."""
     if args.verifier_base_url is None and args.verifier_model is None:
@@ -310,7 +312,8 @@ def verifier_backend(args, api_key: str):
         api_key = key
     return OpenAIBackend(base_url=args.verifier_base_url or base_urls(args)[0],
                          model=args.verifier_model or args.model, api_key=api_key,
-                         timeout=args.timeout, idle_timeout=args.idle_timeout)
+                         timeout=args.timeout, idle_timeout=args.idle_timeout,
+                         rate_limit=rate_limit)
 
 
 

@@ -13,8 +13,9 @@ here too. The backend asks three questions:
   stops after ``max_attempts`` attempts, re-raising the last failure unchanged.
 
 :func:`make_throttler` turns a requests-per-second limit into a throttler (a backend's
-``rate_limit``); it rounds as the run-wide ``rate`` of :mod:`orchestrator.limiter` does,
-which still builds its own.
+``rate_limit``; one throttler given to several backends is a limit on them together, as
+the CLI's ``--rate``); the run-wide ``rate`` of :mod:`orchestrator.limiter` builds its own
+the same way.
 
 The backend retries only while opening a stream, i.e. before the first event has been
 handed to its consumer; a failure after that is never retried. A stream whose data was

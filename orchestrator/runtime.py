@@ -149,10 +149,13 @@ async def run_batch(
 ) -> list[SolveResult]:
     """Run many problems concurrently; results come back in input order.
 
-    ``concurrency`` caps requests in flight across the whole batch, ``rate`` caps
-    requests/second, ``problems_in_flight`` caps problems started at once (default: as many
-    as ``concurrency``). ``on_result`` is called as each problem finishes (write results as
-    they come, so none are lost if the run is interrupted). A problem that ends on a
+    ``concurrency`` caps requests in flight across the whole batch, ``rate`` caps the
+    requests it launches per second (a request for n samples counts once; to cap HTTP
+    requests, retries included, give the backends one shared ``rate_limit`` throttler
+    instead, as the CLI's ``--rate`` does), ``problems_in_flight`` caps problems started
+    at once (default: as many as ``concurrency``). ``on_result`` is called as each
+    problem finishes (write results as they come, so none are lost if the run is
+    interrupted). A problem that ends on a
     fatal backend error is returned with ``error`` set; it does not stop the others.
     The problems share one :class:`~orchestrator.history.RunHistory` (``snapshot.history``).
     ``verifier``: as in :func:`solve`. Budgets too small for one request: a

@@ -248,6 +248,9 @@ class OpenAIServer:
         #: streams this server cut because another request arrived (llamacpp mode)
         self.streams_cut = 0
         self.tokenize_calls = 0
+        #: every HTTP request that arrived, any path or method, answered or not (an
+        #: access log's count: ``received`` holds only the routed ones)
+        self.http_requests = 0
         self._seen_prompts: list[list[str]] = []
         self.host = host
         self._port = port
@@ -262,7 +265,12 @@ class OpenAIServer:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        app = web.Application()
+        @web.middleware
+        async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.http_requests += 1
+            return await handler(request)
+
+        app = web.Application(middlewares=[count])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)

@@ -381,3 +381,67 @@ async def test_the_rate_limit_stops_the_deadline_for_the_tokenizer_calls_too():
     assert len(final) == 1 and final[0].completion_tokens >= 4
     assert len(seen) >= 3  # the generation request, then the tokenizer's probe and counts
     assert seen == [("stopped", None)] * len(seen)
+
+
+async def test_run_rate_paces_every_http_request_of_every_backend(tmp_path, monkeypatch):
+    """``--rate`` paced requests as the run launched them: a request for 3 samples on a
+    server that ignores n went out as 3 streams at once, and retries were not paced
+    (documented until Dec 7). Now one throttler is shared by every backend the run makes,
+    and each HTTP request of the run passes it: the two replicas' generation streams, a
+    retry of a 503, the probes, GET /models and the tokenizer's calls, on both servers."""
+    from asyncio_throttle import Throttler
+
+    from orchestrator import retry
+    from orchestrator.cli import _run, build_parser
+
+    made: list[Counting] = []
+
+    class Counting(Throttler):
+        def __init__(self, rate: float) -> None:
+            super().__init__(rate_limit=10_000, period=1.0)
+            self.rate, self.acquired = rate, 0
+            made.append(self)
+
+        async def acquire(self) -> None:
+            self.acquired += 1
+            await super().acquire()
+
+    real = retry.make_throttler
+    monkeypatch.setattr(retry, "make_throttler",
+                        lambda rate: None if rate is None else Counting(rate))
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"{i} plus {i}?",
+                                            "answer": str(2 * i)}) + "\n" for i in range(4)))
+    async with OpenAIServer(answer, llamacpp=True) as one, \
+            OpenAIServer(answer, llamacpp=True) as two:
+        one.fail_next(1, 503)  # the first request to the first replica: retried
+        args = build_parser().parse_args(
+            ["run", "--base-url", one.url, "--base-url", two.url, "--model", "test-model",
+             "--problems", str(problems), "--policy", "sc:n=3", "--out",
+             str(tmp_path / "o.jsonl"), "--no-progress", "--rate", "7.5"])
+        rc = await _run(args)
+        sent = one.http_requests + two.http_requests
+    assert rc == 0
+    assert [t.rate for t in made] == [7.5]  # one throttler for the run
+    generation = len(one.generation_requests()) + len(two.generation_requests())
+    assert generation >= 4 * 3 and len(one.generation_requests()) > 0 < len(
+        two.generation_requests())
+    # every HTTP request, not only the streams: the 404s of the tokenizer's probe too
+    assert made[0].acquired == sent > len(one.received) + len(two.received) > generation
+    assert real(2.5) is not None  # the patch did not replace the real one for others
+
+
+def test_the_backends_a_run_makes_share_its_throttler():
+    from orchestrator.cli import build_parser
+    from orchestrator.cliargs import endpoint_backend, verifier_backend
+    from orchestrator.retry import make_throttler
+
+    args = build_parser().parse_args(
+        ["run", "--base-url", "http://127.0.0.1:9/v1", "--base-url", "http://127.0.0.1:8/v1",
+         "--model", "m", "--problems", "p.jsonl", "--policy", "sc:n=2", "--out", "o.jsonl",
+         "--verifier-base-url", "http://127.0.0.1:7/v1"])
+    pace = make_throttler(4.0)
+    solver = endpoint_backend(args, "EMPTY", pace)
+    verifier = verifier_backend(args, "EMPTY", pace)
+    assert [b._throttler for b in (*solver.backends, verifier)] == [pace] * 3
+    assert endpoint_backend(args, "EMPTY").backends[0]._throttler is None

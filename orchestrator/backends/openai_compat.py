@@ -99,6 +99,7 @@ from typing import Any, Literal, TypeVar
 
 import openai
 import tenacity
+from asyncio_throttle import Throttler
 
 from orchestrator import defaults, logs
 from orchestrator.backends.base import (
@@ -240,8 +241,12 @@ class OpenAIBackend(Backend):
     """A :class:`~orchestrator.backends.base.Backend` for an OpenAI-compatible endpoint.
 
     ``capabilities=None`` makes the backend :meth:`probe` the endpoint on first use.
-    ``rate_limit`` caps requests per second sent by this backend (retries and probes
-    included); a global concurrency limit is the runtime's business, not this class's.
+    ``rate_limit`` caps HTTP requests per second sent by this backend (retries, probes,
+    the tokenizer's counting calls and each stream of an emulated n included): a number
+    of requests/s, or a throttler from :func:`orchestrator.retry.make_throttler` shared
+    with other backends, so that the limit is theirs together (the CLI's ``--rate`` gives
+    one to every replica and the verifier). A global concurrency limit is the runtime's
+    business, not this class's.
     ``cut_grace``: how long the runtime may wait for a stopped stream's next chunk so that
     it is charged exactly what the server generated (0: close at once, which may leave a
     step's tokens, counted by the server, uncharged). ``keepalive_expiry``: seconds an
@@ -261,7 +266,7 @@ class OpenAIBackend(Backend):
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         capabilities: Capabilities | None = None,
-        rate_limit: float | None = None,
+        rate_limit: float | Throttler | None = None,
         backoff_base: float = BACKOFF_BASE,
         backoff_cap: float = BACKOFF_CAP,
         retry_after_cap: float = RETRY_AFTER_CAP,
@@ -281,9 +286,13 @@ class OpenAIBackend(Backend):
                 )
         if max_attempts < 1:
             raise ConfigError(f"max_attempts must be >= 1, got {max_attempts}")
-        if rate_limit is not None and not (math.isfinite(rate_limit) and rate_limit > 0):
+        if isinstance(rate_limit, bool) or not (
+                rate_limit is None or isinstance(rate_limit, Throttler)
+                or (isinstance(rate_limit, int | float) and math.isfinite(rate_limit)
+                    and rate_limit > 0)):
             raise ConfigError(
-                f"rate_limit must be a positive number of requests/s, got {rate_limit!r}"
+                f"rate_limit must be a positive number of requests/s or a throttler from "
+                f"make_throttler, got {rate_limit!r}"
             )
         for name, value in (
             ("backoff_base", backoff_base),
@@ -335,7 +344,8 @@ class OpenAIBackend(Backend):
         #: completion tokens the capability probe made the server generate (charged to no
         #: problem; the CLI prints them so a server-side count can be reconciled)
         self.probe_completion_tokens = 0
-        self._throttler = make_throttler(rate_limit)
+        self._throttler = (rate_limit if isinstance(rate_limit, Throttler)
+                           else make_throttler(rate_limit))
         self._closed = False
         self.cut_grace = cut_grace
         #: the endpoint's limit on open HTTP streams (``max_streams``; None: no limit);
