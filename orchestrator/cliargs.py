@@ -207,8 +207,9 @@ def add_timeout_args(p: argparse.ArgumentParser) -> None:
                    help="request deadline: seconds to a stream's first token, retries "
                         f"included (default {DEFAULT_TIMEOUT:g})")
     p.add_argument("--idle-timeout", type=positive_float, default=DEFAULT_IDLE_TIMEOUT,
-                   metavar="S", help="a stream that sends no bytes for S seconds is broken "
-                                     f"(default {DEFAULT_IDLE_TIMEOUT:g})")
+                   metavar="S", help="a stream that sends no token for S seconds after its "
+                                     "first (silent, or only keep-alive comments or empty "
+                                     f"chunks) is broken (default {DEFAULT_IDLE_TIMEOUT:g})")
 
 
 

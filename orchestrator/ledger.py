@@ -40,7 +40,8 @@ DEFAULT_LAMBDA = 1.0
 ESTIMATE_SOURCES = {
     "logprobs": "logprob entries received, one per token; no server usage",
     "chunks": "one token per streamed chunk; no server usage",
-    "prompt": "prompt size unknown: the server sent no usage",
+    "prompt": "prompt size unknown: the server sent no usage, or a usage without a "
+              "readable prompt_tokens (charged as 0)",
     "nothing": "no usage and no tokens received",
     "tokenize-text": "prompt counted with the server's tokenizer endpoint on the message "
                      "text: the chat template's own tokens are not included",
@@ -145,6 +146,10 @@ class RequestRecord:
             # charged as it came; found by review) is charged as the most it could be
             completion = cap
             estimated_from = tuple(sorted({*estimated_from, "capped"}))
+        if "prompt" in estimated_from:  # this report's prompt count was unreadable
+            if self.server_prompt is not None and "prompt" not in self.server_estimated:
+                prompt = self.server_prompt  # an earlier readable one stands
+                estimated_from = tuple(s for s in estimated_from if s != "prompt")
         self.server_prompt = prompt
         self.server_estimated = estimated_from
         if cached_prompt is not None:

@@ -990,3 +990,127 @@ def test_a_certificate_that_failed_verification_is_not_retried() -> None:
     assert retry.is_retryable(chained(ssl.SSLEOFError(8, "EOF occurred in violation")))
     assert retry.is_retryable(ConnectionResetError())
     assert not retry.certificate_refused(ConnectionResetError())
+
+
+# ---------------------------------------------------------------------- odd byte streams
+def _sse(delta: dict | None, finish: str | None = None, usage: dict | None = None,
+         *, index: int = 0) -> bytes:
+    import json
+
+    body: dict[str, Any] = {"id": "x", "object": "chat.completion.chunk", "model": "m",
+                            "choices": [] if delta is None else
+                            [{"index": index, "delta": delta, "finish_reason": finish}]}
+    if usage is not None:
+        body["usage"] = usage
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+async def _serving(write: Callable[[Any], Any], content_type: str = "text/event-stream"):
+    """A server whose every response is a 200 of ``content_type`` written by ``write``."""
+    from aiohttp import web
+
+    from tests.openai_server import serve_handler
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": content_type})
+        await resp.prepare(request)
+        await write(resp)
+        return resp
+
+    return await serve_handler(handler)
+
+
+_NO_CAPS = Capabilities(n=False, continuous_usage=False, logprobs=False)
+
+
+@pytest.mark.parametrize("filler", [b": ping\n\n", _sse({})], ids=["comments", "empty-deltas"])
+async def test_a_stream_that_keeps_sending_but_no_token_breaks_at_the_idle_timeout(
+        make_backend: MakeBackend, filler: bytes) -> None:
+    """After its first token a stream was bounded only by the transport's read timeout,
+    which any byte resets: one that went on sending keep-alive comments (what proxies do
+    while the upstream is stuck) or empty deltas was read forever (found by review). Now
+    no token for more than ``idle_timeout`` is a broken stream, the token it sent kept."""
+    async def write(resp: Any) -> None:
+        await resp.write(_sse({"role": "assistant", "content": " 4"}))
+        while True:  # until the client goes away
+            await resp.write(filler)
+            await asyncio.sleep(0.02)
+
+    runner, root = await _serving(write)
+    try:
+        backend = make_backend(base_url=root + "/v1", capabilities=_NO_CAPS,
+                               idle_timeout=0.3, count_with_tokenizer=False)
+        seen: list[StreamEvent] = []
+        with pytest.raises(StreamBroken, match=r"no token for over 0.3 s"):
+            async with asyncio.timeout(60):  # a hang fails the test instead of the suite
+                async with backend.stream(chat()) as events:
+                    async for event in events:
+                        seen.append(event)
+    finally:
+        await runner.cleanup()
+    assert texts(seen) == {0: " 4"}
+
+
+async def test_keep_alive_comments_between_tokens_do_not_break_a_stream(
+        make_backend: MakeBackend) -> None:
+    """The quiet time is between tokens, not the stream's length: a slow stream whose
+    tokens come inside the idle timeout, comments between them, is read to its end."""
+    async def write(resp: Any) -> None:
+        for word in (" 4", " 2", " !"):
+            await resp.write(_sse({"content": word}))
+            await resp.write(b": ping\n\n")
+        await resp.write(_sse({}, "stop"))
+        await resp.write(b"data: [DONE]\n\n")
+
+    runner, root = await _serving(write)
+    try:
+        backend = make_backend(base_url=root + "/v1", capabilities=_NO_CAPS,
+                               idle_timeout=30, count_with_tokenizer=False)
+        events = await collect(backend, chat())
+    finally:
+        await runner.cleanup()
+    assert texts(events) == {0: " 4 2 !"}
+    assert deltas(events)[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("content_type", ["text/event-stream",
+                                          "text/event-stream; charset=iso-8859-1"])
+async def test_sse_is_read_as_utf8_and_a_leading_byte_order_mark_is_dropped(
+        make_backend: MakeBackend, content_type: str) -> None:
+    """SSE is UTF-8: a byte-order mark before the first event glued itself to its field
+    name and that event was lost without an error, and a charset header of iso-8859-1
+    garbled every non-ASCII character of the answer (found by review)."""
+    async def write(resp: Any) -> None:
+        await resp.write(b"\xef\xbb\xbf" + _sse({"content": " 2\u03c0"}))
+        await resp.write(_sse({}, "stop", {"prompt_tokens": 3, "completion_tokens": 2}))
+        await resp.write(b"data: [DONE]\n\n")
+
+    runner, root = await _serving(write, content_type)
+    try:
+        backend = make_backend(base_url=root + "/v1", capabilities=_NO_CAPS,
+                               count_with_tokenizer=False)
+        events = await collect(backend, chat())
+    finally:
+        await runner.cleanup()
+    assert texts(events) == {0: " 2\u03c0"}
+
+
+async def test_an_event_type_without_data_does_not_carry_over_to_the_next_event(
+        make_backend: MakeBackend) -> None:
+    """``event: error`` ended by a blank line with no data is dispatched as nothing; the
+    type was kept and made the next, ordinary chunk a server error, fatal for the problem
+    (found by review). The SSE spec resets the type at every blank line."""
+    async def write(resp: Any) -> None:
+        await resp.write(_sse({"content": " 4"}))
+        await resp.write(b"event: error\n\n")
+        await resp.write(_sse({"content": "2"}, "stop"))
+        await resp.write(b"data: [DONE]\n\n")
+
+    runner, root = await _serving(write)
+    try:
+        backend = make_backend(base_url=root + "/v1", capabilities=_NO_CAPS,
+                               count_with_tokenizer=False)
+        events = await collect(backend, chat())
+    finally:
+        await runner.cleanup()
+    assert texts(events) == {0: " 42"}

@@ -438,3 +438,30 @@ def test_an_impossible_usage_report_is_not_charged_as_it_came() -> None:
         {"choices": [], "usage": {"prompt_tokens": -7, "completion_tokens": 3}})
     assert [(e.prompt_tokens, e.completion_tokens) for e in events
             if isinstance(e, UsageReport)] == [(0, 3)]
+
+
+def test_a_usage_without_a_readable_prompt_count_is_an_unknown_prompt_not_an_exact_0() -> None:
+    """A final usage with ``prompt_tokens`` missing or negative was recorded as an exact
+    prompt of 0 (the completion side already treated an unreadable count as no count;
+    found by review): it is 0 flagged ``prompt``, and an earlier readable count in the
+    same stream stands."""
+    from orchestrator.ledger import RequestRecord
+
+    def record() -> RequestRecord:
+        return RequestRecord(request_id=1, kind="solve", n=1, max_tokens=32,
+                             choice_tokens=[0], choice_done=[False])
+
+    for usage in ({"completion_tokens": 3}, {"prompt_tokens": -3, "completion_tokens": 3},
+                  {"prompt_tokens": "many", "completion_tokens": 3}):
+        alone = record()
+        for e in ChunkDecoder(n=1, chat=True).feed({"choices": [], "usage": usage}):
+            assert isinstance(e, UsageReport) and e.estimated_from == ("prompt",)
+            alone.add_usage(e.prompt_tokens, e.completion_tokens, e.final,
+                            estimated_from=e.estimated_from)
+        assert alone.usage.prompt_tokens == 0 and alone.usage.completion_tokens == 3
+        assert alone.usage.estimated and alone.usage.estimated_from == ("prompt",)
+    earlier = record()
+    earlier.add_usage(5, 1, final=False)  # a running count read the prompt
+    earlier.add_usage(0, 3, final=True, estimated_from=("prompt",))
+    assert earlier.usage.prompt_tokens == 5 and not earlier.usage.estimated
+    assert earlier.usage.completion_tokens == 3

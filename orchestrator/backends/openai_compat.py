@@ -132,6 +132,7 @@ from orchestrator.backends.openai_wire import (
     carries_tokens,
     close_quietly,
     decode,
+    ends_something,
     parse_chunk,
     probe_tokens,
     snippet,
@@ -590,15 +591,25 @@ class OpenAIBackend(Backend):
             yield event
         malformed = opened.malformed
         count = len(opened.first)
+        sse = opened.sse
+        # past the first token only --idle-timeout bounds a stream, and any byte resets
+        # the transport's read timeout: one that kept sending keep-alive comments or
+        # empty deltas and no token was read forever (found by review)
+        sse.watch(self._idle)
         while not opened.ended:
             try:
-                item = await opened.sse.next()
+                item = await sse.next()
                 if item is None:
                     break
-                events = decode(opened.decoder, self._parse(item))
-            except Malformed as exc:
-                malformed = malformed or exc  # read on: what follows is still charged
-                continue
+                try:
+                    events = decode(opened.decoder, self._parse(item))
+                except Malformed as exc:
+                    malformed = malformed or exc  # read on: what follows is still charged
+                    events = []
+                if any(carries_tokens(e) or ends_something(e) for e in events):
+                    sse.progressed()
+                else:
+                    sse.check_quiet()
             except Exception as exc:
                 raise StreamBroken(self._scrub(
                     f"stream from {self._base_url} broke after {count} event(s): "

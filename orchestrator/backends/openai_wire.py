@@ -15,6 +15,7 @@ import json
 import math
 import re
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ from orchestrator.types import TokenLogprob
 __all__ = [
     "ChunkDecoder",
     "Malformed",
+    "QuietStream",
     "RawResponse",
     "SSEReader",
     "ServerSaid",
@@ -34,6 +36,7 @@ __all__ = [
     "carries_tokens",
     "close_quietly",
     "decode",
+    "ends_something",
     "parse_chunk",
     "probe_tokens",
     "retryable_status",
@@ -58,6 +61,11 @@ class RawResponse:
         self._half_closed = False
 
     def iter_lines(self) -> AsyncIterator[str]:
+        # SSE is UTF-8 whatever the charset header says, and one leading byte-order mark
+        # is dropped (the spec's decoding): read as the header's charset, a BOM glued
+        # itself to the first field name and lost that event, and a server announcing
+        # iso-8859-1 garbled every non-ASCII answer, all silently (found by review)
+        self.http_response.encoding = "utf-8-sig"
         return self.http_response.aiter_lines()
 
     def _socket(self) -> socket.socket | None:
@@ -98,14 +106,41 @@ async def close_quietly(raw: Any) -> None:
         _log.debug("backend.close_failed", error=describe(exc))
 
 
+class QuietStream(Exception):
+    """A stream that went on sending bytes (keep-alive comments, empty chunks) but no
+    token for longer than its idle timeout: the transport's read timeout never fires on
+    it, so without this check it is read forever."""
+
+
 class SSEReader:
     """Server-sent events of a response: ``(event, data)`` pairs; None at ``[DONE]`` or
-    at the end of the body. Transport failures (a cut, the idle timeout) propagate."""
+    at the end of the body. Transport failures (a cut, the idle timeout) propagate.
 
-    __slots__ = ("_lines",)
+    After :meth:`watch` a stream that sends only comments, or events for which the reader
+    does not call :meth:`progressed`, for more than ``quiet_s`` seconds raises
+    :class:`QuietStream` (a silent one is the transport's idle timeout)."""
+
+    __slots__ = ("_lines", "_quiet_s", "_since")
 
     def __init__(self, lines: AsyncIterator[str]) -> None:
         self._lines = lines
+        self._quiet_s: float | None = None
+        self._since = 0.0
+
+    def watch(self, quiet_s: float | None) -> None:
+        """From now on, at most ``quiet_s`` seconds between tokens (None: no limit)."""
+        self._quiet_s = quiet_s
+        self.progressed()
+
+    def progressed(self) -> None:
+        """A token (or the stream's end) arrived: the quiet time starts again."""
+        self._since = time.monotonic()
+
+    def check_quiet(self) -> None:
+        """:class:`QuietStream` when the stream has been without a token too long."""
+        if self._quiet_s is not None and time.monotonic() - self._since > self._quiet_s:
+            raise QuietStream(f"no token for over {self._quiet_s:g} s although the server "
+                              "kept sending (keep-alive comments or empty chunks)")
 
     @classmethod
     def of(cls, raw: RawResponse) -> SSEReader:
@@ -139,8 +174,11 @@ class SSEReader:
                         await self._drain()
                         return None
                     return event, payload
+                event = None  # an event without data ends too: its type does not carry
+                self.check_quiet()  # over to the next (the spec's dispatch; by review)
                 continue
             if line.startswith(":"):
+                self.check_quiet()
                 continue  # an SSE comment (keep-alive)
             field, _, value = line.partition(":")
             value = value[1:] if value.startswith(" ") else value
@@ -218,6 +256,13 @@ def carries_tokens(event: StreamEvent) -> bool:
     if isinstance(event, TextDelta):
         return event.tokens > 0
     return event.completion_tokens > 0
+
+
+def ends_something(event: StreamEvent) -> bool:
+    """A choice's finish or the request's final usage: progress without a token."""
+    if isinstance(event, TextDelta):
+        return event.finish_reason is not None
+    return event.final
 
 
 def probe_tokens(chunks: list[Any], n: int, chat: bool) -> int:
@@ -310,18 +355,23 @@ class ChunkDecoder:
                     )
                 )
         if usage is not None:
-            # a count a server may write; unreadable or negative (-7 was stored): 0
-            prompt = _token_count(get(usage, "prompt_tokens")) or 0
+            # a count a server may write; missing, unreadable or negative (-7 was stored):
+            # 0, flagged as an unknown prompt size (it read as an exact 0; by review)
+            readable = _token_count(get(usage, "prompt_tokens"))
+            prompt = readable or 0
+            unknown = ("prompt",) if readable is None else ()
             if not choices:
                 events.append(UsageReport(prompt, completion, final=True,
-                                          cached_prompt_tokens=cached_tokens(usage)))
+                                          cached_prompt_tokens=cached_tokens(usage),
+                                          estimated_from=unknown))
             else:
                 if len(choices) == 1:
                     self._running[to_int(get(choices[0], "index", 0))] = completion
                     total = sum(self._running.values())
                 else:  # several choices in one chunk: treat the count as request-level
                     total = completion
-                events.append(UsageReport(prompt, total, final=False))
+                events.append(UsageReport(prompt, total, final=False,
+                                          estimated_from=unknown))
         return events
 
 
