@@ -177,14 +177,22 @@ async def read_request(req: Request, ledger: ProblemLedger, limiter: Limiter,
         for event in unread:  # handed over by the server, not read: it counts them
             _on_unread(req, ledger, event, served)
         if stream is not None and stream.failed:  # recorded failed, however it ended
-            req.failed_choices = {
+            req.failed_choices.update({
                 i: e if isinstance(e, BackendError) else StreamBroken(f"choice {i}: {e}")
-                for i, e in stream.failed.items()}
+                for i, e in stream.failed.items()})
         if outcome == "ok" and req.pending():
             outcome = "failed"
-            error = BackendError("stream ended without a finish_reason for every choice")
+            given_up = [req.failed_choices[i] for i in range(req.record.n)
+                        if not req.done(i) and i in req.failed_choices]
+            error = (given_up[0] if len(given_up) == req.pending() else BackendError(
+                "stream ended without a finish_reason for every choice"))
         owner.on_closed(req, outcome, error)
         ledger.close(req.record, outcome)
+
+
+#: finish reasons with which a server gives a choice up rather than ends it (vLLM's
+#: ``abort``, OpenRouter's ``error``): a failed sample, not a solution
+FAILED_FINISHES = frozenset({"abort", "error"})
 
 
 def _on_event(req: Request, ledger: ProblemLedger, owner: RequestOwner | None,
@@ -195,7 +203,7 @@ def _on_event(req: Request, ledger: ProblemLedger, owner: RequestOwner | None,
         if not 0 <= event.choice < record.n:
             raise BackendError(
                 f"backend sent choice {event.choice} for a request of n={record.n}")
-        if record.choice_done[event.choice]:
+        if record.choice_done[event.choice] or event.choice in req.failed_choices:
             # a chunk for a choice after its finish_reason: not part of its text, but
             # tokens the server sent, charged (they were dropped; found by review)
             if event.tokens:
@@ -206,6 +214,15 @@ def _on_event(req: Request, ledger: ProblemLedger, owner: RequestOwner | None,
             choice.parts.append(event.text)
         choice.logprobs.extend(event.logprobs)
         ledger.add_delta(record, event.choice, event.tokens, event.estimated)
+        if event.finish_reason in FAILED_FINISHES:
+            # the server gave the choice up: its text is cut short (an interim \boxed{}
+            # in it voted as a finished solution; found by review), so it is a failed
+            # sample, charged, that the policy may replace; later chunks for it are not
+            # its text any more
+            req.failed_choices.setdefault(event.choice, StreamBroken(
+                f"the server ended choice {event.choice} with finish_reason "
+                f"{event.finish_reason!r}: its text is cut short"))
+            return
         if event.finish_reason is not None and not req.cut and owner is not None:
             owner.on_finished(req, event.choice, event.finish_reason)
             ledger.finish(record, event.choice)

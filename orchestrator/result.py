@@ -186,7 +186,12 @@ class RunSummary:
         if r.correct is not None:
             self.graded += 1
             self.correct += bool(r.correct)
-        self.errors += r.error is not None
+        # as the exit status counts them (a stop on failures too, not only a fatal
+        # error: the summary said "problems 2" beside "ended on an error 2 of 2")
+        self.errors += ended_on_error({
+            "error": r.error, "stop_code": r.stop_code,
+            "solutions": r.solutions, "verifications": r.verifications,
+            "failed": [{"kind": f.kind, "reason": f.reason} for f in r.failed]})
         self.no_answer += r.answer is None
         usage = r.usage
         self._sources.update(usage.estimated_from)

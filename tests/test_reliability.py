@@ -674,3 +674,41 @@ async def test_a_probe_asked_again_after_a_busy_error_reports_both_attempts(at, 
         await backend.probe("chat")
         assert len(server.generation_requests()) == 3 == backend.probe_requests  # a retry
         assert backend.probe_completion_tokens == server.generation_tokens_total - unsent
+
+
+@pytest.mark.parametrize("reason", ["abort", "error"])
+async def test_a_choice_the_server_gives_up_is_a_failed_sample_not_a_solution(reason) -> None:
+    """``finish_reason`` ``abort`` (vLLM) or ``error`` (OpenRouter) ends a choice the
+    server gave up: its text is cut short. It was taken as a finished solution, so an
+    interim ``\\boxed{7}`` in it voted (3 of 3, nothing failed; found by review). Now it is
+    a failed sample, its tokens charged, and the policy samples a replacement."""
+    from orchestrator.runtime import solve
+    from orchestrator.types import Problem
+    from policies import SelfConsistency
+    from tests.test_openai_backend import _serving, _sse
+
+    served = 0
+
+    async def write(resp: Any) -> None:
+        nonlocal served
+        served += 1
+        given_up = served <= 2
+        await resp.write(_sse({"content": " so \\boxed{7}" if given_up else " \\boxed{9}"}))
+        await resp.write(_sse({}, reason if given_up else "stop",
+                              {"prompt_tokens": 4, "completion_tokens": 5}))
+        await resp.write(b"data: [DONE]\n\n")
+
+    runner, root = await _serving(write)
+    try:
+        async with OpenAIBackend(root + "/v1", "m", capabilities=Capabilities(
+                n=False, continuous_usage=False, logprobs=False),
+                count_with_tokenizer=False) as backend:
+            result = await solve(Problem(id="p", problem="q", answer="9"), SelfConsistency(2),
+                                 backend=backend, max_n=1)
+    finally:
+        await runner.cleanup()
+    assert [s.answer for s in result.solutions] == ["9", "9"]
+    assert [f.reason for f in result.failed] == ["failed", "failed"]
+    assert all(f"finish_reason {reason!r}" in (f.error_text or "") for f in result.failed)
+    assert [f.partial_text for f in result.failed] == [" so \\boxed{7}"] * 2
+    assert result.usage.completion_tokens == 4 * 5 and result.error is None

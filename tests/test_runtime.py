@@ -764,6 +764,31 @@ def test_the_run_summary_adds_up_what_the_results_hold():
     assert d["failed_samples"] == sum(1 for r in results for f in r.failed
                                       if f.reason == "failed")
     assert d["accuracy"] == sum(bool(r.correct) for r in results) / 3
+    from orchestrator.result import ended_on_error
+
+    assert d["errors"] == sum(ended_on_error(r.to_dict()) for r in results)
+
+
+def test_the_run_summary_counts_a_problem_stopped_by_failures_as_ended_on_an_error():
+    """The exit status counts a stop on failures as an error; the summary's "problems"
+    line counted only fatal errors, so it printed "problems 2" with no note beside
+    "ended on an error 2 of 2" (found by review)."""
+    from orchestrator.result import RunSummary
+
+    async def run():
+        backend = FakeBackend(scripted([FakeReply.text("x", fail_after=0,
+                                                       error=StreamBroken("boom"))] * 8))
+        return await run_batch([Problem(id=f"q{i}", problem="q", answer="three")
+                                for i in range(2)], SelfConsistency(2, max_failures=1),
+                               backend=backend, task=TASK, max_n=1)
+
+    results = asyncio.run(run())
+    assert {r.stop_code for r in results} == {"failures"}
+    assert all(r.error is None for r in results)
+    tally = RunSummary()
+    for r in results:
+        tally.add(r)
+    assert tally.as_dict(1.0)["errors"] == 2
 
 
 class _SampleThenStop:
