@@ -103,6 +103,8 @@ class Request:
     cancelling: bool = False  # a Cancel decision cancelled it (it may still be closing)
     #: choices that failed while the others ran on (``EventStream.failed``), with errors
     failed_choices: dict[int, BackendError] = field(default_factory=dict)
+    #: the first event for a choice the request does not have (the request fails with it)
+    stray: BackendError | None = None
 
     def done(self, choice: int) -> bool:
         return self.record.choice_done[choice]
@@ -160,6 +162,8 @@ async def read_request(req: Request, ledger: ProblemLedger, limiter: Limiter,
                             break
                         _on_event(req, ledger, owner, event)
         outcome = "cancelled" if req.cut else "ok"
+        if req.stray is not None and not req.cut:
+            outcome, error = "failed", req.stray
     except asyncio.CancelledError:
         outcome = "cancelled"
         raise
@@ -201,8 +205,16 @@ def _on_event(req: Request, ledger: ProblemLedger, owner: RequestOwner | None,
     if isinstance(event, TextDelta):
         record = req.record
         if not 0 <= event.choice < record.n:
-            raise BackendError(
-                f"backend sent choice {event.choice} for a request of n={record.n}")
+            # no choice of this request: its tokens are charged and the stream read on
+            # to its end, like malformed data, so that the usage after it is charged too
+            # (raised at once, the server's count of 7 was charged 0; found by review);
+            # the request then fails with this error
+            if event.tokens:
+                record.add_delta(event.tokens, event.estimated)
+            if req.stray is None:
+                req.stray = BackendError(
+                    f"backend sent choice {event.choice} for a request of n={record.n}")
+            return
         if record.choice_done[event.choice] or event.choice in req.failed_choices:
             # a chunk for a choice after its finish_reason: not part of its text, but
             # tokens the server sent, charged (they were dropped; found by review)

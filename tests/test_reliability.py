@@ -712,3 +712,35 @@ async def test_a_choice_the_server_gives_up_is_a_failed_sample_not_a_solution(re
     assert all(f"finish_reason {reason!r}" in (f.error_text or "") for f in result.failed)
     assert [f.partial_text for f in result.failed] == [" so \\boxed{7}"] * 2
     assert result.usage.completion_tokens == 4 * 5 and result.error is None
+
+
+async def test_a_chunk_for_a_choice_the_request_lacks_fails_it_with_every_token_charged():
+    """A chunk for choice 1 of an n=1 request raised at once, before the usage after it
+    was read: the server's 7 completion and 5 prompt tokens were charged 0 and 0 (found
+    by review). The stream is now read to its end, like malformed data, then the request
+    fails with the same error."""
+    from orchestrator.runtime import solve
+    from orchestrator.types import Problem
+    from policies import SelfConsistency
+    from tests.test_openai_backend import _serving, _sse
+
+    async def write(resp: Any) -> None:
+        await resp.write(_sse({"content": " \\boxed{9}"}, "stop", index=1))
+        await resp.write(_sse(None, usage={"prompt_tokens": 5, "completion_tokens": 7}))
+        await resp.write(b"data: [DONE]\n\n")
+
+    runner, root = await _serving(write)
+    try:
+        async with OpenAIBackend(root + "/v1", "m", capabilities=Capabilities(
+                n=False, continuous_usage=False, logprobs=False),
+                count_with_tokenizer=False) as backend:
+            result = await solve(Problem(id="p", problem="q"), SelfConsistency(1),
+                                 backend=backend, max_n=1)
+    finally:
+        await runner.cleanup()
+    assert not result.solutions and result.answer is None
+    assert "backend sent choice 1 for a request of n=1" in (result.failed[0].error_text or "")
+    # each request (the failed sample is replaced until max_failures) charged in full
+    assert result.requests == len(result.failed) >= 1
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (
+        5 * result.requests, 7 * result.requests)
