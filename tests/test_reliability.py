@@ -744,3 +744,32 @@ async def test_a_chunk_for_a_choice_the_request_lacks_fails_it_with_every_token_
     assert result.requests == len(result.failed) >= 1
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (
         5 * result.requests, 7 * result.requests)
+
+
+async def test_an_empty_200_stream_before_any_token_is_retried() -> None:
+    """A 200 whose stream is only ``[DONE]`` (nothing generated) was a failed sample, and
+    with other streams open made the endpoint one stream at a time for good, as if it cut
+    running streams (found by review). It is retried, as a cut before the first token is."""
+    from tests.test_openai_backend import _serving, _sse
+
+    served = 0
+
+    async def write(resp: Any) -> None:
+        nonlocal served
+        served += 1
+        if served > 1:
+            await resp.write(_sse({"content": " 42"}, "stop"))
+        await resp.write(b"data: [DONE]\n\n")
+
+    runner, root = await _serving(write)
+    try:
+        async with OpenAIBackend(root + "/v1", "m", capabilities=Capabilities(
+                n=False, continuous_usage=False, logprobs=False), backoff_base=0.001,
+                backoff_cap=0.01, count_with_tokenizer=False) as backend:
+            events, error = await read_all(backend, chat())
+            stats = backend.stats()
+    finally:
+        await runner.cleanup()
+    assert error is None and served == 2
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == " 42"
+    assert stats.get("one_stream_at_a_time") is None

@@ -558,6 +558,16 @@ class OpenAIBackend(Backend):
                 item = await sse.next()
                 if item is None:
                     opened.ended = True
+                    if opened.malformed is None and not any(
+                            ends_something(e) for e in opened.held):
+                        # ended before a token, a finish or a final count: nothing was
+                        # generated, so it is retried as a stream cut before its first
+                        # token is (it was a failed sample, and a vLLM endpoint was
+                        # made one stream at a time for good as if it cut streams;
+                        # found by review)
+                        raise MalformedStream(
+                            f"stream from {self._base_url} ended before its first token "
+                            "(no finish_reason, no usage)")
                     if opened.malformed is None:
                         opened.first = opened.held  # a stream without a token: all of it
                     break
