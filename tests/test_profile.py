@@ -87,3 +87,23 @@ def test_bad_profile_files_are_data_errors(tmp_path):
         VerifierProfile.load(tmp_path / "missing.json")
     with pytest.raises(DataError, match="no parsed"):
         VerifierProfile.from_readings([(1, True, None)])
+
+
+def test_icc_does_not_count_the_gap_between_the_classes_as_agreement():
+    """Independent readings of correct (Beta(4,2)) and wrong (Beta(2,4)) solutions: their
+    ICC is 0, but pooled over both classes the class means' gap counted as agreement
+    between two readings of one solution (0.39 here; 0.83 for Beta(8,2)/Beta(2,8), which
+    turned re-reading off; found by review). Within the classes it is ~0, and readings
+    that share a per-solution level are still seen."""
+    rng = random.Random(5)
+    for (a, b) in ((4, 2), (8, 2)):
+        good = [[rng.betavariate(a, b) for _ in range(4)] for _ in range(300)]
+        bad = [[rng.betavariate(b, a) for _ in range(4)] for _ in range(300)]
+        assert repeat_icc(good + bad) > 0.3  # the pooled estimate: what it was
+        assert repeat_icc(good, bad) < 0.05
+    shared = []
+    for _ in range(300):
+        level = rng.random()
+        shared.append([min(max(level + rng.gauss(0, 0.05), 0.0), 1.0) for _ in range(3)])
+    assert repeat_icc(shared[:150], shared[150:]) > 0.9
+    assert repeat_icc([[0.2, 0.2]], [[0.9, 0.9]]) is None  # one solution a class: no spread
