@@ -226,11 +226,11 @@ def _on_event(req: Request, ledger: ProblemLedger, owner: RequestOwner | None,
             choice.parts.append(event.text)
         choice.logprobs.extend(event.logprobs)
         ledger.add_delta(record, event.choice, event.tokens, event.estimated)
-        if event.finish_reason in FAILED_FINISHES:
+        if event.finish_reason in FAILED_FINISHES and not req.cut:
             # the server gave the choice up: its text is cut short (an interim \boxed{}
             # in it voted as a finished solution; found by review), so it is a failed
             # sample, charged, that the policy may replace; later chunks for it are not
-            # its text any more
+            # its text any more. After a cut an abort is the cut's: cancelled, as before
             req.failed_choices.setdefault(event.choice, StreamBroken(
                 f"the server ended choice {event.choice} with finish_reason "
                 f"{event.finish_reason!r}: its text is cut short"))
