@@ -2,16 +2,19 @@
 
 Runtime tests use it so they exercise the scheduler, not the math grader. Also
 :class:`Background`, an event loop in a thread for servers that a command's own
-``asyncio.run`` talks to.
+``asyncio.run`` talks to, and :func:`sse_chunk` / :func:`sse_server`, a server whose
+every response is an event stream a test writes byte by byte.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from orchestrator.backends.base import Backend, GenerationRequest
 from orchestrator.decisions import Sample, Stop
@@ -115,3 +118,37 @@ class ScriptedRequests(Backend):
 
     async def aclose(self) -> None:
         pass
+
+
+def sse_chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None,
+              *, index: int = 0) -> bytes:
+    """One chat-completion chunk as an SSE event: ``delta`` for choice ``index`` (None: no
+    choices, a usage-only chunk), its ``finish`` reason, and ``usage`` when given."""
+    body: dict[str, Any] = {"id": "x", "object": "chat.completion.chunk", "model": "m",
+                            "choices": [] if delta is None else
+                            [{"index": index, "delta": delta, "finish_reason": finish}]}
+    if usage is not None:
+        body["usage"] = usage
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+@contextlib.asynccontextmanager
+async def sse_server(write: Callable[[Any], Any],
+                     content_type: str = "text/event-stream") -> AsyncIterator[str]:
+    """A server whose every response is a 200 of ``content_type`` whose body
+    ``await write(response)`` writes; yields its ``/v1`` base URL."""
+    from aiohttp import web
+
+    from tests.openai_server import serve_handler
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": content_type})
+        await resp.prepare(request)
+        await write(resp)
+        return resp
+
+    runner, root = await serve_handler(handler)
+    try:
+        yield root + "/v1"
+    finally:
+        await runner.cleanup()

@@ -30,6 +30,7 @@ from orchestrator.errors import (
     RetriesExhausted,
     StreamBroken,
 )
+from tests.helpers import sse_chunk, sse_server
 from tests.openai_server import MathResponder, OpenAIServer, Tok
 
 ANSWER = " The final answer is \\boxed{42}."
@@ -463,48 +464,27 @@ async def test_reasoning_chunks_open_the_stream_and_are_counted(
     back until the reader has seen a reasoning delta; before, the open waited for the
     first content token, so long thinking ran into the request deadline, uncharged (found
     by review)."""
-    import json
-
-    from aiohttp import web
-
-    from tests.openai_server import serve_handler
-
     gate = asyncio.Event()
 
-    def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None
-              ) -> bytes:
-        body: dict[str, Any] = {"id": "x", "object": "chat.completion.chunk", "model": "m",
-                                "choices": [] if delta is None else
-                                [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n".encode()
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(chunk({"role": "assistant", "content": ""}))
+    async def write(resp: Any) -> None:
+        await resp.write(sse_chunk({"role": "assistant", "content": ""}))
         for i in range(5):
-            await resp.write(chunk({"content": None, "reasoning_content": f" think{i}"}))
-        await resp.write(chunk({"reasoning": " and so"}))  # OpenRouter's / Ollama's key
+            await resp.write(sse_chunk({"content": None, "reasoning_content": f" think{i}"}))
+        await resp.write(sse_chunk({"reasoning": " and so"}))  # OpenRouter's / Ollama's key
         await gate.wait()
-        await resp.write(chunk({"content": " 42"}, "stop"))
-        await resp.write(chunk(None, usage={"prompt_tokens": 5, "completion_tokens": 7}))
+        await resp.write(sse_chunk({"content": " 42"}, "stop"))
+        await resp.write(sse_chunk(None, usage={"prompt_tokens": 5, "completion_tokens": 7}))
         await resp.write(b"data: [DONE]\n\n")
-        return resp
 
-    runner, root = await serve_handler(handler)
-    try:
-        backend = make_backend(base_url=root + "/v1", capabilities=Capabilities(
+    seen: list[StreamEvent] = []
+    async with sse_server(write) as url:
+        backend = make_backend(base_url=url, capabilities=Capabilities(
             n=False, continuous_usage=False, logprobs=False))
-        seen: list[StreamEvent] = []
         async with backend.stream(chat()) as events:
             async for event in events:
                 seen.append(event)
                 if isinstance(event, TextDelta) and event.reasoning:
                     gate.set()
-    finally:
-        await runner.cleanup()
     reasoning = [d for d in deltas(seen) if d.reasoning]
     assert "".join(d.reasoning for d in reasoning) == " think0 think1 think2 think3 think4 and so"
     assert all(d.text == "" and d.tokens == 1 and d.estimated for d in reasoning)
@@ -993,37 +973,20 @@ def test_a_certificate_that_failed_verification_is_not_retried() -> None:
 
 
 # ---------------------------------------------------------------------- odd byte streams
-def _sse(delta: dict | None, finish: str | None = None, usage: dict | None = None,
-         *, index: int = 0) -> bytes:
-    import json
-
-    body: dict[str, Any] = {"id": "x", "object": "chat.completion.chunk", "model": "m",
-                            "choices": [] if delta is None else
-                            [{"index": index, "delta": delta, "finish_reason": finish}]}
-    if usage is not None:
-        body["usage"] = usage
-    return f"data: {json.dumps(body)}\n\n".encode()
-
-
-async def _serving(write: Callable[[Any], Any], content_type: str = "text/event-stream"):
-    """A server whose every response is a 200 of ``content_type`` written by ``write``."""
-    from aiohttp import web
-
-    from tests.openai_server import serve_handler
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"content-type": content_type})
-        await resp.prepare(request)
-        await write(resp)
-        return resp
-
-    return await serve_handler(handler)
-
-
 _NO_CAPS = Capabilities(n=False, continuous_usage=False, logprobs=False)
 
 
-@pytest.mark.parametrize("filler", [b": ping\n\n", _sse({})], ids=["comments", "empty-deltas"])
+async def _collect_written(make_backend: MakeBackend, write: Callable[[Any], Any],
+                           content_type: str = "text/event-stream", **kw: Any
+                           ) -> list[StreamEvent]:
+    """The events of one chat stream whose bytes ``write`` sends (:func:`sse_server`)."""
+    async with sse_server(write, content_type) as url:
+        backend = make_backend(base_url=url, capabilities=_NO_CAPS,
+                               count_with_tokenizer=False, **kw)
+        return await collect(backend, chat())
+
+
+@pytest.mark.parametrize("filler", [b": ping\n\n", sse_chunk({})], ids=["comments", "empty-deltas"])
 async def test_a_stream_that_keeps_sending_but_no_token_breaks_at_the_idle_timeout(
         make_backend: MakeBackend, filler: bytes) -> None:
     """After its first token a stream was bounded only by the transport's read timeout,
@@ -1031,23 +994,20 @@ async def test_a_stream_that_keeps_sending_but_no_token_breaks_at_the_idle_timeo
     while the upstream is stuck) or empty deltas was read forever (found by review). Now
     no token for more than ``idle_timeout`` is a broken stream, the token it sent kept."""
     async def write(resp: Any) -> None:
-        await resp.write(_sse({"role": "assistant", "content": " 4"}))
+        await resp.write(sse_chunk({"role": "assistant", "content": " 4"}))
         while True:  # until the client goes away
             await resp.write(filler)
             await asyncio.sleep(0.02)
 
-    runner, root = await _serving(write)
-    try:
-        backend = make_backend(base_url=root + "/v1", capabilities=_NO_CAPS,
+    seen: list[StreamEvent] = []
+    async with sse_server(write) as url:
+        backend = make_backend(base_url=url, capabilities=_NO_CAPS,
                                idle_timeout=0.3, count_with_tokenizer=False)
-        seen: list[StreamEvent] = []
         with pytest.raises(StreamBroken, match=r"no token for over 0.3 s"):
             async with asyncio.timeout(60):  # a hang fails the test instead of the suite
                 async with backend.stream(chat()) as events:
                     async for event in events:
                         seen.append(event)
-    finally:
-        await runner.cleanup()
     assert texts(seen) == {0: " 4"}
 
 
@@ -1057,18 +1017,12 @@ async def test_keep_alive_comments_between_tokens_do_not_break_a_stream(
     tokens come inside the idle timeout, comments between them, is read to its end."""
     async def write(resp: Any) -> None:
         for word in (" 4", " 2", " !"):
-            await resp.write(_sse({"content": word}))
+            await resp.write(sse_chunk({"content": word}))
             await resp.write(b": ping\n\n")
-        await resp.write(_sse({}, "stop"))
+        await resp.write(sse_chunk({}, "stop"))
         await resp.write(b"data: [DONE]\n\n")
 
-    runner, root = await _serving(write)
-    try:
-        backend = make_backend(base_url=root + "/v1", capabilities=_NO_CAPS,
-                               idle_timeout=30, count_with_tokenizer=False)
-        events = await collect(backend, chat())
-    finally:
-        await runner.cleanup()
+    events = await _collect_written(make_backend, write, idle_timeout=30)
     assert texts(events) == {0: " 4 2 !"}
     assert deltas(events)[-1].finish_reason == "stop"
 
@@ -1081,17 +1035,11 @@ async def test_sse_is_read_as_utf8_and_a_leading_byte_order_mark_is_dropped(
     name and that event was lost without an error, and a charset header of iso-8859-1
     garbled every non-ASCII character of the answer (found by review)."""
     async def write(resp: Any) -> None:
-        await resp.write(b"\xef\xbb\xbf" + _sse({"content": " 2\u03c0"}))
-        await resp.write(_sse({}, "stop", {"prompt_tokens": 3, "completion_tokens": 2}))
+        await resp.write(b"\xef\xbb\xbf" + sse_chunk({"content": " 2\u03c0"}))
+        await resp.write(sse_chunk({}, "stop", {"prompt_tokens": 3, "completion_tokens": 2}))
         await resp.write(b"data: [DONE]\n\n")
 
-    runner, root = await _serving(write, content_type)
-    try:
-        backend = make_backend(base_url=root + "/v1", capabilities=_NO_CAPS,
-                               count_with_tokenizer=False)
-        events = await collect(backend, chat())
-    finally:
-        await runner.cleanup()
+    events = await _collect_written(make_backend, write, content_type)
     assert texts(events) == {0: " 2\u03c0"}
 
 
@@ -1101,16 +1049,10 @@ async def test_an_event_type_without_data_does_not_carry_over_to_the_next_event(
     type was kept and made the next, ordinary chunk a server error, fatal for the problem
     (found by review). The SSE spec resets the type at every blank line."""
     async def write(resp: Any) -> None:
-        await resp.write(_sse({"content": " 4"}))
+        await resp.write(sse_chunk({"content": " 4"}))
         await resp.write(b"event: error\n\n")
-        await resp.write(_sse({"content": "2"}, "stop"))
+        await resp.write(sse_chunk({"content": "2"}, "stop"))
         await resp.write(b"data: [DONE]\n\n")
 
-    runner, root = await _serving(write)
-    try:
-        backend = make_backend(base_url=root + "/v1", capabilities=_NO_CAPS,
-                               count_with_tokenizer=False)
-        events = await collect(backend, chat())
-    finally:
-        await runner.cleanup()
+    events = await _collect_written(make_backend, write)
     assert texts(events) == {0: " 42"}

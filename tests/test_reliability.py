@@ -17,6 +17,7 @@ from orchestrator.backends.openai_compat import OpenAIBackend
 from orchestrator.errors import ConfigError, DataError, RequestRejected, StreamBroken
 from orchestrator.redact import redact_secrets, redact_text, redact_url
 from orchestrator.results_io import open_results, read_results, sidecar_path
+from tests.helpers import sse_chunk, sse_server
 from tests.openai_server import OpenAIServer, serve_handler
 
 
@@ -676,16 +677,26 @@ async def test_a_probe_asked_again_after_a_busy_error_reports_both_attempts(at, 
         assert backend.probe_completion_tokens == server.generation_tokens_total - unsent
 
 
+_NO_CAPS = Capabilities(n=False, continuous_usage=False, logprobs=False)
+
+
+async def _solve_written(write: Any, problem: Any, policy: Any) -> Any:
+    """``solve`` one problem against a server whose streams ``write`` sends."""
+    from orchestrator.runtime import solve
+
+    async with sse_server(write) as url, OpenAIBackend(
+            url, "m", capabilities=_NO_CAPS, count_with_tokenizer=False) as backend:
+        return await solve(problem, policy, backend=backend, max_n=1)
+
+
 @pytest.mark.parametrize("reason", ["abort", "error"])
 async def test_a_choice_the_server_gives_up_is_a_failed_sample_not_a_solution(reason) -> None:
     """``finish_reason`` ``abort`` (vLLM) or ``error`` (OpenRouter) ends a choice the
     server gave up: its text is cut short. It was taken as a finished solution, so an
     interim ``\\boxed{7}`` in it voted (3 of 3, nothing failed; found by review). Now it is
     a failed sample, its tokens charged, and the policy samples a replacement."""
-    from orchestrator.runtime import solve
     from orchestrator.types import Problem
     from policies import SelfConsistency
-    from tests.test_openai_backend import _serving, _sse
 
     served = 0
 
@@ -693,20 +704,14 @@ async def test_a_choice_the_server_gives_up_is_a_failed_sample_not_a_solution(re
         nonlocal served
         served += 1
         given_up = served <= 2
-        await resp.write(_sse({"content": " so \\boxed{7}" if given_up else " \\boxed{9}"}))
-        await resp.write(_sse({}, reason if given_up else "stop",
-                              {"prompt_tokens": 4, "completion_tokens": 5}))
+        await resp.write(sse_chunk({"content": " so \\boxed{7}" if given_up
+                                    else " \\boxed{9}"}))
+        await resp.write(sse_chunk({}, reason if given_up else "stop",
+                                   {"prompt_tokens": 4, "completion_tokens": 5}))
         await resp.write(b"data: [DONE]\n\n")
 
-    runner, root = await _serving(write)
-    try:
-        async with OpenAIBackend(root + "/v1", "m", capabilities=Capabilities(
-                n=False, continuous_usage=False, logprobs=False),
-                count_with_tokenizer=False) as backend:
-            result = await solve(Problem(id="p", problem="q", answer="9"), SelfConsistency(2),
-                                 backend=backend, max_n=1)
-    finally:
-        await runner.cleanup()
+    result = await _solve_written(write, Problem(id="p", problem="q", answer="9"),
+                                  SelfConsistency(2))
     assert [s.answer for s in result.solutions] == ["9", "9"]
     assert [f.reason for f in result.failed] == ["failed", "failed"]
     assert all(f"finish_reason {reason!r}" in (f.error_text or "") for f in result.failed)
@@ -719,25 +724,15 @@ async def test_a_chunk_for_a_choice_the_request_lacks_fails_it_with_every_token_
     was read: the server's 7 completion and 5 prompt tokens were charged 0 and 0 (found
     by review). The stream is now read to its end, like malformed data, then the request
     fails with the same error."""
-    from orchestrator.runtime import solve
     from orchestrator.types import Problem
     from policies import SelfConsistency
-    from tests.test_openai_backend import _serving, _sse
 
     async def write(resp: Any) -> None:
-        await resp.write(_sse({"content": " \\boxed{9}"}, "stop", index=1))
-        await resp.write(_sse(None, usage={"prompt_tokens": 5, "completion_tokens": 7}))
+        await resp.write(sse_chunk({"content": " \\boxed{9}"}, "stop", index=1))
+        await resp.write(sse_chunk(None, usage={"prompt_tokens": 5, "completion_tokens": 7}))
         await resp.write(b"data: [DONE]\n\n")
 
-    runner, root = await _serving(write)
-    try:
-        async with OpenAIBackend(root + "/v1", "m", capabilities=Capabilities(
-                n=False, continuous_usage=False, logprobs=False),
-                count_with_tokenizer=False) as backend:
-            result = await solve(Problem(id="p", problem="q"), SelfConsistency(1),
-                                 backend=backend, max_n=1)
-    finally:
-        await runner.cleanup()
+    result = await _solve_written(write, Problem(id="p", problem="q"), SelfConsistency(1))
     assert not result.solutions and result.answer is None
     assert "backend sent choice 1 for a request of n=1" in (result.failed[0].error_text or "")
     # each request (the failed sample is replaced until max_failures) charged in full
@@ -750,26 +745,20 @@ async def test_an_empty_200_stream_before_any_token_is_retried() -> None:
     """A 200 whose stream is only ``[DONE]`` (nothing generated) was a failed sample, and
     with other streams open made the endpoint one stream at a time for good, as if it cut
     running streams (found by review). It is retried, as a cut before the first token is."""
-    from tests.test_openai_backend import _serving, _sse
-
     served = 0
 
     async def write(resp: Any) -> None:
         nonlocal served
         served += 1
         if served > 1:
-            await resp.write(_sse({"content": " 42"}, "stop"))
+            await resp.write(sse_chunk({"content": " 42"}, "stop"))
         await resp.write(b"data: [DONE]\n\n")
 
-    runner, root = await _serving(write)
-    try:
-        async with OpenAIBackend(root + "/v1", "m", capabilities=Capabilities(
-                n=False, continuous_usage=False, logprobs=False), backoff_base=0.001,
-                backoff_cap=0.01, count_with_tokenizer=False) as backend:
-            events, error = await read_all(backend, chat())
-            stats = backend.stats()
-    finally:
-        await runner.cleanup()
+    async with sse_server(write) as url, OpenAIBackend(
+            url, "m", capabilities=_NO_CAPS, backoff_base=0.001, backoff_cap=0.01,
+            count_with_tokenizer=False) as backend:
+        events, error = await read_all(backend, chat())
+        stats = backend.stats()
     assert error is None and served == 2
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == " 42"
     assert stats.get("one_stream_at_a_time") is None
