@@ -12,11 +12,12 @@ by a :class:`~benchmarks.source.SimulatedVerifier`) are split by the sample's la
   verifier;
 * how well the **online** estimate works: a run has no labels, only the answers its
   problems settled on. :meth:`VerifierProfile.from_history` labels a reading correct when
-  the verified solution agrees with the settled majority. Here every problem, in each of
-  ``orders`` served orders, draws its first ``S`` samples and reads the first reading of
-  each; the problem counts as settled when its leader holds a strict majority of the
-  ``S`` votes. The pseudo-label AUC is compared with the true-label AUC of the same
-  readings and with the whole-pool AUC (mean and spread over orders).
+  the verified solution agrees with a settled problem's vote majority. Here every
+  problem, in each of ``orders`` served orders, draws its first ``S`` samples and reads
+  the first reading of each; the problem counts as settled when its leader holds a
+  strict majority of the ``S`` votes. The pseudo-label AUC is compared with the
+  true-label AUC of the same readings and with the whole-pool AUC (mean and spread over
+  orders).
 """
 
 from __future__ import annotations

@@ -1,16 +1,19 @@
 """A verifier profile estimated from the run itself, without labels.
 
-The problems already finished in a run (``snapshot.history``) carry their verifier
-readings and the answer they settled on, never the ground truth. A reading of a solution
-whose answer agreed with a *settled* problem's answer (stop code ``settled``) is a
-pseudo-positive, any other reading of a settled problem a pseudo-negative; problems that
+The problems already finished in a run (``snapshot.history``) carry their votes and
+verifier readings, never the ground truth. A reading of a solution whose answer is a
+*settled* problem's vote majority (stop code ``settled``, one most frequent answer) is a
+pseudo-positive, any other reading of such a problem a pseudo-negative; problems that
 stopped on their cap, the budget, failures or an error are left out (their answer is not
-settled). The pseudo-labels are as good as the settled majorities are: where those are
-right ~90% of the time, about one pseudo-positive in ten is really a wrong answer, which
-pulls the estimated AUC towards 0.5 (a conservative error: the verifier looks worse than
-it is, never better). They are also circular once a policy lets the readings choose the
-answer; the verifying policies therefore collect the readings they learn from while
-their answers are still the vote's (see :mod:`policies.verifying`).
+settled), and so are those whose top vote is tied. The pseudo-labels are as good as the
+majorities are: where those are right ~90% of the time, about one pseudo-positive in ten
+is really a wrong answer, which pulls the estimated AUC towards 0.5 (a conservative
+error: the verifier looks worse than it is, never better). They are the votes' and not
+the answer a problem stopped with, which a verifying policy lets the readings choose:
+labelled by that, a verifier's readings would vouch for the answers they chose, and a
+useless verifier trusted once by chance stayed trusted. The verifying policies also
+collect the readings they first learn from while their answers are still the vote's (see
+:mod:`policies.verifying`).
 
 The pseudo-labels and the profile come from :meth:`VerifierProfile.from_history` (one
 estimator for policies and for ``solverify bench verifier``); this module adds when a

@@ -204,18 +204,19 @@ class VerifierProfile:
     ) -> VerifierProfile | None:
         """Estimate a profile without ground truth, from a run's finished problems
         (:class:`orchestrator.history.ProblemRecord`), by :func:`pseudo_labelled`: a
-        reading is labelled correct when the verified solution's answer is the answer its
-        problem settled on (records whose ``stop_code`` is in ``settled``), wrong
-        otherwise. ``None`` when no settled record has a reading. λ is measured from the
-        records' token counts; ``repeat_icc``/``within_sd`` are measured when records say
-        which solution each reading is of (``reading_solutions``), else unknown. The
+        reading is labelled correct when the verified solution's answer is its problem's
+        vote majority (records whose ``stop_code`` is in ``settled`` and whose top vote is
+        not tied), wrong otherwise. ``None`` when no such record has a reading. λ is
+        measured from the records' token counts; ``repeat_icc``/``within_sd`` are
+        measured when records say which solution each reading is of
+        (``reading_solutions``), else unknown. The
         pseudo-labels are only as good as the majorities: see ``solverify bench verifier``
         for how far this estimate lies from the true-label one. This is the one online
         estimator; :mod:`policies.online` adds the margin a policy needs to trust it.
         """
         codes = frozenset(settled)
         used = [r for r in records
-                if r.stop_code in codes and r.answer_key is not None and r.readings]
+                if r.stop_code in codes and r.readings and vote_majority(r.keys) is not None]
         readings = pseudo_labelled(used, codes)
         if not readings:
             return None
@@ -278,22 +279,46 @@ def _opt_float(v: Any) -> float | None:
 def pseudo_labelled(records: Iterable[Any], settled: Iterable[str] = ("settled",)
                     ) -> list[tuple[tuple[str, int], bool, float]]:
     """``(solution id, pseudo-label, P(Yes))`` for every reading of a record whose
-    ``stop_code`` is in ``settled`` and that has an answer: the label is whether the read
-    solution's answer is the record's answer (a solution without an answer is never
-    right). The id is (problem id, the solution's completion index) when the record says
-    which solution each reading is of, else (problem id, -1 - reading position), so
-    repeated readings of one solution are grouped only when the record says so."""
+    ``stop_code`` is in ``settled`` and whose votes have one most frequent answer: the
+    label is whether the read solution's answer is that *vote majority* (a solution
+    without an answer is never right). A record whose top vote is tied is left out.
+
+    The label is the votes', never the answer the record stopped with: a policy that
+    lets the verifier choose the answer stops with the verifier's pick, and labelling by
+    it made the readings that chose an answer count as confirming it, so a useless
+    verifier that passed the trust test by chance kept passing it (found by review: AIME
+    AM-Thinking, Beta(1,1) readings, one order of ten trusted from 1249 s on, estimated
+    AUC 0.72 at the end). The id is (problem id, the solution's completion index) when
+    the record says which solution each reading is of, else (problem id, -1 - reading
+    position), so repeated readings of one solution are grouped only when the record
+    says so."""
     codes = frozenset(settled)
     out = []
     for rec in records:
-        if rec.stop_code not in codes or rec.answer_key is None:
+        if rec.stop_code not in codes:
+            continue
+        majority = vote_majority(rec.keys)
+        if majority is None:
             continue
         where = rec.reading_solutions if len(rec.reading_solutions) == len(rec.readings) \
             else None
         for i, (key, p) in enumerate(rec.readings):
             sid = (rec.problem_id, where[i] if where is not None else -1 - i)
-            out.append((sid, key is not None and key == rec.answer_key, float(p)))
+            out.append((sid, key is not None and key == majority, float(p)))
     return out
+
+
+def vote_majority(keys: Iterable[str | None]) -> str | None:
+    """The one most frequent answer key (None: no answer, or the top vote is tied)."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        if k is not None:
+            counts[k] = counts.get(k, 0) + 1
+    if not counts:
+        return None
+    top = max(counts.values())
+    leaders = [k for k, c in counts.items() if c == top]
+    return leaders[0] if len(leaders) == 1 else None
 
 
 def auc(positives: Iterable[float], negatives: Iterable[float]) -> float | None:

@@ -72,15 +72,19 @@ def record(pid, answer, readings, code="settled", keys=("a", "a", "b")):
                          solution_tokens=10 * len(keys), verification_tokens=5 * len(readings))
 
 
-def test_from_history_labels_readings_by_the_settled_answer():
+def test_from_history_labels_readings_by_the_vote_majority():
     recs = [record("p1", "a", (("a", 0.9), ("b", 0.4))),
-            record("p2", "b", (("a", 0.2), ("b", 0.8))),
+            # stopped with 'b' (a verifier's pick) although the votes are a, a, b: the
+            # labels are the votes', so the high reading of 'b' is a pseudo-negative
+            record("p2", "b", (("a", 0.8), ("b", 0.7))),
             record("p3", "a", (("a", 0.1), ("b", 0.95)), code="max"),  # not settled: ignored
-            record("p4", "a", ())]
+            record("p4", "a", ()),
+            # the top vote tied: no majority to label by, left out
+            record("p5", "a", (("a", 0.99), ("b", 0.01)), keys=("a", "b"))]
     prof = VerifierProfile.from_history(recs)
     assert prof is not None
     assert prof.n_correct == 2 and prof.n_wrong == 2
-    assert prof.auc == pytest.approx(auc([0.9, 0.8], [0.4, 0.2])) == 1.0
+    assert prof.auc == pytest.approx(auc([0.9, 0.8], [0.4, 0.7])) == 1.0
     assert prof.lam == pytest.approx(5 / 10)
     assert prof.repeat_icc is None and prof.within_sd is None
     assert VerifierProfile.from_history(recs[2:]) is None

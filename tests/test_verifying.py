@@ -455,10 +455,10 @@ def test_the_policies_online_estimate_is_the_profiles_own_estimator():
     rng = np.random.default_rng(9)
     # records reading their winner (solution 0) three times: nearly the same within a
     # solution, different between solutions
-    hist = (*hist, *(ProblemRecord(f"r{i}", "settled", "a", ("a", "b"), (10, 10),
+    hist = (*hist, *(ProblemRecord(f"r{i}", "settled", "a", ("a", "b", "a"), (10, 10, 10),
                                    (*(("a", 0.5 + 0.08 * i + 0.005 * j) for j in range(3)),
                                     ("b", float(rng.beta(2, 6)))),
-                                   20, 8, (0, 0, 0, 1)) for i in range(6)))
+                                   30, 8, (0, 0, 0, 1)) for i in range(6)))
     est = estimate_online(hist, min_per_class=10)
     ref = VerifierProfile.from_history(hist)
     assert est.profile is not None and ref is not None
@@ -475,6 +475,24 @@ def test_the_policies_online_estimate_is_the_profiles_own_estimator():
                                     r.lengths, r.readings, r.solution_tokens,
                                     r.verification_tokens) for r in hist)
     assert VerifierProfile.from_history(ungrouped).repeat_icc is None
+
+
+def test_answers_the_verifier_chose_do_not_vouch_for_it():
+    """The lock-in a review found: a useless verifier whose readings choose the answers.
+    Each problem's votes are a, a, b (the majority right, readings of both answers drawn
+    from one distribution), and the policy stopped with whichever answer read higher. By
+    those stopped-with answers the readings would separate perfectly (AUC 1: trusted for
+    good); by the votes they do not, and the estimate is never usable."""
+    rng = np.random.default_rng(11)
+    hist = []
+    for i in range(60):
+        pa, pb = (float(x) for x in rng.beta(2, 2, size=2))
+        chosen = "a" if pa >= pb else "b"
+        hist.append(ProblemRecord(f"p{i}", "settled", chosen, ("a", "a", "b"), (10,) * 3,
+                                  (("a", pa), ("b", pb)), 30, 2, (0, 2)))
+    est = estimate_online(tuple(hist), min_per_class=10)
+    assert est.enough and est.profile is not None
+    assert abs(est.profile.auc - 0.5) < 0.12 and est.usable is None
 
 
 def test_a_reading_of_a_solution_without_an_answer_is_a_pseudo_negative():
