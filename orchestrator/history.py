@@ -47,6 +47,14 @@ class ProblemRecord:
                 counts[k] = counts.get(k, 0) + 1
         return counts
 
+    @property
+    def majority(self) -> str | None:
+        """The one most frequent answer key (None: no answer, or the top vote is tied)."""
+        counts = self.votes
+        top = max(counts.values(), default=0)
+        leaders = [k for k, c in counts.items() if c == top]
+        return leaders[0] if len(leaders) == 1 else None
+
 
 class RunHistory:
     """Records of finished problems, shared by the problems of one run (asyncio only: one

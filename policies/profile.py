@@ -206,17 +206,17 @@ class VerifierProfile:
         (:class:`orchestrator.history.ProblemRecord`), by :func:`pseudo_labelled`: a
         reading is labelled correct when the verified solution's answer is its problem's
         vote majority (records whose ``stop_code`` is in ``settled`` and whose top vote is
-        not tied), wrong otherwise. ``None`` when no such record has a reading. λ is
-        measured from the records' token counts; ``repeat_icc``/``within_sd`` are
-        measured when records say which solution each reading is of
-        (``reading_solutions``), else unknown. The
-        pseudo-labels are only as good as the majorities: see ``solverify bench verifier``
-        for how far this estimate lies from the true-label one. This is the one online
+        not tied: ``ProblemRecord.majority``), wrong otherwise. ``None`` when no such
+        record has a reading. λ is measured from the records' token counts;
+        ``repeat_icc``/``within_sd`` are measured when records say which solution each
+        reading is of (``reading_solutions``), else unknown. The pseudo-labels are only
+        as good as the majorities: see ``solverify bench verifier`` for how far this
+        estimate lies from the true-label one. This is the one online
         estimator; :mod:`policies.online` adds the margin a policy needs to trust it.
         """
         codes = frozenset(settled)
         used = [r for r in records
-                if r.stop_code in codes and r.readings and vote_majority(r.keys) is not None]
+                if r.stop_code in codes and r.readings and r.majority is not None]
         readings = pseudo_labelled(used, codes)
         if not readings:
             return None
@@ -280,7 +280,8 @@ def pseudo_labelled(records: Iterable[Any], settled: Iterable[str] = ("settled",
                     ) -> list[tuple[tuple[str, int], bool, float]]:
     """``(solution id, pseudo-label, P(Yes))`` for every reading of a record whose
     ``stop_code`` is in ``settled`` and whose votes have one most frequent answer: the
-    label is whether the read solution's answer is that *vote majority* (a solution
+    label is whether the read solution's answer is that *vote majority*
+    (``ProblemRecord.majority``) (a solution
     without an answer is never right). A record whose top vote is tied is left out.
 
     The label is the votes', never the answer the record stopped with: a policy that
@@ -297,7 +298,7 @@ def pseudo_labelled(records: Iterable[Any], settled: Iterable[str] = ("settled",
     for rec in records:
         if rec.stop_code not in codes:
             continue
-        majority = vote_majority(rec.keys)
+        majority = rec.majority
         if majority is None:
             continue
         where = rec.reading_solutions if len(rec.reading_solutions) == len(rec.readings) \
@@ -306,19 +307,6 @@ def pseudo_labelled(records: Iterable[Any], settled: Iterable[str] = ("settled",
             sid = (rec.problem_id, where[i] if where is not None else -1 - i)
             out.append((sid, key is not None and key == majority, float(p)))
     return out
-
-
-def vote_majority(keys: Iterable[str | None]) -> str | None:
-    """The one most frequent answer key (None: no answer, or the top vote is tied)."""
-    counts: dict[str, int] = {}
-    for k in keys:
-        if k is not None:
-            counts[k] = counts.get(k, 0) + 1
-    if not counts:
-        return None
-    top = max(counts.values())
-    leaders = [k for k, c in counts.items() if c == top]
-    return leaders[0] if len(leaders) == 1 else None
 
 
 def auc(positives: Iterable[float], negatives: Iterable[float]) -> float | None:
